@@ -1,0 +1,1 @@
+"""Tickets: the event catalogue, and the per-event inventory actors that hold and sell them."""

@@ -1,0 +1,50 @@
+"""Shared fixtures: one private database and Redis prefix per run, one server per module."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import ADMIN_TOKEN, ServerThread, cleanup, fresh_settings, running
+from waitroom.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings of this test run: a fresh migrated database and Redis prefix."""
+    run_dir: Path = tmp_path_factory.mktemp("run")
+    value = fresh_settings(run_dir)
+    try:
+        yield value
+    finally:
+        cleanup(value)
+
+
+@pytest.fixture(scope="module")
+def server(settings: Settings) -> Iterator[ServerThread]:
+    """A real server on port 0 sharing the run's database and Redis prefix."""
+    with running(settings) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[httpx.Client]:
+    """An HTTP client for the module's server."""
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def admin(server: ServerThread) -> Iterator[httpx.Client]:
+    """An HTTP client that sends the admin token."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=server.url, timeout=10, headers=headers) as c:
+        yield c

@@ -1,0 +1,166 @@
+"""Test harness: a private database and Redis prefix per test run, and real servers on port 0.
+
+Tests talk to the real Redis and PostgreSQL named by ``WAITROOM_REDIS_URL`` and
+``WAITROOM_DATABASE_URL`` (as ``scripts/services`` left them), never to fakes. Each run gets
+a freshly created, migrated database with a random name and a random Redis key prefix, both
+removed at the end, so concurrent runs never see each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import redis
+import uvicorn
+from starlette.applications import Starlette
+
+from waitroom.app import create_app
+from waitroom.db import drop_database, ensure_database, migrate
+from waitroom.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
+
+
+def base_settings() -> Settings:
+    """Settings from the environment, as the scripts set it (defaults otherwise)."""
+    return load_settings()
+
+
+def with_database(dsn: str, name: str) -> str:
+    """``dsn`` pointing at database ``name``."""
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+def fresh_settings(tmp_dir: Path, **overrides: Any) -> Settings:
+    """Settings for one test run: a new migrated database and a new Redis prefix."""
+    base = base_settings()
+    suffix = secrets.token_hex(4)
+    dsn = with_database(base.database_url, f"waitroom_test_{suffix}")
+    asyncio.run(_create(dsn))
+    values = msgspec.structs.asdict(base)
+    values.update(
+        database_url=dsn,
+        redis_prefix=f"t{suffix}",
+        admin_token=ADMIN_TOKEN,
+        run_dir=str(tmp_dir),
+        port=0,
+        log_level="warning",
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def _create(dsn: str) -> None:
+    await ensure_database(dsn)
+    await migrate(dsn)
+
+
+def cleanup(settings: Settings) -> None:
+    """Drop the run's database and delete its Redis keys."""
+    asyncio.run(drop_database(settings.database_url))
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
+        for i in range(0, len(keys), 500):
+            client.delete(*keys[i : i + 500])
+    finally:
+        client.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``WAITROOM_*`` variables that reproduce ``settings`` in a child process."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAITROOM_")}
+    for key, value in msgspec.structs.asdict(settings).items():
+        if value is None or value == ():
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        env[f"WAITROOM_{key.upper()}"] = str(value)
+    return env
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 and a free port, running in a background thread."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self.server.serve(sockets=[self.sock]))
+        except BaseException as exc:  # surfaced by start()
+            self.error = exc
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if self.error is not None or not self.thread.is_alive():
+                raise RuntimeError(f"server failed to start: {self.error!r}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start within 20 s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+@contextmanager
+def running(settings: Settings, **kwargs: Any) -> Iterator[ServerThread]:
+    """A server for ``settings`` for the duration of the block."""
+    server = ServerThread(create_app(settings, **kwargs)).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for child processes that bind themselves)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def run_cli(
+    settings: Settings, *args: str, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the real ``waitroom`` console script of this virtualenv."""
+    exe = Path(sys.executable).with_name("waitroom")
+    return subprocess.run(
+        [str(exe), *args],
+        env={**settings_env(settings), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )

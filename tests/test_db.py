@@ -1,0 +1,188 @@
+"""Migrations, and the database constraints that are the last line of defence."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.harness import base_settings, with_database
+from waitroom.db import drop_database, ensure_database, migrate, migrations
+from waitroom.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def empty_dsn() -> AsyncIterator[str]:
+    dsn = with_database(base_settings().database_url, f"waitroom_mig_{uuid.uuid4().hex[:8]}")
+    await ensure_database(dsn)
+    try:
+        yield dsn
+    finally:
+        await drop_database(dsn)
+
+
+async def test_migrating_twice_applies_each_migration_once(empty_dsn: str) -> None:
+    first = await migrate(empty_dsn)
+    second = await migrate(empty_dsn)
+    assert first == [m.version for m in migrations()]
+    assert second == []
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        rows = await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
+    finally:
+        await conn.close()
+    assert [r["version"] for r in rows] == first
+
+
+async def test_concurrent_migrations_are_safe(empty_dsn: str) -> None:
+    results = await asyncio.gather(*(migrate(empty_dsn) for _ in range(4)))
+    applied = sorted(v for result in results for v in result)
+    assert applied == [m.version for m in migrations()]
+
+
+async def test_ensure_database_is_idempotent(empty_dsn: str) -> None:
+    assert await ensure_database(empty_dsn) is False
+
+
+@dataclass
+class Db:
+    """A connection to the run's database and an event with 3 'ga' tickets."""
+
+    conn: asyncpg.Connection[Any]
+    event_id: str
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return await self.conn.execute(sql, *args)
+
+
+@pytest.fixture
+async def conn(settings: Settings) -> AsyncIterator[Db]:
+    connection: asyncpg.Connection[Any] = await asyncpg.connect(settings.database_url)
+    event_id = f"db-{uuid.uuid4().hex[:8]}"
+    await connection.execute("INSERT INTO events (id, name) VALUES ($1, 'constraints')", event_id)
+    await connection.execute(
+        "INSERT INTO ticket_types (event_id, name, quantity, price_minor, currency, per_fan_limit)"
+        " VALUES ($1, 'ga', 3, 100, 'EUR', 4)",
+        event_id,
+    )
+    try:
+        yield Db(connection, event_id)
+    finally:
+        await connection.close()
+
+
+async def _insert_holds(conn: Db, count: int, status: str = "held") -> None:
+    event_id = conn.event_id
+    await conn.conn.executemany(
+        "INSERT INTO holds (id, event_id, ticket_type, fan_id, quantity, status, expires_at)"
+        " VALUES ($1, $2, 'ga', $3, 1, $4, now() + interval '5 minutes')",
+        [(uuid.uuid4(), event_id, f"fan{i}", status) for i in range(count)],
+    )
+
+
+async def _counts(conn: Db) -> tuple[int, int]:
+    row = await conn.conn.fetchrow(
+        "SELECT held, sold FROM ticket_types WHERE event_id = $1",
+        conn.event_id,
+    )
+    assert row is not None
+    return row["held"], row["sold"]
+
+
+async def test_held_and_sold_follow_the_holds(conn: Db) -> None:
+    await _insert_holds(conn, 2)
+    assert await _counts(conn) == (2, 0)
+    await conn.execute(
+        "UPDATE holds SET status = 'paid' WHERE fan_id = 'fan0' AND event_id = $1",
+        conn.event_id,
+    )
+    assert await _counts(conn) == (1, 1)
+    await conn.execute(
+        "UPDATE holds SET status = 'expired' WHERE fan_id = 'fan1' AND event_id = $1",
+        conn.event_id,
+    )
+    assert await _counts(conn) == (0, 1)
+
+
+async def test_an_oversell_written_behind_the_actors_back_is_rejected(
+    conn: Db,
+) -> None:
+    await _insert_holds(conn, 3)
+    with pytest.raises(asyncpg.CheckViolationError, match="no_oversell"):
+        await _insert_holds(conn, 1)
+    with pytest.raises(asyncpg.CheckViolationError, match="no_oversell"):
+        await _insert_holds(conn, 1, status="paid")
+    assert await _counts(conn) == (3, 0)
+
+
+async def test_a_final_hold_cannot_come_back(conn: Db) -> None:
+    await _insert_holds(conn, 1, status="paid")
+    with pytest.raises(asyncpg.CheckViolationError, match="cannot move from paid"):
+        await conn.execute(
+            "UPDATE holds SET status = 'held' WHERE event_id = $1",
+            conn.event_id,
+        )
+
+
+@pytest.mark.parametrize(
+    ("sql", "error"),
+    [
+        (
+            "INSERT INTO ticket_types (event_id, name, quantity, price_minor, currency,"
+            " per_fan_limit) VALUES ($1, 'neg', -1, 100, 'EUR', 1)",
+            asyncpg.CheckViolationError,
+        ),
+        (
+            "INSERT INTO ticket_types (event_id, name, quantity, price_minor, currency,"
+            " per_fan_limit) VALUES ($1, 'cur', 1, 100, 'euro', 1)",
+            asyncpg.StringDataRightTruncationError,
+        ),
+        (
+            "INSERT INTO holds (id, event_id, ticket_type, fan_id, quantity, status, expires_at)"
+            " VALUES (gen_random_uuid(), $1, 'ga', 'f', 0, 'held', now())",
+            asyncpg.CheckViolationError,
+        ),
+        (
+            "INSERT INTO holds (id, event_id, ticket_type, fan_id, quantity, status, expires_at)"
+            " VALUES (gen_random_uuid(), $1, 'ga', 'f', 1, 'stolen', now())",
+            asyncpg.CheckViolationError,
+        ),
+    ],
+)
+async def test_the_schema_rejects_impossible_rows(
+    conn: Db, sql: str, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await conn.execute(sql, conn.event_id)
+
+
+async def test_ticket_codes_are_unique(conn: Db) -> None:
+    event_id = conn.event_id
+    hold_id, order_id = uuid.uuid4(), uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO holds (id, event_id, ticket_type, fan_id, quantity, status, expires_at)"
+        " VALUES ($1, $2, 'ga', 'f', 1, 'paid', now())",
+        hold_id,
+        event_id,
+    )
+    await conn.execute(
+        "INSERT INTO orders (id, hold_id, event_id, fan_id, amount_minor, currency, status)"
+        " VALUES ($1, $2, $3, 'f', 100, 'EUR', 'paid')",
+        order_id,
+        hold_id,
+        event_id,
+    )
+    insert = (
+        "INSERT INTO tickets (id, order_id, event_id, ticket_type, fan_id, code)"
+        " VALUES (gen_random_uuid(), $1, $2, 'ga', 'f', 'SAMECODE-0123456789')"
+    )
+    await conn.execute(insert, order_id, event_id)
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await conn.execute(insert, order_id, event_id)

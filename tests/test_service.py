@@ -1,0 +1,138 @@
+"""Liveness, readiness with dependencies down, metrics, request ids and the OpenAPI document."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import msgspec
+import pytest
+
+from tests.harness import free_port, running
+from waitroom.settings import Settings
+
+
+def test_healthz_answers_without_dependencies(client: httpx.Client) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {}}
+
+
+def test_readyz_checks_redis_and_postgresql(client: httpx.Client) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "checks": {"redis": "ok", "postgresql": "ok"}}
+
+
+def _assert_not_ready(response: httpx.Response, dependency: str) -> None:
+    assert response.status_code == 503
+    assert int(response.headers["Retry-After"]) >= 1
+    error = response.json()["error"]
+    assert error["code"] == "not_ready"
+    assert error["details"]["failing"] == [dependency]
+    assert dependency in error["message"]
+
+
+def test_readyz_names_redis_when_it_is_down(settings: Settings) -> None:
+    down = msgspec.structs.replace(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with running(down) as server:
+        started = time.monotonic()
+        response = httpx.get(server.url + "/readyz", timeout=10)
+        assert time.monotonic() - started < 3
+    _assert_not_ready(response, "redis")
+
+
+def test_readyz_names_postgresql_when_the_database_url_is_wrong(settings: Settings) -> None:
+    wrong = msgspec.structs.replace(
+        settings, database_url="postgresql://postgres@127.0.0.1:5432/no_such_database_here"
+    )
+    with running(wrong) as server:
+        response = httpx.get(server.url + "/readyz", timeout=10)
+    _assert_not_ready(response, "postgresql")
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that accepts connections and then never says a word."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for sock in accepted:
+            sock.close()
+        listener.close()
+
+
+def test_readyz_does_not_hang_on_a_silent_dependency(settings: Settings, silent_port: int) -> None:
+    hanging = msgspec.structs.replace(
+        settings,
+        database_url=f"postgresql://postgres@127.0.0.1:{silent_port}/x",
+        dependency_timeout_s=0.5,
+    )
+    with running(hanging) as server:
+        started = time.monotonic()
+        response = httpx.get(server.url + "/readyz", timeout=10)
+        elapsed = time.monotonic() - started
+    _assert_not_ready(response, "postgresql")
+    assert elapsed < 3
+
+
+def test_a_request_id_is_generated_and_echoed(client: httpx.Client) -> None:
+    generated = client.get("/healthz").headers["X-Request-ID"]
+    assert len(generated) == 32
+    given = client.get("/healthz", headers={"X-Request-ID": "abc-123"}).headers["X-Request-ID"]
+    assert given == "abc-123"
+    # A hostile id (too long, odd characters) is replaced rather than echoed into logs.
+    hostile = client.get("/healthz", headers={"X-Request-ID": 'x"y' * 100}).headers["X-Request-ID"]
+    assert hostile != 'x"y' * 100 and len(hostile) == 32
+
+
+def test_metrics_are_labelled_by_route_template_not_raw_path(client: httpx.Client) -> None:
+    for event_id in ("metrics-a", "metrics-b", "metrics-c"):
+        client.get(f"/v1/events/{event_id}")
+    client.get("/no/such/route/123")
+    text = client.get("/metrics").text
+    assert 'route="/v1/events/{event_id}"' in text
+    assert "metrics-a" not in text and "metrics-b" not in text
+    assert 'route="unmatched"' in text
+    assert "/no/such/route/123" not in text
+    assert "waitroom_http_request_duration_seconds_bucket" in text
+
+
+def test_openapi_is_generated_from_the_wire_types(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    create = document["paths"]["/v1/admin/events"]["post"]
+    schema_ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert schema_ref == "#/components/schemas/EventCreate"
+    assert {"201", "400", "401", "409", "413", "415", "422"} <= set(create["responses"])
+    ticket = document["components"]["schemas"]["TicketTypeSpec"]
+    assert ticket["properties"]["quantity"]["minimum"] == 1
+    assert "/v1/events/{event_id}" in document["paths"]
+    assert "ErrorBody" in document["components"]["schemas"]
+
+
+def test_the_server_shuts_down_cleanly(settings: Settings) -> None:
+    with running(settings) as server:
+        assert httpx.get(server.url + "/healthz").status_code == 200
+    assert not server.thread.is_alive()

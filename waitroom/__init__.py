@@ -1,0 +1,1 @@
+"""waitroom: a virtual waiting room and queue engine for ticket flash sales."""

@@ -1,0 +1,257 @@
+"""The ASGI application: routes, error handling and the lifespan of the dependency clients."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.asyncio import BlockingConnectionPool, Redis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from waitroom import events_api
+from waitroom.context import Context, context
+from waitroom.db import create_pool
+from waitroom.errors import (
+    MethodNotAllowed,
+    NotFound,
+    Unavailable,
+    WaitroomError,
+)
+from waitroom.http import (
+    JSONResponse,
+    RequestContextMiddleware,
+    dependency_error,
+    error_response,
+    internal_error_body,
+)
+from waitroom.keys import Keys
+from waitroom.logs import configure_logging
+from waitroom.openapi import Operation, build_document
+from waitroom.settings import Settings, load_settings
+
+log = logging.getLogger("waitroom.app")
+VERSION = "0.1.0"
+
+
+class Health(msgspec.Struct, frozen=True):
+    """Body of ``/healthz`` and ``/readyz``."""
+
+    status: str
+    checks: dict[str, str] = {}
+
+
+async def healthz(request: Request) -> Response:
+    """The process is up (no dependency is checked)."""
+    return JSONResponse(Health("ok"))
+
+
+async def _check(name: str, probe: Any, timeout: float) -> tuple[str, str]:
+    try:
+        await asyncio.wait_for(probe, timeout)
+    except TimeoutError:
+        return name, f"timed out after {timeout:g}s"
+    except Exception as exc:  # any failure means "not ready"; the message says which
+        return name, f"{type(exc).__name__}: {exc}"[:200]
+    return name, "ok"
+
+
+async def readyz(request: Request) -> Response:
+    """Ready when Redis and PostgreSQL both answer within the dependency timeout."""
+    ctx = context(request)
+    timeout = ctx.settings.dependency_timeout_s
+    results = dict(
+        await asyncio.gather(
+            _check("redis", ctx.redis.ping(), timeout),
+            _check("postgresql", ctx.db.fetchval("SELECT 1"), timeout),
+        )
+    )
+    failing = sorted(name for name, outcome in results.items() if outcome != "ok")
+    if failing:
+        raise Unavailable(
+            "not ready: " + ", ".join(f"{name} ({results[name]})" for name in failing),
+            code="not_ready",
+            retry_after=2,
+            details={"failing": failing, "checks": results},
+        )
+    return JSONResponse(Health("ready", results))
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this process."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(request: Request) -> Response:
+    """This API's OpenAPI document."""
+    return JSONResponse(request.app.state.openapi)
+
+
+SERVICE_OPERATIONS = [
+    Operation("GET", "/healthz", healthz, "Liveness", response=Health, tags=("service",)),
+    Operation(
+        "GET",
+        "/readyz",
+        readyz,
+        "Readiness (Redis and PostgreSQL)",
+        response=Health,
+        errors=(503,),
+        tags=("service",),
+    ),
+    Operation(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics",
+        tags=("service",),
+        content_type="text/plain",
+    ),
+    Operation("GET", "/openapi.json", openapi, "This document", tags=("service",)),
+]
+
+
+def operations() -> list[Operation]:
+    """Every HTTP operation the app serves."""
+    return [*SERVICE_OPERATIONS, *events_api.OPERATIONS]
+
+
+async def _on_waitroom_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, WaitroomError)
+    return error_response(exc)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"{request.method} is not allowed here"))
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no route {request.url.path}", code="route_not_found"))
+    return error_response(WaitroomError(str(exc.detail), code="http_error"))
+
+
+class CatchAllMiddleware:
+    """Turns any exception that escaped a handler into the documented error body.
+
+    A dependency failure becomes 503 with Retry-After; anything else is a 500 logged with the
+    request id. Sitting outside the router, it also covers errors raised while streaming.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            unavailable = dependency_error(exc)
+            if unavailable is not None:
+                log.warning("dependency unavailable", extra={"error": repr(exc)})
+                response: Response = error_response(unavailable)
+            else:
+                log.exception("unexpected error", extra={"path": scope.get("path")})
+                response = JSONResponse(internal_error_body(), status_code=500)
+            await response(scope, receive, send)
+
+
+def build_routes(ops: Sequence[Operation]) -> list[BaseRoute]:
+    """Starlette routes for ``ops``, several methods on one path sharing a route."""
+    by_path: dict[str, dict[str, Operation]] = {}
+    for op in ops:
+        by_path.setdefault(op.path, {})[op.method] = op
+    routes: list[BaseRoute] = []
+    for path, methods in by_path.items():
+        if len(methods) == 1:
+            (op,) = methods.values()
+            routes.append(Route(path, op.endpoint, methods=[op.method], name=op.endpoint.__name__))
+            continue
+
+        def dispatch_for(table: dict[str, Operation]) -> Any:
+            async def dispatch(request: Request) -> Response:
+                op = table.get(request.method) or (
+                    table.get("GET") if request.method == "HEAD" else None
+                )
+                if op is None:
+                    raise MethodNotAllowed(f"{request.method} is not allowed here")
+                return await op.endpoint(request)
+
+            return dispatch
+
+        routes.append(Route(path, dispatch_for(methods), methods=list(methods)))
+    return routes
+
+
+def make_redis(settings: Settings) -> Redis:
+    """A Redis client whose pool waits for a free connection instead of failing a burst."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.dependency_timeout_s,
+        socket_connect_timeout=settings.dependency_timeout_s,
+        socket_timeout=max(settings.dependency_timeout_s, 5.0),
+        health_check_interval=30,
+    )
+    # from_pool hands the pool to the client, so aclose() also closes its connections.
+    return Redis.from_pool(pool)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    extra_operations: Sequence[Operation] = (),
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    """The waitroom ASGI app for ``settings``."""
+    ops = [*operations(), *extra_operations]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = make_redis(settings)
+        db = await create_pool(settings)
+        ctx = Context(settings=settings, redis=redis, db=db, keys=Keys(settings.redis_prefix))
+        app.state.ctx = ctx
+        try:
+            yield
+        finally:
+            await db.close()
+            await redis.aclose()
+
+    app = Starlette(
+        routes=[*build_routes(ops), *extra_routes],
+        lifespan=lifespan,
+        exception_handlers={WaitroomError: _on_waitroom_error, HTTPException: _on_http_exception},
+    )
+    app.state.settings = settings
+    app.state.openapi = build_document(ops, title="waitroom", version=VERSION)
+    # Outermost first: the request id must exist before anything can fail or log.
+    app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def app_from_env() -> Starlette:
+    """App factory for ``uvicorn --factory`` and multi-worker serving: settings from the env."""
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

@@ -1,0 +1,385 @@
+"""``waitroom``: the one console script (serve, migrate, the catalogue and the operators' tools).
+
+Every subcommand reads the settings once, talks to PostgreSQL and Redis directly through the
+same functions the HTTP API uses, prints a table or ``--json``, and exits 0 on success or 1
+with a single ``waitroom: ...`` line on failure (2 for a usage error), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+import tomllib
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from inventory import catalogue
+from waitroom.db import create_pool, ensure_database, migrate
+from waitroom.errors import ValidationFailed, WaitroomError
+from waitroom.http import dependency_error
+from waitroom.settings import Settings, load_settings
+
+Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+class CLIError(Exception):
+    """A failure reported to the user as one line."""
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+
+
+def cli_actor() -> str:
+    """Who the audit log names for a change made from this terminal."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli:unknown"
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header)), *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+# --- serve / migrate ----------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the HTTP server (uvicorn; several worker processes with --workers)."""
+    import uvicorn
+
+    from waitroom.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        "waitroom.app:app_from_env",
+        factory=True,
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        workers=args.workers,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Create the database if needed and apply the migrations it lacks."""
+    created = await ensure_database(settings.database_url)
+    applied = await migrate(settings.database_url)
+    if args.json:
+        _print_json({"created_database": created, "applied": applied})
+    else:
+        if created:
+            print("created database")
+        print(
+            f"applied migrations: {', '.join(map(str, applied))}"
+            if applied
+            else "schema is up to date"
+        )
+    return 0
+
+
+# --- event create / list / show -----------------------------------------------------------
+
+
+def _ticket_flag(raw: str) -> dict[str, Any]:
+    """``NAME:QUANTITY:PRICE_MINOR:CURRENCY[:PER_FAN_LIMIT]``."""
+    parts = raw.split(":")
+    if len(parts) not in (4, 5):
+        raise argparse.ArgumentTypeError(
+            f"{raw!r}: expected NAME:QUANTITY:PRICE_MINOR:CURRENCY[:PER_FAN_LIMIT]"
+        )
+    try:
+        spec: dict[str, Any] = {
+            "name": parts[0],
+            "quantity": int(parts[1]),
+            "price_minor": int(parts[2]),
+            "currency": parts[3],
+        }
+        if len(parts) == 5:
+            spec["per_fan_limit"] = int(parts[4])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r}: quantity, price and limit are integers"
+        ) from None
+    return spec
+
+
+def _load_spec_file(path: str) -> dict[str, Any]:
+    file = Path(path)
+    try:
+        text = file.read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        if file.suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text.decode())
+        else:
+            data = msgspec.json.decode(text)
+    except (tomllib.TOMLDecodeError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise CLIError(f"{path} is not valid {file.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"{path} must hold an object")
+    return data
+
+
+def _spec_from_args(args: argparse.Namespace) -> catalogue.EventCreate:
+    data: dict[str, Any] = _load_spec_file(args.file) if args.file else {}
+    room: dict[str, Any] = dict(data.get("room") or {})
+    for flag, key in (
+        ("id", "id"),
+        ("name", "name"),
+        ("venue", "venue"),
+        ("starts_at", "starts_at"),
+    ):
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    for flag, key in (
+        ("mode", "queue_mode"),
+        ("opens_at", "opens_at"),
+        ("rate", "rate_per_second"),
+        ("max_active", "max_active"),
+        ("pass_ttl", "pass_ttl_s"),
+        ("hold_ttl", "hold_ttl_s"),
+        ("grace", "abandon_grace_s"),
+        ("per_fan_limit", "per_fan_limit"),
+    ):
+        if getattr(args, flag) is not None:
+            room[key] = getattr(args, flag)
+    if room:
+        data["room"] = room
+    if args.ticket:
+        data["ticket_types"] = args.ticket
+    for key in ("starts_at",):
+        if isinstance(data.get(key), str):
+            data[key] = _parse_time(data[key], key)
+    if isinstance(room.get("opens_at"), str):
+        room["opens_at"] = _parse_time(room["opens_at"], "room.opens_at")
+    try:
+        return msgspec.convert(data, catalogue.EventCreate)
+    except msgspec.ValidationError as exc:
+        raise CLIError(f"invalid event: {exc}") from None
+
+
+def _parse_time(raw: str, name: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise CLIError(f"{name}: {raw!r} is not an ISO 8601 time") from None
+    if value.tzinfo is None:
+        raise CLIError(f"{name}: {raw!r} needs a time zone, e.g. {raw}+00:00 or {raw}Z")
+    return value
+
+
+async def cmd_event_create(args: argparse.Namespace, settings: Settings) -> int:
+    """Create an event from flags, a JSON/TOML file, or both (flags win)."""
+    spec = _spec_from_args(args)
+    pool = await create_pool(settings)
+    try:
+        event = await catalogue.create_event(pool, spec, actor=cli_actor(), now=datetime.now(UTC))
+    finally:
+        await pool.close()
+    if args.json:
+        _print_json(event)
+    else:
+        print(f"created event {event.id}")
+    return 0
+
+
+async def cmd_event_list(args: argparse.Namespace, settings: Settings) -> int:
+    """List events, newest first."""
+    pool = await create_pool(settings)
+    try:
+        events = await catalogue.list_events(pool, limit=args.limit)
+    finally:
+        await pool.close()
+    if args.json:
+        _print_json(events)
+        return 0
+    if not events:
+        print("no events")
+        return 0
+    print(
+        _table(
+            [
+                (
+                    e.id,
+                    e.name,
+                    e.status,
+                    e.queue_mode,
+                    e.opens_at.isoformat(timespec="seconds"),
+                    f"{e.available}/{e.quantity}",
+                )
+                for e in events
+            ],
+            ("ID", "NAME", "STATUS", "MODE", "OPENS", "AVAILABLE"),
+        )
+    )
+    return 0
+
+
+async def cmd_event_show(args: argparse.Namespace, settings: Settings) -> int:
+    """Show one event with its rules and ticket types."""
+    pool = await create_pool(settings)
+    try:
+        event = await catalogue.get_event(pool, args.event)
+    finally:
+        await pool.close()
+    if args.json:
+        _print_json(event)
+        return 0
+    room = event.room
+    print(f"{event.id}: {event.name}" + (f" @ {event.venue}" if event.venue else ""))
+    print(f"  status       {event.status}")
+    print(f"  sale opens   {room.opens_at.isoformat(timespec='seconds')} ({room.queue_mode})")
+    print(
+        f"  admission    {room.rate_per_second:g}/s, at most {room.max_active} shopping"
+        + (" (paused)" if room.paused else "")
+    )
+    print(
+        f"  passes       {room.pass_ttl_s}s; holds {room.hold_ttl_s}s; "
+        f"abandoned after {room.abandon_grace_s}s; {room.per_fan_limit} tickets per fan"
+    )
+    print(
+        "  "
+        + _table(
+            [
+                (
+                    t.name,
+                    f"{t.price_minor / 100:.2f} {t.currency}",
+                    t.per_fan_limit,
+                    f"{t.available}/{t.quantity}",
+                )
+                for t in event.ticket_types
+            ],
+            ("TICKET TYPE", "PRICE", "PER FAN", "AVAILABLE"),
+        ).replace("\n", "\n  ")
+    )
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} must be at least 1")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} must be above 0")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit 2, as argparse does, minus usage
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command line of ``waitroom``."""
+    parser = _Parser(prog="waitroom", description=__doc__.split("\n", 1)[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = sub.add_parser("serve", help="run the HTTP and WebSocket server")
+    serve.add_argument("--host", help="listen address (default WAITROOM_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (default WAITROOM_PORT)")
+    serve.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
+    serve.set_defaults(handler=cmd_serve, sync=True)
+
+    mig = sub.add_parser("migrate", help="create the database if needed and apply migrations")
+    mig.add_argument("--json", action="store_true")
+    mig.set_defaults(handler=cmd_migrate)
+
+    event = sub.add_parser("event", help="create, list and show events")
+    esub = event.add_subparsers(dest="event_command", required=True, parser_class=_Parser)
+    create = esub.add_parser("create", help="create an event from flags or a JSON/TOML file")
+    create.add_argument("--file", help="JSON or TOML file with the event (flags override it)")
+    create.add_argument("--id")
+    create.add_argument("--name")
+    create.add_argument("--venue")
+    create.add_argument("--starts-at", help="ISO 8601 time the show starts")
+    create.add_argument("--opens-at", help="ISO 8601 time the sale opens (default now)")
+    create.add_argument("--mode", choices=("fifo", "lottery"))
+    create.add_argument("--rate", type=_positive_float, help="admissions per second")
+    create.add_argument("--max-active", type=_positive_int, help="shoppers at once")
+    create.add_argument("--pass-ttl", type=_positive_int, help="queue pass lifetime, seconds")
+    create.add_argument("--hold-ttl", type=_positive_int, help="hold lifetime, seconds")
+    create.add_argument("--grace", type=_positive_int, help="abandonment grace, seconds")
+    create.add_argument("--per-fan-limit", type=_positive_int, help="tickets per fan")
+    create.add_argument(
+        "--ticket",
+        action="append",
+        type=_ticket_flag,
+        help="NAME:QUANTITY:PRICE_MINOR:CURRENCY[:PER_FAN_LIMIT] (repeatable)",
+    )
+    create.add_argument("--json", action="store_true")
+    create.set_defaults(handler=cmd_event_create)
+    lst = esub.add_parser("list", help="list events")
+    lst.add_argument("--limit", type=_positive_int, default=100)
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(handler=cmd_event_list)
+    show = esub.add_parser("show", help="show one event")
+    show.add_argument("event")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_event_show)
+
+    return parser
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, ValidationFailed) and exc.field:
+        return f"{exc.field}: {exc.message}"
+    if isinstance(exc, WaitroomError | CLIError):
+        return str(exc)
+    unavailable = dependency_error(exc)
+    if unavailable is not None:
+        return f"{unavailable.message}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    try:
+        settings = load_settings()
+    except WaitroomError as exc:
+        print(f"waitroom: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "sync", False):
+            return int(args.handler(args, settings))
+        return int(asyncio.run(args.handler(args, settings)))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # every failure is one line, never a traceback
+        print(f"waitroom: {_error_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
