@@ -12,48 +12,87 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class EventKeys:
-    """The keys of one event, all in the event's hash slot."""
+    """The keys of one event, all in the event's hash slot.
+
+    The data model of a room (all per event):
+
+    - ``queue``     ZSET fan -> place. FIFO places are join sequence numbers (1, 2, ...);
+                    a lottery draw gives the pre-queue fans places -n..-1, ahead of everyone
+                    who joined after opening. Rank in this set = fans ahead.
+    - ``prequeue``  ZSET fan -> join seq of lottery fans who joined before the sale opened.
+    - ``seq``       counter of join sequence numbers.
+    - ``fans``      HASH fan -> join seq, for every fan waiting or admitted (idempotent join);
+                    removed when the fan leaves or is dropped as abandoned.
+    - ``seen``      ZSET fan -> unix time the fan was last connected or polling.
+    - ``meta``      HASH of the room's live state: mode, opens_at, grace_s, opened, drawn,
+                    paused, sold_out, rate, max_active, pass_ttl_s, admitted_total,
+                    abandoned_total, commitment.
+    - ``seed``      STRING the lottery seed, secret until the draw.
+    - ``admitted``  HASH fan -> the fan's queue pass (JWT) once admitted.
+    - ``active``    ZSET pass jti -> expiry: the passes that count against max_active.
+    - ``order``     LIST of admitted fans in admission order (order audits and benchmarks).
+    - ``leader``    STRING lease of the process running the admission loop (value = token).
+    - ``owner``     STRING lease of the process hosting the inventory actor.
+    - ``availability`` HASH ticket type -> tickets available, published by the actor.
+    - ``news``      pub/sub channel of room-wide news (paused, resumed, sold out, settings).
+    """
 
     base: str
 
     @property
     def queue(self) -> str:
-        """Sorted set: fan id -> place score (lower is earlier)."""
         return f"{self.base}:queue"
 
     @property
+    def prequeue(self) -> str:
+        return f"{self.base}:prequeue"
+
+    @property
     def seq(self) -> str:
-        """Counter handing out join sequence numbers."""
         return f"{self.base}:seq"
 
     @property
     def fans(self) -> str:
-        """Hash: fan id -> joined sequence number, kept after admission (idempotent join)."""
         return f"{self.base}:fans"
 
     @property
     def seen(self) -> str:
-        """Sorted set: fan id -> last time the fan was connected or polled (abandonment)."""
         return f"{self.base}:seen"
 
     @property
     def meta(self) -> str:
-        """Hash: the room's live state (mode, opened, paused, sold out, counters)."""
         return f"{self.base}:meta"
 
     @property
+    def seed(self) -> str:
+        return f"{self.base}:seed"
+
+    @property
     def admitted(self) -> str:
-        """Hash: fan id -> the fan's queue pass once admitted."""
         return f"{self.base}:admitted"
 
     @property
+    def active(self) -> str:
+        return f"{self.base}:active"
+
+    @property
+    def order(self) -> str:
+        return f"{self.base}:order"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.base}:leader"
+
+    @property
+    def owner(self) -> str:
+        return f"{self.base}:owner"
+
+    @property
     def availability(self) -> str:
-        """Hash: ticket type -> tickets available, published by the inventory actor."""
         return f"{self.base}:availability"
 
     @property
-    def events(self) -> str:
-        """Pub/sub channel of room-wide news (paused, resumed, sold out, settings)."""
+    def news(self) -> str:
         return f"{self.base}:news"
 
     def key(self, name: str) -> str:
