@@ -1,0 +1,587 @@
+"""The ledger of one event's inventory: pure bookkeeping of holds, with no I/O at all.
+
+The inventory actor of an event owns exactly one :class:`Ledger` and is the only code that
+touches it, so nothing here locks. The actor feeds it commands (:class:`Reserve`,
+:class:`Confirm`, :class:`Cancel`, :class:`Expire`) through :meth:`Ledger.apply`, together with
+the current time and a source of fresh hold ids; the ledger answers with a result or a typed
+:class:`Refused`. Time and ids come in as arguments, so the ledger is deterministic: the same
+commands with the same ``now`` values always give the same results, which is what lets the
+tests drive it with hypothesis and compare it against a naive model.
+
+State machine of a hold::
+
+    held ──Confirm (before its deadline)──▶ paid
+      │ ──Cancel──────────────────────────▶ cancelled
+      └───deadline reached (Expire, or any later command)──▶ expired
+
+``paid``, ``expired`` and ``cancelled`` are final; the PostgreSQL trigger on ``holds`` enforces
+the same machine, so the database would reject a bug here.
+
+Counting: tickets in ``held`` and ``paid`` holds count against the ticket type's quantity and
+against the fan's limits (per ticket type and per event); ``expired`` and ``cancelled`` ones
+give their tickets back. A hold is expired exactly when ``now >= expires_at``.
+
+Idempotency (invariant 7): a command carrying an idempotency key is recorded under
+``(fan_id, key)`` with a :func:`fingerprint` of what it asks for and its *first* result,
+refusals included ("first result wins"): a retry of the same request returns that stored
+result and changes nothing, even if the world has moved on since (a retried ``sold_out``
+stays ``sold_out``; the client uses a new key to try again). The same key with a different
+request is refused with :data:`IDEMPOTENCY_MISMATCH`.
+
+Persistence: the actor applies a batch of commands, then calls :meth:`Ledger.drain_changes` and
+writes exactly those rows in one transaction (INSERT ``new_holds``, UPDATE ``updated_holds``,
+INSERT ``idempotency``), and only then replies. There is deliberately no in-memory rollback:
+if the commit fails, the actor throws the ledger away and rebuilds it with
+:meth:`Ledger.restore` from what PostgreSQL holds, which is one linear pass over the rows. That
+keeps a single source of truth and makes "nothing unacknowledged is applied" hold by
+construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, TypeVar, assert_never
+
+import msgspec
+
+HoldStatus = Literal["held", "paid", "expired", "cancelled"]
+_K = TypeVar("_K")
+
+# Refusal codes. They are the ``code`` of the error body the HTTP layer renders.
+SOLD_OUT = "sold_out"
+FAN_LIMIT = "fan_limit"
+UNKNOWN_HOLD = "hold_not_found"
+HOLD_EXPIRED = "hold_expired"
+ALREADY_CONFIRMED = "hold_already_confirmed"
+HOLD_CANCELLED = "hold_cancelled"
+UNKNOWN_TICKET_TYPE = "unknown_ticket_type"
+BAD_QUANTITY = "bad_quantity"
+IDEMPOTENCY_MISMATCH = "idempotency_key_reused"
+# Deliberately the same code (and message) as an unknown hold: a fan probing someone else's
+# hold id must not learn that it exists.
+NOT_YOUR_HOLD = UNKNOWN_HOLD
+
+#: HTTP status of each refusal code.
+REFUSAL_STATUS: dict[str, int] = {
+    SOLD_OUT: 409,
+    FAN_LIMIT: 409,
+    UNKNOWN_HOLD: 404,
+    HOLD_EXPIRED: 410,
+    ALREADY_CONFIRMED: 409,
+    HOLD_CANCELLED: 409,
+    UNKNOWN_TICKET_TYPE: 422,
+    BAD_QUANTITY: 422,
+    IDEMPOTENCY_MISMATCH: 422,
+}
+
+
+# --- rules -------------------------------------------------------------------------------
+
+
+class TicketTypeRules(msgspec.Struct, frozen=True):
+    """What the ledger needs to know about one ticket type."""
+
+    name: str
+    quantity: int
+    #: Tickets of this type one fan may hold or buy.
+    per_fan_limit: int
+    price_minor: int
+    currency: str
+
+
+class EventRules(msgspec.Struct, frozen=True):
+    """The inventory rules of one event."""
+
+    event_id: str
+    #: Tickets one fan may hold or buy across all ticket types of the event.
+    per_fan_limit: int
+    hold_ttl_s: int
+    ticket_types: tuple[TicketTypeRules, ...]
+
+
+class Hold(msgspec.Struct, frozen=True):
+    """Tickets set aside for one fan until ``expires_at`` (unix seconds), or for good once paid."""
+
+    id: str
+    fan_id: str
+    ticket_type: str
+    quantity: int
+    status: HoldStatus
+    expires_at: float
+    pass_jti: str | None
+    payment_ref: str | None = None
+
+
+# --- commands ----------------------------------------------------------------------------
+# Tagged so that ``Command`` is a msgspec union that can cross processes (the Redis stream
+# that forwards commands to the owning process) and be decoded without guessing.
+
+
+class Reserve(msgspec.Struct, frozen=True, tag=True):
+    """Hold ``quantity`` tickets of ``ticket_type`` for ``fan_id``."""
+
+    fan_id: str
+    ticket_type: str
+    quantity: int
+    idempotency_key: str | None
+    #: The queue pass the fan reserved with; kept on the hold for audit, not part of the request.
+    pass_jti: str | None
+
+
+class Confirm(msgspec.Struct, frozen=True, tag=True):
+    """Mark a hold paid."""
+
+    hold_id: str
+    fan_id: str
+    #: Must be stable across retries of one request (e.g. derived from the idempotency key),
+    #: because it is part of the request's fingerprint.
+    payment_ref: str
+    idempotency_key: str | None
+
+
+class Cancel(msgspec.Struct, frozen=True, tag=True):
+    """Give a hold's tickets back."""
+
+    hold_id: str
+    fan_id: str
+    idempotency_key: str | None
+
+
+class Expire(msgspec.Struct, frozen=True, tag=True):
+    """Expire every hold whose deadline is at or before ``now``; sent by the actor's timer."""
+
+
+Command = Reserve | Confirm | Cancel | Expire
+
+
+# --- results -----------------------------------------------------------------------------
+# Tagged too: results are stored with their idempotency key (as JSON) and must decode back
+# into exactly the value that was first returned.
+
+
+class Reserved(msgspec.Struct, frozen=True, tag=True):
+    """A new hold."""
+
+    hold: Hold
+
+
+class Confirmed(msgspec.Struct, frozen=True, tag=True):
+    """The hold, now paid."""
+
+    hold: Hold
+
+
+class Cancelled(msgspec.Struct, frozen=True, tag=True):
+    """The hold, now cancelled."""
+
+    hold: Hold
+
+
+class Expired(msgspec.Struct, frozen=True, tag=True):
+    """The holds this :class:`Expire` expired, by deadline then id."""
+
+    holds: tuple[Hold, ...]
+
+
+class Refused(msgspec.Struct, frozen=True, tag=True):
+    """A typed refusal; ``code`` is one of the module's codes, see :data:`REFUSAL_STATUS`."""
+
+    code: str
+    message: str
+    details: dict[str, Any]
+
+    @property
+    def status(self) -> int:
+        """The HTTP status this refusal is answered with."""
+        return REFUSAL_STATUS[self.code]
+
+
+Result = Reserved | Confirmed | Cancelled | Expired | Refused
+
+_result_decoder: msgspec.json.Decoder[Result] = msgspec.json.Decoder(Result)
+_encoder = msgspec.json.Encoder()
+_fingerprint_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_result(result: Result) -> bytes:
+    """JSON of a result, as stored next to its idempotency key."""
+    return _encoder.encode(result)
+
+
+def decode_result(data: bytes | str) -> Result:
+    """The result :func:`encode_result` encoded, equal to the original."""
+    return _result_decoder.decode(data)
+
+
+def fingerprint(command: Reserve | Confirm | Cancel) -> bytes:
+    """A digest of what a keyed command asks for, to tell a retry from a reused key.
+
+    It covers the command's kind and every field that changes the request's meaning, but not
+    the idempotency key and fan (they are the lookup key) nor the pass id: a fan retrying
+    with a refreshed pass is still asking for the same thing. A fixed-size SHA-256 so the
+    persistence layer can store it as-is (e.g. ``.hex()`` in ``request_hash``); restoring must
+    hand back exactly these bytes.
+    """
+    fields: tuple[Any, ...]
+    match command:
+        case Reserve():
+            fields = ("reserve", command.ticket_type, command.quantity)
+        case Confirm():
+            fields = ("confirm", command.hold_id, command.payment_ref)
+        case Cancel():
+            fields = ("cancel", command.hold_id)
+        case _:
+            assert_never(command)
+    return hashlib.sha256(_fingerprint_encoder.encode(fields)).digest()
+
+
+class Changes(msgspec.Struct, frozen=True):
+    """Everything that changed since the last :meth:`Ledger.drain_changes`, to persist at once.
+
+    A hold created in the batch appears once, in ``new_holds``, with its status at the end of
+    the batch (it may already be paid, cancelled or expired) and never in ``updated_holds``;
+    ``updated_holds`` holds the final state of older holds whose status changed. So the
+    persistence layer INSERTs ``new_holds``, then UPDATEs ``updated_holds``, and derives the
+    outbox rows from the statuses (a new hold that is no longer ``held`` was created *and*
+    moved on within the batch). ``idempotency`` rows are ``(fan_id, key, fingerprint, result)``.
+    """
+
+    new_holds: list[Hold]
+    updated_holds: list[Hold]
+    idempotency: list[tuple[str, str, bytes, Result]]
+
+    def empty(self) -> bool:
+        """Whether there is nothing to write."""
+        return not (self.new_holds or self.updated_holds or self.idempotency)
+
+
+_UNKNOWN_HOLD_MESSAGE = "No such reservation."
+
+
+class Ledger:
+    """Holds, availability and per-fan counts of one event; mutated only by :meth:`apply`."""
+
+    __slots__ = (
+        "_available",
+        "_deadlines",
+        "_fan_total",
+        "_fan_type",
+        "_held",
+        "_holds",
+        "_idempotency",
+        "_new",
+        "_new_idempotency",
+        "_rules",
+        "_types",
+        "_updated",
+    )
+
+    def __init__(
+        self,
+        rules: EventRules,
+        holds: Iterable[Hold] = (),
+        idempotency: Mapping[tuple[str, str], tuple[bytes, Result]] | None = None,
+    ) -> None:
+        """Build the ledger of ``rules`` with existing ``holds`` (any statuses) already in it.
+
+        Raises ``ValueError`` if the holds contradict the rules (an unknown ticket type, a
+        duplicate id, more tickets held and sold than exist): better to refuse to start
+        than to sell from a wrong picture.
+        """
+        self._rules = rules
+        self._types: dict[str, TicketTypeRules] = {}
+        for t in rules.ticket_types:
+            if t.name in self._types:
+                raise ValueError(f"ticket type {t.name!r} appears twice")
+            self._types[t.name] = t
+        self._available = {t.name: t.quantity for t in rules.ticket_types}
+        # Tickets in 'held' holds per type: the ones that could still come back.
+        self._held = dict.fromkeys(self._types, 0)
+        self._holds: dict[str, Hold] = {}
+        self._fan_total: dict[str, int] = {}
+        self._fan_type: dict[tuple[str, str], int] = {}
+        # Entries of settled holds are not removed (a heap cannot do that cheaply); they are
+        # skipped when they reach the top.
+        self._deadlines: list[tuple[float, str]] = []
+        self._idempotency: dict[tuple[str, str], tuple[bytes, Result]] = dict(idempotency or {})
+        self._new: dict[str, Hold] = {}
+        self._updated: dict[str, Hold] = {}
+        self._new_idempotency: list[tuple[str, str, bytes, Result]] = []
+        for hold in holds:
+            if hold.id in self._holds:
+                raise ValueError(f"hold {hold.id!r} appears twice")
+            if hold.ticket_type not in self._types:
+                raise ValueError(f"hold {hold.id!r} has unknown ticket type {hold.ticket_type!r}")
+            self._holds[hold.id] = hold
+            if hold.status in ("held", "paid"):
+                self._take(hold)
+                if hold.status == "held":
+                    self._deadlines.append((hold.expires_at, hold.id))
+        for name, left in self._available.items():
+            if left < 0:
+                raise ValueError(f"ticket type {name!r} is oversold by {-left}")
+        heapq.heapify(self._deadlines)
+
+    @classmethod
+    def restore(
+        cls,
+        rules: EventRules,
+        holds: Iterable[Hold],
+        idempotency: Mapping[tuple[str, str], tuple[bytes, Result]],
+    ) -> Ledger:
+        """Rebuild a ledger from persisted rows, in one pass (a crash or failed commit).
+
+        Holds may be all of the event's or only the live ones (``held`` and ``paid``):
+        availability and limits come out the same; settled holds that are left out answer
+        later commands with ``hold_not_found`` instead of ``hold_expired`` or
+        ``hold_cancelled``.
+        """
+        return cls(rules, holds, idempotency)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def rules(self) -> EventRules:
+        """The rules this ledger enforces."""
+        return self._rules
+
+    def available(self, ticket_type: str) -> int:
+        """Tickets of ``ticket_type`` neither held nor sold; ``KeyError`` if unknown."""
+        return self._available[ticket_type]
+
+    def availability(self) -> dict[str, int]:
+        """Tickets available per ticket type, in the rules' order."""
+        return dict(self._available)
+
+    def hold(self, hold_id: str) -> Hold | None:
+        """The hold with this id, or ``None``."""
+        return self._holds.get(hold_id)
+
+    def live_holds(self) -> list[Hold]:
+        """Holds whose tickets are taken: ``held`` and ``paid`` ones."""
+        return [h for h in self._holds.values() if h.status in ("held", "paid")]
+
+    def all_holds(self) -> list[Hold]:
+        """Every hold the ledger knows, settled ones included."""
+        return list(self._holds.values())
+
+    def sold_out(self) -> bool:
+        """Nothing available and no ``held`` hold whose tickets could come back."""
+        return not any(self._available.values()) and not any(self._held.values())
+
+    def next_deadline(self) -> float | None:
+        """When the earliest ``held`` hold expires: when the actor's timer should fire next."""
+        heap = self._deadlines
+        while heap:
+            expires_at, hold_id = heap[0]
+            hold = self._holds.get(hold_id)
+            if hold is not None and hold.status == "held":
+                return expires_at
+            # Settled since it was pushed: dropping it here keeps the timer from waking
+            # up for nothing.
+            heapq.heappop(heap)
+        return None
+
+    def fan_count(self, fan_id: str, ticket_type: str | None = None) -> int:
+        """Tickets ``fan_id`` holds or bought, in the event or of one ticket type."""
+        if ticket_type is None:
+            return self._fan_total.get(fan_id, 0)
+        return self._fan_type.get((fan_id, ticket_type), 0)
+
+    # --- changing --------------------------------------------------------------------------
+
+    def apply(self, command: Command, now: float, new_id: Callable[[], str]) -> Result:
+        """Apply one command at time ``now``; ``new_id`` is called once per hold created."""
+        if isinstance(command, Expire):
+            return Expired(tuple(self._expire_due(now)))
+        key = command.idempotency_key
+        if key is None:
+            self._expire_due(now)
+            return self._execute(command, now, new_id)
+        fp = fingerprint(command)
+        # Looked up before anything else, so a retry changes nothing at all, not even the
+        # expiry of holds that fell due meanwhile (the next fresh command does that).
+        stored = self._idempotency.get((command.fan_id, key))
+        if stored is not None:
+            if stored[0] == fp:
+                return stored[1]
+            return Refused(
+                IDEMPOTENCY_MISMATCH,
+                "This Idempotency-Key was already used for a different request.",
+                {"idempotency_key": key},
+            )
+        self._expire_due(now)
+        result = self._execute(command, now, new_id)
+        self._idempotency[(command.fan_id, key)] = (fp, result)
+        self._new_idempotency.append((command.fan_id, key, fp, result))
+        return result
+
+    def drain_changes(self) -> Changes:
+        """What changed since the last call (see :class:`Changes`), and forget it."""
+        changes = Changes(
+            new_holds=list(self._new.values()),
+            updated_holds=list(self._updated.values()),
+            idempotency=self._new_idempotency,
+        )
+        self._new = {}
+        self._updated = {}
+        self._new_idempotency = []
+        return changes
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _execute(
+        self, command: Reserve | Confirm | Cancel, now: float, new_id: Callable[[], str]
+    ) -> Result:
+        match command:
+            case Reserve():
+                return self._reserve(command, now, new_id)
+            case Confirm():
+                return self._confirm(command)
+            case Cancel():
+                return self._cancel(command)
+            case _:
+                assert_never(command)
+
+    def _reserve(self, cmd: Reserve, now: float, new_id: Callable[[], str]) -> Result:
+        rules = self._types.get(cmd.ticket_type)
+        if rules is None:
+            return Refused(
+                UNKNOWN_TICKET_TYPE,
+                f"This event has no ticket type {cmd.ticket_type!r}.",
+                {"ticket_type": cmd.ticket_type, "known": list(self._types)},
+            )
+        if cmd.quantity < 1:
+            return Refused(BAD_QUANTITY, "Quantity must be at least 1.", {"quantity": cmd.quantity})
+        # The narrower limit first, so the message names the rule the fan actually hit.
+        current = self._fan_type.get((cmd.fan_id, cmd.ticket_type), 0)
+        if current + cmd.quantity > rules.per_fan_limit:
+            return Refused(
+                FAN_LIMIT,
+                f"At most {rules.per_fan_limit} {cmd.ticket_type!r} tickets per fan.",
+                {
+                    "scope": "ticket_type",
+                    "ticket_type": cmd.ticket_type,
+                    "limit": rules.per_fan_limit,
+                    "current": current,
+                },
+            )
+        current = self._fan_total.get(cmd.fan_id, 0)
+        if current + cmd.quantity > self._rules.per_fan_limit:
+            return Refused(
+                FAN_LIMIT,
+                f"At most {self._rules.per_fan_limit} tickets per fan for this event.",
+                {"scope": "event", "limit": self._rules.per_fan_limit, "current": current},
+            )
+        available = self._available[cmd.ticket_type]
+        if cmd.quantity > available:
+            return Refused(
+                SOLD_OUT,
+                f"Not enough {cmd.ticket_type!r} tickets left.",
+                {"ticket_type": cmd.ticket_type, "available": available},
+            )
+        hold_id = new_id()
+        if hold_id in self._holds:
+            raise ValueError(f"new_id returned an existing hold id {hold_id!r}")
+        hold = Hold(
+            id=hold_id,
+            fan_id=cmd.fan_id,
+            ticket_type=cmd.ticket_type,
+            quantity=cmd.quantity,
+            status="held",
+            # Whole microseconds, PostgreSQL's precision, so that a ledger restored from
+            # the database holds bit-identical deadlines.
+            expires_at=round(now + self._rules.hold_ttl_s, 6),
+            pass_jti=cmd.pass_jti,
+        )
+        self._holds[hold_id] = hold
+        self._take(hold)
+        heapq.heappush(self._deadlines, (hold.expires_at, hold_id))
+        self._new[hold_id] = hold
+        return Reserved(hold)
+
+    def _confirm(self, cmd: Confirm) -> Result:
+        # Expiry already ran for this `now`, so a hold past its deadline is 'expired' here:
+        # confirming it is refused, never accepted late.
+        hold = self._holds.get(cmd.hold_id)
+        if hold is None or hold.fan_id != cmd.fan_id:
+            return _unknown_hold(cmd.hold_id)
+        if hold.status != "held":
+            return _settled(hold)
+        return Confirmed(self._settle(hold, "paid", cmd.payment_ref))
+
+    def _cancel(self, cmd: Cancel) -> Result:
+        hold = self._holds.get(cmd.hold_id)
+        if hold is None or hold.fan_id != cmd.fan_id:
+            return _unknown_hold(cmd.hold_id)
+        if hold.status != "held":
+            return _settled(hold)
+        return Cancelled(self._settle(hold, "cancelled", None))
+
+    def _expire_due(self, now: float) -> list[Hold]:
+        """Expire every ``held`` hold with ``expires_at <= now``: O(k log n) for k due."""
+        expired: list[Hold] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, hold_id = heapq.heappop(heap)
+            hold = self._holds.get(hold_id)
+            if hold is not None and hold.status == "held":
+                expired.append(self._settle(hold, "expired", None))
+        return expired
+
+    def _take(self, hold: Hold) -> None:
+        """Count a held or paid hold against stock and the fan's limits."""
+        q = hold.quantity
+        self._available[hold.ticket_type] -= q
+        if hold.status == "held":
+            self._held[hold.ticket_type] += q
+        self._fan_total[hold.fan_id] = self._fan_total.get(hold.fan_id, 0) + q
+        key = (hold.fan_id, hold.ticket_type)
+        self._fan_type[key] = self._fan_type.get(key, 0) + q
+
+    def _settle(self, hold: Hold, status: HoldStatus, payment_ref: str | None) -> Hold:
+        """Move a ``held`` hold to a final status, fix the counts and record the change."""
+        q = hold.quantity
+        self._held[hold.ticket_type] -= q
+        if status != "paid":
+            # Expired and cancelled holds give their tickets back to stock and to the fan.
+            self._available[hold.ticket_type] += q
+            _decrement(self._fan_total, hold.fan_id, q)
+            _decrement(self._fan_type, (hold.fan_id, hold.ticket_type), q)
+        settled = msgspec.structs.replace(hold, status=status, payment_ref=payment_ref)
+        self._holds[hold.id] = settled
+        # A hold created in this batch is still an INSERT, just with its final status.
+        if hold.id in self._new:
+            self._new[hold.id] = settled
+        else:
+            self._updated[hold.id] = settled
+        return settled
+
+
+def _decrement(counts: dict[_K, int], key: _K, by: int) -> None:
+    left = counts[key] - by
+    # Dropped at zero so the maps only grow with fans who currently hold something.
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
+def _unknown_hold(hold_id: str) -> Refused:
+    return Refused(UNKNOWN_HOLD, _UNKNOWN_HOLD_MESSAGE, {"hold_id": hold_id})
+
+
+def _settled(hold: Hold) -> Refused:
+    """The refusal for touching a hold that is no longer ``held``."""
+    details = {"hold_id": hold.id, "status": hold.status}
+    if hold.status == "paid":
+        return Refused(ALREADY_CONFIRMED, "This reservation is already paid.", details)
+    if hold.status == "cancelled":
+        return Refused(HOLD_CANCELLED, "This reservation was cancelled.", details)
+    return Refused(
+        HOLD_EXPIRED,
+        "This reservation expired.",
+        {**details, "expired_at": hold.expires_at},
+    )

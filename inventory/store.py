@@ -1,0 +1,231 @@
+"""PostgreSQL adapter of the inventory actor: load a ledger, take ownership, group-commit a batch.
+
+A batch is persisted in one transaction whose first statement locks the event's row in
+``inventory_owners`` and checks the actor's fencing epoch, so a stale owner (one whose lease
+lapsed while it was paused, say) can never write: a new owner bumps the epoch under the same
+row lock, and from then on every commit of the old one fails with :class:`Fenced`. Rows go in
+with COPY and one set-based UPDATE, never a statement per row, so the database's statement
+triggers that keep ``held``/``sold`` fire once per batch.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, TypeAlias
+
+import asyncpg
+import msgspec
+from asyncpg.pool import PoolConnectionProxy
+
+from inventory.ledger import (
+    Changes,
+    EventRules,
+    Hold,
+    Ledger,
+    Refused,
+    Reserved,
+    Result,
+    TicketTypeRules,
+    decode_result,
+    encode_result,
+)
+from waitroom.errors import NotFound, WaitroomError
+
+_json = msgspec.json.Encoder()
+
+#: A connection, whether taken from a pool or opened directly.
+Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
+
+#: Outbox topics, by the status a hold reached.
+TOPIC_BY_STATUS = {
+    "held": "hold.created",
+    "paid": "order.paid",
+    "expired": "hold.expired",
+    "cancelled": "hold.cancelled",
+}
+
+
+class Fenced(WaitroomError):
+    """This process no longer owns the event: another took over with a newer epoch."""
+
+    status = 503
+    default_code = "owner_changed"
+
+
+def _ts(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+async def load_rules(conn: Conn, event_id: str) -> EventRules:
+    """The inventory rules of ``event_id``; 404 if there is no such event."""
+    room = await conn.fetchrow(
+        "SELECT per_fan_limit, hold_ttl_s FROM room_settings WHERE event_id = $1", event_id
+    )
+    if room is None:
+        raise NotFound(f"no event {event_id!r}", code="event_not_found")
+    rows = await conn.fetch(
+        "SELECT name, quantity, per_fan_limit, price_minor, currency FROM ticket_types"
+        " WHERE event_id = $1 ORDER BY position",
+        event_id,
+    )
+    return EventRules(
+        event_id=event_id,
+        per_fan_limit=room["per_fan_limit"],
+        hold_ttl_s=room["hold_ttl_s"],
+        ticket_types=tuple(
+            TicketTypeRules(
+                name=r["name"],
+                quantity=r["quantity"],
+                per_fan_limit=r["per_fan_limit"],
+                price_minor=r["price_minor"],
+                currency=r["currency"].strip(),
+            )
+            for r in rows
+        ),
+    )
+
+
+def _hold(row: asyncpg.Record) -> Hold:
+    return Hold(
+        id=str(row["id"]),
+        fan_id=row["fan_id"],
+        ticket_type=row["ticket_type"],
+        quantity=row["quantity"],
+        status=row["status"],
+        expires_at=row["expires_at"].timestamp(),
+        pass_jti=row["pass_jti"],
+        payment_ref=row["payment_ref"],
+    )
+
+
+async def load_ledger(conn: Conn, event_id: str) -> Ledger:
+    """The ledger of ``event_id`` rebuilt from PostgreSQL: live holds and idempotency keys.
+
+    A successful keyed reserve keeps its key on the hold row (see :func:`commit`); its first
+    result is the hold as it was created (status ``held``, no payment), rebuilt here exactly.
+    """
+    rules = await load_rules(conn, event_id)
+    rows = await conn.fetch(
+        "SELECT id, fan_id, ticket_type, quantity, status, expires_at, pass_jti, payment_ref,"
+        " idempotency_key, request_hash FROM holds"
+        " WHERE event_id = $1 AND (status IN ('held', 'paid') OR idempotency_key IS NOT NULL)",
+        event_id,
+    )
+    keys = await conn.fetch(
+        "SELECT fan_id, key, request_hash, response FROM idempotency_keys WHERE event_id = $1",
+        event_id,
+    )
+    idempotency: dict[tuple[str, str], tuple[bytes, Result]] = {
+        (r["fan_id"], r["key"]): (bytes.fromhex(r["request_hash"]), decode_result(r["response"]))
+        for r in keys
+    }
+    holds = []
+    for row in rows:
+        hold = _hold(row)
+        holds.append(hold)
+        if row["idempotency_key"] is not None:
+            created = msgspec.structs.replace(hold, status="held", payment_ref=None)
+            idempotency[(hold.fan_id, row["idempotency_key"])] = (
+                bytes.fromhex(row["request_hash"]),
+                Reserved(created),
+            )
+    return Ledger.restore(rules, holds, idempotency)
+
+
+async def take_ownership(pool: asyncpg.Pool[Any], event_id: str, owner: str) -> int:
+    """Become the event's owner in PostgreSQL: a new, higher fencing epoch.
+
+    The UPDATE waits for the row lock any in-flight commit of the previous owner holds, so
+    once this returns, every later commit of that owner sees a newer epoch and is refused.
+    """
+    epoch: int = await pool.fetchval(
+        "INSERT INTO inventory_owners (event_id, epoch, owner) VALUES ($1, 1, $2)"
+        " ON CONFLICT (event_id) DO UPDATE"
+        " SET epoch = inventory_owners.epoch + 1, owner = EXCLUDED.owner, since = now()"
+        " RETURNING epoch",
+        event_id,
+        owner,
+    )
+    return epoch
+
+
+def outbox_rows(event_id: str, changes: Changes) -> list[tuple[str, str]]:
+    """The outbox messages announcing ``changes``: one per topic per batch, listing its holds.
+
+    One message per batch rather than per hold keeps a group commit of thousands of holds to
+    a handful of rows; consumers dedupe on the message id and read the ``holds`` list.
+    """
+    by_topic: dict[str, list[Hold]] = {}
+    for hold in changes.new_holds:
+        by_topic.setdefault("hold.created", []).append(hold)
+        if hold.status != "held":  # created and settled within the same batch
+            by_topic.setdefault(TOPIC_BY_STATUS[hold.status], []).append(hold)
+    for hold in changes.updated_holds:
+        by_topic.setdefault(TOPIC_BY_STATUS[hold.status], []).append(hold)
+    return [
+        (topic, _json.encode({"event_id": event_id, "holds": holds}).decode())
+        for topic, holds in by_topic.items()
+    ]
+
+
+def _status_code(result: Result) -> int:
+    if isinstance(result, Refused):
+        return result.status
+    return 200
+
+
+#: SQLSTATE raised by ``inventory_commit`` when the caller's epoch is stale.
+FENCED_SQLSTATE = "WR001"
+_COMMIT_SQL = (
+    "SELECT inventory_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
+    " $16, $17, $18, $19, $20, $21, $22)"
+)
+
+
+async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> None:
+    """Persist one batch durably in ONE statement (one round trip), fenced by ``epoch``.
+
+    Raises :class:`Fenced` when another process owns the event now; nothing is written then.
+    """
+    new, upd = changes.new_holds, changes.updated_holds
+    # A successful keyed reserve is recorded on its new hold row; everything else keyed
+    # (refusals, confirms, cancels) gets an idempotency_keys row.
+    on_hold: dict[str, tuple[str, str]] = {}
+    idem: list[tuple[str, str, bytes, Result]] = []
+    for fan, key, fp, result in changes.idempotency:
+        if isinstance(result, Reserved):
+            on_hold[result.hold.id] = (key, fp.hex())
+        else:
+            idem.append((fan, key, fp, result))
+    outbox = outbox_rows(event_id, changes)
+    no_key = (None, None)
+    try:
+        await conn.execute(
+            _COMMIT_SQL,
+            event_id,
+            epoch,
+            [h.id for h in new],
+            [h.ticket_type for h in new],
+            [h.fan_id for h in new],
+            [h.quantity for h in new],
+            [h.status for h in new],
+            [h.pass_jti for h in new],
+            [h.payment_ref for h in new],
+            [_ts(h.expires_at) for h in new],
+            [on_hold.get(h.id, no_key)[0] for h in new],
+            [on_hold.get(h.id, no_key)[1] for h in new],
+            [h.id for h in upd],
+            [h.status for h in upd],
+            [h.payment_ref for h in upd],
+            [fan for fan, _, _, _ in idem],
+            [key for _, key, _, _ in idem],
+            [fp.hex() for _, _, fp, _ in idem],
+            [_status_code(result) for _, _, _, result in idem],
+            [encode_result(result).decode() for _, _, _, result in idem],
+            [topic for topic, _ in outbox],
+            [payload for _, payload in outbox],
+        )
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == FENCED_SQLSTATE:
+            raise Fenced(str(exc), details={"event_id": event_id}) from None
+        raise

@@ -1,0 +1,176 @@
+"""The inventory actor against real PostgreSQL: group commit, durability, fencing, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import pytest
+
+from inventory import store
+from inventory.actor import ActorStopped, InventoryActor
+from inventory.ledger import (
+    SOLD_OUT,
+    Cancel,
+    Cancelled,
+    Confirm,
+    Confirmed,
+    Refused,
+    Reserve,
+    Reserved,
+)
+from tests.inventory.conftest import held_sold, make_event
+
+pytestmark = pytest.mark.anyio
+
+
+async def start_actor(
+    pool: asyncpg.Pool[Any], event_id: str
+) -> tuple[InventoryActor, asyncio.Task[None]]:
+    epoch = await store.take_ownership(pool, event_id, "test")
+    actor = await InventoryActor.load(event_id, pool, epoch)
+    return actor, asyncio.create_task(actor.run())
+
+
+async def stop_actor(actor: InventoryActor, task: asyncio.Task[None]) -> None:
+    actor.close()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_many_concurrent_asks_never_oversell_and_every_ack_is_durable(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool, quantity=50, per_fan=2)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        results = await asyncio.gather(
+            *(actor.ask(Reserve(f"fan{i}", "ga", 1 + i % 2, f"k{i}", None)) for i in range(300))
+        )
+    finally:
+        await stop_actor(actor, task)
+    held_ids = {r.hold.id for r in results if isinstance(r, Reserved)}
+    tickets = sum(r.hold.quantity for r in results if isinstance(r, Reserved))
+    assert tickets == 50
+    assert all(r.code == SOLD_OUT for r in results if isinstance(r, Refused))
+    held, sold, quantity = await held_sold(pool, event_id)
+    assert (held, sold) == (50, 0) and held <= quantity
+    rows = await pool.fetch("SELECT id::text FROM holds WHERE event_id = $1", event_id)
+    assert {r["id"] for r in rows} == held_ids
+
+
+async def test_a_retry_with_the_same_key_returns_the_first_result_and_changes_nothing(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool, quantity=5)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        first = await actor.ask(Reserve("fan", "ga", 2, "same-key", "pass-1"))
+        again = await actor.ask(Reserve("fan", "ga", 2, "same-key", "pass-2"))
+    finally:
+        await stop_actor(actor, task)
+    assert isinstance(first, Reserved) and again == first
+    assert await held_sold(pool, event_id) == (2, 0, 5)
+
+
+async def test_a_failed_commit_answers_503_and_rebuilds_from_postgresql(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool, quantity=10)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        assert isinstance(await actor.ask(Reserve("a", "ga", 2, None, None)), Reserved)
+        # Behind the actor's back, the stock shrinks to what is held: its next commit breaks
+        # the database's no-oversell check.
+        await pool.execute("UPDATE ticket_types SET quantity = held WHERE event_id = $1", event_id)
+        with pytest.raises(ActorStopped):
+            await actor.ask(Reserve("b", "ga", 1, None, None))
+        # Nothing of the failed batch stayed in memory: the rebuilt ledger sees no stock.
+        after = await actor.ask(Reserve("c", "ga", 1, None, None))
+        assert isinstance(after, Refused) and after.code == SOLD_OUT
+        assert actor.ledger.fan_count("b") == 0
+    finally:
+        await stop_actor(actor, task)
+    assert await held_sold(pool, event_id) == (2, 0, 2)
+
+
+async def test_a_stale_owner_can_never_commit(pool: asyncpg.Pool[Any]) -> None:
+    event_id = await make_event(pool, quantity=10)
+    actor, task = await start_actor(pool, event_id)
+    assert isinstance(await actor.ask(Reserve("a", "ga", 1, None, None)), Reserved)
+    newer = await store.take_ownership(pool, event_id, "another process")
+    assert newer == actor.epoch + 1
+    with pytest.raises(ActorStopped):
+        await actor.ask(Reserve("b", "ga", 1, None, None))
+    with pytest.raises(store.Fenced):
+        await task
+    assert not actor.running
+    assert await held_sold(pool, event_id) == (1, 0, 10)
+
+
+async def test_restart_recovery_reproduces_the_ledger_exactly(pool: asyncpg.Pool[Any]) -> None:
+    event_id = await make_event(pool, quantity=12, per_fan=3)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        reserved = [await actor.ask(Reserve(f"f{i}", "ga", 2, f"r{i}", f"j{i}")) for i in range(5)]
+        holds = [r.hold for r in reserved if isinstance(r, Reserved)]
+        assert isinstance(await actor.ask(Confirm(holds[0].id, "f0", "pay-0", "c0")), Confirmed)
+        assert isinstance(await actor.ask(Cancel(holds[1].id, "f1", "x1")), Cancelled)
+        refused = await actor.ask(Reserve("f9", "ga", 99, "big", None))
+        assert isinstance(refused, Refused)
+        live = actor.ledger
+    finally:
+        await stop_actor(actor, task)
+    async with pool.acquire() as conn:
+        restored = await store.load_ledger(conn, event_id)
+    assert restored.availability() == live.availability()
+    assert sorted(restored.live_holds(), key=lambda h: h.id) == sorted(
+        live.live_holds(), key=lambda h: h.id
+    )
+    for i in range(5):
+        assert restored.fan_count(f"f{i}") == live.fan_count(f"f{i}")
+    # Every keyed request replays its first result after the restart.
+    now = time.time()
+    for i in range(5):
+        assert restored.apply(Reserve(f"f{i}", "ga", 2, f"r{i}", None), now, str) == reserved[i]
+    assert restored.apply(Reserve("f9", "ga", 99, "big", None), now, str) == refused
+    again = restored.apply(Confirm(holds[0].id, "f0", "pay-0", "c0"), now, str)
+    assert isinstance(again, Confirmed) and again.hold.payment_ref == "pay-0"
+
+
+async def test_holds_expire_from_the_actors_own_timer(pool: asyncpg.Pool[Any]) -> None:
+    event_id = await make_event(pool, quantity=3, hold_ttl_s=1)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        assert isinstance(await actor.ask(Reserve("a", "ga", 3, None, None)), Reserved)
+        assert await held_sold(pool, event_id) == (3, 0, 3)
+        # No command arrives: only the actor's timer can expire the hold.
+        deadline = time.monotonic() + 5
+        while (await held_sold(pool, event_id))[0] and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert await held_sold(pool, event_id) == (0, 0, 3)
+        assert actor.ledger.available("ga") == 3
+        topics = await pool.fetch(
+            "SELECT topic FROM outbox WHERE event_id = $1 ORDER BY id", event_id
+        )
+        assert [r["topic"] for r in topics] == ["hold.created", "hold.expired"]
+    finally:
+        await stop_actor(actor, task)
+
+
+async def test_at_shutdown_pending_asks_get_a_clear_error(pool: asyncpg.Pool[Any]) -> None:
+    event_id = await make_event(pool, quantity=100)
+    actor, task = await start_actor(pool, event_id)
+    pending = [
+        asyncio.ensure_future(actor.ask(Reserve(f"f{i}", "ga", 1, None, None))) for i in range(50)
+    ]
+    await asyncio.sleep(0)
+    await stop_actor(actor, task)
+    with pytest.raises(ActorStopped):
+        await actor.ask(Reserve("late", "ga", 1, None, None))
+    outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    acknowledged = [o for o in outcomes if isinstance(o, Reserved)]
+    assert all(isinstance(o, Reserved | ActorStopped) for o in outcomes)
+    held, _, _ = await held_sold(pool, event_id)
+    assert held == len(acknowledged)
