@@ -1,0 +1,160 @@
+"""One owner per event across processes: leases, forwarding, takeover after kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from inventory.hosting import InventoryHost
+from inventory.ledger import Refused, Reserve, Reserved
+from tests.harness import ROOT, settings_env
+from tests.inventory.conftest import held_sold, make_event
+from waitroom.keys import Keys
+from waitroom.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def hosts(
+    pool: asyncpg.Pool[Any], redis: Redis, settings: Settings
+) -> AsyncIterator[tuple[InventoryHost, InventoryHost]]:
+    keys = Keys(settings.redis_prefix)
+    a = InventoryHost(pool, redis, keys, node_id="node-a", lease_ttl_s=1.5)
+    b = InventoryHost(pool, redis, keys, node_id="node-b", lease_ttl_s=1.5)
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_the_first_asker_hosts_the_actor_and_the_other_forwards_to_it(
+    pool: asyncpg.Pool[Any], hosts: tuple[InventoryHost, InventoryHost]
+) -> None:
+    a, b = hosts
+    event_id = await make_event(pool, quantity=30, per_fan=1)
+    assert isinstance(await a.ask(event_id, Reserve("first", "ga", 1, None, None)), Reserved)
+    assert a.owns(event_id) and not b.owns(event_id)
+    results = await asyncio.gather(
+        *(
+            (a if i % 2 else b).ask(event_id, Reserve(f"fan{i}", "ga", 1, f"k{i}", None))
+            for i in range(60)
+        )
+    )
+    assert not b.owns(event_id)  # b forwarded, it never wrote the event's rows
+    reserved = [r for r in results if isinstance(r, Reserved)]
+    assert len(reserved) == 29
+    assert all(
+        isinstance(r, Refused) and r.code == "sold_out" for r in results if r not in reserved
+    )
+    assert await held_sold(pool, event_id) == (30, 0, 30)
+    owner = await pool.fetchval("SELECT owner FROM inventory_owners WHERE event_id = $1", event_id)
+    assert owner == "node-a"
+
+
+async def test_when_the_owner_stops_the_other_process_takes_over(
+    pool: asyncpg.Pool[Any], hosts: tuple[InventoryHost, InventoryHost]
+) -> None:
+    a, b = hosts
+    event_id = await make_event(pool, quantity=10)
+    await a.ask(event_id, Reserve("x", "ga", 1, None, None))
+    await a.stop()  # releases the lease
+    result = await b.ask(event_id, Reserve("y", "ga", 1, None, None))
+    assert isinstance(result, Reserved) and b.owns(event_id)
+    epoch = await pool.fetchval("SELECT epoch FROM inventory_owners WHERE event_id = $1", event_id)
+    assert epoch == 2
+    assert await held_sold(pool, event_id) == (2, 0, 10)
+
+
+def _node(
+    settings: Settings, event_id: str, count: int, prefix: str, pace: float
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.inventory.node", event_id, str(count), prefix, str(pace)],
+        env=settings_env(settings),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _lines(proc: subprocess.Popen[str]) -> Iterator[dict[str, Any]]:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        yield msgspec.json.decode(line)
+
+
+async def test_killing_the_owner_mid_burst_loses_no_acknowledged_hold_and_never_oversells(
+    pool: asyncpg.Pool[Any], settings: Settings, processes: list[subprocess.Popen[str]]
+) -> None:
+    event_id = await make_event(pool, quantity=150, per_fan=1)
+    owner = _node(settings, event_id, 400, "a", 0.005)
+    processes.append(owner)
+    first = next(_lines(owner))
+    assert first["owner"] is True
+    other = _node(settings, event_id, 400, "b", 0.005)
+    processes.append(other)
+    lines = _lines(other)
+    assert next(lines)["owner"] is False
+
+    # Let the burst run through the owner for a moment, then kill it without warning.
+    await asyncio.sleep(0.6)
+    os.kill(owner.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    answers: dict[str, dict[str, Any]] = {}
+    took_over_at: float | None = None
+    for line in await asyncio.to_thread(list, lines):
+        if "key" in line:
+            answers[line["key"]] = line
+            if line.get("owner") and took_over_at is None:
+                took_over_at = time.monotonic()
+    assert other.wait(timeout=60) == 0
+    assert len(answers) == 400 and not any(a.get("gave_up") for a in answers.values())
+
+    held, sold, quantity = await held_sold(pool, event_id)
+    assert held + sold <= quantity  # no oversell, ever
+    rows = await pool.fetch(
+        "SELECT id::text, idempotency_key FROM holds WHERE event_id = $1", event_id
+    )
+    by_key = {r["idempotency_key"]: r["id"] for r in rows}
+    assert len(by_key) == len(rows)  # one hold per key: retries never doubled one
+    for key, answer in answers.items():
+        if answer["hold_id"] is not None:
+            assert by_key.get(key) == answer["hold_id"]  # acknowledged means durable
+        else:
+            assert answer["code"] == "sold_out" and key not in by_key
+    # Nothing appears that nobody asked for.
+    assert set(by_key) <= {f"a{i}" for i in range(400)} | set(answers) | {"a-probe", "b-probe"}
+    owner_now = await pool.fetchval(
+        "SELECT epoch FROM inventory_owners WHERE event_id = $1", event_id
+    )
+    assert owner_now >= 2
+    assert killed_at is not None
