@@ -147,8 +147,8 @@ async def test_holds_expire_from_the_actors_own_timer(pool: asyncpg.Pool[Any]) -
         assert await held_sold(pool, event_id) == (3, 0, 3)
         # No command arrives: only the actor's timer can expire the hold.
         deadline = time.monotonic() + 5
-        while (await held_sold(pool, event_id))[0] and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)  # noqa: ASYNC110 - polls PostgreSQL, no event to wait on
+        while (await held_sold(pool, event_id))[0] and time.monotonic() < deadline:  # noqa: ASYNC110 - polls PostgreSQL
+            await asyncio.sleep(0.1)
         assert await held_sold(pool, event_id) == (0, 0, 3)
         assert actor.ledger.available("ga") == 3
         topics = await pool.fetch(
