@@ -149,7 +149,7 @@ async def take_ownership(pool: asyncpg.Pool[Any], event_id: str, owner: str) -> 
     return epoch
 
 
-def outbox_rows(event_id: str, changes: Changes) -> list[tuple[str, str]]:
+def outbox_rows(event_id: str, changes: Changes) -> list[tuple[str, str, str]]:
     """The outbox messages announcing ``changes``: one per topic per batch, listing its holds.
 
     One message per batch rather than per hold keeps a group commit of thousands of holds to
@@ -163,7 +163,7 @@ def outbox_rows(event_id: str, changes: Changes) -> list[tuple[str, str]]:
     for hold in changes.updated_holds:
         by_topic.setdefault(TOPIC_BY_STATUS[hold.status], []).append(hold)
     return [
-        (topic, _json.encode({"event_id": event_id, "holds": holds}).decode())
+        (event_id, topic, _json.encode({"event_id": event_id, "holds": holds}).decode())
         for topic, holds in by_topic.items()
     ]
 
@@ -174,58 +174,84 @@ def _status_code(result: Result) -> int:
     return 200
 
 
-#: SQLSTATE raised by ``inventory_commit`` when the caller's epoch is stale.
-FENCED_SQLSTATE = "WR001"
-_COMMIT_SQL = (
-    "SELECT inventory_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,"
-    " $16, $17, $18, $19, $20, $21, $22)"
+_HOLD_COLUMNS = (
+    "id",
+    "event_id",
+    "ticket_type",
+    "fan_id",
+    "quantity",
+    "status",
+    "pass_jti",
+    "payment_ref",
+    "expires_at",
+    "idempotency_key",
+    "request_hash",
 )
+_KEY_COLUMNS = ("event_id", "fan_id", "key", "request_hash", "status_code", "response")
+_OUTBOX_COLUMNS = ("event_id", "topic", "payload")
 
 
 async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> None:
-    """Persist one batch durably in ONE statement (one round trip), fenced by ``epoch``.
+    """Persist one batch durably in one transaction, fenced by ``epoch``.
 
-    Raises :class:`Fenced` when another process owns the event now; nothing is written then.
+    The fence comes first: the event's ``inventory_owners`` row is locked and its epoch
+    compared, so a stale owner's batch writes nothing, and a takeover (which bumps the epoch
+    under the same lock) waits for a batch in flight. Rows go in with binary COPY: in
+    PostgreSQL that is the cheapest way in per row, which is what bounds a group commit.
+    Raises :class:`Fenced` when another process owns the event now.
     """
-    new, upd = changes.new_holds, changes.updated_holds
     # A successful keyed reserve is recorded on its new hold row; everything else keyed
     # (refusals, confirms, cancels) gets an idempotency_keys row.
     on_hold: dict[str, tuple[str, str]] = {}
-    idem: list[tuple[str, str, bytes, Result]] = []
+    keys: list[tuple[str, str, str, str, int, str]] = []
     for fan, key, fp, result in changes.idempotency:
         if isinstance(result, Reserved):
             on_hold[result.hold.id] = (key, fp.hex())
         else:
-            idem.append((fan, key, fp, result))
-    outbox = outbox_rows(event_id, changes)
+            keys.append(
+                (event_id, fan, key, fp.hex(), _status_code(result), encode_result(result).decode())
+            )
     no_key = (None, None)
-    try:
-        await conn.execute(
-            _COMMIT_SQL,
+    holds = [
+        (
+            h.id,
             event_id,
-            epoch,
-            [h.id for h in new],
-            [h.ticket_type for h in new],
-            [h.fan_id for h in new],
-            [h.quantity for h in new],
-            [h.status for h in new],
-            [h.pass_jti for h in new],
-            [h.payment_ref for h in new],
-            [_ts(h.expires_at) for h in new],
-            [on_hold.get(h.id, no_key)[0] for h in new],
-            [on_hold.get(h.id, no_key)[1] for h in new],
-            [h.id for h in upd],
-            [h.status for h in upd],
-            [h.payment_ref for h in upd],
-            [fan for fan, _, _, _ in idem],
-            [key for _, key, _, _ in idem],
-            [fp.hex() for _, _, fp, _ in idem],
-            [_status_code(result) for _, _, _, result in idem],
-            [encode_result(result).decode() for _, _, _, result in idem],
-            [topic for topic, _ in outbox],
-            [payload for _, payload in outbox],
+            h.ticket_type,
+            h.fan_id,
+            h.quantity,
+            h.status,
+            h.pass_jti,
+            h.payment_ref,
+            _ts(h.expires_at),
+            *on_hold.get(h.id, no_key),
         )
-    except asyncpg.PostgresError as exc:
-        if exc.sqlstate == FENCED_SQLSTATE:
-            raise Fenced(str(exc), details={"event_id": event_id}) from None
-        raise
+        for h in changes.new_holds
+    ]
+    outbox = outbox_rows(event_id, changes)
+    async with conn.transaction():
+        current = await conn.fetchval(
+            "SELECT epoch FROM inventory_owners WHERE event_id = $1 FOR UPDATE", event_id
+        )
+        if current != epoch:
+            raise Fenced(
+                f"inventory of {event_id!r} is owned under epoch {current}, not {epoch}",
+                details={"event_id": event_id},
+            )
+        if holds:
+            await conn.copy_records_to_table("holds", records=holds, columns=_HOLD_COLUMNS)
+        if changes.updated_holds:
+            upd = changes.updated_holds
+            await conn.execute(
+                "UPDATE holds h SET status = u.status, payment_ref = u.payment_ref,"
+                " updated_at = now()"
+                " FROM unnest($2::uuid[], $3::text[], $4::text[]) AS u(id, status, payment_ref)"
+                " WHERE h.id = u.id AND h.event_id = $1",
+                event_id,
+                [h.id for h in upd],
+                [h.status for h in upd],
+                [h.payment_ref for h in upd],
+            )
+        if keys:
+            await conn.copy_records_to_table("idempotency_keys", records=keys, columns=_KEY_COLUMNS)
+        if outbox:
+            await conn.copy_records_to_table("outbox", records=outbox, columns=_OUTBOX_COLUMNS)

@@ -133,7 +133,9 @@ CREATE TABLE outbox (
     id            bigserial PRIMARY KEY,
     event_id      text NOT NULL,
     topic         text NOT NULL,
-    payload       jsonb NOT NULL,
+    -- json, not jsonb: stored as sent (a batch's holds), never queried inside; converting a
+    -- group commit's payload to jsonb would cost the commit more than the rows themselves.
+    payload       json NOT NULL,
     created_at    timestamptz NOT NULL DEFAULT now(),
     published_at  timestamptz,
     attempts      integer NOT NULL DEFAULT 0,
