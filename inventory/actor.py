@@ -198,7 +198,7 @@ class InventoryActor:
                         await self._rebuild()
                         continue
                     # Mail that arrived during that commit joins this batch's commit.
-                    replies += self._apply(self._drain(self._max_batch))
+                    replies += self._apply(self._drain(self._max_batch - len(replies)))
                 changes = self.ledger.drain_changes()
                 if changes.empty():
                     self._reply(replies)
@@ -358,11 +358,28 @@ class InventoryActor:
         self._send.close()
 
 
-def _new_id() -> str:
-    # 128 random bits in the canonical UUID text form (what PostgreSQL hands back), without
-    # the cost of uuid.uuid4(): ids are made once per hold on the actor's hot path.
-    h = os.urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+class _HoldIds:
+    """Unguessable hold ids: 128 random bits each, in the canonical UUID text form.
+
+    The bits come from os.urandom, read 64 KiB at a time: one getrandom() call per hold was
+    the single largest cost of the actor's hot path.
+    """
+
+    __slots__ = ("_hex", "_pos")
+
+    def __init__(self) -> None:
+        self._hex = ""
+        self._pos = 0
+
+    def __call__(self) -> str:
+        if self._pos >= len(self._hex):
+            self._hex, self._pos = os.urandom(65536).hex(), 0
+        h = self._hex[self._pos : self._pos + 32]
+        self._pos += 32
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_new_id = _HoldIds()
 
 
 def _time_out(future: asyncio.Future[Result]) -> None:
