@@ -60,6 +60,9 @@ def fresh_settings(tmp_dir: Path, **overrides: Any) -> Settings:
         run_dir=str(tmp_dir),
         port=0,
         log_level="warning",
+        # Admission loops would admit the fans of every test's events; the tests of
+        # admission turn them on (tests/admission).
+        admission_loop=False,
     )
     values.update(overrides)
     return Settings(**values)
@@ -98,8 +101,11 @@ class ServerThread:
     """A real uvicorn server on 127.0.0.1 and a free port, running in a background thread."""
 
     def __init__(self, app: Starlette) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says
+        # TCP, and without it every response waits ~40 ms on Nagle's algorithm.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -164,3 +170,43 @@ def run_cli(
         check=False,
         cwd=ROOT,
     )
+
+
+class WorkersThread:
+    """``waitroom workers`` (payments, outbox relay, safety net) in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_event: asyncio.Event | None = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from workers.main import run_workers
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self.stop_event = asyncio.Event()
+            self.ready.set()
+            await run_workers(self.settings, self.stop_event, drain_s=2)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+            self.ready.set()
+
+    def start(self) -> WorkersThread:
+        self.thread.start()
+        if not self.ready.wait(20):
+            raise RuntimeError("workers did not start within 20 s")
+        return self
+
+    def stop(self) -> None:
+        if self.loop is not None and self.stop_event is not None:
+            self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(timeout=20)
+        if self.error is not None:
+            raise RuntimeError(f"workers failed: {self.error!r}")

@@ -10,6 +10,7 @@ import yaml
 from tests.harness import ROOT
 from waitroom.cli import build_parser
 from waitroom.settings import load_settings
+from workers import mock_provider
 
 
 def _subcommands() -> set[str]:
@@ -23,17 +24,37 @@ def _compose() -> dict[str, Any]:
     return data
 
 
+#: Modules of the image that compose runs with ``python -m``, and their command-line parsers.
+_MODULE_PARSERS = {"workers.mock_provider": mock_provider.build_parser}
+
+
 def test_every_waitroom_command_in_compose_is_a_real_subcommand() -> None:
     known = _subcommands()
     services = _compose()["services"]
     commands = [s["command"] for s in services.values() if s.get("image") == "waitroom:local"]
     assert commands, "compose runs no waitroom service"
-    for command in commands:
-        assert command[0] == "waitroom"
+    waitroom_commands = [c for c in commands if c[0] == "waitroom"]
+    for command in waitroom_commands:
         assert command[1] in known, f"{command} is not a waitroom subcommand"
     # The parser accepts each command line as a whole, not only its first word.
-    for command in commands:
+    for command in waitroom_commands:
         build_parser().parse_args(command[1:])
+    for command in commands:
+        if command[0] == "waitroom":
+            continue
+        assert command[:2] == ["python", "-m"], f"{command}: neither waitroom nor python -m"
+        assert command[2] in _MODULE_PARSERS, f"{command[2]} is not a runnable module of ours"
+        _MODULE_PARSERS[command[2]]().parse_args(command[3:])
+
+
+def test_compose_runs_the_workers_and_the_mock_provider() -> None:
+    services = _compose()["services"]
+    assert services["workers"]["command"] == ["waitroom", "workers"]
+    assert "migrate" in services["workers"]["depends_on"]
+    assert services["mock-provider"]["command"][:3] == ["python", "-m", "workers.mock_provider"]
+    assert _compose()["x-waitroom-env"]["WAITROOM_PAYMENT_URL"].endswith(
+        "http://mock-provider:8090}"
+    )
 
 
 def test_compose_runs_the_documented_stack_with_health_checks() -> None:

@@ -18,7 +18,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from waitroom import events_api
+from admission import api as admission_api
+from inventory.hosting import InventoryHost
+from waitroom import checkout_api, events_api, queue_api
 from waitroom.context import Context, context
 from waitroom.db import create_pool
 from waitroom.errors import (
@@ -37,6 +39,7 @@ from waitroom.http import (
 from waitroom.keys import Keys
 from waitroom.logs import configure_logging
 from waitroom.openapi import Operation, build_document
+from waitroom.runtime import tune_gc
 from waitroom.settings import Settings, load_settings
 
 log = logging.getLogger("waitroom.app")
@@ -121,7 +124,13 @@ SERVICE_OPERATIONS = [
 
 def operations() -> list[Operation]:
     """Every HTTP operation the app serves."""
-    return [*SERVICE_OPERATIONS, *events_api.OPERATIONS]
+    return [
+        *SERVICE_OPERATIONS,
+        *events_api.OPERATIONS,
+        *queue_api.OPERATIONS,
+        *admission_api.OPERATIONS,
+        *checkout_api.OPERATIONS,
+    ]
 
 
 async def _on_waitroom_error(request: Request, exc: Exception) -> Response:
@@ -231,14 +240,24 @@ def create_app(
         db = await create_pool(settings)
         ctx = Context(settings=settings, redis=redis, db=db, keys=Keys(settings.redis_prefix))
         app.state.ctx = ctx
+        inventory = InventoryHost(db, redis, ctx.keys)
+        ctx.services["inventory"] = inventory
         try:
+            await inventory.start()
+            await queue_api.start(ctx)
+            await admission_api.start(ctx)
             yield
         finally:
+            # Admission first: its loops hand their leases over while the clients still work.
+            await admission_api.stop(ctx)
+            await queue_api.stop(ctx)
+            # Before the clients close: pending asks get their answers or a clear 503.
+            await inventory.stop()
             await db.close()
             await redis.aclose()
 
     app = Starlette(
-        routes=[*build_routes(ops), *extra_routes],
+        routes=[*build_routes(ops), *queue_api.ROUTES, *extra_routes],
         lifespan=lifespan,
         exception_handlers={WaitroomError: _on_waitroom_error, HTTPException: _on_http_exception},
     )
@@ -254,4 +273,5 @@ def app_from_env() -> Starlette:
     """App factory for ``uvicorn --factory`` and multi-worker serving: settings from the env."""
     settings = load_settings()
     configure_logging(settings.log_level)
+    tune_gc()
     return create_app(settings)

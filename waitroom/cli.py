@@ -11,18 +11,24 @@ import argparse
 import asyncio
 import getpass
 import sys
+import time
 import tomllib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
+from redis.asyncio import Redis
 
+from admission import operators
 from inventory import catalogue
 from waitroom.db import create_pool, ensure_database, migrate
 from waitroom.errors import ValidationFailed, WaitroomError
 from waitroom.http import dependency_error
+from waitroom.keys import Keys
 from waitroom.settings import Settings, load_settings
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
@@ -72,6 +78,32 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=10,
+        # Fans never send us more than a close frame; compression state would cost tens of
+        # KB per idle WebSocket, and a flash sale holds tens of thousands of them.
+        ws_per_message_deflate=False,
+        ws_max_size=4096,
+        backlog=8192,
+    )
+    return 0
+
+
+def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the payment pool, the outbox relay and the safety net until SIGTERM or SIGINT."""
+    from waitroom.logs import configure_logging
+    from waitroom.runtime import tune_gc
+    from workers.main import run_workers
+
+    configure_logging(settings.log_level)
+    tune_gc()
+    if args.concurrency is not None:
+        settings = msgspec.structs.replace(settings, payment_concurrency=args.concurrency)
+    asyncio.run(
+        run_workers(
+            settings,
+            payments=not args.no_payments,
+            relay=not args.no_relay,
+            safety_net=not args.no_safety_net,
+        )
     )
     return 0
 
@@ -272,6 +304,185 @@ async def cmd_event_show(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- admission / pass / status / token -----------------------------------------------------
+
+
+@asynccontextmanager
+async def _clients(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool[Any], Redis, Keys]]:
+    """PostgreSQL and Redis, as the server reaches them, for one command."""
+    pool = await create_pool(settings)
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_connect_timeout=settings.dependency_timeout_s,
+        socket_timeout=max(settings.dependency_timeout_s, 5.0),
+    )
+    try:
+        yield pool, redis, Keys(settings.redis_prefix)
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 or seconds == 0 else f"{seconds:.1f}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+def _rate(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:g}/s"
+
+
+def _print_settings(result: operators.AdmissionSettings, as_json: bool) -> None:
+    if as_json:
+        _print_json(result)
+        return
+    state = "paused" if result.paused else "admitting"
+    print(
+        f"{result.event_id}: {state} at {_rate(result.rate_per_second)},"
+        f" at most {result.max_active} shopping at once"
+    )
+
+
+async def _update(args: argparse.Namespace, settings: Settings, **fields: Any) -> int:
+    patch = operators.make_patch(**fields)
+    async with _clients(settings) as (pool, redis, keys):
+        result = await operators.update_admission(
+            pool, redis, keys, args.event, patch, actor=cli_actor()
+        )
+    _print_settings(result, args.json)
+    return 0
+
+
+async def cmd_admission_set(args: argparse.Namespace, settings: Settings) -> int:
+    """Change the admission rate and/or the cap on concurrent shoppers."""
+    if args.rate is None and args.max_active is None:
+        raise CLIError("give --rate and/or --max-active")
+    return await _update(args, settings, rate_per_second=args.rate, max_active=args.max_active)
+
+
+async def cmd_admission_pause(args: argparse.Namespace, settings: Settings) -> int:
+    """Stop admitting (fans keep their places and see "paused")."""
+    return await _update(args, settings, paused=True)
+
+
+async def cmd_admission_resume(args: argparse.Namespace, settings: Settings) -> int:
+    """Admit again."""
+    return await _update(args, settings, paused=False)
+
+
+async def cmd_admission_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """Dry run: the wait a rate would give the fans in line now. Changes nothing."""
+    async with _clients(settings) as (pool, redis, keys):
+        result = await operators.plan(pool, redis, keys, args.event, args.rate)
+    if args.json:
+        _print_json(result)
+        return 0
+    print(
+        f"{result.fans_waiting} fans in line for {result.event_id}; {result.tickets_left} tickets left"
+    )
+    print(
+        f"  at {_rate(result.rate_per_second)}: the last fan waits {_duration(result.last_fan_wait_s)},"
+        f" the median fan {_duration(result.median_fan_wait_s)}"
+    )
+    print(
+        f"  now ({_rate(result.current_rate_per_second)}): the last fan waits"
+        f" {_duration(result.current_last_fan_wait_s)}"
+    )
+    return 0
+
+
+async def cmd_pass_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    """Revoke a queue pass by its id (jti)."""
+    async with _clients(settings) as (pool, redis, keys):
+        result = await operators.revoke_pass(pool, redis, keys, args.jti, actor=cli_actor())
+    if args.json:
+        _print_json(result)
+    else:
+        print(
+            f"revoked pass {result.jti} of fan {result.fan_id} ({result.event_id}, #{result.seq})"
+        )
+    return 0
+
+
+def _status_text(s: operators.AdmissionStatus) -> str:
+    state = "sold out" if s.sold_out else "paused" if s.paused else "admitting"
+    lines = [
+        f"{s.event_id}  {state}  (leader: {'yes' if s.leader else 'none'})"
+        f"  {s.at.astimezone(UTC).strftime('%H:%M:%S')} UTC",
+        f"  fans waiting      {s.fans_waiting}",
+        f"  admitted so far   {s.admitted_total}"
+        + (f"  ({s.abandoned_total} abandoned)" if s.abandoned_total else ""),
+        f"  active passes     {s.active_passes} of at most {s.max_active}",
+        f"  rate              {_rate(s.rate_per_second)} configured, {_rate(s.observed_rate)} observed",
+        f"  tickets left      {s.tickets_left}",
+        f"  last fan's wait   {_duration(s.last_fan_wait_s)}",
+    ]
+    return "\n".join(lines)
+
+
+async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """The live view of a sale; --watch redraws it every second until Ctrl-C."""
+    async with _clients(settings) as (pool, redis, keys):
+        tty = sys.stdout.isatty()
+        while True:
+            status = await operators.admission_status(
+                pool, redis, keys, args.event, now=time.time()
+            )
+            if args.json:
+                _print_json(status)
+            else:
+                if args.watch and tty:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # home and clear: redraw in place
+                print(_status_text(status), flush=True)
+            if not args.watch:
+                return 0
+            sys.stdout.flush()
+            await asyncio.sleep(args.interval)
+
+
+def cmd_token_issue(args: argparse.Namespace, settings: Settings) -> int:
+    """A token a fan can use to test: an anonymous visitor's, or (with --key) a host-site user's."""
+    import jwt
+
+    from waitroom.identity import Identities
+
+    now = time.time()
+    if settings.user_jwt_public_key is None:
+        identity = Identities.from_settings(settings).issue_visitor(now)
+        token, fan_id = identity.token, identity.fan_id
+    else:
+        if not args.key or not args.sub:
+            raise CLIError(
+                "fans are host-site users here (WAITROOM_USER_JWT_PUBLIC_KEY): give --key"
+                " PRIVATE_KEY_PEM and --sub USER_ID to sign a test token"
+            )
+        try:
+            key = Path(args.key).read_text()
+        except OSError as exc:
+            raise CLIError(f"cannot read {args.key}: {exc.strerror}") from None
+        claims: dict[str, Any] = {"sub": args.sub, "iat": int(now), "exp": int(now) + args.ttl}
+        if settings.user_jwt_issuer:
+            claims["iss"] = settings.user_jwt_issuer
+        if settings.user_jwt_audience:
+            claims["aud"] = settings.user_jwt_audience
+        try:
+            token = jwt.encode(claims, key, algorithm=settings.user_jwt_algorithm)
+        except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
+            raise CLIError(f"{args.key} cannot sign {settings.user_jwt_algorithm}: {exc}") from None
+        fan_id = "u:" + args.sub
+    if args.json:
+        _print_json({"token": token, "fan_id": fan_id})
+    else:
+        print(token)
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -311,6 +522,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
     serve.set_defaults(handler=cmd_serve, sync=True)
 
+    work = sub.add_parser(
+        "workers", help="run the payment workers, the outbox relay and the hold safety net"
+    )
+    work.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        help="payments at once (default WAITROOM_PAYMENT_CONCURRENCY)",
+    )
+    work.add_argument("--no-payments", action="store_true", help="do not run the payment pool")
+    work.add_argument("--no-relay", action="store_true", help="do not run the outbox relay")
+    work.add_argument("--no-safety-net", action="store_true", help="do not run the safety net")
+    work.set_defaults(handler=cmd_workers, sync=True)
+
     mig = sub.add_parser("migrate", help="create the database if needed and apply migrations")
     mig.add_argument("--json", action="store_true")
     mig.set_defaults(handler=cmd_migrate)
@@ -347,6 +571,51 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("event")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_event_show)
+
+    adm = sub.add_parser("admission", help="tune a live sale: rate, cap, pause, plan")
+    asub = adm.add_subparsers(dest="admission_command", required=True, parser_class=_Parser)
+    aset = asub.add_parser("set", help="set the admission rate and/or max active shoppers")
+    aset.add_argument("event")
+    aset.add_argument("--rate", type=_positive_float, help="admissions per second (> 0)")
+    aset.add_argument("--max-active", type=_positive_int, help="passes active at once (>= 1)")
+    aset.add_argument("--json", action="store_true")
+    aset.set_defaults(handler=cmd_admission_set)
+    for name, handler, text in (
+        ("pause", cmd_admission_pause, "stop admitting; fans keep their places"),
+        ("resume", cmd_admission_resume, "admit again"),
+    ):
+        cmd = asub.add_parser(name, help=text)
+        cmd.add_argument("event")
+        cmd.add_argument("--json", action="store_true")
+        cmd.set_defaults(handler=handler)
+    aplan = asub.add_parser("plan", help="dry run: the wait a rate would give the line now")
+    aplan.add_argument("event")
+    aplan.add_argument("--rate", type=_positive_float, required=True, help="admissions per second")
+    aplan.add_argument("--json", action="store_true")
+    aplan.set_defaults(handler=cmd_admission_plan)
+
+    pas = sub.add_parser("pass", help="queue passes")
+    psub = pas.add_subparsers(dest="pass_command", required=True, parser_class=_Parser)
+    revoke = psub.add_parser("revoke", help="revoke a queue pass by its id (jti)")
+    revoke.add_argument("jti")
+    revoke.add_argument("--json", action="store_true")
+    revoke.set_defaults(handler=cmd_pass_revoke)
+
+    status = sub.add_parser("status", help="live view of a sale")
+    status.add_argument("event")
+    status.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+    status.add_argument("--interval", type=_positive_float, default=1.0, help=argparse.SUPPRESS)
+    status.add_argument("--json", action="store_true", help="JSON (one line per refresh)")
+    status.set_defaults(handler=cmd_status)
+
+    token = sub.add_parser("token", help="development tokens")
+    tsub = token.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
+    issue = tsub.add_parser("issue", help="a fan token to test with (visitor, or user with --key)")
+    issue.add_argument("--key", help="host site's private key PEM (user-token mode)")
+    issue.add_argument("--sub", help="the user id (user-token mode)")
+    issue.add_argument("--ttl", type=_positive_int, default=3600, help="lifetime, seconds")
+    issue.add_argument("--json", action="store_true")
+    issue.set_defaults(handler=cmd_token_issue, sync=True)
 
     return parser
 

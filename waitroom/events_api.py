@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from admission import operators
 from inventory import catalogue
 from waitroom.context import context, require_admin
 from waitroom.http import JSONResponse, read_json
@@ -47,7 +50,14 @@ async def get_event(request: Request) -> Response:
 async def get_event_stats(request: Request) -> Response:
     """Live counts of one event."""
     require_admin(request)
-    stats = await catalogue.event_stats(context(request).db, request.path_params["event_id"])
+    ctx = context(request)
+    event_id = request.path_params["event_id"]
+    stats = await catalogue.event_stats(ctx.db, event_id)
+    # The live side of the sale (line, admissions, passes): see admission.operators.
+    live = await operators.admission_status(ctx.db, ctx.redis, ctx.keys, event_id, now=time.time())
+    stats = msgspec.structs.replace(
+        stats, extra={**stats.extra, "admission": msgspec.to_builtins(live)}
+    )
     return JSONResponse(stats)
 
 

@@ -35,6 +35,8 @@ class EventKeys:
     - ``owner``     STRING lease of the process hosting the inventory actor.
     - ``availability`` HASH ticket type -> tickets available, published by the actor.
     - ``news``      pub/sub channel of room-wide news (paused, resumed, sold out, settings).
+    - ``draw-lease`` STRING lease of the caller applying the lottery draw.
+    - ``rl:SCOPE:SUBJECT`` HASH token buckets of the join limits (per IP, per fan).
     """
 
     base: str
@@ -95,6 +97,19 @@ class EventKeys:
     def news(self) -> str:
         return f"{self.base}:news"
 
+    @property
+    def draw_lease(self) -> str:
+        """STRING lease of the one caller applying the lottery draw (value = its token)."""
+        return f"{self.base}:draw-lease"
+
+    def bucket(self, scope: str, subject: str) -> str:
+        """HASH token bucket of ``subject`` (an IP, a fan) for this event's limit ``scope``.
+
+        Kept in the event's slot, unlike :meth:`Keys.ratelimit`, so the join script can check
+        and charge the limits in the same round trip as the join itself.
+        """
+        return f"{self.base}:rl:{scope}:{subject}"
+
     def key(self, name: str) -> str:
         """A further per-event key called ``name``, still inside the event's hash slot."""
         return f"{self.base}:{name}"
@@ -117,6 +132,10 @@ class Keys:
     def revoked_pass(self, jti: str) -> str:
         """Marker of a revoked queue pass, kept until the pass would have expired."""
         return f"{self.prefix}:revoked:{jti}"
+
+    def spent_pass(self, jti: str) -> str:
+        """Marker of a queue pass whose order was paid: it may not reserve again."""
+        return f"{self.prefix}:spent:{jti}"
 
     def global_key(self, name: str) -> str:
         """A deployment-wide key called ``name``."""

@@ -48,6 +48,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Extra PEM public keys that still verify passes (key rotation).
     pass_verify_keys: tuple[str, ...] = ()
     pass_issuer: str = "waitroom"
+    #: Run admission loops in this process (they elect one leader per event across all
+    #: processes); off for web-only nodes, and in tests that do not exercise admission.
+    admission_loop: bool = True
     #: Secret that signs anonymous visitor tokens (generated under run_dir when unset).
     visitor_secret_file: str | None = None
     #: PEM public key of the host site's user JWTs; when set, fans must present one.
@@ -57,6 +60,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     user_jwt_algorithm: str = "RS256"
     #: Base URL of the payment provider the payment workers call.
     payment_url: str = "http://127.0.0.1:8090"
+    #: Bound on one call to the payment provider; a slower answer is retried later.
+    payment_timeout_s: float = 2.0
+    #: Payments one workers process handles at once.
+    payment_concurrency: int = 32
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,19 @@ def _prefix(raw: str) -> str:
     return value
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError
+
+
 def _paths(raw: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in raw.split(",") if p.strip())
 
@@ -141,12 +161,15 @@ _FIELDS: dict[str, _Field] = {
     "pass_signing_key": _TEXT,
     "pass_verify_keys": _Field(_paths, "comma-separated file paths"),
     "pass_issuer": _TEXT,
+    "admission_loop": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
     "visitor_secret_file": _TEXT,
     "user_jwt_public_key": _TEXT,
     "user_jwt_issuer": _TEXT,
     "user_jwt_audience": _TEXT,
     "user_jwt_algorithm": _Field(_algorithm, "one of RS256, RS384, RS512, ES256, ES384, EdDSA"),
     "payment_url": _url("http", "https"),
+    "payment_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
+    "payment_concurrency": _int_range(1, 10_000),
 }
 
 

@@ -1,0 +1,153 @@
+"""The admission lease: which one process runs an event's admission loop, and its Redis calls.
+
+The lease is the event's ``leader`` key: ``SET NX PX`` with a random token. The holder
+renews it every :data:`RENEW_EVERY_S` with a compare-and-pexpire script; everyone else
+tries to take it every :data:`ACQUIRE_EVERY_S`. A leader that dies stops renewing and its
+lease lapses after at most :data:`LEASE_MS`, so another process leads within
+``LEASE_MS + ACQUIRE_EVERY_S`` (under 2 s) of the last renewal.
+
+A lease alone cannot stop a leader that was paused (GC, a stalled host) from acting after it
+lapsed: so every admission is fenced, too. ``admit.lua`` checks inside Redis, atomically with
+its writes, that the ``leader`` key still holds the caller's token.
+
+This module also holds the thin adapters of the admission scripts (``admission/lua``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+from waitroom.keys import EventKeys
+from waitroom.scripts import Script
+
+#: Lease lifetime; at most 2 s so that a dead leader is replaced within 3 s.
+LEASE_MS = 1500
+#: The holder renews at a third of the lifetime: two renewals may fail before it lapses.
+RENEW_EVERY_S = LEASE_MS / 3000
+#: How often a follower tries to take the lease.
+ACQUIRE_EVERY_S = 0.25
+
+
+class _Script(Script):
+    """A script of ``admission/lua``, called like :class:`waitroom.scripts.Script`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files("admission.lua").joinpath(name).read_text()
+        # Redis names scripts by SHA1; this is an identifier, not a security measure.
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+
+LEASE = _Script("lease.lua")
+ADMIT = _Script("admit.lua")
+SETTINGS = _Script("settings.lua")
+ALL = (LEASE, ADMIT, SETTINGS)
+
+
+async def load_all(redis: Redis) -> None:
+    """Register the admission scripts with Redis, so the loop only ever sends ``EVALSHA``."""
+    client: Any = redis
+    for script in ALL:
+        await client.script_load(script.source)
+
+
+def new_token() -> str:
+    """A lease token: unique to one tenure of one process."""
+    return secrets.token_hex(12)
+
+
+async def acquire(redis: Redis, ek: EventKeys, token: str, *, lease_ms: int = LEASE_MS) -> bool:
+    """Take the lease if nobody holds it."""
+    return bool(await redis.set(ek.leader, token, nx=True, px=lease_ms))
+
+
+async def renew(
+    redis: Redis,
+    ek: EventKeys,
+    token: str,
+    *,
+    lease_ms: int = LEASE_MS,
+    observed_rate: float | None = None,
+    now: float = 0.0,
+) -> bool:
+    """Extend our lease (and publish the observed rate); False when it is not ours any more."""
+    rate = "" if observed_rate is None else f"{observed_rate:.3f}"
+    reply = await LEASE(redis, [ek.leader, ek.meta], [token, "renew", lease_ms, rate, f"{now:.3f}"])
+    return int(reply) == 1
+
+
+async def release(redis: Redis, ek: EventKeys, token: str) -> bool:
+    """Give the lease up at once (a clean shutdown), if it is still ours."""
+    reply = await LEASE(redis, [ek.leader, ek.meta], [token, "release", 0, "", "0"])
+    return int(reply) == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A fan at the head of the line, with the pass signed for it (``""`` when predicted
+    abandoned)."""
+
+    fan_id: str
+    queue_pass: str = ""
+    jti: str = ""
+    exp: int = 0
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitReply:
+    """What ``admit.lua`` did."""
+
+    outcome: str  # "done" | "moved" | "stale" | "fenced"
+    admitted: int
+    abandoned: int
+    admitted_total: int
+    #: Indices (0-based) of the candidates admitted, in order.
+    picked: list[int]
+
+
+async def admit(
+    redis: Redis,
+    ek: EventKeys,
+    token: str,
+    candidates: Sequence[Candidate],
+    *,
+    limit: int,
+    cutoff: float | None,
+) -> AdmitReply:
+    """Admit up to ``limit`` of ``candidates`` from the head of the line, fenced by ``token``."""
+    args: list[str | int] = [token, "" if cutoff is None else repr(cutoff), limit]
+    for c in candidates:
+        args += [c.fan_id, c.queue_pass, c.jti, c.exp, c.seq]
+    keys = [ek.leader, ek.meta, ek.queue, ek.seen, ek.fans, ek.admitted, ek.active, ek.order]
+    outcome, admitted, abandoned, total, picked = await ADMIT(redis, keys, args)
+    return AdmitReply(
+        outcome=outcome.decode() if isinstance(outcome, bytes) else str(outcome),
+        admitted=int(admitted),
+        abandoned=int(abandoned),
+        admitted_total=int(total),
+        picked=[int(i) - 1 for i in picked],
+    )
+
+
+async def mirror_settings(
+    redis: Redis,
+    ek: EventKeys,
+    *,
+    version: int,
+    rate: float,
+    max_active: int,
+    paused: bool,
+) -> bool:
+    """Write the admission settings into the room's meta unless a newer version is there."""
+    reply = await SETTINGS(
+        redis, [ek.meta, ek.news], [version, repr(float(rate)), max_active, "1" if paused else "0"]
+    )
+    return int(reply) == 1

@@ -1,0 +1,578 @@
+"""The admission loop of an event, and the per-process service that runs the loops it leads.
+
+Every server process runs one :class:`AdmissionService`. Every :data:`POLL_S` it asks
+PostgreSQL for the events whose sale is open or opens within :data:`OPEN_SOON_S` (status not
+closed) and keeps one :class:`EventAdmission` per such event. Each of those tries to take the
+event's lease (:mod:`admission.leader`); the one process that holds it runs the loop:
+
+1. at the sale's opening time, open the room (``waitroom.room.Rooms.open_room``); a lottery
+   room is drawn first, and nobody is admitted until the draw is applied;
+2. every tick (:data:`TICK_S`): read the room's live state (rate, ``max_active``, paused,
+   sold out, active passes) from Redis in one pipeline, so an operator's change shows within
+   one tick; ask the token bucket (:mod:`admission.bucket`) how many to admit; read that many
+   fans from the head of the line, sign their passes, and admit them with ONE fenced script
+   (``admit.lua``); then take from the bucket exactly as many as were admitted.
+
+The passes admitted are recorded in PostgreSQL (``queue_passes``) off the tick's path, so a
+slow database delays revocation by id, never admission. The loop also publishes the observed
+admission rate in the room's meta with each lease renewal, for the operators' status view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import jwt
+from prometheus_client import Counter, Gauge, Histogram
+from redis.asyncio import Redis
+
+from admission import bucket as buckets
+from admission import leader
+from admission.passes import PassClaims, PassKeys, new_jti
+from waitroom.keys import EventKeys, Keys
+from waitroom.room import Rooms
+
+log = logging.getLogger("waitroom.admission")
+
+#: Seconds between two ticks of a leader's loop.
+TICK_S = 0.05
+#: Seconds between two looks at PostgreSQL for events to run.
+POLL_S = 2.0
+#: Events whose sale opens within this many seconds get their loop (and leader) early.
+OPEN_SOON_S = 60
+#: The observed rate is the admissions of the last this many seconds.
+OBSERVE_WINDOW_S = 5.0
+#: Extra fans read beyond the number to admit, to step over abandoned ones in one tick.
+CANDIDATE_SLACK = 8
+#: Most passes a new leader records on behalf of the last one, per takeover.
+BACKFILL_MAX = 100_000
+#: Pass rows waiting for PostgreSQL beyond this many are dropped (logged): memory is bounded.
+PENDING_MAX = 200_000
+_ERROR_LOG_EVERY_S = 10.0
+
+ADMITTED = Counter("waitroom_admitted_total", "Fans admitted (passes issued).", ["event"])
+ABANDONED_SKIPPED = Counter(
+    "waitroom_admission_abandoned_total",
+    "Abandoned fans the admission loop found at the head of the line and dropped.",
+    ["event"],
+)
+ACTIVE_PASSES = Gauge(
+    "waitroom_active_passes", "Passes counting against max_active (leader's view).", ["event"]
+)
+RATE_CONFIGURED = Gauge(
+    "waitroom_admission_rate_configured", "Configured admissions per second.", ["event"]
+)
+RATE_OBSERVED = Gauge(
+    "waitroom_admission_rate_observed",
+    f"Admissions per second over the last {OBSERVE_WINDOW_S:g} s (leader's view).",
+    ["event"],
+)
+MAX_ACTIVE = Gauge("waitroom_admission_max_active", "Configured max_active.", ["event"])
+LEADER_CHANGES = Counter(
+    "waitroom_admission_leader_changes_total",
+    "Times a process of this deployment took the lead of an event's admission loop.",
+    ["event"],
+)
+LEADING = Gauge("waitroom_admission_leading", "1 while this process leads the event.", ["event"])
+TICK_SECONDS = Histogram(
+    "waitroom_admission_tick_seconds",
+    "Time of one admission tick.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+
+_META_FIELDS = (
+    "rate",
+    "max_active",
+    "paused",
+    "sold_out",
+    "pass_ttl_s",
+    "grace_s",
+    "admitted_total",
+    "mode",
+    "opens_at",
+    "opened",
+    "drawn",
+)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RoomState:
+    """What a tick needs from the room's meta, and the active passes right now."""
+
+    rate: float
+    max_active: int
+    paused: bool
+    sold_out: bool
+    pass_ttl_s: int
+    grace_s: float
+    admitted_total: int
+    mode: str
+    opens_at: float
+    opened: bool
+    drawn: bool
+    active: int
+
+    @classmethod
+    def parse(cls, meta: list[Any], active: int) -> RoomState | None:
+        """From ``HMGET meta`` of :data:`_META_FIELDS`; None without a room."""
+        values = dict(zip(_META_FIELDS, (_text(v) for v in meta), strict=True))
+        if values["mode"] is None:
+            return None
+        return cls(
+            rate=float(values["rate"] or 1.0),
+            max_active=int(values["max_active"] or 1),
+            paused=values["paused"] == "1",
+            sold_out=values["sold_out"] == "1",
+            pass_ttl_s=int(values["pass_ttl_s"] or 900),
+            grace_s=float(values["grace_s"] or 60),
+            admitted_total=int(values["admitted_total"] or 0),
+            mode=values["mode"] or "fifo",
+            opens_at=float(values["opens_at"] or 0),
+            opened=values["opened"] == "1",
+            drawn=values["drawn"] == "1",
+            active=active,
+        )
+
+    def ready(self) -> bool:
+        """The line may be admitted from: open, and drawn if it is a lottery."""
+        return self.opened and (self.mode != "lottery" or self.drawn)
+
+
+async def read_state(redis: Redis, ek: EventKeys, now: float) -> RoomState | None:
+    """The room's state in one round trip, dropping expired passes from ``active`` first."""
+    pipe = redis.pipeline(transaction=False)
+    pipe.hmget(ek.meta, list(_META_FIELDS))
+    pipe.zremrangebyscore(ek.active, "-inf", now)
+    pipe.zcard(ek.active)
+    meta, _, active = await pipe.execute()
+    return RoomState.parse(meta, int(active))
+
+
+class RateObserver:
+    """Admissions per second over a sliding window of ``(clock, admitted_total)`` samples."""
+
+    def __init__(self, window_s: float = OBSERVE_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def observe(self, at: float, total: int) -> None:
+        """Record the counter as seen at ``at`` (monotonic seconds)."""
+        self._samples.append((at, total))
+        while len(self._samples) > 2 and at - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+
+    @property
+    def rate(self) -> float | None:
+        """The rate over the window; None until a second of samples exists."""
+        if len(self._samples) < 2:
+            return None
+        (t0, c0), (t1, c1) = self._samples[0], self._samples[-1]
+        if t1 - t0 < 1.0:
+            return None
+        return max(0.0, (c1 - c0) / (t1 - t0))
+
+
+@dataclass(frozen=True, slots=True)
+class PassRow:
+    """A pass to record in ``queue_passes``."""
+
+    jti: str
+    fan_id: str
+    seq: int
+    issued_at: float
+    expires_at: float
+
+
+class EventAdmission:
+    """One event in one process: follows, or leads and runs the loop."""
+
+    def __init__(self, service: AdmissionService, event_id: str) -> None:
+        self.service = service
+        self.event_id = event_id
+        self.ek = service.keys.event(event_id)
+        self.token: str | None = None
+        self.bucket: buckets.TokenBucket | None = None
+        self.observer = RateObserver()
+        self.task: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self._pending: list[PassRow] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._opened_tried = 0.0
+        self._error_logged_at = 0.0
+
+    @property
+    def leading(self) -> bool:
+        """True while this process holds the event's lease."""
+        return self.token is not None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name=f"admission:{self.event_id}")
+
+    async def run(self) -> None:
+        """Try to lead; lead until the lease is lost; repeat until cancelled."""
+        redis = self.service.redis
+        while True:
+            try:
+                token = leader.new_token()
+                if await leader.acquire(redis, self.ek, token):
+                    await self._lead(token)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: keep trying, quietly
+                self._log_error("admission lease attempt failed", exc)
+            # Jitter keeps the processes from asking in lockstep.
+            await asyncio.sleep(self.service.acquire_every_s * random.uniform(0.8, 1.2))
+
+    async def _lead(self, token: str) -> None:
+        LEADER_CHANGES.labels(self.event_id).inc()
+        LEADING.labels(self.event_id).set(1)
+        log.info("leading admission", extra={"event_id": self.event_id})
+        self.token = token
+        self._lost = asyncio.Event()
+        self.bucket = None
+        self.observer = RateObserver()
+        renewer = asyncio.create_task(self._renew(token), name=f"lease:{self.event_id}")
+        try:
+            try:
+                await self.backfill()
+            except Exception as exc:  # PostgreSQL down: the next leader tries again
+                self._log_error("backfilling pass records failed", exc)
+            loop = asyncio.get_running_loop()
+            next_at = loop.time()
+            tick_s = self.service.tick_s
+            while not self._lost.is_set():
+                next_at += tick_s
+                delay = next_at - loop.time()
+                if delay < 0:
+                    next_at, delay = loop.time(), 0.0  # overran: no burst of missed ticks
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), delay)
+                if self._lost.is_set():
+                    break
+                try:
+                    await self.tick(token)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # one failed tick; the next one retries
+                    self._log_error("admission tick failed", exc)
+        finally:
+            self.token = None
+            LEADING.labels(self.event_id).set(0)
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(leader.release(self.service.redis, self.ek, token), 1.0)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.flush(), 5.0)
+            log.info("stopped leading admission", extra={"event_id": self.event_id})
+
+    async def _renew(self, token: str) -> None:
+        redis = self.service.redis
+        renewed_at = time.monotonic()
+        every = self.service.lease_ms / 3000
+        while True:
+            await asyncio.sleep(every)
+            try:
+                held = await asyncio.wait_for(
+                    leader.renew(
+                        redis,
+                        self.ek,
+                        token,
+                        lease_ms=self.service.lease_ms,
+                        observed_rate=self.observer.rate,
+                        now=time.time(),
+                    ),
+                    every,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._log_error("admission lease renewal failed", exc)
+                held = time.monotonic() - renewed_at < self.service.lease_ms / 1000
+            else:
+                renewed_at = time.monotonic()
+            if not held:
+                log.warning("admission lease lost", extra={"event_id": self.event_id})
+                self._lost.set()
+                return
+
+    async def tick(self, token: str) -> int:
+        """One round of the loop; how many fans it admitted."""
+        started = time.perf_counter()
+        redis = self.service.redis
+        now = time.time()
+        state = await read_state(redis, self.ek, now)
+        if state is None:
+            await self.service.rooms.ensure(self.event_id)
+            return 0
+        if not state.ready():
+            if now >= state.opens_at and time.monotonic() - self._opened_tried >= 0.5:
+                self._opened_tried = time.monotonic()
+                outcome = await self.service.rooms.open_room(self.event_id, now)
+                log.info("opened room", extra={"event_id": self.event_id, "outcome": outcome})
+            return 0
+        mono = time.monotonic()
+        current = self.bucket or buckets.TokenBucket.start(state.rate, mono)
+        current, count = buckets.decide(
+            current,
+            mono,
+            rate=state.rate,
+            max_active=state.max_active,
+            active=state.active,
+            paused=state.paused,
+            sold_out=state.sold_out,
+        )
+        admitted = 0
+        total = state.admitted_total
+        if count > 0:
+            admitted, total = await self._admit(token, state, count, now)
+            current = buckets.take(current, admitted)
+        self.bucket = current
+        self.observer.observe(mono, total)
+        event = self.event_id
+        RATE_CONFIGURED.labels(event).set(state.rate)
+        MAX_ACTIVE.labels(event).set(state.max_active)
+        ACTIVE_PASSES.labels(event).set(state.active + admitted)
+        RATE_OBSERVED.labels(event).set(self.observer.rate or 0.0)
+        if self._pending and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.create_task(self.flush(), name=f"passes:{event}")
+        TICK_SECONDS.observe(time.perf_counter() - started)
+        return admitted
+
+    async def _admit(self, token: str, state: RoomState, count: int, now: float) -> tuple[int, int]:
+        redis = self.service.redis
+        raw = await redis.zrange(self.ek.queue, 0, count + CANDIDATE_SLACK - 1)
+        if not raw:
+            return 0, state.admitted_total
+        fans = [f.decode() if isinstance(f, bytes) else str(f) for f in raw]
+        seen = await redis.zmscore(self.ek.seen, fans)
+        cutoff = now - state.grace_s
+        keys = self.service.pass_keys
+        issuer = self.service.issuer
+        issued = int(now)
+        expires = issued + state.pass_ttl_s
+        seq = state.admitted_total
+        candidates: list[leader.Candidate] = []
+        signed = 0
+        for fan, last in zip(fans, seen, strict=True):
+            if last is not None and last < cutoff:
+                candidates.append(leader.Candidate(fan))  # dropped by the script, no pass
+                continue
+            if signed == count:
+                break
+            seq += 1
+            signed += 1
+            claims = PassClaims(
+                iss=issuer,
+                sub=fan,
+                evt=self.event_id,
+                jti=new_jti(),
+                iat=issued,
+                nbf=issued,
+                exp=expires,
+                seq=seq,
+            )
+            candidates.append(
+                leader.Candidate(fan, keys.sign(claims), claims.jti, claims.exp, claims.seq)
+            )
+        reply = await leader.admit(redis, self.ek, token, candidates, limit=count, cutoff=cutoff)
+        if reply.outcome == "fenced":
+            log.warning("admission fenced: the lease is gone", extra={"event_id": self.event_id})
+            self._lost.set()
+            return 0, state.admitted_total
+        if reply.abandoned:
+            ABANDONED_SKIPPED.labels(self.event_id).inc(reply.abandoned)
+        if reply.admitted:
+            ADMITTED.labels(self.event_id).inc(reply.admitted)
+            for i in reply.picked:
+                c = candidates[i]
+                self._pending.append(PassRow(c.jti, c.fan_id, c.seq, float(issued), float(c.exp)))
+            if len(self._pending) > PENDING_MAX:
+                dropped = len(self._pending) - PENDING_MAX
+                del self._pending[:dropped]
+                log.error(
+                    "dropped pass records PostgreSQL did not take",
+                    extra={"event_id": self.event_id, "dropped": dropped},
+                )
+        return reply.admitted, reply.admitted_total
+
+    async def backfill(self) -> int:
+        """Record the passes a previous leader admitted but did not live to record.
+
+        ``order`` lists the admitted fans in admission order, so fan number ``seq`` is at index
+        ``seq - 1``, and its pass is in ``admitted``: the passes beyond the last ``seq`` in
+        PostgreSQL are found there. Returns how many were recorded.
+        """
+        last = await self.service.db.fetchval(
+            "SELECT coalesce(max(seq), 0) FROM queue_passes WHERE event_id = $1", self.event_id
+        )
+        raw = await self.service.redis.lrange(self.ek.order, last, last + BACKFILL_MAX - 1)
+        if not raw:
+            return 0
+        passes = await self.service.redis.hmget(self.ek.admitted, raw)
+        rows = []
+        for seq, (fan, queue_pass) in enumerate(zip(raw, passes, strict=True), start=last + 1):
+            if queue_pass is None:
+                continue
+            # Our own signature, read back from our own Redis: nothing to verify here.
+            claims = jwt.decode(queue_pass, options={"verify_signature": False})
+            rows.append(PassRow(claims["jti"], _text(fan) or "", seq, claims["iat"], claims["exp"]))
+        self._pending[:0] = rows
+        await self.flush()
+        if rows:
+            log.info(
+                "recorded passes of a previous leader",
+                extra={"event_id": self.event_id, "passes": len(rows)},
+            )
+        return len(rows)
+
+    async def flush(self) -> None:
+        """Record the passes admitted so far in PostgreSQL (kept for a retry on failure)."""
+        rows, self._pending = self._pending, []
+        if not rows:
+            return
+        try:
+            await self.service.db.execute(
+                "INSERT INTO queue_passes (jti, event_id, fan_id, seq, issued_at, expires_at)"
+                " SELECT t.jti, $1, t.fan, t.seq, to_timestamp(t.iat), to_timestamp(t.exp)"
+                " FROM unnest($2::text[], $3::text[], $4::bigint[], $5::float8[], $6::float8[])"
+                " AS t(jti, fan, seq, iat, exp) ON CONFLICT (jti) DO NOTHING",
+                self.event_id,
+                [r.jti for r in rows],
+                [r.fan_id for r in rows],
+                [r.seq for r in rows],
+                [r.issued_at for r in rows],
+                [r.expires_at for r in rows],
+            )
+        except Exception as exc:
+            self._pending[:0] = rows
+            self._log_error("recording passes failed", exc)
+
+    async def reconcile(self, version: int, rate: float, max_active: int, paused: bool) -> None:
+        """Bring the room's meta up to PostgreSQL's admission settings (leader only)."""
+        if self.leading:
+            await leader.mirror_settings(
+                self.service.redis,
+                self.ek,
+                version=version,
+                rate=rate,
+                max_active=max_active,
+                paused=paused,
+            )
+
+    async def stop(self) -> None:
+        """Stop following or leading (a lease held is released)."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        for gauge in (ACTIVE_PASSES, RATE_CONFIGURED, RATE_OBSERVED, MAX_ACTIVE, LEADING):
+            with contextlib.suppress(KeyError):
+                gauge.remove(self.event_id)
+
+    def _log_error(self, message: str, exc: BaseException) -> None:
+        if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:
+            self._error_logged_at = time.monotonic()
+            log.warning(message, extra={"event_id": self.event_id, "error": repr(exc)})
+
+
+class AdmissionService:
+    """This process's share of admission: one :class:`EventAdmission` per open event."""
+
+    def __init__(
+        self,
+        *,
+        redis: Redis,
+        db: asyncpg.Pool[Any],
+        keys: Keys,
+        pass_keys: PassKeys,
+        issuer: str,
+        rooms: Rooms,
+        tick_s: float = TICK_S,
+        poll_s: float = POLL_S,
+        lease_ms: int = leader.LEASE_MS,
+        acquire_every_s: float = leader.ACQUIRE_EVERY_S,
+    ) -> None:
+        self.redis = redis
+        self.db = db
+        self.keys = keys
+        self.pass_keys = pass_keys
+        self.issuer = issuer
+        self.rooms = rooms
+        self.tick_s = tick_s
+        self.poll_s = poll_s
+        self.lease_ms = lease_ms
+        self.acquire_every_s = acquire_every_s
+        self.events: dict[str, EventAdmission] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._error_logged_at = 0.0
+
+    async def start(self) -> None:
+        """Start watching PostgreSQL for events to run."""
+        with contextlib.suppress(Exception):  # Redis may come up later: scripts load lazily
+            await asyncio.wait_for(leader.load_all(self.redis), 2.0)
+        self._task = asyncio.create_task(self._supervise(), name="admission-service")
+
+    async def _supervise(self) -> None:
+        while True:
+            try:
+                await self.poll()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:
+                    self._error_logged_at = time.monotonic()
+                    log.warning("admission poll failed", extra={"error": repr(exc)})
+            await asyncio.sleep(self.poll_s)
+
+    async def poll(self) -> None:
+        """Start loops for events now open (or opening soon), stop those of closed events."""
+        rows = await self.db.fetch(
+            "SELECT e.id, r.rate_per_second, r.max_active, r.paused,"
+            " (extract(epoch FROM r.updated_at) * 1000000)::bigint AS version"
+            " FROM events e JOIN room_settings r ON r.event_id = e.id"
+            " WHERE e.status <> 'closed' AND r.opens_at <= now() + make_interval(secs => $1)",
+            float(OPEN_SOON_S),
+        )
+        wanted = {row["id"]: row for row in rows}
+        for event_id in [e for e in self.events if e not in wanted]:
+            await self.events.pop(event_id).stop()
+        for event_id, row in wanted.items():
+            runner = self.events.get(event_id)
+            if runner is None:
+                runner = self.events[event_id] = EventAdmission(self, event_id)
+                runner.start()
+            try:
+                await runner.reconcile(
+                    row["version"], row["rate_per_second"], row["max_active"], row["paused"]
+                )
+            except Exception as exc:
+                runner._log_error("reconciling admission settings failed", exc)
+
+    def leading(self) -> list[str]:
+        """The events this process leads now."""
+        return sorted(e for e, runner in self.events.items() if runner.leading)
+
+    async def stop(self) -> None:
+        """Stop every loop, releasing the leases held (another process takes over at once)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        runners = list(self.events.values())
+        self.events.clear()
+        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)

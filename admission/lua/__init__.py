@@ -1,0 +1,1 @@
+"""The admission controller's Lua scripts (package data, loaded by :mod:`admission.leader`)."""

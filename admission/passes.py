@@ -1,0 +1,368 @@
+"""Queue passes: Ed25519-signed JWTs that admit one fan to one event's checkout, and their gate.
+
+A pass is a compact JWS with header ``{"alg": "EdDSA", "kid": ..., "typ": "JWT"}`` and the
+claims of :class:`PassClaims`. ``kid`` is the RFC 7638 thumbprint of the signing public key,
+so it is stable across restarts and hosts and needs no registry. Keys:
+
+- ``WAITROOM_PASS_SIGNING_KEY``: PEM file of the Ed25519 private key that signs;
+- ``WAITROOM_PASS_VERIFY_KEYS``: further PEM files (public or private) whose public keys
+  still verify, so a key can be rotated without refusing the passes it already signed;
+- neither (development): a key generated once under ``<run_dir>/pass-signing-key.pem``.
+
+``GET /.well-known/jwks.json`` publishes every public key, so an integrator's checkout can
+verify passes itself: pin ``EdDSA``, pick the key by ``kid``, check ``iss``, ``evt``, ``sub``
+and the times. What only we can check is revocation (:func:`PassGate.check`).
+
+The gate refuses with distinct codes: ``pass_missing`` (no ``X-Queue-Pass`` header),
+``pass_invalid`` (malformed, forged, another algorithm, a key we do not trust, another
+issuer, not valid yet), ``pass_wrong_event``, ``pass_wrong_fan``, ``pass_expired`` (410) and
+``pass_revoked``. Bindings are checked before time, so a fan holding another event's pass is
+told that rather than that it expired.
+
+Signing and verifying use ``cryptography``'s Ed25519 directly rather than PyJWT's generic
+path: the header is fixed, so verification is "exact ``alg``, known ``kid``, signature over
+the segments as sent, then the claims decoded straight into :class:`PassClaims`", which is
+both stricter (no algorithm negotiation at all) and about 1.6x faster (measured here: 192 vs
+315 us per pass). PyJWT still decodes our passes fine (the tests check it does).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from prometheus_client import Counter
+from redis.asyncio import Redis
+from starlette.requests import HTTPConnection
+
+from waitroom.context import context
+from waitroom.errors import Forbidden, Gone, SettingsError
+from waitroom.keys import Keys
+from waitroom.settings import Settings
+
+log = logging.getLogger("waitroom.passes")
+
+ALGORITHM = "EdDSA"
+#: The request header that carries a pass; no other header is looked at.
+HEADER = "x-queue-pass"
+#: Clock skew tolerated on exp and nbf (our hosts' clocks, and the checkout's).
+LEEWAY_S = 5
+#: Longest pass looked at; anything longer is refused before any parsing.
+MAX_PASS_CHARS = 2048
+KEY_FILE = "pass-signing-key.pem"
+
+VERIFICATIONS = Counter(
+    "waitroom_pass_verifications_total",
+    "Queue passes checked by the pass gate, by outcome (ok or the error code).",
+    ["outcome"],
+)
+
+
+class PassClaims(msgspec.Struct, frozen=True):
+    """The claims of a queue pass."""
+
+    #: Issuer (``WAITROOM_PASS_ISSUER``).
+    iss: str
+    #: The fan the pass admits.
+    sub: str
+    #: The event it admits to.
+    evt: str
+    #: Random id: revocation and "pass completed" name the pass by it.
+    jti: str
+    iat: int
+    nbf: int
+    exp: int
+    #: Admission sequence number: 1 for the first fan admitted to the event, and so on.
+    seq: int
+
+
+_CLAIMS_DECODER = msgspec.json.Decoder(PassClaims)
+
+
+class JWK(msgspec.Struct, frozen=True):
+    """One public key as a JSON Web Key (OKP / Ed25519)."""
+
+    kty: str
+    crv: str
+    x: str
+    kid: str
+    alg: str = ALGORITHM
+    use: str = "sig"
+
+
+class JWKS(msgspec.Struct, frozen=True):
+    """``GET /.well-known/jwks.json``."""
+
+    keys: list[JWK]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64decode(segment: str) -> bytes:
+    """Strict base64url without padding: anything outside the alphabet is an error."""
+    return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
+
+
+class _Header(msgspec.Struct, frozen=True):
+    alg: str
+    kid: str | None = None
+
+
+_HEADER_DECODER = msgspec.json.Decoder(_Header)
+
+
+def _raw_public(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def thumbprint(key: Ed25519PublicKey) -> str:
+    """The RFC 7638 JWK thumbprint of ``key``: its ``kid``."""
+    # RFC 7638: the required members only, sorted, no whitespace.
+    canonical = '{"crv":"Ed25519","kty":"OKP","x":"%s"}' % _b64(_raw_public(key))  # noqa: UP031
+    return _b64(hashlib.sha256(canonical.encode()).digest())
+
+
+def new_jti() -> str:
+    """A fresh pass id: 128 random bits."""
+    return secrets.token_urlsafe(16)
+
+
+def _pass_error(code: str, message: str) -> Forbidden | Gone:
+    if code == "pass_expired":
+        return Gone(message, code=code)
+    return Forbidden(message, code=code)
+
+
+class PassKeys:
+    """The key that signs passes and every key that verifies them, by ``kid``."""
+
+    def __init__(self, signing: Ed25519PrivateKey, verify: Sequence[Ed25519PublicKey] = ()) -> None:
+        self.signing = signing
+        self.kid = thumbprint(signing.public_key())
+        self.public: dict[str, Ed25519PublicKey] = {self.kid: signing.public_key()}
+        for key in verify:
+            self.public.setdefault(thumbprint(key), key)
+        header = {"alg": ALGORITHM, "kid": self.kid, "typ": "JWT"}
+        # The header is the same for every pass: encode it once.
+        self._header = _b64(msgspec.json.encode(header)).encode()
+        self._encoder = msgspec.json.Encoder()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PassKeys:
+        """Keys from the PEM files named in settings, or a generated development key."""
+        if settings.pass_signing_key is not None:
+            signing = _load_private(Path(settings.pass_signing_key), "WAITROOM_PASS_SIGNING_KEY")
+        else:
+            signing = load_or_generate(Path(settings.run_dir) / KEY_FILE)
+        verify = [_load_public(Path(p)) for p in settings.pass_verify_keys]
+        return cls(signing, verify)
+
+    def sign(self, claims: PassClaims) -> str:
+        """The compact JWS of ``claims`` (the header is fixed: EdDSA and our kid)."""
+        payload = _b64(self._encoder.encode(claims)).encode()
+        signing_input = self._header + b"." + payload
+        return (signing_input + b"." + _b64(self.signing.sign(signing_input)).encode()).decode()
+
+    def jwks(self) -> JWKS:
+        """Every public key, for ``/.well-known/jwks.json``."""
+        return JWKS(
+            [
+                JWK(kty="OKP", crv="Ed25519", x=_b64(_raw_public(key)), kid=kid)
+                for kid, key in self.public.items()
+            ]
+        )
+
+    def verify(
+        self, token: str, *, issuer: str, event_id: str, fan_id: str, now: float
+    ) -> PassClaims:
+        """The claims of ``token`` if it is a good pass for ``fan_id`` at ``event_id`` now.
+
+        Pure (no revocation check; see :meth:`PassGate.check`). Raises 403 ``pass_invalid``,
+        ``pass_wrong_event``, ``pass_wrong_fan`` or 410 ``pass_expired``.
+        """
+        if not token or len(token) > MAX_PASS_CHARS or token.count(".") != 2:
+            raise _pass_error("pass_invalid", "the queue pass is malformed")
+        head, body, signature = token.split(".")
+        try:
+            header = _HEADER_DECODER.decode(_b64decode(head))
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+            raise _pass_error("pass_invalid", "the queue pass is malformed") from None
+        # The algorithm is pinned: the token's own "alg" is only compared, never obeyed (no
+        # "none", no HS256 keyed with our public key), and only our Ed25519 keys are used.
+        if header.alg != ALGORITHM:
+            raise _pass_error("pass_invalid", "the queue pass is not signed with EdDSA")
+        key = self.public.get(header.kid) if header.kid is not None else None
+        if key is None:
+            raise _pass_error("pass_invalid", "the queue pass is not signed by a key we trust")
+        try:
+            key.verify(_b64decode(signature), f"{head}.{body}".encode())
+        except (ValueError, InvalidSignature):
+            raise _pass_error("pass_invalid", "the queue pass's signature is invalid") from None
+        try:
+            claims = _CLAIMS_DECODER.decode(_b64decode(body))
+        except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+            # Signed by us yet not our claims: a key used for something else. Refuse.
+            raise _pass_error("pass_invalid", "the queue pass's claims are invalid") from None
+        if claims.iss != issuer:
+            raise _pass_error("pass_invalid", "the queue pass is from another issuer")
+        if claims.evt != event_id:
+            raise _pass_error("pass_wrong_event", "the queue pass is for another event")
+        if claims.sub != fan_id:
+            raise _pass_error("pass_wrong_fan", "the queue pass belongs to another fan")
+        if now >= claims.exp + LEEWAY_S:
+            raise _pass_error("pass_expired", "the queue pass has expired; join the line again")
+        if now + LEEWAY_S < claims.nbf:
+            raise _pass_error("pass_invalid", "the queue pass is not valid yet")
+        return claims
+
+
+class PassGate:
+    """The pass check of checkout routes: :meth:`PassKeys.verify` plus revocation."""
+
+    def __init__(self, pass_keys: PassKeys, redis: Redis, keys: Keys, issuer: str) -> None:
+        self.pass_keys = pass_keys
+        self.redis = redis
+        self.keys = keys
+        self.issuer = issuer
+
+    async def check(self, token: str, *, event_id: str, fan_id: str, now: float) -> PassClaims:
+        """The claims of a good, unrevoked pass; the matching 403/410 otherwise."""
+        try:
+            claims = self.pass_keys.verify(
+                token, issuer=self.issuer, event_id=event_id, fan_id=fan_id, now=now
+            )
+            if await self.redis.exists(self.keys.revoked_pass(claims.jti)):
+                raise _pass_error("pass_revoked", "the queue pass has been revoked")
+        except (Forbidden, Gone) as exc:
+            VERIFICATIONS.labels(exc.code).inc()
+            raise
+        VERIFICATIONS.labels("ok").inc()
+        return claims
+
+
+def gate(conn: HTTPConnection) -> PassGate:
+    """The :class:`PassGate` of the app serving ``conn``."""
+    value: PassGate = context(conn).services["passes"]
+    return value
+
+
+async def require_pass(
+    conn: HTTPConnection, event_id: str, fan_id: str, *, now: float | None = None
+) -> PassClaims:
+    """The claims of the pass in ``X-Queue-Pass``, checked for ``event_id`` and ``fan_id``.
+
+    The one call checkout routes make before anything else. A pass sent any other way (in
+    ``Authorization``, a cookie, the query) is ``pass_missing``: checkout never guesses.
+    """
+    token = conn.headers.get(HEADER)
+    if token is None or not token.strip():
+        VERIFICATIONS.labels("pass_missing").inc()
+        raise _pass_error(
+            "pass_missing", "this needs a queue pass: send it in the X-Queue-Pass header"
+        )
+    return await gate(conn).check(
+        token.strip(),
+        event_id=event_id,
+        fan_id=fan_id,
+        now=time.time() if now is None else now,
+    )
+
+
+# --- key files ----------------------------------------------------------------------------
+
+
+def _read_pem(path: Path, variable: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SettingsError(
+            f"{variable}: cannot read {path}: {exc.strerror}", variable=variable
+        ) from None
+
+
+def _load_private(path: Path, variable: str) -> Ed25519PrivateKey:
+    data = _read_pem(path, variable)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(
+            f"{variable}: {path} is not a PEM private key ({exc})", variable=variable
+        ) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SettingsError(f"{variable}: {path} is not an Ed25519 key", variable=variable)
+    return key
+
+
+def _load_public(path: Path) -> Ed25519PublicKey:
+    variable = "WAITROOM_PASS_VERIFY_KEYS"
+    data = _read_pem(path, variable)
+    if b"PRIVATE KEY" in data:
+        return _load_private(path, variable).public_key()
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(
+            f"{variable}: {path} is not a PEM public key ({exc})", variable=variable
+        ) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise SettingsError(f"{variable}: {path} is not an Ed25519 key", variable=variable)
+    return key
+
+
+def private_pem(key: Ed25519PrivateKey) -> bytes:
+    """``key`` as an unencrypted PKCS#8 PEM."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    """``key`` as a SubjectPublicKeyInfo PEM."""
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def load_or_generate(path: Path) -> Ed25519PrivateKey:
+    """The development signing key at ``path``, generating it first if it does not exist.
+
+    Race-safe: when several processes start at once, each writes its candidate to a private
+    temporary file and hard-links it into place; a link never replaces an existing file, so
+    exactly one candidate wins and every process reads that one back.
+    """
+    variable = "WAITROOM_PASS_SIGNING_KEY"
+    if path.exists():
+        return _load_private(path, variable)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(private_pem(Ed25519PrivateKey.generate()))
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(candidate, path)
+        except FileExistsError:
+            pass  # another process got there first: its key is the one
+        else:
+            log.warning(
+                "generated a queue-pass signing key; set WAITROOM_PASS_SIGNING_KEY in"
+                " production so that every host signs with the same key",
+                extra={"path": str(path)},
+            )
+    finally:
+        candidate.unlink(missing_ok=True)
+    return _load_private(path, variable)

@@ -1,0 +1,259 @@
+"""The admission loop in a real server: order, rate, the cap, pause, sold out, lottery, passes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from redis.asyncio import Redis
+from websockets.asyncio.client import connect
+
+from admission.operators import complete_pass
+from admission.passes import PassKeys
+from tests.admission.support import create_event, join, me, wait_for
+from tests.harness import ServerThread
+from waitroom.keys import Keys
+from waitroom.settings import Settings
+
+
+def admitted_total(admin: httpx.Client, event_id: str) -> int:
+    stats = admin.get(f"/v1/admin/events/{event_id}/stats")
+    assert stats.status_code == 200, stats.text
+    total: int = stats.json()["extra"]["admission"]["admitted_total"]
+    return total
+
+
+async def order_of(settings: Settings, event_id: str) -> list[str]:
+    r = Redis.from_url(settings.redis_url)
+    try:
+        raw = await r.lrange(Keys(settings.redis_prefix).event(event_id).order, 0, -1)
+    finally:
+        await r.aclose()
+    return [f.decode() if isinstance(f, bytes) else str(f) for f in raw]
+
+
+def test_fans_are_admitted_in_join_order_at_the_rate_with_a_pass_each(
+    admin: httpx.Client, client: httpx.Client, settings: Settings
+) -> None:
+    event_id = create_event(admin, rate=20, paused=True)
+    fans = [join(client, event_id) for _ in range(40)]
+    assert me(client, event_id, fans[0][1])["status"] == "paused"
+    started = time.monotonic()
+    assert (
+        admin.patch(f"/v1/admin/events/{event_id}/admission", json={"paused": False}).status_code
+        == 200
+    )
+    wait_for(lambda: admitted_total(admin, event_id) == 40, timeout=15, every=0.02)
+    elapsed = time.monotonic() - started
+    # 40 fans at 20/s: one at once, then the rest over 39/20 s (plus up to a tick and a poll).
+    assert 1.8 <= elapsed <= 3.5, elapsed
+    assert asyncio.run(order_of(settings, event_id)) == [fan for fan, _ in fans]
+    keys = PassKeys.from_settings(settings)
+    for seq, (fan, token) in enumerate(fans, start=1):
+        body = me(client, event_id, token)
+        assert body["status"] == "admitted"
+        claims = keys.verify(
+            body["queue_pass"],
+            issuer=settings.pass_issuer,
+            event_id=event_id,
+            fan_id=fan,
+            now=time.time(),
+        )
+        assert claims.seq == seq
+    # Joining again answers "admitted" with the same pass (one place per fan).
+    again = client.post(
+        f"/v1/events/{event_id}/queue", headers={"Authorization": f"Bearer {fans[0][1]}"}
+    )
+    assert (
+        again.status_code == 200
+        and again.json()["queue_pass"] == me(client, event_id, fans[0][1])["queue_pass"]
+    )
+
+
+@pytest.mark.anyio
+async def test_the_websocket_hands_the_pass_over_when_the_fan_is_admitted(
+    server: ServerThread, admin: httpx.Client, client: httpx.Client
+) -> None:
+    event_id = create_event(admin, rate=5, paused=True)
+    _, token = join(client, event_id)
+    url = f"{server.ws_url}/v1/events/{event_id}/queue/ws?token={token}"
+    async with connect(url) as ws:
+        first = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert first == {"type": "paused"}
+        await asyncio.to_thread(
+            admin.patch, f"/v1/admin/events/{event_id}/admission", json={"paused": False}
+        )
+        while True:
+            message = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            if message["type"] == "admitted":
+                break
+        assert (
+            message["pass"] == (await asyncio.to_thread(me, client, event_id, token))["queue_pass"]
+        )
+        assert message["expires_at"] > time.time() + 800
+
+
+def test_the_cap_on_active_passes_holds_and_completing_or_revoking_frees_a_slot(
+    admin: httpx.Client, client: httpx.Client, settings: Settings
+) -> None:
+    event_id = create_event(admin, rate=200, max_active=3)
+    fans = [join(client, event_id) for _ in range(8)]
+    wait_for(lambda: admitted_total(admin, event_id) == 3)
+    time.sleep(0.5)
+    assert admitted_total(admin, event_id) == 3
+    live = admin.get(f"/v1/admin/events/{event_id}/admission").json()
+    assert (live["active_passes"], live["max_active"], live["fans_waiting"]) == (3, 3, 5)
+
+    first_pass = me(client, event_id, fans[0][1])["queue_pass"]
+    keys = PassKeys.from_settings(settings)
+    jti = keys.verify(
+        first_pass, issuer="waitroom", event_id=event_id, fan_id=fans[0][0], now=time.time()
+    ).jti
+
+    async def complete() -> bool:
+        r = Redis.from_url(settings.redis_url)
+        try:
+            return await complete_pass(r, Keys(settings.redis_prefix), event_id, jti)
+        finally:
+            await r.aclose()
+
+    assert asyncio.run(complete())
+    wait_for(lambda: admitted_total(admin, event_id) == 4)
+    second_pass = me(client, event_id, fans[1][1])["queue_pass"]
+    jti2 = keys.verify(
+        second_pass, issuer="waitroom", event_id=event_id, fan_id=fans[1][0], now=time.time()
+    ).jti
+    assert admin.post(f"/v1/admin/passes/{jti2}/revoke").status_code == 200
+    wait_for(lambda: admitted_total(admin, event_id) == 5)
+    time.sleep(0.3)
+    assert admitted_total(admin, event_id) == 5
+    assert (
+        admin.patch(f"/v1/admin/events/{event_id}/admission", json={"max_active": 6}).status_code
+        == 200
+    )
+    wait_for(lambda: admitted_total(admin, event_id) == 8)
+
+
+def test_sold_out_stops_admission_and_tells_the_fans(
+    admin: httpx.Client, client: httpx.Client, settings: Settings
+) -> None:
+    event_id = create_event(admin, rate=2)
+    fans = [join(client, event_id) for _ in range(6)]
+    wait_for(lambda: admitted_total(admin, event_id) >= 1)
+
+    async def set_sold_out(value: str) -> None:
+        r = Redis.from_url(settings.redis_url)
+        try:
+            await r.hset(Keys(settings.redis_prefix).event(event_id).meta, "sold_out", value)
+        finally:
+            await r.aclose()
+
+    asyncio.run(set_sold_out("1"))
+    frozen = admitted_total(admin, event_id)
+    time.sleep(1.5)
+    assert admitted_total(admin, event_id) == frozen
+    assert me(client, event_id, fans[-1][1])["status"] == "sold_out"
+    live = admin.get(f"/v1/admin/events/{event_id}/admission").json()
+    assert live["sold_out"] is True
+    asyncio.run(set_sold_out("0"))  # holds came back
+    wait_for(lambda: admitted_total(admin, event_id) > frozen, timeout=5)
+
+
+def test_a_rate_change_reaches_the_leader_within_a_second(
+    admin: httpx.Client, client: httpx.Client
+) -> None:
+    event_id = create_event(admin, rate=0.2)
+    for _ in range(30):
+        join(client, event_id)
+    wait_for(lambda: admitted_total(admin, event_id) >= 1)
+    before = admitted_total(admin, event_id)
+    started = time.monotonic()
+    response = admin.patch(f"/v1/admin/events/{event_id}/admission", json={"rate_per_second": 200})
+    assert response.status_code == 200
+    wait_for(lambda: admitted_total(admin, event_id) >= before + 10, timeout=5, every=0.01)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_lottery_room_is_drawn_at_opening_and_admitted_in_draw_order(
+    admin: httpx.Client, client: httpx.Client, settings: Settings
+) -> None:
+    opens_at = datetime.now(UTC) + timedelta(seconds=3)
+    event_id = create_event(admin, rate=100, queue_mode="lottery", opens_at=opens_at.isoformat())
+    fans = [join(client, event_id) for _ in range(12)]
+    assert me(client, event_id, fans[0][1])["status"] == "prequeue"
+    assert admitted_total(admin, event_id) == 0
+    wait_for(lambda: admitted_total(admin, event_id) == 12, timeout=15)
+    # Nobody before the sale opened.
+    lottery = client.get(f"/v1/events/{event_id}/lottery").json()
+    assert lottery["drawn"] is True
+    by_entry = {hashlib.sha256(fan.encode()).hexdigest(): fan for fan, _ in fans}
+    assert asyncio.run(order_of(settings, event_id)) == [by_entry[e] for e in lottery["entries"]]
+
+
+@pytest.mark.anyio
+async def test_operators_changes_are_validated_audited_and_404_for_unknown_events(
+    admin: httpx.Client, pool: asyncpg.Pool[Any]
+) -> None:
+    event_id = await asyncio.to_thread(create_event, admin, rate=10)
+    url = f"/v1/admin/events/{event_id}/admission"
+
+    def patch(body: Any, path: str = url, **kw: Any) -> tuple[int, dict[str, Any]]:
+        response = admin.patch(path, json=body, **kw)
+        return response.status_code, response.json()
+
+    for body, field in (
+        ({"rate_per_second": 0}, "rate_per_second"),
+        ({"rate_per_second": -5}, "rate_per_second"),
+        ({"rate_per_second": 100_001}, "rate_per_second"),
+        ({"rate_per_second": "fast"}, "rate_per_second"),
+        ({"max_active": 0}, "max_active"),
+        ({"max_active": 1.5}, "max_active"),
+        ({"paused": "yes"}, "paused"),
+    ):
+        status, error = await asyncio.to_thread(patch, body)
+        assert status == 422, body
+        assert error["error"]["details"]["field"] == field, error
+    status, error = await asyncio.to_thread(patch, {"speed": 3})
+    assert status == 422
+    status, error = await asyncio.to_thread(patch, {})
+    assert (status, error["error"]["code"]) == (422, "empty_patch")
+    status, error = await asyncio.to_thread(
+        patch, {"paused": True}, "/v1/admin/events/nope/admission"
+    )
+    assert (status, error["error"]["code"]) == (404, "event_not_found")
+    no_token = await asyncio.to_thread(
+        httpx.patch, str(admin.base_url) + url, json={"paused": True}
+    )
+    assert no_token.status_code == 401
+
+    status, body = await asyncio.to_thread(patch, {"rate_per_second": 0.5, "max_active": 7})
+    assert status == 200
+    assert (body["rate_per_second"], body["max_active"], body["paused"]) == (0.5, 7, False)
+    row = await pool.fetchrow(
+        "SELECT actor, old, new FROM audit_log WHERE event_id = $1 AND action = 'admission.update'"
+        " ORDER BY id DESC LIMIT 1",
+        event_id,
+    )
+    assert row is not None
+    assert row["actor"] == "admin-api"
+    assert json.loads(row["old"]) == {"rate_per_second": 10.0, "max_active": 1000, "paused": False}
+    assert json.loads(row["new"]) == {"rate_per_second": 0.5, "max_active": 7, "paused": False}
+    stats = await asyncio.to_thread(admin.get, f"/v1/admin/events/{event_id}/stats")
+    live = stats.json()["extra"]["admission"]
+    assert (live["rate_per_second"], live["max_active"]) == (0.5, 7)
+    for key in (
+        "fans_waiting",
+        "admitted_total",
+        "active_passes",
+        "observed_rate",
+        "tickets_left",
+        "last_fan_wait_s",
+    ):
+        assert key in live

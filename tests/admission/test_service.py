@@ -1,0 +1,104 @@
+"""The per-process admission service: one leader among many, hand-over, closed events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from redis.asyncio import Redis
+
+from admission.loop import AdmissionService
+from admission.passes import PassKeys
+from inventory import catalogue
+from waitroom.errors import SettingsError
+from waitroom.keys import Keys
+from waitroom.room import Rooms
+from waitroom.settings import Settings, load_settings
+
+pytestmark = pytest.mark.anyio
+
+
+def test_the_admission_loop_can_be_switched_off_per_process() -> None:
+    assert load_settings({}).admission_loop is True
+    assert load_settings({"WAITROOM_ADMISSION_LOOP": "off"}).admission_loop is False
+    assert load_settings({"WAITROOM_ADMISSION_LOOP": "True"}).admission_loop is True
+    with pytest.raises(SettingsError, match="WAITROOM_ADMISSION_LOOP"):
+        load_settings({"WAITROOM_ADMISSION_LOOP": "maybe"})
+
+
+async def new_event(pool: asyncpg.Pool[Any]) -> str:
+    event_id = f"s-{uuid.uuid4().hex[:10]}"
+    spec = catalogue.EventCreate(
+        id=event_id,
+        name="service test",
+        ticket_types=[catalogue.TicketTypeSpec("ga", 10, 1000, "EUR")],
+    )
+    await catalogue.create_event(pool, spec, actor="test", now=datetime.now(UTC))
+    return event_id
+
+
+@asynccontextmanager
+async def service(
+    pool: asyncpg.Pool[Any], r: Redis, settings: Settings
+) -> AsyncIterator[AdmissionService]:
+    keys = Keys(settings.redis_prefix)
+    rooms = Rooms(r, pool, keys)
+    svc = AdmissionService(
+        redis=r,
+        db=pool,
+        keys=keys,
+        pass_keys=PassKeys(Ed25519PrivateKey.generate()),
+        issuer="waitroom",
+        rooms=rooms,
+        poll_s=0.2,
+    )
+    await svc.start()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+        await rooms.close()
+
+
+async def eventually(predicate: Any, timeout: float = 5.0) -> float:
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError("condition not met")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started
+
+
+async def test_one_of_many_processes_leads_and_a_clean_stop_hands_over_at_once(
+    pool: asyncpg.Pool[Any], r: Redis, settings: Settings
+) -> None:
+    event_id = await new_event(pool)
+    async with service(pool, r, settings) as one, service(pool, r, settings) as two:
+        await eventually(lambda: event_id in one.leading() + two.leading())
+        await asyncio.sleep(0.5)
+        assert (event_id in one.leading()) != (event_id in two.leading())
+        leader, follower = (one, two) if event_id in one.leading() else (two, one)
+        await leader.stop()
+        # Released, not left to lapse: the follower leads at its next attempt.
+        assert await eventually(lambda: event_id in follower.leading()) < 1.0
+
+
+async def test_the_loop_of_a_closed_event_stops_and_lets_go_of_the_lease(
+    pool: asyncpg.Pool[Any], r: Redis, settings: Settings
+) -> None:
+    event_id = await new_event(pool)
+    leader_key = Keys(settings.redis_prefix).event(event_id).leader
+    async with service(pool, r, settings) as svc:
+        await eventually(lambda: event_id in svc.leading())
+        assert await r.exists(leader_key)
+        await pool.execute("UPDATE events SET status = 'closed' WHERE id = $1", event_id)
+        await eventually(lambda: event_id not in svc.events)
+        assert not await r.exists(leader_key)

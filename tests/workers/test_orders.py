@@ -1,0 +1,146 @@
+"""start_payment: one order per hold, one attempt at a time, and the refusals the checkout shows."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from inventory.hosting import InventoryHost
+from inventory.ledger import Cancel, Cancelled
+from tests.inventory.conftest import make_event
+from tests.workers.conftest import reserve
+from waitroom.errors import Gone, NotFound
+from workers.orders import (
+    PaymentRefused,
+    get_order,
+    get_order_for_hold,
+    list_orders,
+    start_payment,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+async def begin(pool: asyncpg.Pool[Any], hold_id: str, fan_id: str) -> tuple[str, str]:
+    async with pool.acquire() as conn:
+        return await start_payment(conn, hold_id, fan_id, "card_ok")
+
+
+async def test_the_first_attempt_creates_the_order_and_a_pending_payment(
+    pool: asyncpg.Pool[Any], host: InventoryHost
+) -> None:
+    event_id = await make_event(pool, per_fan=4)
+    hold = await reserve(host, event_id, "fan-1", 3)
+    order_id, payment_id = await begin(pool, hold.id, "fan-1")
+    order = await pool.fetchrow("SELECT * FROM orders WHERE id = $1", order_id)
+    assert order is not None
+    assert (order["hold_id"], order["event_id"], order["fan_id"]) == (
+        uuid.UUID(hold.id),
+        event_id,
+        "fan-1",
+    )
+    assert (order["amount_minor"], order["currency"], order["status"]) == (
+        3000,
+        "EUR",
+        "awaiting_payment",
+    )
+    row = await pool.fetchrow("SELECT * FROM payments WHERE id = $1", payment_id)
+    assert row is not None
+    assert (row["state"], row["method"], row["charge_key"], row["attempts"]) == (
+        "pending",
+        "card_ok",
+        f"{order_id}:1",
+        0,
+    )
+    async with pool.acquire() as conn:
+        view = await get_order(conn, order_id, "fan-1")
+        by_hold = await get_order_for_hold(conn, hold.id, "fan-1")
+        mine = await list_orders(conn, "fan-1", event_id)
+    assert view.status == "awaiting_payment" and view.tickets == []
+    assert view.payment is not None and view.payment.id == payment_id
+    assert by_hold == view and mine == [view]
+
+
+async def test_a_second_attempt_while_one_is_pending_is_refused_with_its_ids(
+    pool: asyncpg.Pool[Any], host: InventoryHost
+) -> None:
+    event_id = await make_event(pool)
+    hold = await reserve(host, event_id, "fan-2", 1)
+    order_id, payment_id = await begin(pool, hold.id, "fan-2")
+    with pytest.raises(PaymentRefused) as refused:
+        await begin(pool, hold.id, "fan-2")
+    assert refused.value.code == "payment_in_progress"
+    assert refused.value.details["order_id"] == order_id
+    assert refused.value.details["payment_id"] == payment_id
+
+
+async def test_concurrent_confirms_of_one_hold_queue_exactly_one_attempt(
+    pool: asyncpg.Pool[Any], host: InventoryHost
+) -> None:
+    event_id = await make_event(pool)
+    hold = await reserve(host, event_id, "fan-3", 1)
+    results = await asyncio.gather(
+        *(begin(pool, hold.id, "fan-3") for _ in range(6)), return_exceptions=True
+    )
+    started = [r for r in results if isinstance(r, tuple)]
+    assert len(started) == 1
+    assert all(isinstance(r, PaymentRefused) for r in results if not isinstance(r, tuple))
+    count = await pool.fetchval(
+        "SELECT count(*) FROM payments p JOIN orders o ON o.id = p.order_id WHERE o.hold_id = $1",
+        hold.id,
+    )
+    assert count == 1
+
+
+async def test_someone_elses_or_an_unknown_hold_is_not_found(
+    pool: asyncpg.Pool[Any], host: InventoryHost
+) -> None:
+    event_id = await make_event(pool)
+    hold = await reserve(host, event_id, "fan-4", 1)
+    for hold_id, fan in (
+        (hold.id, "intruder"),
+        ("not-a-uuid", "fan-4"),
+        (hold.id[:-4] + "0000", "fan-4"),
+    ):
+        with pytest.raises(NotFound) as missing:
+            await begin(pool, hold_id, fan)
+        assert missing.value.code == "hold_not_found"
+    async with pool.acquire() as conn:
+        order_id, _ = await start_payment(conn, hold.id, "fan-4", "card_ok")
+        with pytest.raises(NotFound):
+            await get_order(conn, order_id, "intruder")
+        assert await get_order_for_hold(conn, hold.id, "intruder") is None
+
+
+async def test_a_cancelled_or_lapsed_hold_cannot_be_paid(
+    pool: asyncpg.Pool[Any], host: InventoryHost
+) -> None:
+    event_id = await make_event(pool, hold_ttl_s=1)
+    cancelled = await reserve(host, event_id, "fan-5", 1)
+    assert isinstance(await host.ask(event_id, Cancel(cancelled.id, "fan-5", None)), Cancelled)
+    with pytest.raises(PaymentRefused) as refused:
+        await begin(pool, cancelled.id, "fan-5")
+    assert refused.value.code == "hold_cancelled"
+    lapsed = await reserve(host, event_id, "fan-6", 1)
+    await asyncio.sleep(1.1)
+    with pytest.raises(Gone) as gone:
+        await begin(pool, lapsed.id, "fan-6")
+    assert gone.value.code == "hold_expired" and gone.value.status == 410
+
+
+async def test_a_paid_order_cannot_be_paid_again(
+    pool: asyncpg.Pool[Any], host: InventoryHost
+) -> None:
+    event_id = await make_event(pool)
+    hold = await reserve(host, event_id, "fan-7", 1)
+    order_id, payment_id = await begin(pool, hold.id, "fan-7")
+    await pool.execute("UPDATE payments SET state = 'succeeded' WHERE id = $1", payment_id)
+    await pool.execute("UPDATE orders SET status = 'paid', paid_at = now() WHERE id = $1", order_id)
+    with pytest.raises(PaymentRefused) as refused:
+        await begin(pool, hold.id, "fan-7")
+    assert refused.value.code == "hold_already_confirmed"
+    assert refused.value.details["order_id"] == order_id

@@ -1,0 +1,152 @@
+"""The outbox relay on real PostgreSQL and Redis: at least once, same id, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+from redis.asyncio import Redis
+
+from waitroom.keys import Keys
+from workers.outbox import OutboxRow, relay_once, run_relay
+
+pytestmark = pytest.mark.anyio
+
+
+class Crash(Exception):
+    """The relay process dying between publishing and marking."""
+
+
+@pytest.fixture
+async def stream_keys(pool: asyncpg.Pool[Any], redis: Redis, keys: Keys) -> Keys:
+    """Keys of streams private to this test, after the rows other tests left are published."""
+    while await relay_once(pool, redis, keys):
+        pass
+    return Keys(f"{keys.prefix}-{uuid.uuid4().hex[:8]}")
+
+
+async def add_rows(pool: asyncpg.Pool[Any], event_id: str, n: int) -> list[int]:
+    rows = await pool.fetch(
+        "INSERT INTO outbox (event_id, topic, payload)"
+        " SELECT $1, 'test.topic', json_build_object('n', g) FROM generate_series(1, $2) g"
+        " RETURNING id",
+        event_id,
+        n,
+    )
+    return [r["id"] for r in rows]
+
+
+async def messages(redis: Redis, stream: str) -> list[dict[str, str]]:
+    entries: Any = await redis.xrange(stream)
+    return [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in entries]
+
+
+async def test_rows_are_published_once_with_their_id_topic_and_payload(
+    pool: asyncpg.Pool[Any], redis: Redis, stream_keys: Keys
+) -> None:
+    event_id = f"ob-{uuid.uuid4().hex[:8]}"
+    ids = await add_rows(pool, event_id, 3)
+    assert await relay_once(pool, redis, stream_keys) == 3
+    sent = await messages(redis, stream_keys.global_key("outbox"))
+    assert [int(m["id"]) for m in sent] == ids
+    assert {m["topic"] for m in sent} == {"test.topic"}
+    assert {m["event_id"] for m in sent} == {event_id}
+    assert [msgspec.json.decode(m["payload"]) for m in sent] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    unpublished = await pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE id = ANY($1::bigint[]) AND published_at IS NULL", ids
+    )
+    assert unpublished == 0
+    assert await relay_once(pool, redis, stream_keys) == 0  # nothing twice
+
+
+async def test_a_crash_between_publishing_and_marking_republishes_with_the_same_id(
+    pool: asyncpg.Pool[Any], redis: Redis, stream_keys: Keys
+) -> None:
+    event_id = f"ob-{uuid.uuid4().hex[:8]}"
+    ids = await add_rows(pool, event_id, 2)
+
+    def crash(rows: Sequence[OutboxRow]) -> None:
+        raise Crash
+
+    with pytest.raises(Crash):
+        await relay_once(pool, redis, stream_keys, after_publish=crash)
+    stream = stream_keys.global_key("outbox")
+    assert [int(m["id"]) for m in await messages(redis, stream)] == ids  # published...
+    still = await pool.fetchval(
+        "SELECT count(*) FROM outbox WHERE id = ANY($1::bigint[]) AND published_at IS NULL", ids
+    )
+    assert still == 2  # ...but not marked
+    assert await relay_once(pool, redis, stream_keys) == 2
+    sent = await messages(redis, stream)
+    assert [int(m["id"]) for m in sent] == ids + ids  # at least once: again, same ids
+    assert {m["id"] for m in sent} == {str(i) for i in ids}  # a consumer dedupes to one each
+
+
+async def test_a_row_redis_keeps_refusing_is_dead_lettered_after_five_attempts(
+    pool: asyncpg.Pool[Any], redis: Redis, stream_keys: Keys
+) -> None:
+    event_id = f"ob-{uuid.uuid4().hex[:8]}"
+    ids = await add_rows(pool, event_id, 2)
+    stream = stream_keys.global_key("outbox")
+    await redis.set(stream, "not a stream")  # every XADD to it fails with WRONGTYPE
+    for attempt in range(1, 5):
+        assert await relay_once(pool, redis, stream_keys) == 0
+        rows = await pool.fetch(
+            "SELECT attempts, dead, published_at FROM outbox WHERE id = ANY($1::bigint[])", ids
+        )
+        assert all(r["attempts"] == attempt and not r["dead"] for r in rows)
+    assert await relay_once(pool, redis, stream_keys) == 2
+    rows = await pool.fetch(
+        "SELECT attempts, dead, published_at FROM outbox WHERE id = ANY($1::bigint[])", ids
+    )
+    assert all(r["attempts"] == 5 and r["dead"] and r["published_at"] is None for r in rows)
+    dead = await messages(redis, stream_keys.global_key("outbox-dead"))
+    assert [int(m["id"]) for m in dead] == ids
+    assert all(m["attempts"] == "5" and "WRONGTYPE" in m["error"] for m in dead)
+    assert await relay_once(pool, redis, stream_keys) == 0  # dead rows are not retried
+
+
+async def test_one_poisoned_message_does_not_hold_up_the_others(
+    pool: asyncpg.Pool[Any], redis: Redis, stream_keys: Keys
+) -> None:
+    event_id = f"ob-{uuid.uuid4().hex[:8]}"
+    ids = await add_rows(pool, event_id, 3)
+    poisoned = ids[1]
+
+    def refuse(row: OutboxRow) -> None:
+        if row.id == poisoned:
+            raise ValueError("poisoned payload")
+
+    assert await relay_once(pool, redis, stream_keys, before_publish=refuse) == 2
+    for _ in range(4):
+        await relay_once(pool, redis, stream_keys, before_publish=refuse)
+    sent = await messages(redis, stream_keys.global_key("outbox"))
+    assert [int(m["id"]) for m in sent] == [ids[0], ids[2]]
+    dead = await messages(redis, stream_keys.global_key("outbox-dead"))
+    assert [int(m["id"]) for m in dead] == [poisoned]
+    assert "poisoned payload" in dead[0]["error"]
+
+
+async def test_the_relay_loop_publishes_new_rows_and_stops_when_asked(
+    pool: asyncpg.Pool[Any], redis: Redis, stream_keys: Keys
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.create_task(run_relay(pool, redis, stream_keys, stop, interval_s=0.05))
+    try:
+        event_id = f"ob-{uuid.uuid4().hex[:8]}"
+        ids = await add_rows(pool, event_id, 4)
+        stream = stream_keys.global_key("outbox")
+        for _ in range(200):
+            if {int(m["id"]) for m in await messages(redis, stream)} >= set(ids):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the relay did not publish the rows")
+    finally:
+        stop.set()
+        await asyncio.wait_for(loop, 5)

@@ -1,0 +1,106 @@
+--!include bucket.lua
+-- Join an event's line, in one round trip: rate limits, idempotency and the new place.
+--
+-- KEYS  1 meta, 2 queue, 3 prequeue, 4 seq, 5 fans, 6 seen, 7 admitted,
+--       8 the client IP's bucket, 9 the fan's bucket
+-- ARGV  1 fan, 2 now (unix seconds), 3 now_ms, 4 IP rate, 5 IP burst, 6 fan rate, 7 fan burst
+--       (a fan rate of 0 skips the fan's bucket: a visitor created by this very request
+--       has no history to limit)
+--
+-- Reply {'no_room'} when the room is not in Redis yet (the caller loads it and retries), else
+-- {outcome, state, rank, created, pass, paused, sold_out, admitted_total, draw_due,
+--  limit, remaining, retry_after_ms, reset_ms}
+--   outcome  'joined' | 'limited'
+--   state    'waiting' (rank = fans ahead) | 'prequeue' | 'admitted' (pass) | 'none'
+--            ('none': not in line, because the sale is sold out or the request was limited)
+--   created  1 when this call gave the fan a new place
+--   draw_due 1 when a lottery room has opened but its draw has not been applied yet
+--   limit..  the rate-limit figures of the bucket that decided (the fan's when both pass)
+local meta, queue, prequeue = KEYS[1], KEYS[2], KEYS[3]
+if redis.call('EXISTS', meta) == 0 then
+  return {'no_room'}
+end
+local fan = ARGV[1]
+local now = tonumber(ARGV[2])
+local now_ms = tonumber(ARGV[3])
+local ip_rate, ip_burst = tonumber(ARGV[4]), tonumber(ARGV[5])
+local fan_rate, fan_burst = tonumber(ARGV[6]), tonumber(ARGV[7])
+
+-- Both buckets are assessed before either is charged, so a request refused by one limit
+-- does not spend the other's tokens.
+local ip = bucket_assess(KEYS[8], ip_rate, ip_burst, now_ms, 1)
+local own = nil
+if fan_rate > 0 then
+  own = bucket_assess(KEYS[9], fan_rate, fan_burst, now_ms, 1)
+end
+if not ip.ok or (own and not own.ok) then
+  local shown, rate, burst = ip, ip_rate, ip_burst
+  if own and not own.ok and (ip.ok or own.retry_ms > ip.retry_ms) then
+    shown, rate, burst = own, fan_rate, fan_burst
+  end
+  return {'limited', 'none', false, 0, false, '0', 0, 0, 0, burst, bucket_whole(shown.tokens),
+          shown.retry_ms, bucket_reset_ms(shown.tokens, rate, burst)}
+end
+local ip_left, ip_reset = bucket_take(KEYS[8], ip, ip_rate, ip_burst, 1)
+local limit, remaining, reset_ms = ip_burst, ip_left, ip_reset
+if own then
+  local own_left, own_reset = bucket_take(KEYS[9], own, fan_rate, fan_burst, 1)
+  limit, remaining, reset_ms = fan_burst, own_left, own_reset
+end
+
+local m = redis.call('HMGET', meta, 'mode', 'opens_at', 'opened', 'drawn', 'paused',
+                     'sold_out', 'admitted_total')
+local mode, opens_at, opened, drawn = m[1], tonumber(m[2]) or 0, m[3], m[4]
+local paused, sold_out, admitted_total = m[5] or '0', m[6] == '1' and 1 or 0, tonumber(m[7]) or 0
+
+-- The first join at or after opening time freezes the lottery's pre-queue: from here on
+-- every newcomer lines up FIFO behind the pre-queue, whichever process's clock says what.
+if mode == 'lottery' and opened ~= '1' and now >= opens_at then
+  redis.call('HSET', meta, 'opened', '1', 'opened_at', ARGV[2])
+  opened = '1'
+end
+local draw_due = (mode == 'lottery' and opened == '1' and drawn ~= '1') and 1 or 0
+
+local function reply(state, rank, created, pass)
+  return {'joined', state, rank, created, pass, paused, sold_out, admitted_total, draw_due,
+          limit, bucket_whole(remaining), 0, reset_ms}
+end
+
+if redis.call('HEXISTS', KEYS[5], fan) == 1 then
+  local rank = redis.call('ZRANK', queue, fan)
+  if rank then
+    redis.call('ZADD', KEYS[6], now, fan)
+    -- As in positions.lua: unplaced pre-queue fans go ahead of FIFO places only.
+    local unplaced = redis.call('ZCARD', prequeue)
+    if unplaced > 0 and tonumber(redis.call('ZSCORE', queue, fan)) > 0 then
+      rank = rank + unplaced
+    end
+    return reply('waiting', rank, 0, false)
+  end
+  if redis.call('ZSCORE', prequeue, fan) then
+    redis.call('ZADD', KEYS[6], now, fan)
+    return reply('prequeue', false, 0, false)
+  end
+  local pass = redis.call('HGET', KEYS[7], fan)
+  if pass then
+    return reply('admitted', false, 0, pass)
+  end
+  -- In `fans` but nowhere else: the admission loop is admitting this fan right now.
+  return reply('waiting', 0, 0, false)
+end
+
+if sold_out == 1 then
+  return reply('none', false, 0, false)
+end
+
+local seq = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[5], fan, seq)
+redis.call('ZADD', KEYS[6], now, fan)
+if mode == 'lottery' and opened ~= '1' then
+  redis.call('ZADD', prequeue, seq, fan)
+  return reply('prequeue', false, 1, false)
+end
+redis.call('ZADD', queue, seq, fan)
+-- Pre-queue fans not yet placed by a draw will all go ahead of this fan.
+local rank = redis.call('ZRANK', queue, fan) + redis.call('ZCARD', prequeue)
+return reply('waiting', rank, 1, false)

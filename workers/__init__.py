@@ -1,0 +1,1 @@
+"""Background work: the payment pool, the outbox relay, the hold safety net, the mock provider."""

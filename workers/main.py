@@ -1,0 +1,122 @@
+"""``waitroom workers``: the payment pool, the outbox relay and the safety net in one process.
+
+The process opens its own clients (Redis, a PostgreSQL pool, an inventory host, an HTTP client
+for the provider), runs the three loops until SIGTERM or SIGINT, then shuts down gracefully:
+every loop stops taking new work, payments in flight get ``drain_s`` to finish and are then
+handed back to ``pending`` (their keys make the next claim resume them safely), the relay
+finishes its batch, and the clients close. Nothing is lost: whatever was not finished is
+still in PostgreSQL for the next process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import httpx
+
+from admission.operators import spend_pass
+from inventory.hosting import InventoryHost
+from waitroom.app import make_redis
+from waitroom.db import create_pool
+from waitroom.keys import Keys
+from waitroom.settings import Settings
+from workers.outbox import run_relay
+from workers.payments import PaymentPool
+from workers.safety import run_safety_net
+
+log = logging.getLogger("waitroom.workers")
+
+#: How long in-flight payments may take to finish at shutdown before they are handed back.
+DRAIN_S = 10.0
+
+
+async def run_workers(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    *,
+    payments: bool = True,
+    relay: bool = True,
+    safety_net: bool = True,
+    drain_s: float = DRAIN_S,
+) -> None:
+    """Run the workers until ``stop`` is set (default: until SIGTERM or SIGINT)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, _on_signal, stop, sig)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+    keys = Keys(settings.redis_prefix)
+    redis = make_redis(settings)
+    pool = await create_pool(settings)
+    host = InventoryHost(pool, redis, keys)
+    http = httpx.AsyncClient(
+        base_url=settings.payment_url,
+        timeout=settings.payment_timeout_s,
+        limits=httpx.Limits(max_connections=settings.payment_concurrency),
+    )
+
+    async def on_paid(event_id: str, jti: str) -> object:
+        # The fan is done shopping: the pass frees its slot and cannot reserve again.
+        await spend_pass(redis, keys, event_id, jti)
+        return None
+
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        await host.start()
+        if payments:
+            payment_pool = PaymentPool(
+                pool,
+                host,
+                http,
+                concurrency=settings.payment_concurrency,
+                timeout_s=settings.payment_timeout_s,
+                drain_s=drain_s,
+                on_paid=on_paid,
+            )
+            tasks.append(asyncio.create_task(payment_pool.run(stop), name="payments"))
+        if relay:
+            tasks.append(asyncio.create_task(run_relay(pool, redis, keys, stop), name="outbox"))
+        if safety_net:
+            tasks.append(
+                asyncio.create_task(run_safety_net(pool, redis, keys, stop), name="safety-net")
+            )
+        log.info(
+            "workers started",
+            extra={
+                "loops": [t.get_name() for t in tasks],
+                "payment_url": settings.payment_url,
+                "concurrency": settings.payment_concurrency,
+            },
+        )
+        await stop.wait()
+        log.info("workers stopping")
+        # Each loop returns on its own once stop is set, after finishing what it holds.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, BaseException):
+                log.error(
+                    "worker loop failed", extra={"loop": task.get_name(), "error": repr(result)}
+                )
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await host.stop()
+        await http.aclose()
+        await pool.close()
+        await redis.aclose()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        log.info("workers stopped")
+
+
+def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("signal received; shutting down", extra={"signal": sig.name})
+    stop.set()
