@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,7 +40,7 @@ from redis.asyncio import Redis
 from admission import operators
 from admission.passes import PassGate, PassKeys
 from inventory import catalogue
-from stress.common import fresh_database, fresh_prefix
+from stress.common import free_port, fresh_database, fresh_prefix, settings_env
 from waitroom.keys import EventKeys, Keys
 from waitroom.settings import Settings, load_settings
 
@@ -68,26 +66,8 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"admission: {message}", file=sys.stderr, flush=True)
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WAITROOM_")}
-    for key, value in msgspec.structs.asdict(settings).items():
-        if value is None or value == ():
-            continue
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        env[f"WAITROOM_{key.upper()}"] = str(value)
-    return env
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def _event(pool: asyncpg.Pool[Any], *, rate: float, max_active: int, ttl: int) -> str:
@@ -260,7 +240,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             run_dir=run_dir,
             admission_loop=True,
             log_level="warning",
-            port=_free_port(),
+            port=free_port(),
         )
         keys = Keys(prefix)
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
@@ -283,7 +263,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "-m",
                     "waitroom",
                     "serve",
-                    env=_env(settings),
+                    env=settings_env(settings),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     cwd=ROOT,

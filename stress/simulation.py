@@ -1,0 +1,314 @@
+"""Simulated fans of a flash sale, over real HTTP and WebSocket against a running server.
+
+Each fan joins the line (a new anonymous visitor, from its own client address), holds a
+WebSocket until it is admitted (or told the sale is sold out), reserves 1 or 2 tickets with
+its queue pass, pays with the mock provider's ``card`` method and polls its reservation until
+the order is paid. Used by ``python -m stress flash-sale`` and by ``scripts/demo``
+(``python -m stress.simulation --base-url ... --event ...`` shows live progress).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgspec
+import websockets
+from websockets.asyncio.client import connect
+
+from stress.common import percentile
+
+
+@dataclass
+class Outcome:
+    """What happened to one fan."""
+
+    index: int
+    fan_id: str = ""
+    joined_at: float = 0.0
+    join_ms: float = 0.0
+    admitted_after_s: float | None = None
+    reserve_ms: float | None = None
+    confirm_ms: float | None = None
+    paid_after_s: float | None = None
+    tickets: int = 0
+    sold_out: bool = False
+    error: str | None = None
+
+
+@dataclass
+class Progress:
+    """Live counters of a running simulation."""
+
+    fans: int
+    joined: int = 0
+    waiting: int = 0
+    admitted: int = 0
+    reserved: int = 0
+    paid_fans: int = 0
+    tickets_sold: int = 0
+    sold_out_fans: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self) -> str:
+        """One line for a terminal."""
+        elapsed = time.monotonic() - self.started
+        rate = self.tickets_sold / elapsed if elapsed > 0 else 0.0
+        return (
+            f"{elapsed:6.1f}s  joined {self.joined:>6}/{self.fans}  waiting {self.waiting:>6}  "
+            f"admitted {self.admitted:>6}  tickets sold {self.tickets_sold:>6} "
+            f"({rate:6.1f}/s)  sold-out fans {self.sold_out_fans:>6}  errors {self.errors}"
+        )
+
+
+_decode = msgspec.json.Decoder()
+
+
+def _ip(i: int) -> str:
+    # Every simulated fan comes from its own address (X-Forwarded-For, which the server
+    # trusts from 127.0.0.1 only), as real fans do; the per-IP join limit stays in force.
+    return f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+
+
+async def _request(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """One request, retried on 429/503 after the server's Retry-After (bounded)."""
+    for _ in range(20):
+        response = await http.request(method, url, **kwargs)
+        if response.status_code not in (429, 503):
+            return response
+        await asyncio.sleep(min(float(response.headers.get("Retry-After", "1")), 5.0))
+    return response
+
+
+async def run_fan(
+    i: int,
+    http: httpx.AsyncClient,
+    ws_base: str,
+    event_id: str,
+    progress: Progress,
+    join_gate: asyncio.Semaphore,
+) -> Outcome:
+    """One fan, from joining to paid tickets (or sold out)."""
+    out = Outcome(i)
+    ip = _ip(i)
+    async with join_gate:
+        started = time.perf_counter()
+        out.joined_at = time.monotonic()
+        response = await _request(
+            http, "POST", f"/v1/events/{event_id}/queue", headers={"X-Forwarded-For": ip}
+        )
+        out.join_ms = (time.perf_counter() - started) * 1000
+    if response.status_code not in (200, 201):
+        out.error = f"join {response.status_code}"
+        progress.errors += 1
+        return out
+    body = response.json()
+    out.fan_id, token = body["fan_id"], body["visitor_token"]
+    progress.joined += 1
+    auth = {"Authorization": f"Bearer {token}", "X-Forwarded-For": ip}
+    queue_pass = body["queue_pass"] if body["status"] == "admitted" else None
+    if body["status"] == "sold_out":
+        out.sold_out = True
+        progress.sold_out_fans += 1
+        return out
+    if queue_pass is None:
+        progress.waiting += 1
+        try:
+            queue_pass = await _wait_for_pass(ws_base, event_id, token)
+        finally:
+            progress.waiting -= 1
+    if queue_pass is None:
+        out.sold_out = True
+        progress.sold_out_fans += 1
+        return out
+    out.admitted_after_s = time.monotonic() - out.joined_at
+    progress.admitted += 1
+    return await _buy(out, http, event_id, auth, queue_pass, progress)
+
+
+async def _wait_for_pass(ws_base: str, event_id: str, token: str) -> str | None:
+    url = f"{ws_base}/v1/events/{event_id}/queue/ws?token={token}"
+    last: BaseException | None = None
+    for attempt in range(30):
+        try:
+            async with connect(url, open_timeout=30, ping_interval=None, compression=None) as ws:
+                async for raw in ws:
+                    message = _decode.decode(raw)
+                    if message["type"] == "admitted":
+                        passed: str = message["pass"]
+                        return passed
+                    if message["type"] == "sold_out":
+                        return None
+        except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+            last = exc
+            await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+    raise RuntimeError(f"the WebSocket kept failing: {last!r}")
+
+
+async def _buy(
+    out: Outcome,
+    http: httpx.AsyncClient,
+    event_id: str,
+    auth: dict[str, str],
+    queue_pass: str,
+    progress: Progress,
+) -> Outcome:
+    headers = {**auth, "X-Queue-Pass": queue_pass, "Idempotency-Key": uuid.uuid4().hex}
+    quantity = 1 + out.index % 2
+    started = time.perf_counter()
+    response = await _request(
+        http,
+        "POST",
+        f"/v1/events/{event_id}/reservations",
+        json={"ticket_type": "ga", "quantity": quantity},
+        headers=headers,
+    )
+    out.reserve_ms = (time.perf_counter() - started) * 1000
+    if response.status_code == 409 and response.json()["error"]["code"] == "sold_out":
+        out.sold_out = True
+        progress.sold_out_fans += 1
+        return out
+    if response.status_code != 201:
+        out.error = f"reserve {response.status_code}: {response.text[:120]}"
+        progress.errors += 1
+        return out
+    progress.reserved += 1
+    hold_id = response.json()["id"]
+    headers["Idempotency-Key"] = uuid.uuid4().hex
+    started = time.perf_counter()
+    response = await _request(
+        http,
+        "POST",
+        f"/v1/reservations/{hold_id}/confirm",
+        json={"payment_method": "card"},
+        headers=headers,
+    )
+    out.confirm_ms = (time.perf_counter() - started) * 1000
+    if response.status_code != 202:
+        out.error = f"confirm {response.status_code}: {response.text[:120]}"
+        progress.errors += 1
+        return out
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        polled = await _request(http, "GET", f"/v1/reservations/{hold_id}", headers=auth)
+        reservation = polled.json()
+        if reservation.get("order_status") == "paid":
+            out.tickets = len(reservation["tickets"])
+            out.paid_after_s = time.monotonic() - out.joined_at
+            progress.paid_fans += 1
+            progress.tickets_sold += out.tickets
+            return out
+        payment = reservation.get("payment") or {}
+        if payment.get("state") == "failed":
+            out.error = f"payment failed: {payment.get('last_error')}"
+            progress.errors += 1
+            return out
+    out.error = "payment did not finish in 120 s"
+    progress.errors += 1
+    return out
+
+
+async def simulate(
+    base_url: str,
+    event_id: str,
+    fans: int,
+    *,
+    join_concurrency: int = 200,
+    http_connections: int = 256,
+    on_tick: Callable[[Progress], None] | None = None,
+) -> tuple[list[Outcome], Progress]:
+    """Run ``fans`` simulated fans against the server at ``base_url``; their outcomes."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    progress = Progress(fans)
+    ws_base = base_url.replace("http://", "ws://", 1)
+    gate = asyncio.Semaphore(join_concurrency)
+    limits = httpx.Limits(
+        max_connections=http_connections, max_keepalive_connections=http_connections
+    )
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
+        ticker: asyncio.Task[None] | None = None
+        if on_tick is not None:
+
+            async def tick() -> None:
+                while True:
+                    on_tick(progress)
+                    await asyncio.sleep(0.5)
+
+            ticker = asyncio.create_task(tick())
+        try:
+            outcomes = await asyncio.gather(
+                *(run_fan(i, http, ws_base, event_id, progress, gate) for i in range(fans))
+            )
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
+                on_tick(progress)  # type: ignore[misc]
+    return list(outcomes), progress
+
+
+def summarize(outcomes: list[Outcome], progress: Progress) -> dict[str, Any]:
+    """Latency percentiles and counts of a simulation."""
+
+    def pct(values: list[float], p: float) -> float:
+        return round(percentile(values, p), 2)
+
+    joins = [o.join_ms for o in outcomes if o.fan_id]
+    admissions = [o.admitted_after_s for o in outcomes if o.admitted_after_s is not None]
+    reserves = [o.reserve_ms for o in outcomes if o.reserve_ms is not None]
+    confirms = [o.confirm_ms for o in outcomes if o.confirm_ms is not None]
+    paid = [o.paid_after_s for o in outcomes if o.paid_after_s is not None]
+    return {
+        "fans": progress.fans,
+        "joined": progress.joined,
+        "admitted": progress.admitted,
+        "paid_fans": progress.paid_fans,
+        "tickets_bought": sum(o.tickets for o in outcomes),
+        "sold_out_fans": progress.sold_out_fans,
+        "errors": progress.errors,
+        "error_samples": [o.error for o in outcomes if o.error][:5],
+        "join_p50_ms": pct(joins, 50),
+        "join_p99_ms": pct(joins, 99),
+        "admission_p50_s": pct(admissions, 50),
+        "admission_p99_s": pct(admissions, 99),
+        "reserve_p50_ms": pct(reserves, 50),
+        "reserve_p99_ms": pct(reserves, 99),
+        "confirm_p50_ms": pct(confirms, 50),
+        "confirm_p99_ms": pct(confirms, 99),
+        "paid_p50_s": pct(paid, 50),
+        "paid_p99_s": pct(paid, 99),
+    }
+
+
+def main() -> None:
+    """``python -m stress.simulation``: drive a running server and show live progress."""
+    parser = argparse.ArgumentParser(prog="python -m stress.simulation")
+    parser.add_argument("--base-url", required=True)
+    parser.add_argument("--event", required=True)
+    parser.add_argument("--fans", type=int, default=3000)
+    args = parser.parse_args()
+
+    def show(progress: Progress) -> None:
+        sys.stdout.write("\r" + progress.line())
+        sys.stdout.flush()
+
+    outcomes, progress = asyncio.run(simulate(args.base_url, args.event, args.fans, on_tick=show))
+    sys.stdout.write("\n")
+    summary = summarize(outcomes, progress)
+    print(msgspec.json.encode(summary).decode())
+
+
+if __name__ == "__main__":
+    main()
