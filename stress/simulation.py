@@ -80,9 +80,16 @@ def _ip(i: int) -> str:
 
 
 async def _request(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
-    """One request, retried on 429/503 after the server's Retry-After (bounded)."""
-    for _ in range(20):
-        response = await http.request(method, url, **kwargs)
+    """One request, retried on 429/503 after the server's Retry-After, and on a dropped
+    connection (bounded). Retrying writes is safe: each carries an Idempotency-Key."""
+    for attempt in range(20):
+        try:
+            response = await http.request(method, url, **kwargs)
+        except httpx.TransportError:
+            if attempt == 19:
+                raise
+            await asyncio.sleep(0.1 * (attempt + 1))
+            continue
         if response.status_code not in (429, 503):
             return response
         await asyncio.sleep(min(float(response.headers.get("Retry-After", "1")), 5.0))
@@ -96,6 +103,7 @@ async def run_fan(
     event_id: str,
     progress: Progress,
     join_gate: asyncio.Semaphore,
+    ticket_type: str = "ga",
 ) -> Outcome:
     """One fan, from joining to paid tickets (or sold out)."""
     out = Outcome(i)
@@ -132,7 +140,7 @@ async def run_fan(
         return out
     out.admitted_after_s = time.monotonic() - out.joined_at
     progress.admitted += 1
-    return await _buy(out, http, event_id, auth, queue_pass, progress)
+    return await _buy(out, http, event_id, auth, queue_pass, progress, ticket_type)
 
 
 async def _wait_for_pass(ws_base: str, event_id: str, token: str) -> str | None:
@@ -161,6 +169,7 @@ async def _buy(
     auth: dict[str, str],
     queue_pass: str,
     progress: Progress,
+    ticket_type: str,
 ) -> Outcome:
     headers = {**auth, "X-Queue-Pass": queue_pass, "Idempotency-Key": uuid.uuid4().hex}
     quantity = 1 + out.index % 2
@@ -169,7 +178,7 @@ async def _buy(
         http,
         "POST",
         f"/v1/events/{event_id}/reservations",
-        json={"ticket_type": "ga", "quantity": quantity},
+        json={"ticket_type": ticket_type, "quantity": quantity},
         headers=headers,
     )
     out.reserve_ms = (time.perf_counter() - started) * 1000
@@ -225,6 +234,7 @@ async def simulate(
     *,
     join_concurrency: int = 200,
     http_connections: int = 256,
+    ticket_type: str = "ga",
     on_tick: Callable[[Progress], None] | None = None,
 ) -> tuple[list[Outcome], Progress]:
     """Run ``fans`` simulated fans against the server at ``base_url``; their outcomes."""
@@ -234,8 +244,12 @@ async def simulate(
     progress = Progress(fans)
     ws_base = base_url.replace("http://", "ws://", 1)
     gate = asyncio.Semaphore(join_concurrency)
+    # Idle connections are dropped before the server's keep-alive timeout (5 s) closes them,
+    # so a request never races a server-side close.
     limits = httpx.Limits(
-        max_connections=http_connections, max_keepalive_connections=http_connections
+        max_connections=http_connections,
+        max_keepalive_connections=http_connections,
+        keepalive_expiry=3.0,
     )
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
         ticker: asyncio.Task[None] | None = None
@@ -249,7 +263,10 @@ async def simulate(
             ticker = asyncio.create_task(tick())
         try:
             outcomes = await asyncio.gather(
-                *(run_fan(i, http, ws_base, event_id, progress, gate) for i in range(fans))
+                *(
+                    run_fan(i, http, ws_base, event_id, progress, gate, ticket_type)
+                    for i in range(fans)
+                )
             )
         finally:
             if ticker is not None:
@@ -292,22 +309,81 @@ def summarize(outcomes: list[Outcome], progress: Progress) -> dict[str, Any]:
     }
 
 
+async def _verify(event_id: str) -> dict[str, int]:
+    """The finished sale checked from PostgreSQL and Redis (settings from the environment)."""
+    import asyncpg
+    from redis.asyncio import Redis
+
+    from stress.flash_sale import check
+    from waitroom.keys import Keys
+    from waitroom.settings import load_settings
+
+    settings = load_settings()
+    pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=2
+    )
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        for _ in range(60):  # the last payments may still be settling
+            row = await pool.fetchrow(
+                "SELECT sum(held) AS held FROM ticket_types WHERE event_id = $1", event_id
+            )
+            if row is None or not row["held"]:
+                break
+            await asyncio.sleep(0.5)
+        return await check(pool, redis, Keys(settings.redis_prefix), event_id)
+    finally:
+        await redis.aclose()
+        await pool.close()
+
+
 def main() -> None:
     """``python -m stress.simulation``: drive a running server and show live progress."""
     parser = argparse.ArgumentParser(prog="python -m stress.simulation")
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--event", required=True)
     parser.add_argument("--fans", type=int, default=3000)
+    parser.add_argument("--ticket-type", default="ga")
+    parser.add_argument(
+        "--verify", action="store_true", help="check the sale in PostgreSQL and Redis afterwards"
+    )
     args = parser.parse_args()
+    live = sys.stdout.isatty()
 
     def show(progress: Progress) -> None:
-        sys.stdout.write("\r" + progress.line())
-        sys.stdout.flush()
+        if live:
+            sys.stdout.write("\r" + progress.line())
+            sys.stdout.flush()
 
-    outcomes, progress = asyncio.run(simulate(args.base_url, args.event, args.fans, on_tick=show))
-    sys.stdout.write("\n")
-    summary = summarize(outcomes, progress)
-    print(msgspec.json.encode(summary).decode())
+    outcomes, progress = asyncio.run(
+        simulate(args.base_url, args.event, args.fans, ticket_type=args.ticket_type, on_tick=show)
+    )
+    print(("\n" if live else "") + progress.line())
+    s = summarize(outcomes, progress)
+    print(
+        f"fans {s['fans']}: {s['paid_fans']} bought {s['tickets_bought']} tickets,"
+        f" {s['sold_out_fans']} were told it sold out, {s['errors']} errors"
+    )
+    print(
+        f"latency p50/p99: join {s['join_p50_ms']}/{s['join_p99_ms']} ms,"
+        f" admission {s['admission_p50_s']}/{s['admission_p99_s']} s,"
+        f" reserve {s['reserve_p50_ms']}/{s['reserve_p99_ms']} ms,"
+        f" confirm {s['confirm_p50_ms']}/{s['confirm_p99_ms']} ms,"
+        f" paid after {s['paid_p50_s']}/{s['paid_p99_s']} s"
+    )
+    if args.verify:
+        c = asyncio.run(_verify(args.event))
+        print(
+            f"checked in PostgreSQL: sold {c['sold']} of {c['quantity']},"
+            f" oversold {c['oversold']}, fans over the limit {c['fans_over_limit']},"
+            f" tickets issued {c['tickets_issued']} (duplicate codes {c['duplicate_codes']})"
+        )
+        verdict = (
+            "yes" if c["order_violations"] == 0 else f"NO ({c['order_violations']} violations)"
+        )
+        print(f"admitted in join order: {verdict} ({c['admitted_in_order']} fans)")
+        if c["oversold"] or c["order_violations"] or c["fans_over_limit"]:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

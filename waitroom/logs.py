@@ -49,3 +49,10 @@ def configure_logging(level: str) -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_drop_websocket_access)
+
+
+def _drop_websocket_access(record: logging.LogRecord) -> bool:
+    # uvicorn logs every WebSocket handshake at INFO with its full URL, and browsers pass
+    # the fan's identity token in that URL's query: such lines must never reach the logs.
+    return not (record.levelno <= logging.INFO and "WebSocket" in str(record.msg))
