@@ -40,9 +40,9 @@ from redis.asyncio import Redis
 from admission import operators
 from admission.passes import PassGate, PassKeys
 from inventory import catalogue
-from stress.common import free_port, fresh_database, fresh_prefix, settings_env
+from stress.common import free_port, fresh_database, fresh_prefix
 from waitroom.keys import EventKeys, Keys
-from waitroom.settings import Settings, load_settings
+from waitroom.settings import Settings, load_settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_ERROR_PCT = 2.0

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-import msgspec
 from redis.asyncio import Redis
 
 from waitroom.db import drop_database, ensure_database, migrate
@@ -60,18 +58,6 @@ async def fresh_prefix(settings: Settings) -> AsyncIterator[str]:
                 await client.delete(*batch)
         finally:
             await client.aclose()
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``WAITROOM_*`` variables that reproduce ``settings`` in a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WAITROOM_")}
-    for key, value in msgspec.structs.asdict(settings).items():
-        if value is None or value == ():
-            continue
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        env[f"WAITROOM_{key.upper()}"] = str(value)
-    return env
 
 
 def free_port() -> int:

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import msgspec
 
-from stress.common import free_port, settings_env
-from waitroom.settings import Settings
+from stress.common import free_port
+from waitroom.settings import Settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from tests.harness import ADMIN_TOKEN, ServerThread, cleanup, fresh_settings, running
 from waitroom.settings import Settings
@@ -26,6 +29,26 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         yield value
     finally:
         cleanup(value)
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool[Any]]:
+    """A PostgreSQL pool on the run's (or the module's) database."""
+    p: asyncpg.Pool[Any] = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    """A Redis client on the run's Redis."""
+    client = Redis.from_url(settings.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ removed at the end, so concurrent runs never see each other's data.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from starlette.applications import Starlette
 
 from waitroom.app import create_app
 from waitroom.db import drop_database, ensure_database, migrate
-from waitroom.settings import Settings, load_settings
+from waitroom.settings import Settings, load_settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
@@ -83,18 +82,6 @@ def cleanup(settings: Settings) -> None:
             client.delete(*keys[i : i + 500])
     finally:
         client.close()
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``WAITROOM_*`` variables that reproduce ``settings`` in a child process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WAITROOM_")}
-    for key, value in msgspec.structs.asdict(settings).items():
-        if value is None or value == ():
-            continue
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        env[f"WAITROOM_{key.upper()}"] = str(value)
-    return env
 
 
 class ServerThread:

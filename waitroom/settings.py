@@ -202,3 +202,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             variable=f"{PREFIX}DB_POOL_MIN",
         )
     return settings
+
+
+def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process that loads exactly ``settings``.
+
+    ``base`` (default: this process's environment) is kept, except its ``WAITROOM_*``
+    variables, which are replaced by ``settings``' own.
+    """
+    env = {
+        k: v for k, v in (os.environ if base is None else base).items() if not k.startswith(PREFIX)
+    }
+    for key, value in msgspec.structs.asdict(settings).items():
+        if value is None or value == ():
+            continue
+        if isinstance(value, tuple):
+            value = ",".join(value)
+        env[f"{PREFIX}{key.upper()}"] = str(value)
+    return env

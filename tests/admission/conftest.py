@@ -6,11 +6,9 @@ would admit their fans. So admission tests get a database of their own per modul
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -50,18 +48,6 @@ def client(server: ServerThread) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
-async def r(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool[Any]]:
-    p: asyncpg.Pool[Any] = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-    try:
-        yield p
-    finally:
-        await p.close()
+def r(redis: Redis) -> Redis:
+    """The shared Redis client, under the short name these tests use."""
+    return redis

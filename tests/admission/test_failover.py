@@ -20,9 +20,9 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.admission.support import create_event, join, wait_for
-from tests.harness import ADMIN_TOKEN, ROOT, free_port, settings_env
+from tests.harness import ADMIN_TOKEN, ROOT, free_port
 from waitroom.keys import Keys
-from waitroom.settings import Settings
+from waitroom.settings import Settings, settings_env
 
 pytestmark = pytest.mark.slow
 

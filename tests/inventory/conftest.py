@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import pytest
-from redis.asyncio import Redis
 
 from inventory import catalogue
-from waitroom.settings import Settings
-
-
-@pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool[Any]]:
-    p: asyncpg.Pool[Any] = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def make_event(

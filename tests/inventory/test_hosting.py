@@ -18,10 +18,10 @@ from redis.asyncio import Redis
 
 from inventory.hosting import InventoryHost
 from inventory.ledger import Refused, Reserve, Reserved
-from tests.harness import ROOT, settings_env
+from tests.harness import ROOT
 from tests.inventory.conftest import held_sold, make_event
 from waitroom.keys import Keys
-from waitroom.settings import Settings
+from waitroom.settings import Settings, settings_env
 
 pytestmark = pytest.mark.anyio
 

@@ -36,24 +36,6 @@ def provider() -> Iterator[ServerThread]:
 
 
 @pytest.fixture
-async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool[Any]]:
-    p: asyncpg.Pool[Any] = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=8)
-    try:
-        yield p
-    finally:
-        await p.close()
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
-    client = Redis.from_url(settings.redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 def keys(settings: Settings) -> Keys:
     return Keys(settings.redis_prefix)
 

@@ -17,11 +17,11 @@ import pytest
 from redis.asyncio import Redis
 
 from inventory.hosting import InventoryHost
-from tests.harness import ROOT, ServerThread, settings_env
+from tests.harness import ROOT, ServerThread
 from tests.inventory.conftest import make_event
 from tests.workers.conftest import reserve
 from waitroom.keys import Keys
-from waitroom.settings import Settings
+from waitroom.settings import Settings, settings_env
 from workers.orders import start_payment
 
 pytestmark = pytest.mark.anyio

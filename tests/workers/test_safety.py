@@ -103,7 +103,7 @@ async def test_the_safety_net_loop_sweeps_until_stopped(
         run_safety_net(pool, redis, keys, stop, interval_s=0.2, grace_s=GRACE_S)
     )
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # generous: shared CI machines stall
         while await status(pool, hold_id) != "expired":
             assert time.monotonic() < deadline, "the safety net never expired the hold"
             await asyncio.sleep(0.1)
