@@ -52,8 +52,10 @@ def test_fans_are_admitted_in_join_order_at_the_rate_with_a_pass_each(
     )
     wait_for(lambda: admitted_total(admin, event_id) == 40, timeout=15, every=0.02)
     elapsed = time.monotonic() - started
-    # 40 fans at 20/s: one at once, then the rest over 39/20 s (plus up to a tick and a poll).
-    assert 1.8 <= elapsed <= 3.5, elapsed
+    # 40 fans at 20/s: one at once, then the rest over 39/20 s. Never faster than the rate
+    # (the invariant); how close to it is the admission benchmark's business (within 2%), so
+    # the upper bound here only says it kept going on a loaded machine.
+    assert 1.8 <= elapsed <= 10, elapsed
     assert asyncio.run(order_of(settings, event_id)) == [fan for fan, _ in fans]
     keys = PassKeys.from_settings(settings)
     for seq, (fan, token) in enumerate(fans, start=1):
