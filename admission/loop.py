@@ -259,8 +259,11 @@ class EventAdmission:
                 delay = next_at - loop.time()
                 if delay < 0:
                     next_at, delay = loop.time(), 0.0  # overran: no burst of missed ticks
+                # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow a cancellation
+                # that lands as its timeout fires, and the loop would then never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lost.wait(), delay)
+                    async with asyncio.timeout(delay):
+                        await self._lost.wait()
                 if self._lost.is_set():
                     break
                 try:
@@ -477,8 +480,7 @@ class EventAdmission:
     async def stop(self) -> None:
         """Stop following or leading (a lease held is released)."""
         if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await cancel_and_wait(self.task)
         if self._flushing is not None:
             await asyncio.gather(self._flushing, return_exceptions=True)
         for gauge in (ACTIVE_PASSES, RATE_CONFIGURED, RATE_OBSERVED, MAX_ACTIVE, LEADING):
@@ -571,8 +573,20 @@ class AdmissionService:
     async def stop(self) -> None:
         """Stop every loop, releasing the leases held (another process takes over at once)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         runners = list(self.events.values())
         self.events.clear()
         await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait until it has really finished.
+
+    Cancelling again each second: a library call that swallows one cancellation (some do,
+    under a timeout race) must not leave shutdown waiting forever.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("admission task ended with an error", extra={"error": repr(task.exception())})

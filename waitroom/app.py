@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from admission import api as admission_api
 from inventory.hosting import InventoryHost
-from waitroom import checkout_api, events_api, queue_api
+from waitroom import checkout_api, events_api, pages, queue_api
 from waitroom.context import Context, context
 from waitroom.db import create_pool
 from waitroom.errors import (
@@ -257,7 +257,7 @@ def create_app(
             await redis.aclose()
 
     app = Starlette(
-        routes=[*build_routes(ops), *queue_api.ROUTES, *extra_routes],
+        routes=[*build_routes(ops), *queue_api.ROUTES, *pages.ROUTES, *extra_routes],
         lifespan=lifespan,
         exception_handlers={WaitroomError: _on_waitroom_error, HTTPException: _on_http_exception},
     )

@@ -1,0 +1,73 @@
+"""Headless Chromium for the browser tests: the Debian package, driven by Playwright.
+
+The browser is ``/usr/bin/chromium`` (``scripts/test`` installs it with apt when missing);
+Playwright's own browser downloads are never used. Without that binary the browser tests are
+skipped with a reason, so a machine without it still runs everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Error, sync_playwright
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@contextmanager
+def chromium() -> Iterator[Browser]:
+    """A headless Chromium for the duration of the block (skips the test without one)."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (scripts/test installs it: apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class PageProblems:
+    """What a page did wrong while a test drove it: uncaught errors and CSP violations.
+
+    Console errors in general are not collected: Chromium logs every 4xx answer of fetch as
+    one, and the pages meet 404s and 409s on purpose.
+    """
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def on_console(self, message: ConsoleMessage) -> None:
+        if "Content Security Policy" in message.text or "Content-Security-Policy" in message.text:
+            self.errors.append(f"CSP: {message.text}")
+
+    def on_page_error(self, error: Error) -> None:
+        self.errors.append(f"uncaught: {error.message}")
+
+
+@contextmanager
+def browser_context(browser: Browser, base_url: str) -> Iterator[BrowserContext]:
+    """A fresh context (its own cookies and storage: a new visitor) that fails the test if
+    any of its pages threw an uncaught error or broke the Content-Security-Policy."""
+    context = browser.new_context(base_url=base_url, viewport={"width": 900, "height": 900})
+    context.set_default_timeout(10_000)
+    problems = PageProblems()
+    context.on("console", problems.on_console)
+    context.on("weberror", lambda web_error: problems.on_page_error(web_error.error))
+    try:
+        yield context
+    finally:
+        context.close()
+    assert not problems.errors, problems.errors

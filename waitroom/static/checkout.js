@@ -1,0 +1,562 @@
+// The checkout page: with the queue pass from the waiting page, reserve tickets, pay for the
+// hold before its deadline, and show the ticket codes.
+
+import {
+  $,
+  announcer,
+  api,
+  el,
+  eventApi,
+  eventIdFromPath,
+  formatClock,
+  formatMoney,
+  isTransient,
+  loadPass,
+  newKey,
+  renderEvent,
+  retryDelayMs,
+  serverNow,
+  setText,
+  show,
+  sleep,
+  store,
+  waitingUrl,
+  withRetries,
+} from "./common.js";
+
+const eventId = eventIdFromPath();
+const holdKey = `waitroom:hold:${eventId}`;
+const PAYMENT_POLL_MS = 500;
+
+const state = {
+  event: null,
+  pass: null, // {pass, expires_at}
+  hold: null, // the reservation being paid for
+  paying: false,
+  paymentId: null, // the attempt this page is waiting for
+  paid: false,
+};
+let holdTimer = null;
+let passTimer = null;
+let warnedLastMinute = false;
+const shownCodes = new Set();
+
+const speaker = announcer("announcer", 3000);
+
+// --- messages -----------------------------------------------------------------------------
+
+/** The message box: `kind` is info, warning, error or success. */
+function message(kind, title, text, actions = []) {
+  const box = $("message");
+  box.dataset.kind = kind;
+  setText("message-title", title);
+  setText("message-text", text);
+  $("message-actions").replaceChildren(...actions);
+  box.hidden = false;
+  speaker.say(`${title}. ${text}`, { urgent: true });
+}
+
+function clearMessage() {
+  $("message").hidden = true;
+}
+
+function backToLineLink(text = "Back to the waiting line") {
+  return el("a", { text, className: "button", attrs: { href: waitingUrl(eventId) } });
+}
+
+function button(text, onClick, className = "") {
+  const element = el("button", { text, className, attrs: { type: "button" } });
+  element.addEventListener("click", onClick);
+  return element;
+}
+
+function setBusy(busy, text = "") {
+  for (const id of ["reserve", "pay", "cancel"]) {
+    const element = $(id);
+    if (element) element.disabled = busy;
+  }
+  $("main").setAttribute("aria-busy", busy ? "true" : "false");
+  if (text) setText("progress-status", text);
+  else if (!busy) setText("progress-status", "");
+}
+
+function passHeaders(key) {
+  const headers = { "X-Queue-Pass": state.pass.pass };
+  if (key) headers["Idempotency-Key"] = key;
+  return headers;
+}
+
+const retrying = (error, ms) =>
+  setText("progress-status", `${error.message} Retrying in ${Math.ceil(ms / 1000)} s…`);
+
+/** Turn an error answer into what the fan should read and can do next. */
+function handleError(error) {
+  const code = error.code || "";
+  if (code.startsWith("pass_")) {
+    passProblem(error.message);
+  } else if (error.status === 401) {
+    stopEverything();
+    message("error", "Your session has expired", error.message, [backToLineLink()]);
+  } else if (code === "sold_out") {
+    message("error", "Sold out", error.message);
+    refreshEvent();
+  } else if (code === "fan_limit") {
+    message("warning", "Limit reached", error.message);
+  } else if (code === "hold_expired") {
+    holdExpired();
+  } else if (code === "hold_cancelled" || code === "hold_not_found") {
+    forgetHold();
+    message("warning", "This hold is gone", error.message);
+    showReserve();
+  } else if (code === "hold_already_confirmed" && state.hold) {
+    refreshHold(state.hold.id);
+  } else if (isTransient(error)) {
+    message("warning", "The service is busy", `${error.message} Please try again in a moment.`);
+  } else {
+    message("error", "Something went wrong", error.message);
+  }
+}
+
+function passProblem(text) {
+  stopEverything();
+  show("reserve-section", false);
+  show("hold-section", false);
+  message("error", "Your queue pass cannot be used", text, [backToLineLink()]);
+}
+
+function stopEverything() {
+  state.paying = false;
+  clearInterval(holdTimer);
+  clearInterval(passTimer);
+}
+
+// --- the event and the reserve form -----------------------------------------------------------
+
+function limitOf(type) {
+  const limit = Math.min(type.per_fan_limit, state.event.per_fan_limit || type.per_fan_limit);
+  return Math.max(1, type.available > 0 ? Math.min(limit, type.available) : limit);
+}
+
+function selectedType() {
+  const name = $("ticket-type").value;
+  return state.event.ticket_types.find((t) => t.name === name) || null;
+}
+
+function renderOptions() {
+  const select = $("ticket-type");
+  const previous = select.value;
+  select.replaceChildren(
+    ...state.event.ticket_types.map((t) => {
+      const price = formatMoney(t.price_minor, t.currency);
+      const label = t.available > 0 ? `${t.name} · ${price}` : `${t.name} · ${price} (sold out)`;
+      const option = el("option", { text: label, attrs: { value: t.name } });
+      option.disabled = t.available <= 0;
+      return option;
+    }),
+  );
+  const open = state.event.ticket_types.filter((t) => t.available > 0);
+  const keep = open.find((t) => t.name === previous) || open[0];
+  if (keep) select.value = keep.name;
+  $("reserve").disabled = !keep;
+  if (!keep) message("error", "Sold out", "Every ticket of this event has been sold.");
+  renderQuantities();
+}
+
+function renderQuantities() {
+  const type = selectedType();
+  const select = $("quantity");
+  if (!type) {
+    select.replaceChildren();
+    return;
+  }
+  const limit = limitOf(type);
+  const previous = Number(select.value) || 1;
+  select.replaceChildren(
+    ...Array.from({ length: limit }, (_, i) =>
+      el("option", { text: String(i + 1), attrs: { value: String(i + 1) } }),
+    ),
+  );
+  select.value = String(Math.min(previous, limit));
+  const perFan = Math.min(type.per_fan_limit, state.event.per_fan_limit || type.per_fan_limit);
+  setText("quantity-hint", `Up to ${perFan} ${perFan === 1 ? "ticket" : "tickets"} per fan.`);
+}
+
+async function loadEvent() {
+  try {
+    state.event = (await withRetries(() => api(eventApi(eventId)), { attempts: 4 })).data;
+  } catch (error) {
+    if (error.status === 404) {
+      setText("event-name", "No such event");
+      message("error", "No such event", error.message || "There is no event at this address.");
+    } else {
+      message("error", "Could not load the event", error.message, [
+        button("Try again", () => location.reload()),
+      ]);
+    }
+    return false;
+  }
+  renderEvent(state.event);
+  return true;
+}
+
+async function refreshEvent() {
+  try {
+    state.event = (await api(eventApi(eventId))).data;
+    renderEvent(state.event);
+    renderOptions();
+  } catch {
+    // the availability shown is a little stale; the next reservation tells the truth
+  }
+}
+
+function showReserve() {
+  state.hold = null;
+  state.paying = false;
+  clearInterval(holdTimer);
+  show("hold-section", false);
+  show("reserve-section");
+  if (state.event) renderOptions();
+}
+
+async function reserve(event) {
+  event.preventDefault();
+  const type = selectedType();
+  if (!type || $("reserve").disabled) return;
+  const quantity = Number($("quantity").value);
+  clearMessage();
+  // One key per click; the automatic retries below reuse it, so a retried request whose first
+  // answer was lost returns the same hold instead of holding twice.
+  const key = newKey();
+  setBusy(true, "Reserving…");
+  try {
+    const { data } = await withRetries(
+      () =>
+        api(`${eventApi(eventId)}/reservations`, {
+          method: "POST",
+          body: { ticket_type: type.name, quantity },
+          headers: passHeaders(key),
+        }),
+      { onRetry: retrying },
+    );
+    store.set(holdKey, data.id);
+    setBusy(false);
+    showHold(data);
+    refreshEvent(); // the availability shown now counts this hold
+    speaker.say(`Reserved. You have ${formatClock(secondsLeft(data))} to pay.`, { urgent: true });
+  } catch (error) {
+    setBusy(false);
+    handleError(error);
+  }
+}
+
+// --- the hold, its countdown, paying and cancelling -------------------------------------------
+
+function secondsLeft(hold) {
+  return (Date.parse(hold.expires_at) - serverNow()) / 1000;
+}
+
+function showHold(hold) {
+  state.hold = hold;
+  show("reserve-section", false);
+  show("hold-section");
+  const total = formatMoney(hold.amount_minor, hold.currency);
+  const noun = hold.quantity === 1 ? "ticket" : "tickets";
+  setText("hold-summary", `${hold.quantity} × ${hold.ticket_type} ${noun}, ${total} in total`);
+  setText("pay", `Pay ${total}`);
+  warnedLastMinute = false;
+  tick();
+  clearInterval(holdTimer);
+  holdTimer = setInterval(tick, 1000);
+}
+
+function tick() {
+  if (!state.hold) return;
+  const left = secondsLeft(state.hold);
+  setText("countdown", formatClock(left));
+  $("countdown-block").classList.toggle("urgent", left <= 60);
+  if (left <= 60 && left > 0 && !warnedLastMinute) {
+    warnedLastMinute = true;
+    speaker.say("Less than a minute left to pay.");
+  }
+  // While a payment runs, the server decides whether it made it in time.
+  if (left <= 0 && !state.paying) holdExpired();
+}
+
+function forgetHold() {
+  store.remove(holdKey);
+  clearInterval(holdTimer);
+  state.hold = null;
+  state.paying = false;
+}
+
+function holdExpired() {
+  forgetHold();
+  show("hold-section", false);
+  message(
+    "warning",
+    "Your hold expired",
+    "The tickets went back on sale. You can reserve again while your queue pass is valid.",
+    [
+      button("Reserve again", () => {
+        clearMessage();
+        showReserve();
+        refreshEvent();
+      }),
+    ],
+  );
+}
+
+function selectedMethod() {
+  const checked = document.querySelector('input[name="payment_method"]:checked');
+  return checked ? checked.value : "card";
+}
+
+async function pay(event) {
+  event.preventDefault();
+  if (!state.hold || state.paying) return;
+  const holdId = state.hold.id;
+  clearMessage();
+  const key = newKey();
+  state.paying = true;
+  setBusy(true, "Processing your payment…");
+  setText("payment-status", "Processing your payment…");
+  try {
+    const { data } = await withRetries(
+      () =>
+        api(`/v1/reservations/${encodeURIComponent(holdId)}/confirm`, {
+          method: "POST",
+          body: { payment_method: selectedMethod() },
+          headers: passHeaders(key),
+        }),
+      { onRetry: retrying },
+    );
+    state.paymentId = data.payment ? data.payment.id : null;
+    if (!applyReservation(data)) await followPayment(holdId);
+  } catch (error) {
+    state.paying = false;
+    setBusy(false);
+    setText("payment-status", "");
+    handleError(error);
+  }
+}
+
+/** Poll the reservation until the payment this page started settles. */
+async function followPayment(holdId) {
+  let attempt = 0;
+  while (state.paying && state.hold && state.hold.id === holdId) {
+    await sleep(PAYMENT_POLL_MS);
+    try {
+      const { data } = await api(`/v1/reservations/${encodeURIComponent(holdId)}`);
+      attempt = 0;
+      if (applyReservation(data)) return;
+    } catch (error) {
+      if (!isTransient(error)) {
+        state.paying = false;
+        setBusy(false);
+        handleError(error);
+        return;
+      }
+      await sleep(retryDelayMs(error, attempt));
+      attempt += 1;
+    }
+  }
+}
+
+/** Show a reservation's state; true once it needs no more polling. */
+function applyReservation(reservation) {
+  if (reservation.order_status === "paid" || reservation.status === "paid") {
+    paid(reservation);
+    return true;
+  }
+  const payment = reservation.payment;
+  const settled = payment && (state.paymentId == null || payment.id === state.paymentId);
+  if (settled && payment.state === "failed") {
+    state.paying = false;
+    setBusy(false);
+    const reason = payment.last_error || "the payment did not go through";
+    setText("payment-status", "");
+    setText("pay", "Try payment again");
+    message(
+      "error",
+      "Payment failed",
+      `Your payment failed (${reason}). Your tickets are still held: choose a payment method and try again.`,
+    );
+    if (secondsLeft(reservation) <= 0) holdExpired();
+    return true;
+  }
+  if (reservation.status === "expired" || reservation.status === "cancelled") {
+    if (!payment || !["pending", "processing"].includes(payment.state)) {
+      holdExpired();
+      return true;
+    }
+  }
+  return false;
+}
+
+function paid(reservation) {
+  state.paid = true;
+  forgetHold();
+  setBusy(false);
+  clearInterval(passTimer);
+  show("hold-section", false);
+  show("reserve-section", false);
+  setText("payment-status", "");
+  renderTickets(reservation.tickets);
+  const n = reservation.tickets.length;
+  message(
+    "success",
+    "Payment complete",
+    `You're going! Your ${n === 1 ? "ticket is" : `${n} tickets are`} below.`,
+  );
+  setText("pass-clock", "Order paid");
+}
+
+async function cancelHold() {
+  if (!state.hold || state.paying) return;
+  const holdId = state.hold.id;
+  const key = newKey();
+  setBusy(true, "Releasing your tickets…");
+  try {
+    await withRetries(
+      () =>
+        api(`/v1/reservations/${encodeURIComponent(holdId)}`, {
+          method: "DELETE",
+          headers: passHeaders(key),
+        }),
+      { onRetry: retrying },
+    );
+    setBusy(false);
+    forgetHold();
+    showReserve();
+    refreshEvent();
+    message(
+      "info",
+      "Hold released",
+      "Your tickets went back on sale. You can reserve again while your queue pass is valid.",
+    );
+  } catch (error) {
+    setBusy(false);
+    handleError(error);
+  }
+}
+
+async function refreshHold(holdId) {
+  try {
+    const { data } = await api(`/v1/reservations/${encodeURIComponent(holdId)}`);
+    if (data.order_status === "paid" || data.status === "paid") {
+      paid(data);
+    } else if (data.status === "held" && secondsLeft(data) > 0) {
+      showHold(data);
+      const payment = data.payment;
+      if (payment && ["pending", "processing"].includes(payment.state)) {
+        state.paying = true;
+        state.paymentId = payment.id;
+        setBusy(true, "Processing your payment…");
+        setText("payment-status", "Processing your payment…");
+        await followPayment(holdId);
+      } else if (payment && payment.state === "failed") {
+        state.paymentId = payment.id;
+        applyReservation(data);
+      }
+    } else {
+      store.remove(holdKey);
+      showReserve();
+    }
+  } catch (error) {
+    if (error.status === 404) {
+      store.remove(holdKey);
+      showReserve();
+    } else {
+      handleError(error);
+    }
+  }
+}
+
+// --- tickets ----------------------------------------------------------------------------------
+
+function renderTickets(tickets) {
+  const list = $("tickets");
+  for (const ticket of tickets) {
+    if (shownCodes.has(ticket.code)) continue;
+    shownCodes.add(ticket.code);
+    list.append(
+      el("li", { className: "ticket" }, [
+        el("span", { text: ticket.ticket_type, className: "ticket-type" }),
+        el("code", { text: ticket.code, className: "ticket-code" }),
+      ]),
+    );
+  }
+  if (shownCodes.size > 0) show("tickets-section");
+}
+
+/** Tickets this fan bought earlier for this event (a reload after paying shows them again). */
+async function loadOrders() {
+  try {
+    const { data } = await api("/v1/orders");
+    const mine = data.filter((o) => o.event_id === eventId && o.status === "paid");
+    for (const order of mine) renderTickets(order.tickets);
+    return mine.length > 0;
+  } catch {
+    return false; // no identity yet, or a hiccup: nothing to show
+  }
+}
+
+// --- the pass -------------------------------------------------------------------------------
+
+function passClock() {
+  const expires = state.pass.expires_at;
+  if (typeof expires !== "number") return;
+  const update = () => {
+    const left = expires - serverNow() / 1000;
+    if (left > 0) {
+      setText("pass-clock", `Pass valid for ${formatClock(left)}`);
+    } else {
+      clearInterval(passTimer);
+      setText("pass-clock", "Pass expired");
+      if (!state.paid && !state.paying) {
+        passProblem("Your queue pass has expired. Join the line again to get a new one.");
+      }
+    }
+  };
+  update();
+  passTimer = setInterval(update, 1000);
+}
+
+// --- start ----------------------------------------------------------------------------------
+
+async function main() {
+  for (const link of document.querySelectorAll("a[data-back-to-line]")) {
+    link.href = eventId ? waitingUrl(eventId) : "/";
+  }
+  if (!eventId) {
+    setText("event-name", "No such event");
+    message("error", "No such event", "This address does not name an event.");
+    return;
+  }
+  $("reserve-form").addEventListener("submit", reserve);
+  $("ticket-type").addEventListener("change", renderQuantities);
+  $("pay-form").addEventListener("submit", pay);
+  $("cancel").addEventListener("click", cancelHold);
+
+  state.pass = loadPass(eventId);
+  if (!(await loadEvent())) return;
+  const hadOrders = await loadOrders();
+  if (!state.pass) {
+    if (!hadOrders) show("no-pass");
+    return;
+  }
+  const holdId = store.get(holdKey);
+  if (typeof holdId === "string" && holdId) {
+    passClock();
+    await refreshHold(holdId);
+  } else if (hadOrders) {
+    // Back after paying: the pass is spent, so the tickets are all there is to show.
+    state.paid = true;
+    setText("pass-clock", "Order paid");
+  } else {
+    passClock();
+    showReserve();
+  }
+}
+
+main();
