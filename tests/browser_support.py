@@ -1,8 +1,8 @@
 """Headless Chromium for the browser tests: the Debian package, driven by Playwright.
 
 The browser is ``/usr/bin/chromium`` (``scripts/test`` installs it with apt when missing);
-Playwright's own browser downloads are never used. Without that binary the browser tests are
-skipped with a reason, so a machine without it still runs everything else.
+Playwright's own browser downloads are never used. Without that binary the browser tests fail
+with a message saying how to install it: a skipped browser test would hide a broken page.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ CHROMIUM_ARGS = [
 
 @contextmanager
 def chromium() -> Iterator[Browser]:
-    """A headless Chromium for the duration of the block (skips the test without one)."""
+    """A headless Chromium for the duration of the block (fails the test without one)."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (scripts/test installs it: apt-get install chromium)")
+        pytest.fail(f"{CHROMIUM} is missing (scripts/test installs it: apt-get install chromium)")
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
