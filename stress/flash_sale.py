@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -24,7 +25,7 @@ from redis.asyncio import Redis
 
 from inventory import catalogue
 from stress.common import fresh_database, fresh_prefix
-from stress.simulation import simulate, summarize
+from stress.simulation import Progress, simulate, summarize
 from stress.stack import running_stack
 from waitroom.keys import Keys
 from waitroom.settings import load_settings
@@ -93,6 +94,10 @@ async def check(pool: asyncpg.Pool[Any], redis: Redis, keys: Keys, event_id: str
     }
 
 
+def _show(progress: Progress) -> None:
+    print(f"flash-sale: {progress.line()}", file=sys.stderr, flush=True)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = load_settings()
     async with fresh_database(base) as dsn, fresh_prefix(base) as prefix:
@@ -112,7 +117,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             event_id = await create_sale(pool, args.tickets, args.rate, args.max_active)
             async with running_stack(settings, run_dir, workers=args.server_workers) as stack:
                 started = time.monotonic()
-                outcomes, progress = await simulate(stack.base_url, event_id, args.fans)
+                show = None if args.json else _show
+                outcomes, progress = await simulate(
+                    stack.base_url, event_id, args.fans, on_tick=show
+                )
                 duration = time.monotonic() - started
                 # The last payments may still be settling in the workers.
                 deadline = time.monotonic() + 30

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
@@ -251,7 +252,10 @@ async def simulate(
         max_keepalive_connections=http_connections,
         keepalive_expiry=3.0,
     )
-    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
+    # One client serves every simulated fan, so it must keep no cookies: a shared jar would
+    # hand the first fan's visitor cookie to everyone after it (one fan, not thousands).
+    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits, cookies=jar) as http:
         ticker: asyncio.Task[None] | None = None
         if on_tick is not None:
 
