@@ -380,7 +380,7 @@ async def test_broadcasters_stop_when_their_last_subscriber_leaves(
     await rooms.join(event_id, "v_" + "5" * 32, now=time.time(), ip="10.0.0.5", known_fan=False)
     hub = Hub(rooms, tick_s=0.05)
     sub = hub.subscribe(event_id, "v_" + "5" * 32)
-    await asyncio.wait_for(sub.wake.wait(), 2)
+    await asyncio.wait_for(sub.wait(), 2)
     assert hub.subscribers(event_id) == 1
     hub.unsubscribe(sub)
     await asyncio.sleep(0.2)

@@ -123,11 +123,16 @@ SERVICE_OPERATIONS = [
 
 
 def operations() -> list[Operation]:
-    """Every HTTP operation the app serves."""
+    """Every HTTP operation the app serves, the fans' queue routes first.
+
+    Starlette tries routes in this order, a regular-expression match each: in a flash sale
+    nearly every request is a join or a status poll, and routing one past a dozen other
+    routes cost about 13 us, a few percent of a whole join.
+    """
     return [
+        *queue_api.OPERATIONS,
         *SERVICE_OPERATIONS,
         *events_api.OPERATIONS,
-        *queue_api.OPERATIONS,
         *admission_api.OPERATIONS,
         *checkout_api.OPERATIONS,
     ]

@@ -7,11 +7,13 @@ fan's connection only when it differs from the last one handed over, or when a k
 due (:data:`KEEPALIVE_S`).
 
 Handing over never blocks and never creates a task: each connection has a
-:class:`Subscriber` with a one-message slot and an :class:`asyncio.Event`. The broadcaster
-overwrites the slot and sets the event; the connection's own coroutine (:func:`pump`) waits
-on the event and sends whatever the slot holds then. A client that reads slowly, or not at
-all, only ever blocks its own coroutine, skips the updates it could not take, and gets the
-latest one when it can: it never delays the broadcaster or any other fan.
+:class:`Subscriber` with a one-message slot and a wake-up future. The broadcaster
+overwrites the slot and wakes the connection's own coroutine (:func:`pump`), which sends
+whatever the slot holds then. A client that reads slowly, or not at all, only ever blocks
+its own coroutine, skips the updates it could not take, and gets the latest one when it
+can: it never delays the broadcaster or any other fan. The hand-over yields to the event
+loop every :data:`HANDOVER_CHUNK` wake-ups, so the sends of a tick are spread over many
+short loop turns instead of one long one.
 
 Broadcasters also sweep their rooms for abandoned fans every :data:`SWEEP_EVERY_TICKS`
 ticks, and stop themselves at the first tick that finds no subscriber left.
@@ -41,6 +43,8 @@ TICK_S = 1.0
 KEEPALIVE_S = 15.0
 #: Sweep abandoned fans every this many ticks.
 SWEEP_EVERY_TICKS = 5
+#: Connections woken per event-loop turn during a tick's hand-over (see Broadcaster.tick).
+HANDOVER_CHUNK = 256
 #: Close code and reason for a fan no longer in line (left elsewhere, or dropped).
 GONE_CLOSE = (4404, "not in line")
 UNKNOWN_CLOSE = (4404, "unknown event")
@@ -59,7 +63,12 @@ TICK_SECONDS = Histogram(
 
 
 class Subscriber:
-    """One WebSocket connection's mailbox: the latest message only, and a wake-up call."""
+    """One WebSocket connection's mailbox: the latest message only, and a wake-up call.
+
+    The wake-up is a bare future, made only while the connection's pump waits: an
+    :class:`asyncio.Event` would carry a deque of waiters, about 0.8 KB on every one of
+    tens of thousands of idle connections.
+    """
 
     __slots__ = (
         "close_with",
@@ -69,7 +78,7 @@ class Subscriber:
         "latest",
         "offered_at",
         "pending",
-        "wake",
+        "waiter",
     )
 
     def __init__(self, event_id: str, fan_id: str) -> None:
@@ -83,13 +92,14 @@ class Subscriber:
         self.closed = False
         #: How to close once closed: (code, reason), or None when the client went away.
         self.close_with: tuple[int, str] | None = None
-        self.wake = asyncio.Event()
+        #: The future the pump is waiting on, if it is waiting.
+        self.waiter: asyncio.Future[None] | None = None
 
     def offer(self, text: str, now: float) -> None:
         """Make ``text`` the message to send next, replacing any not yet sent."""
         self.latest = self.pending = text
         self.offered_at = now
-        self.wake.set()
+        self._wake()
 
     def close(self, code_reason: tuple[int, str] | None) -> None:
         """End the connection: send what is pending, then close with ``code_reason``.
@@ -101,7 +111,22 @@ class Subscriber:
             self.close_with = code_reason
             if code_reason is None:
                 self.pending = None
-        self.wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once there is a message to send or the subscriber is closed."""
+        if self.pending is not None or self.closed:
+            return
+        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
 
 
 async def pump(sub: Subscriber, send: Callable[[str], Awaitable[None]]) -> tuple[int, str] | None:
@@ -112,8 +137,7 @@ async def pump(sub: Subscriber, send: Callable[[str], Awaitable[None]]) -> tuple
     pending one: the client gets the latest state, never a backlog.
     """
     while True:
-        await sub.wake.wait()
-        sub.wake.clear()
+        await sub.wait()
         text, sub.pending = sub.pending, None
         if text is not None:
             await send(text)
@@ -194,7 +218,16 @@ class Broadcaster:
         individual = not (room.sold_out or room.paused)
         passes = iter(result.passes)
         keepalive_before = now - KEEPALIVE_S
+        woken = 0
         for fan_id, code in zip(fans, result.codes, strict=True):
+            if woken >= HANDOVER_CHUNK:
+                woken = 0
+                # Let the connections woken so far send before waking more. Each wake-up
+                # costs a send; waking 10,000 at once would hold this event loop for all
+                # of their sends, and HTTP requests, Redis replies and the admission
+                # leader's lease renewals would wait behind them (a lease that waits too
+                # long is lost, and with it the admissions that move everyone's position).
+                await asyncio.sleep(0)
             queue_pass = next(passes) if code == ADMITTED else None
             subs = self.subscribers.get(fan_id)
             if not subs:
@@ -219,6 +252,7 @@ class Broadcaster:
             for sub in subs:
                 if text != sub.latest or sub.offered_at < keepalive_before:
                     sub.offer(text, now)
+                    woken += 1
         self._ticks += 1
         if self._ticks % SWEEP_EVERY_TICKS == 0:
             await rooms.sweep(self.event_id, now=now)

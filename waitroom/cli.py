@@ -61,19 +61,20 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 # --- serve / migrate ----------------------------------------------------------------------
 
 
-def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the HTTP server (uvicorn; several worker processes with --workers)."""
+def run_server(app: str, *, host: str, port: int, workers: int) -> None:
+    """Serve the ASGI app factory ``app`` ("module:function") with uvicorn, as in production.
+
+    ``waitroom serve`` passes the real app; benchmarks pass a factory of their own that adds
+    an endpoint to compare against, so both sides of a comparison get the same server.
+    """
     import uvicorn
 
-    from waitroom.logs import configure_logging
-
-    configure_logging(settings.log_level)
     uvicorn.run(
-        "waitroom.app:app_from_env",
+        app,
         factory=True,
-        host=args.host or settings.host,
-        port=settings.port if args.port is None else args.port,
-        workers=args.workers,
+        host=host,
+        port=port,
+        workers=workers,
         log_config=None,
         access_log=False,
         lifespan="on",
@@ -83,6 +84,19 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         ws_per_message_deflate=False,
         ws_max_size=4096,
         backlog=8192,
+    )
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the HTTP server (uvicorn; several worker processes with --workers)."""
+    from waitroom.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    run_server(
+        "waitroom.app:app_from_env",
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        workers=args.workers,
     )
     return 0
 

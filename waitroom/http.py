@@ -9,10 +9,11 @@ into 400 (not JSON) or 422 (JSON of the wrong shape, naming the field).
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any, TypeVar
 
 import asyncpg
@@ -43,6 +44,12 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 _encoder = msgspec.json.Encoder()
 _FIELD_RE = re.compile(r"at `\$(?P<path>[^`]*)`")
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Generated request ids: 64 random bits per process, then a counter (32 hex digits in all).
+#: Unique is all a request id must be; a uuid4 per request costs a getrandom call and an
+#: object, and a WebSocket keeps its id for as long as it stays open. (Each process draws its
+#: own prefix at import: uvicorn spawns its workers, it does not fork them.)
+_REQUEST_ID_PREFIX = secrets.token_hex(8)
+_request_numbers = itertools.count()
 
 HTTP_REQUESTS = Counter(
     "waitroom_http_requests_total",
@@ -55,6 +62,26 @@ HTTP_LATENCY = Histogram(
     ["route", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+
+
+#: The metric children of each (route template, method, status) seen: ``labels()`` takes
+#: a lock and builds its key on every call, a few microseconds of every request. Bounded,
+#: since the method is the client's to choose.
+_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+_CHILDREN_MAX = 4096
+
+
+def _request_metrics(template: str, method: str, status: int) -> tuple[Counter, Histogram]:
+    key = (template, method, status)
+    pair = _children.get(key)
+    if pair is None:
+        pair = (
+            HTTP_REQUESTS.labels(template, method, str(status)),
+            HTTP_LATENCY.labels(template, method),
+        )
+        if len(_children) < _CHILDREN_MAX:
+            _children[key] = pair
+    return pair
 
 
 class JSONResponse(Response):
@@ -179,7 +206,11 @@ class RequestContextMiddleware:
             if name == b"x-request-id":
                 given = value.decode("latin-1")
                 break
-        request_id = given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+        request_id = (
+            given
+            if _REQUEST_ID_RE.match(given)
+            else f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
+        )
         token = request_id_var.set(request_id)
         if scope["type"] == "websocket":
             try:
@@ -206,8 +237,9 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
-            HTTP_REQUESTS.labels(template, method, str(status)).inc()
-            HTTP_LATENCY.labels(template, method).observe(elapsed)
+            requests, latency = _request_metrics(template, method, status)
+            requests.inc()
+            latency.observe(elapsed)
             if status >= 500 or log.isEnabledFor(logging.DEBUG):
                 log.log(
                     logging.WARNING if status >= 500 else logging.DEBUG,

@@ -411,6 +411,9 @@ async def queue_ws(websocket: WebSocket) -> None:
         first = messages.message_for(code, room, svc.rooms.estimator(event_id).rate, queue_pass)
         if first is not None:
             sub.offer(messages.encode(first), now)
+        # This frame lives as long as the connection: let go of what only the handshake
+        # needed (the token, the room's state, the first message), some 0.5 KB a fan.
+        del identity, room, queue_pass, first
         reader = asyncio.create_task(_watch_client(websocket, sub), name="ws-reader")
         close_with = await pump(sub, websocket.send_text)
         if close_with is not None:
