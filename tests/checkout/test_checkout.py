@@ -10,12 +10,10 @@ import asyncio
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-import msgspec
 import pytest
 
 from tests.admission.support import create_event, join, me, wait_for
@@ -23,51 +21,10 @@ from tests.harness import (
     ADMIN_TOKEN,
     ServerThread,
     WorkersThread,
-    cleanup,
-    fresh_settings,
-    running,
 )
 from tests.queue_support import fan_headers
 from tests.test_errors import assert_error
 from waitroom.settings import Settings
-from workers import mock_provider
-
-
-@pytest.fixture(scope="module")
-def provider() -> Iterator[ServerThread]:
-    server = ServerThread(mock_provider.create_app()).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def settings(
-    tmp_path_factory: pytest.TempPathFactory, provider: ServerThread
-) -> Iterator[Settings]:
-    run_dir: Path = tmp_path_factory.mktemp("checkout-run")
-    value = fresh_settings(run_dir, admission_loop=True, payment_url=provider.url)
-    value = msgspec.structs.replace(value, payment_timeout_s=1.0)
-    try:
-        yield value
-    finally:
-        cleanup(value)
-
-
-@pytest.fixture(scope="module")
-def server(settings: Settings) -> Iterator[ServerThread]:
-    with running(settings) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def workers(settings: Settings, server: ServerThread) -> Iterator[WorkersThread]:
-    thread = WorkersThread(settings).start()
-    try:
-        yield thread
-    finally:
-        thread.stop()
 
 
 @pytest.fixture

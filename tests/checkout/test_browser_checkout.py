@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
@@ -23,51 +22,9 @@ from tests.harness import (
     ADMIN_TOKEN,
     ServerThread,
     WorkersThread,
-    cleanup,
-    fresh_settings,
-    running,
 )
-from waitroom.settings import Settings
-from workers import mock_provider
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def provider() -> Iterator[ServerThread]:
-    server = ServerThread(mock_provider.create_app()).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def settings(
-    tmp_path_factory: pytest.TempPathFactory, provider: ServerThread
-) -> Iterator[Settings]:
-    run_dir: Path = tmp_path_factory.mktemp("browser-checkout-run")
-    value = fresh_settings(run_dir, admission_loop=True, payment_url=provider.url)
-    value = msgspec.structs.replace(value, payment_timeout_s=1.0)
-    try:
-        yield value
-    finally:
-        cleanup(value)
-
-
-@pytest.fixture(scope="module")
-def server(settings: Settings) -> Iterator[ServerThread]:
-    with running(settings) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def workers(settings: Settings, server: ServerThread) -> Iterator[WorkersThread]:
-    thread = WorkersThread(settings).start()
-    try:
-        yield thread
-    finally:
-        thread.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,58 @@
+"""The whole stack for the checkout tests: mock payment provider, server, payment workers.
+
+Every module here gets a database of its own with admission loops on (the run's shared
+database holds other modules' events, whose fans those loops would admit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from tests.harness import ServerThread, WorkersThread, cleanup, fresh_settings, running
+from waitroom.settings import Settings
+from workers import mock_provider
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[ServerThread]:
+    """The mock payment provider, its own HTTP server."""
+    server = ServerThread(mock_provider.create_app()).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def settings(
+    tmp_path_factory: pytest.TempPathFactory, provider: ServerThread
+) -> Iterator[Settings]:
+    """This module's settings: its own database, admission loops on, the mock provider."""
+    run_dir: Path = tmp_path_factory.mktemp("checkout-run")
+    value = fresh_settings(run_dir, admission_loop=True, payment_url=provider.url)
+    value = msgspec.structs.replace(value, payment_timeout_s=1.0)
+    try:
+        yield value
+    finally:
+        cleanup(value)
+
+
+@pytest.fixture(scope="module")
+def server(settings: Settings) -> Iterator[ServerThread]:
+    """A real server with admission loops."""
+    with running(settings) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def workers(settings: Settings, server: ServerThread) -> Iterator[WorkersThread]:
+    """The payment workers, outbox relay and safety net."""
+    thread = WorkersThread(settings).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
