@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-import socket
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis import exceptions as rx
@@ -90,35 +88,6 @@ async def test_a_killed_connection_fails_its_callers_and_the_next_call_reconnect
     with pytest.raises(rx.ConnectionError):
         await blocked
     assert await mux.execute("PING") == b"PONG"
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts connections and never says a word."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        for sock in accepted:
-            sock.close()
-        listener.close()
 
 
 async def test_a_silent_redis_times_out_every_waiting_command(silent_port: int) -> None:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import msgspec
-import pytest
 
 from tests.harness import free_port, running
 from waitroom.settings import Settings
@@ -52,35 +48,6 @@ def test_readyz_names_postgresql_when_the_database_url_is_wrong(settings: Settin
     with running(wrong) as server:
         response = httpx.get(server.url + "/readyz", timeout=10)
     _assert_not_ready(response, "postgresql")
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A port that accepts connections and then never says a word."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join()
-        for sock in accepted:
-            sock.close()
-        listener.close()
 
 
 def test_readyz_does_not_hang_on_a_silent_dependency(settings: Settings, silent_port: int) -> None:
