@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, assert_never
 
 import msgspec
@@ -268,6 +268,7 @@ class Ledger:
         "_deadlines",
         "_fan_total",
         "_fan_type",
+        "_fingerprints",
         "_held",
         "_holds",
         "_idempotency",
@@ -309,6 +310,7 @@ class Ledger:
         self._new: dict[str, Hold] = {}
         self._updated: dict[str, Hold] = {}
         self._new_idempotency: list[tuple[str, str, bytes, Result]] = []
+        self._fingerprints: dict[tuple[str, int], bytes] = {}
         for hold in holds:
             if hold.id in self._holds:
                 raise ValueError(f"hold {hold.id!r} appears twice")
@@ -394,29 +396,58 @@ class Ledger:
 
     def apply(self, command: Command, now: float, new_id: Callable[[], str]) -> Result:
         """Apply one command at time ``now``; ``new_id`` is called once per hold created."""
-        if isinstance(command, Expire):
-            return Expired(tuple(self._expire_due(now)))
-        key = command.idempotency_key
-        if key is None:
-            self._expire_due(now)
-            return self._execute(command, now, new_id)
-        fp = fingerprint(command)
-        # Looked up before anything else, so a retry changes nothing at all, not even the
-        # expiry of holds that fell due meanwhile (the next fresh command does that).
-        stored = self._idempotency.get((command.fan_id, key))
-        if stored is not None:
-            if stored[0] == fp:
-                return stored[1]
-            return Refused(
-                IDEMPOTENCY_MISMATCH,
-                "This Idempotency-Key was already used for a different request.",
-                {"idempotency_key": key},
-            )
-        self._expire_due(now)
-        result = self._execute(command, now, new_id)
-        self._idempotency[(command.fan_id, key)] = (fp, result)
-        self._new_idempotency.append((command.fan_id, key, fp, result))
-        return result
+        return self.apply_many((command,), now, new_id)[0]
+
+    def apply_many(
+        self, commands: Sequence[Command], now: float, new_id: Callable[[], str]
+    ) -> list[Result]:
+        """Apply ``commands`` in order, all at time ``now``; one result per command.
+
+        Exactly the same as calling :meth:`apply` for each command in turn with the same
+        ``now``: this is the actor's path for a whole batch, so what is the same for every
+        command of the batch (the expiry of due holds, the deadline of new holds, the
+        fingerprint of a reserve) is worked out once instead of once per command.
+        """
+        results: list[Result] = []
+        append = results.append
+        idempotency = self._idempotency
+        new_idempotency = self._new_idempotency
+        expires_at = -1.0
+        # Holds that fell due are expired before the first command that is not a replay: a
+        # retry answered from its key changes nothing at all, not even expiry (the next
+        # fresh command does that). Once at `now` is enough for the whole batch.
+        due = True
+        for command in commands:
+            if isinstance(command, Expire):
+                append(Expired(tuple(self._expire_due(now))))
+                due = False
+                continue
+            key = command.idempotency_key
+            if key is not None:
+                fp = self._fingerprint(command)
+                stored = idempotency.get((command.fan_id, key))
+                if stored is not None:
+                    append(stored[1] if stored[0] == fp else _key_reused(key))
+                    continue
+            if due:
+                self._expire_due(now)
+                due = False
+            result: Result
+            if isinstance(command, Reserve):
+                if expires_at < 0:
+                    # Whole microseconds, PostgreSQL's precision, so that a ledger restored
+                    # from the database holds bit-identical deadlines.
+                    expires_at = round(now + self._rules.hold_ttl_s, 6)
+                result = self._reserve(command, expires_at, new_id)
+            elif isinstance(command, Confirm):
+                result = self._confirm(command)
+            else:
+                result = self._cancel(command)
+            if key is not None:
+                idempotency[(command.fan_id, key)] = (fp, result)
+                new_idempotency.append((command.fan_id, key, fp, result))
+            append(result)
+        return results
 
     def drain_changes(self) -> Changes:
         """What changed since the last call (see :class:`Changes`), and forget it."""
@@ -432,20 +463,21 @@ class Ledger:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _execute(
-        self, command: Reserve | Confirm | Cancel, now: float, new_id: Callable[[], str]
-    ) -> Result:
-        match command:
-            case Reserve():
-                return self._reserve(command, now, new_id)
-            case Confirm():
-                return self._confirm(command)
-            case Cancel():
-                return self._cancel(command)
-            case _:
-                assert_never(command)
+    def _fingerprint(self, command: Reserve | Confirm | Cancel) -> bytes:
+        """:func:`fingerprint`, remembered for the few (ticket type, quantity) reserves ask for."""
+        if not isinstance(command, Reserve):
+            return fingerprint(command)
+        known = (command.ticket_type, command.quantity)
+        fp = self._fingerprints.get(known)
+        if fp is None:
+            fp = fingerprint(command)
+            # Bounded: only real ticket types and quantities a fan may ask for are kept.
+            rules = self._types.get(command.ticket_type)
+            if rules is not None and 0 < command.quantity <= rules.per_fan_limit:
+                self._fingerprints[known] = fp
+        return fp
 
-    def _reserve(self, cmd: Reserve, now: float, new_id: Callable[[], str]) -> Result:
+    def _reserve(self, cmd: Reserve, expires_at: float, new_id: Callable[[], str]) -> Result:
         rules = self._types.get(cmd.ticket_type)
         if rules is None:
             return Refused(
@@ -486,15 +518,7 @@ class Ledger:
         if hold_id in self._holds:
             raise ValueError(f"new_id returned an existing hold id {hold_id!r}")
         hold = Hold(
-            id=hold_id,
-            fan_id=cmd.fan_id,
-            ticket_type=cmd.ticket_type,
-            quantity=cmd.quantity,
-            status="held",
-            # Whole microseconds, PostgreSQL's precision, so that a ledger restored from
-            # the database holds bit-identical deadlines.
-            expires_at=round(now + self._rules.hold_ttl_s, 6),
-            pass_jti=cmd.pass_jti,
+            hold_id, cmd.fan_id, cmd.ticket_type, cmd.quantity, "held", expires_at, cmd.pass_jti
         )
         self._holds[hold_id] = hold
         self._take(hold)
@@ -567,6 +591,14 @@ def _decrement(counts: dict[_K, int], key: _K, by: int) -> None:
         counts[key] = left
     else:
         del counts[key]
+
+
+def _key_reused(key: str) -> Refused:
+    return Refused(
+        IDEMPOTENCY_MISMATCH,
+        "This Idempotency-Key was already used for a different request.",
+        {"idempotency_key": key},
+    )
 
 
 def _unknown_hold(hold_id: str) -> Refused:
