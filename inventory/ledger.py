@@ -101,7 +101,7 @@ class EventRules(msgspec.Struct, frozen=True):
     ticket_types: tuple[TicketTypeRules, ...]
 
 
-class Hold(msgspec.Struct, frozen=True):
+class Hold(msgspec.Struct, frozen=True, gc=False):
     """Tickets set aside for one fan until ``expires_at`` (unix seconds), or for good once paid."""
 
     id: str
@@ -115,11 +115,15 @@ class Hold(msgspec.Struct, frozen=True):
 
 
 # --- commands ----------------------------------------------------------------------------
+# Holds, commands and results are made by the hundred thousand and kept in the ledger's maps
+# for the whole sale; none of them can be part of a reference cycle (they hold strings,
+# numbers and each other, never a container that points back), so they are kept out of
+# the cyclic garbage collector (gc=False): its passes over them cost the actor long pauses.
 # Tagged so that ``Command`` is a msgspec union that can cross processes (the Redis stream
 # that forwards commands to the owning process) and be decoded without guessing.
 
 
-class Reserve(msgspec.Struct, frozen=True, tag=True):
+class Reserve(msgspec.Struct, frozen=True, tag=True, gc=False):
     """Hold ``quantity`` tickets of ``ticket_type`` for ``fan_id``."""
 
     fan_id: str
@@ -130,7 +134,7 @@ class Reserve(msgspec.Struct, frozen=True, tag=True):
     pass_jti: str | None
 
 
-class Confirm(msgspec.Struct, frozen=True, tag=True):
+class Confirm(msgspec.Struct, frozen=True, tag=True, gc=False):
     """Mark a hold paid."""
 
     hold_id: str
@@ -141,7 +145,7 @@ class Confirm(msgspec.Struct, frozen=True, tag=True):
     idempotency_key: str | None
 
 
-class Cancel(msgspec.Struct, frozen=True, tag=True):
+class Cancel(msgspec.Struct, frozen=True, tag=True, gc=False):
     """Give a hold's tickets back."""
 
     hold_id: str
@@ -149,7 +153,7 @@ class Cancel(msgspec.Struct, frozen=True, tag=True):
     idempotency_key: str | None
 
 
-class Expire(msgspec.Struct, frozen=True, tag=True):
+class Expire(msgspec.Struct, frozen=True, tag=True, gc=False):
     """Expire every hold whose deadline is at or before ``now``; sent by the actor's timer."""
 
 
@@ -161,31 +165,31 @@ Command = Reserve | Confirm | Cancel | Expire
 # into exactly the value that was first returned.
 
 
-class Reserved(msgspec.Struct, frozen=True, tag=True):
+class Reserved(msgspec.Struct, frozen=True, tag=True, gc=False):
     """A new hold."""
 
     hold: Hold
 
 
-class Confirmed(msgspec.Struct, frozen=True, tag=True):
+class Confirmed(msgspec.Struct, frozen=True, tag=True, gc=False):
     """The hold, now paid."""
 
     hold: Hold
 
 
-class Cancelled(msgspec.Struct, frozen=True, tag=True):
+class Cancelled(msgspec.Struct, frozen=True, tag=True, gc=False):
     """The hold, now cancelled."""
 
     hold: Hold
 
 
-class Expired(msgspec.Struct, frozen=True, tag=True):
+class Expired(msgspec.Struct, frozen=True, tag=True, gc=False):
     """The holds this :class:`Expire` expired, by deadline then id."""
 
     holds: tuple[Hold, ...]
 
 
-class Refused(msgspec.Struct, frozen=True, tag=True):
+class Refused(msgspec.Struct, frozen=True, tag=True, gc=False):
     """A typed refusal; ``code`` is one of the module's codes, see :data:`REFUSAL_STATUS`."""
 
     code: str

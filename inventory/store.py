@@ -202,15 +202,21 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
     """
     # A successful keyed reserve is recorded on its new hold row; everything else keyed
     # (refusals, confirms, cancels) gets an idempotency_keys row.
+    # A batch's holds share a handful of deadlines and fingerprints: each is converted once.
+    hexes: dict[bytes, str] = {}
     on_hold: dict[str, tuple[str, str]] = {}
     keys: list[tuple[str, str, str, str, int, str]] = []
     for fan, key, fp, result in changes.idempotency:
+        digest = hexes.get(fp)
+        if digest is None:
+            digest = hexes[fp] = fp.hex()
         if isinstance(result, Reserved):
-            on_hold[result.hold.id] = (key, fp.hex())
+            on_hold[result.hold.id] = (key, digest)
         else:
             keys.append(
-                (event_id, fan, key, fp.hex(), _status_code(result), encode_result(result).decode())
+                (event_id, fan, key, digest, _status_code(result), encode_result(result).decode())
             )
+    stamps = {at: _ts(at) for at in {h.expires_at for h in changes.new_holds}}
     no_key = (None, None)
     holds = [
         (
@@ -222,7 +228,7 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
             h.status,
             h.pass_jti,
             h.payment_ref,
-            _ts(h.expires_at),
+            stamps[h.expires_at],
             *on_hold.get(h.id, no_key),
         )
         for h in changes.new_holds
