@@ -187,17 +187,21 @@ _HOLD_COLUMNS = (
     "idempotency_key",
     "request_hash",
 )
-_KEY_COLUMNS = ("event_id", "fan_id", "key", "request_hash", "status_code", "response")
-_OUTBOX_COLUMNS = ("event_id", "topic", "payload")
+#: What ``inventory_commit()`` raises when the caller's epoch is not the current one.
+FENCED_SQLSTATE = "WR001"
 
 
 async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> None:
     """Persist one batch durably in one transaction, fenced by ``epoch``.
 
-    The fence comes first: the event's ``inventory_owners`` row is locked and its epoch
-    compared, so a stale owner's batch writes nothing, and a takeover (which bumps the epoch
-    under the same lock) waits for a batch in flight. Rows go in with binary COPY: in
-    PostgreSQL that is the cheapest way in per row, which is what bounds a group commit.
+    Four round trips: BEGIN; ``inventory_commit()`` (schema 5), which checks the fence
+    first (the event's ``inventory_owners`` row is locked and its epoch compared, so a stale
+    owner's batch writes nothing, and a takeover, which bumps the epoch under the same lock,
+    waits for a batch in flight), then updates settled holds and writes the idempotency
+    records and the outbox messages from arrays; binary COPY of the new holds (in
+    PostgreSQL the cheapest way in per row, which is what bounds a group commit); COMMIT.
+    The round trips matter as much as the rows: while this process is busy applying the
+    next batch, every reply from PostgreSQL waits for it.
     Raises :class:`Fenced` when another process owns the event now.
     """
     # A successful keyed reserve is recorded on its new hold row; everything else keyed
@@ -205,7 +209,11 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
     # A batch's holds share a handful of deadlines and fingerprints: each is converted once.
     hexes: dict[bytes, str] = {}
     on_hold: dict[str, tuple[str, str]] = {}
-    keys: list[tuple[str, str, str, str, int, str]] = []
+    k_fan: list[str] = []
+    k_key: list[str] = []
+    k_hash: list[str] = []
+    k_status: list[int] = []
+    k_response: list[str] = []
     for fan, key, fp, result in changes.idempotency:
         digest = hexes.get(fp)
         if digest is None:
@@ -213,9 +221,11 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
         if isinstance(result, Reserved):
             on_hold[result.hold.id] = (key, digest)
         else:
-            keys.append(
-                (event_id, fan, key, digest, _status_code(result), encode_result(result).decode())
-            )
+            k_fan.append(fan)
+            k_key.append(key)
+            k_hash.append(digest)
+            k_status.append(_status_code(result))
+            k_response.append(encode_result(result).decode())
     stamps = {at: _ts(at) for at in {h.expires_at for h in changes.new_holds}}
     no_key = (None, None)
     holds = [
@@ -234,30 +244,30 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
         for h in changes.new_holds
     ]
     outbox = outbox_rows(event_id, changes)
+    settled = changes.updated_holds
     async with conn.transaction():
-        current = await conn.fetchval(
-            "SELECT epoch FROM inventory_owners WHERE event_id = $1 FOR UPDATE", event_id
-        )
-        if current != epoch:
-            raise Fenced(
-                f"inventory of {event_id!r} is owned under epoch {current}, not {epoch}",
-                details={"event_id": event_id},
+        try:
+            await conn.execute(
+                "SELECT inventory_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                event_id,
+                epoch,
+                [h.id for h in settled],
+                [h.status for h in settled],
+                [h.payment_ref for h in settled],
+                k_fan,
+                k_key,
+                k_hash,
+                k_status,
+                k_response,
+                [topic for _, topic, _ in outbox],
+                [payload for _, _, payload in outbox],
             )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == FENCED_SQLSTATE:
+                raise Fenced(
+                    f"inventory of {event_id!r} is owned under a newer epoch than {epoch}",
+                    details={"event_id": event_id},
+                ) from None
+            raise
         if holds:
             await conn.copy_records_to_table("holds", records=holds, columns=_HOLD_COLUMNS)
-        if changes.updated_holds:
-            upd = changes.updated_holds
-            await conn.execute(
-                "UPDATE holds h SET status = u.status, payment_ref = u.payment_ref,"
-                " updated_at = now()"
-                " FROM unnest($2::uuid[], $3::text[], $4::text[]) AS u(id, status, payment_ref)"
-                " WHERE h.id = u.id AND h.event_id = $1",
-                event_id,
-                [h.id for h in upd],
-                [h.status for h in upd],
-                [h.payment_ref for h in upd],
-            )
-        if keys:
-            await conn.copy_records_to_table("idempotency_keys", records=keys, columns=_KEY_COLUMNS)
-        if outbox:
-            await conn.copy_records_to_table("outbox", records=outbox, columns=_OUTBOX_COLUMNS)

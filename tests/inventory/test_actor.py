@@ -95,6 +95,29 @@ async def test_a_failed_commit_answers_503_and_rebuilds_from_postgresql(
     assert await held_sold(pool, event_id) == (2, 0, 2)
 
 
+async def test_tickets_freed_and_taken_again_in_one_group_commit_never_trip_the_oversell_check(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool, quantity=2)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        first = await actor.ask(Reserve("a", "ga", 2, None, None))
+        assert isinstance(first, Reserved)
+        # Submitted together, so they land in one batch and one commit: at full stock, the
+        # cancelled hold must be settled in PostgreSQL before the new one goes in.
+        cancel = actor.submit(Cancel(first.hold.id, "a", None))
+        again = actor.submit(Reserve("b", "ga", 2, None, None))
+        assert isinstance(await cancel, Cancelled)
+        assert isinstance(await again, Reserved)
+    finally:
+        await stop_actor(actor, task)
+    assert await held_sold(pool, event_id) == (2, 0, 2)
+    statuses = await pool.fetch(
+        "SELECT fan_id, status FROM holds WHERE event_id = $1 ORDER BY fan_id", event_id
+    )
+    assert [(r["fan_id"], r["status"]) for r in statuses] == [("a", "cancelled"), ("b", "held")]
+
+
 async def test_a_stale_owner_can_never_commit(pool: asyncpg.Pool[Any]) -> None:
     event_id = await make_event(pool, quantity=10)
     actor, task = await start_actor(pool, event_id)

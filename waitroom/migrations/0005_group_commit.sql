@@ -39,3 +39,50 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
+
+-- Everything a group commit writes besides its new holds, in one round trip, fencing first.
+-- The actor calls it first in the commit's transaction, then COPYs the new holds. A stale
+-- owner gets SQLSTATE WR001 before it has written anything. Settled holds are updated before
+-- new holds go in: settling never adds to held + sold, so a batch in which one fan's hold
+-- expires or is cancelled and another fan takes the freed tickets never looks oversold to
+-- the no_oversell check on the way.
+CREATE FUNCTION inventory_commit(
+    p_event        text,
+    p_epoch        bigint,
+    u_id           uuid[],
+    u_status       text[],
+    u_payment_ref  text[],
+    k_fan          text[],
+    k_key          text[],
+    k_hash         text[],
+    k_status       integer[],
+    k_response     text[],
+    o_topic        text[],
+    o_payload      text[]
+) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    current bigint;
+BEGIN
+    SELECT epoch INTO current FROM inventory_owners WHERE event_id = p_event FOR UPDATE;
+    IF current IS DISTINCT FROM p_epoch THEN
+        RAISE EXCEPTION 'inventory of % is owned under epoch %, not %', p_event, current, p_epoch
+            USING ERRCODE = 'WR001';
+    END IF;
+    IF cardinality(u_id) > 0 THEN
+        UPDATE holds h
+           SET status = u.status, payment_ref = u.payment_ref, updated_at = now()
+          FROM unnest(u_id, u_status, u_payment_ref) AS u(id, status, payment_ref)
+         WHERE h.id = u.id AND h.event_id = p_event;
+    END IF;
+    IF cardinality(k_fan) > 0 THEN
+        INSERT INTO idempotency_keys (event_id, fan_id, key, request_hash, status_code, response)
+        SELECT p_event, k.fan, k.key, k.hash, k.status, k.response::jsonb
+          FROM unnest(k_fan, k_key, k_hash, k_status, k_response)
+               AS k(fan, key, hash, status, response);
+    END IF;
+    IF cardinality(o_topic) > 0 THEN
+        INSERT INTO outbox (event_id, topic, payload)
+        SELECT p_event, o.topic, o.payload::json
+          FROM unnest(o_topic, o_payload) AS o(topic, payload);
+    END IF;
+END $$;
