@@ -643,6 +643,43 @@ def test_no_sequence_of_reservations_ever_oversells(
             assert ledger.available(t.name) == t.quantity - taken >= 0
 
 
+@st.composite
+def commands(draw: st.DrawFn) -> Command:
+    """Any command a batch may hold: keyed or not, for holds that exist or not."""
+    fan = draw(st.sampled_from(FANS))
+    key = draw(st.one_of(st.none(), st.sampled_from(("k1", "k2", "k3"))))
+    hold_id = f"h{draw(st.integers(1, 8))}"
+    kind = draw(st.sampled_from(("reserve", "reserve", "confirm", "cancel", "expire")))
+    if kind == "reserve":
+        return Reserve(fan, draw(st.sampled_from(TYPE_NAMES)), draw(st.integers(-1, 4)), key, None)
+    if kind == "confirm":
+        return Confirm(hold_id, fan, draw(st.sampled_from(("p1", "p2"))), key)
+    if kind == "cancel":
+        return Cancel(hold_id, fan, key)
+    return Expire()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rules=event_rules(),
+    batches=st.lists(st.tuples(st.integers(0, 40), st.lists(commands(), max_size=12)), max_size=6),
+)
+def test_a_batch_applied_at_once_is_the_same_as_one_command_at_a_time(
+    rules: EventRules, batches: list[tuple[int, list[Command]]]
+) -> None:
+    at_once, one_by_one = Ledger(rules), Ledger(rules)
+    ids_at_once, ids_one_by_one = counter(), counter()
+    now = T0
+    for wait, batch in batches:
+        now += wait
+        results = at_once.apply_many(batch, now, ids_at_once)
+        assert results == [one_by_one.apply(c, now, ids_one_by_one) for c in batch]
+        assert at_once.drain_changes() == one_by_one.drain_changes()
+        assert at_once.all_holds() == one_by_one.all_holds()
+        assert at_once.availability() == one_by_one.availability()
+        assert at_once.next_deadline() == one_by_one.next_deadline()
+
+
 class LedgerAgainstModel(RuleBasedStateMachine):
     """The ledger against a naive model that recomputes everything from a dict of holds.
 
