@@ -22,6 +22,7 @@ from inventory.ledger import (
     Reserved,
 )
 from tests.inventory.conftest import held_sold, make_event
+from waitroom.errors import Unavailable
 
 pytestmark = pytest.mark.anyio
 
@@ -116,6 +117,31 @@ async def test_tickets_freed_and_taken_again_in_one_group_commit_never_trip_the_
         "SELECT fan_id, status FROM holds WHERE event_id = $1 ORDER BY fan_id", event_id
     )
     assert [(r["fan_id"], r["status"]) for r in statuses] == [("a", "cancelled"), ("b", "held")]
+
+
+async def test_an_ask_that_gets_no_answer_in_time_is_told_so_and_a_retry_is_safe(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool, quantity=5)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        async with pool.acquire() as blocker, blocker.transaction():
+            # The commit's fencing check waits for this row lock: no answer can come.
+            await blocker.execute(
+                "SELECT 1 FROM inventory_owners WHERE event_id = $1 FOR UPDATE", event_id
+            )
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as timed_out:
+                await actor.ask(Reserve("a", "ga", 2, "key-a", None), timeout=0.3)
+            waited = time.monotonic() - started
+        assert timed_out.value.code == "inventory_timeout"
+        assert 0.3 <= waited < 1.0
+        # The lock is gone and the command committed after all; the retry gets its result.
+        retry = await actor.ask(Reserve("a", "ga", 2, "key-a", None))
+        assert isinstance(retry, Reserved)
+    finally:
+        await stop_actor(actor, task)
+    assert await held_sold(pool, event_id) == (2, 0, 5)
 
 
 async def test_a_stale_owner_can_never_commit(pool: asyncpg.Pool[Any]) -> None:
