@@ -63,6 +63,9 @@ AVAILABLE = Gauge(
     ["event", "ticket_type"],
 )
 
+#: Longest a busy actor keeps one pooled connection before it queues for one again.
+CONNECTION_HOLD_S = 0.25
+
 #: What an actor publishes after commits: availability per type and whether it is sold out.
 Publish = Callable[[dict[str, int], bool], Awaitable[None]]
 
@@ -113,6 +116,7 @@ class InventoryActor:
         self._committer_waiting: asyncio.Future[None] | None = None
         self._wanted = False  # the committer has something to look at
         self._conn: PoolConnectionProxy[Any] | None = None
+        self._conn_since = 0.0
         self._replying: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()  # cleared while the ledger is rebuilt
         self._ready.set()
@@ -348,10 +352,14 @@ class InventoryActor:
         """The connection commits go through, held from one commit to the next while busy.
 
         Not a pool checkout per commit: giving a connection back costs a reset round trip
-        (and a wait to get it again) between commits that follow each other closely.
+        (and a wait to get it again) between commits that follow each other closely. Not
+        held for good either: the pool is shared with every other event's actor and with
+        request handlers, so a busy actor gives it back every ``CONNECTION_HOLD_S`` and
+        queues for it again like everyone else.
         """
         if self._conn is None:
             self._conn = await self._pool.acquire()
+            self._conn_since = time.monotonic()
         return self._conn
 
     async def _release_connection(self) -> None:
@@ -388,6 +396,8 @@ class InventoryActor:
             COMMIT_LATENCY.observe(time.perf_counter() - started)
         BATCH_SIZE.observe(len(futures))
         self._reply(futures, results)
+        if time.monotonic() - self._conn_since > CONNECTION_HOLD_S:
+            await self._release_connection()
         return True
 
     async def _rebuild(self) -> None:

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from inventory import store
-from inventory.actor import ActorStopped, InventoryActor
+from inventory.actor import CONNECTION_HOLD_S, ActorStopped, InventoryActor
 from inventory.ledger import (
     SOLD_OUT,
     Cancel,
@@ -23,6 +23,7 @@ from inventory.ledger import (
 )
 from tests.inventory.conftest import held_sold, make_event
 from waitroom.errors import Unavailable
+from waitroom.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -142,6 +143,42 @@ async def test_an_ask_that_gets_no_answer_in_time_is_told_so_and_a_retry_is_safe
     finally:
         await stop_actor(actor, task)
     assert await held_sold(pool, event_id) == (2, 0, 5)
+
+
+async def test_a_busy_actor_does_not_keep_a_shared_pool_to_itself(
+    pool: asyncpg.Pool[Any], settings: Settings
+) -> None:
+    event_id = await make_event(pool, quantity=1_000_000, per_fan=1)
+    # One connection for everyone: the actor's commits and this test's own queries.
+    tiny: asyncpg.Pool[Any] = await asyncpg.create_pool(
+        settings.database_url, min_size=1, max_size=1
+    )
+    epoch = await store.take_ownership(tiny, event_id, "test")
+    actor = await InventoryActor.load(event_id, tiny, epoch)
+    task = asyncio.create_task(actor.run())
+    stop_at = time.monotonic() + 2.0
+    fans = iter(range(10**9))
+
+    async def shopper() -> None:
+        while time.monotonic() < stop_at:
+            i = next(fans)
+            assert isinstance(await actor.ask(Reserve(f"f{i}", "ga", 1, None, None)), Reserved)
+
+    shoppers = [asyncio.create_task(shopper()) for _ in range(1024)]
+    waits = []
+    try:
+        await asyncio.sleep(0.3)  # the actor is busy and holds the connection
+        while time.monotonic() < stop_at - 0.5:
+            started = time.monotonic()
+            assert await tiny.fetchval("SELECT 1") == 1
+            waits.append(time.monotonic() - started)
+        await asyncio.gather(*shoppers)
+    finally:
+        await stop_actor(actor, task)
+        await tiny.close()
+    # It is given back at least every CONNECTION_HOLD_S, then queued for like anyone else.
+    assert len(waits) >= 3
+    assert max(waits) < CONNECTION_HOLD_S + 0.5
 
 
 async def test_a_stale_owner_can_never_commit(pool: asyncpg.Pool[Any]) -> None:
