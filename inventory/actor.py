@@ -214,7 +214,17 @@ class InventoryActor:
                 if committer.done():  # it crashed or was fenced: nobody would commit this
                     self._fail_mail(batch)
                     break
-                self._apply(batch)
+                try:
+                    self._apply(batch)
+                except BaseException:
+                    # A bug: the ledger may be half-way through the batch. Nothing applied
+                    # since the last commit started may be written now, so all of it fails;
+                    # the supervisor restarts the actor from PostgreSQL.
+                    self.ledger.drain_changes()
+                    self._fail_mail(batch)
+                    self._fail(self._futures, ActorStopped())
+                    self._futures, self._results = [], []
+                    raise
                 if len(self._futures) >= self._max_batch:
                     # Backpressure: stop taking mail (so senders wait on the bounded mailbox)
                     # until the committer has taken what is queued.

@@ -181,6 +181,28 @@ async def test_a_busy_actor_does_not_keep_a_shared_pool_to_itself(
     assert max(waits) < CONNECTION_HOLD_S + 0.5
 
 
+async def test_a_command_that_breaks_the_ledger_leaves_nothing_unacknowledged_behind(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool, quantity=10)
+    actor, task = await start_actor(pool, event_id)
+    assert isinstance(await actor.ask(Reserve("before", "ga", 1, None, None)), Reserved)
+    # In one batch: a good reserve, then one no caller could build through the API (msgspec
+    # checks types when decoding, not here), which makes the ledger raise half-way.
+    good = actor.submit(Reserve("good", "ga", 1, "k", None))
+    bad = actor.submit(Reserve("bad", "ga", None, None, None))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await task
+    for pending in (good, bad):
+        with pytest.raises(ActorStopped):
+            await pending
+    assert not actor.running
+    # Only what was acknowledged is in PostgreSQL.
+    fans = await pool.fetch("SELECT fan_id FROM holds WHERE event_id = $1", event_id)
+    assert [r["fan_id"] for r in fans] == ["before"]
+    assert await held_sold(pool, event_id) == (1, 0, 10)
+
+
 async def test_a_stale_owner_can_never_commit(pool: asyncpg.Pool[Any]) -> None:
     event_id = await make_event(pool, quantity=10)
     actor, task = await start_actor(pool, event_id)
