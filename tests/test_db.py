@@ -126,16 +126,8 @@ async def test_an_oversell_written_behind_the_actors_back_is_rejected(
 async def test_a_hold_of_an_unknown_ticket_type_is_rejected_with_its_whole_statement(
     conn: Db,
 ) -> None:
-    rows = [
-        (uuid.uuid4(), conn.event_id, ticket_type, f"fan{i}", 1, "held", _soon())
-        for i, ticket_type in enumerate(["ga", "ga", "vip"])
-    ]
     with pytest.raises(asyncpg.ForeignKeyViolationError, match="unknown ticket type"):
-        await conn.conn.copy_records_to_table(
-            "holds",
-            records=rows,
-            columns=("id", "event_id", "ticket_type", "fan_id", "quantity", "status", "expires_at"),
-        )
+        await _copy_holds(conn, ["ga", "ga", "vip"])
     assert await _counts(conn) == (0, 0)
     assert (
         await conn.conn.fetchval("SELECT count(*) FROM holds WHERE event_id = $1", conn.event_id)
@@ -144,18 +136,22 @@ async def test_a_hold_of_an_unknown_ticket_type_is_rejected_with_its_whole_state
 
 
 async def test_a_group_commit_that_would_oversell_is_rejected_whole(conn: Db) -> None:
-    rows = [(uuid.uuid4(), conn.event_id, "ga", f"fan{i}", 1, "held", _soon()) for i in range(4)]
     with pytest.raises(asyncpg.CheckViolationError, match="no_oversell"):
-        await conn.conn.copy_records_to_table(
-            "holds",
-            records=rows,
-            columns=("id", "event_id", "ticket_type", "fan_id", "quantity", "status", "expires_at"),
-        )
+        await _copy_holds(conn, ["ga"] * 4)
     assert await _counts(conn) == (0, 0)
 
 
-def _soon() -> datetime:
-    return datetime.now(UTC) + timedelta(minutes=5)
+async def _copy_holds(conn: Db, ticket_types: list[str]) -> None:
+    """One held ticket per entry, all in one COPY: one statement, as a group commit writes."""
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    await conn.conn.copy_records_to_table(
+        "holds",
+        records=[
+            (uuid.uuid4(), conn.event_id, ticket_type, f"fan{i}", 1, "held", soon)
+            for i, ticket_type in enumerate(ticket_types)
+        ],
+        columns=("id", "event_id", "ticket_type", "fan_id", "quantity", "status", "expires_at"),
+    )
 
 
 async def test_a_final_hold_cannot_come_back(conn: Db) -> None:
