@@ -1,16 +1,18 @@
-"""The inventory actor of one event: one task, one mailbox, group commit, replies after commit.
+"""The inventory actor of one event: one mailbox, group commit, replies after commit.
 
 Callers :meth:`InventoryActor.ask` with a command and wait for its result. The actor task
-takes whatever has piled up in its bounded mailbox (backpressure: a full mailbox makes
-askers wait), applies the whole batch to its in-memory :class:`~inventory.ledger.Ledger`,
-writes everything the batch changed in ONE fenced PostgreSQL transaction, and only then
-answers the batch's callers (invariant 2: acknowledged means durable). While one batch
-commits, the next piles up, so batches grow exactly when load does (group commit).
+takes mail from its bounded mailbox (backpressure: a full mailbox makes askers wait) a chunk
+at a time and applies it to its in-memory :class:`~inventory.ledger.Ledger`; its committer
+task writes everything applied since the last commit in ONE fenced PostgreSQL transaction,
+and only then answers those callers (invariant 2: acknowledged means durable). While one
+batch commits, the next is applied on top of it, so batches grow exactly when load does
+(group commit) and this process works while PostgreSQL does.
 
-If a commit fails, nothing of that batch was acknowledged: the callers get 503 and the
-actor rebuilds its ledger from PostgreSQL, so no unacknowledged change survives in memory.
-If the commit was refused because another process took over (:class:`~inventory.store.Fenced`),
-the actor stops; its supervisor does not restart it here.
+If a commit fails, nothing of that batch was acknowledged: its callers, and those of
+everything applied on top of it, get 503, and the actor rebuilds its ledger from
+PostgreSQL, so no unacknowledged change survives in memory. If the commit was refused
+because another process took over (:class:`~inventory.store.Fenced`), the actor stops; its
+supervisor does not restart it here.
 
 Holds expire from the actor's own timer: it waits for mail at most until the ledger's next
 deadline and then applies :class:`~inventory.ledger.Expire`, which pops only the holds due.
