@@ -94,7 +94,7 @@ class InventoryActor:
         publish: Publish | None = None,
         mailbox_size: int = 20_000,
         max_batch: int = 5_000,
-        apply_chunk: int = 128,
+        apply_chunk: int = 64,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.event_id = event_id
