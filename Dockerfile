@@ -8,8 +8,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
+# Dependencies first, from the hashed pins (scripts/lock makes them), so this layer is reused
+# until requirements/runtime.txt changes. `pip check` fails the build when pyproject.toml has a
+# dependency the pins lack: run scripts/lock.
+COPY requirements/runtime.txt requirements/runtime.txt
+RUN pip install --require-hashes -r requirements/runtime.txt
 COPY . .
-RUN pip install . \
+RUN pip install --no-deps . \
+    && pip check \
     && useradd --system --no-create-home --shell /usr/sbin/nologin waitroom \
     && install -d -o waitroom -g waitroom -m 700 /var/lib/waitroom
 

@@ -6,5 +6,5 @@
 - :mod:`admission.leader`: the per-event Redis lease (one admission loop across processes);
 - :mod:`admission.loop`: the admission loop and the per-process :class:`AdmissionService`;
 - :mod:`admission.operators`: what operators change (rate, cap, pause, revocation), shared
-  by the admin API (:mod:`admission.api`) and the CLI.
+  by the admin API (:mod:`waitroom.admission_api`) and the CLI.
 """

@@ -1,7 +1,7 @@
 """The admission lease: which one process runs an event's admission loop, and its Redis calls.
 
-The lease is the event's ``leader`` key: ``SET NX PX`` with a random token. The holder
-renews it every :data:`RENEW_EVERY_S` with a compare-and-pexpire script; everyone else
+The lease is the event's ``leader`` key (:mod:`waitroom.core.lease`): ``SET NX PX`` with a
+random token. The holder renews it every :data:`RENEW_EVERY_S` with the lease script; everyone else
 tries to take it every :data:`ACQUIRE_EVERY_S`. A leader that dies stops renewing and its
 lease lapses after at most :data:`LEASE_MS`, so another process leads within
 ``LEASE_MS + ACQUIRE_EVERY_S`` (under 2 s) of the last renewal.
@@ -15,17 +15,15 @@ This module also holds the thin adapters of the admission scripts (``admission/l
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
-from typing import Any
 
 from redis.asyncio import Redis
 
-from waitroom.keys import EventKeys
-from waitroom.scripts import Script
+from waitroom.core import lease, lua_scripts
+from waitroom.core.keys import EventKeys
+from waitroom.core.lua_scripts import Script
 
 #: Lease lifetime; at most 2 s so that a dead leader is replaced within 3 s.
 LEASE_MS = 1500
@@ -35,27 +33,14 @@ RENEW_EVERY_S = LEASE_MS / 3000
 ACQUIRE_EVERY_S = 0.25
 
 
-class _Script(Script):
-    """A script of ``admission/lua``, called like :class:`waitroom.scripts.Script`."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.source = resources.files("admission.lua").joinpath(name).read_text()
-        # Redis names scripts by SHA1; this is an identifier, not a security measure.
-        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
-
-
-LEASE = _Script("lease.lua")
-ADMIT = _Script("admit.lua")
-SETTINGS = _Script("settings.lua")
-ALL = (LEASE, ADMIT, SETTINGS)
+ADMIT = Script("admission.lua", "admit.lua")
+SETTINGS = Script("admission.lua", "settings.lua")
+ALL = (*lease.SCRIPTS, ADMIT, SETTINGS)
 
 
 async def load_all(redis: Redis) -> None:
     """Register the admission scripts with Redis, so the loop only ever sends ``EVALSHA``."""
-    client: Any = redis
-    for script in ALL:
-        await client.script_load(script.source)
+    await lua_scripts.load(redis, ALL)
 
 
 def new_token() -> str:
@@ -65,7 +50,7 @@ def new_token() -> str:
 
 async def acquire(redis: Redis, ek: EventKeys, token: str, *, lease_ms: int = LEASE_MS) -> bool:
     """Take the lease if nobody holds it."""
-    return bool(await redis.set(ek.leader, token, nx=True, px=lease_ms))
+    return await lease.acquire(redis, ek.leader, token, lease_ms=lease_ms)
 
 
 async def renew(
@@ -78,15 +63,19 @@ async def renew(
     now: float = 0.0,
 ) -> bool:
     """Extend our lease (and publish the observed rate); False when it is not ours any more."""
-    rate = "" if observed_rate is None else f"{observed_rate:.3f}"
-    reply = await LEASE(redis, [ek.leader, ek.meta], [token, "renew", lease_ms, rate, f"{now:.3f}"])
-    return int(reply) == 1
+    figures = (
+        None
+        if observed_rate is None
+        else {"observed_rate": f"{observed_rate:.3f}", "observed_at": f"{now:.3f}"}
+    )
+    return await lease.renew(
+        redis, ek.leader, token, lease_ms=lease_ms, publish_to=ek.meta, figures=figures
+    )
 
 
 async def release(redis: Redis, ek: EventKeys, token: str) -> bool:
     """Give the lease up at once (a clean shutdown), if it is still ours."""
-    reply = await LEASE(redis, [ek.leader, ek.meta], [token, "release", 0, "", "0"])
-    return int(reply) == 1
+    return await lease.release(redis, ek.leader, token)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ PostgreSQL for the events whose sale is open or opens within :data:`OPEN_SOON_S`
 closed) and keeps one :class:`EventAdmission` per such event. Each of those tries to take the
 event's lease (:mod:`admission.leader`); the one process that holds it runs the loop:
 
-1. at the sale's opening time, open the room (``waitroom.room.Rooms.open_room``); a lottery
+1. at the sale's opening time, open the room (``waitroom.line.room.Rooms.open_room``); a lottery
    room is drawn first, and nobody is admitted until the draw is applied;
 2. every tick (:data:`TICK_S`): read the room's live state (rate, ``max_active``, paused,
    sold out, active passes) from Redis in one pipeline, so an operator's change shows within
@@ -30,15 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-import jwt
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
 
 from admission import bucket as buckets
 from admission import leader
-from admission.passes import PassClaims, PassKeys, new_jti
-from waitroom.keys import EventKeys, Keys
-from waitroom.room import Rooms
+from admission.passes import PassClaims, PassKeys, new_jti, read_claims
+from waitroom.core.keys import EventKeys, Keys
+from waitroom.line.room import Rooms
 
 log = logging.getLogger("waitroom.admission")
 
@@ -432,8 +431,10 @@ class EventAdmission:
             if queue_pass is None:
                 continue
             # Our own signature, read back from our own Redis: nothing to verify here.
-            claims = jwt.decode(queue_pass, options={"verify_signature": False})
-            rows.append(PassRow(claims["jti"], _text(fan) or "", seq, claims["iat"], claims["exp"]))
+            claims = read_claims(_text(queue_pass) or "")
+            if claims is None:
+                continue
+            rows.append(PassRow(claims.jti, _text(fan) or "", seq, claims.iat, claims.exp))
         self._pending[:0] = rows
         await self.flush()
         if rows:

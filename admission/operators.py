@@ -24,8 +24,8 @@ from msgspec import UNSET, Meta, UnsetType
 from redis.asyncio import Redis
 
 from admission import leader
-from waitroom.errors import NotFound, ValidationFailed
-from waitroom.keys import Keys
+from waitroom.core.errors import NotFound, ValidationFailed
+from waitroom.core.keys import Keys
 
 Rate = Annotated[float, Meta(gt=0, le=100_000, description="admissions per second")]
 MaxActive = Annotated[int, Meta(ge=1, le=10_000_000, description="passes active at once")]

@@ -31,9 +31,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import os
 import secrets
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,12 +41,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from prometheus_client import Counter
 from redis.asyncio import Redis
-from starlette.requests import HTTPConnection
 
-from waitroom.context import context
-from waitroom.errors import Forbidden, Gone, SettingsError
-from waitroom.keys import Keys
-from waitroom.settings import Settings
+from waitroom.core import keyfiles
+from waitroom.core.errors import Forbidden, Gone, SettingsError
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings
 
 log = logging.getLogger("waitroom.passes")
 
@@ -113,6 +110,24 @@ def _b64(data: bytes) -> str:
 def _b64decode(segment: str) -> bytes:
     """Strict base64url without padding: anything outside the alphabet is an error."""
     return base64.b64decode(segment + "=" * (-len(segment) % 4), altchars=b"-_", validate=True)
+
+
+def _decode_claims(segment: str) -> PassClaims | None:
+    try:
+        return _CLAIMS_DECODER.decode(_b64decode(segment))
+    except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def read_claims(token: str) -> PassClaims | None:
+    """The claims of a pass this deployment issued, read WITHOUT verifying the signature.
+
+    For passes read back from our own store (display, backfill); never for a pass a client
+    sent, which goes through :meth:`PassKeys.verify`. None when ``token`` is not a pass.
+    """
+    if len(token) > MAX_PASS_CHARS or token.count(".") != 2:
+        return None
+    return _decode_claims(token.split(".")[1])
 
 
 class _Header(msgspec.Struct, frozen=True):
@@ -210,11 +225,10 @@ class PassKeys:
             key.verify(_b64decode(signature), f"{head}.{body}".encode())
         except (ValueError, InvalidSignature):
             raise _pass_error("pass_invalid", "the queue pass's signature is invalid") from None
-        try:
-            claims = _CLAIMS_DECODER.decode(_b64decode(body))
-        except (ValueError, msgspec.DecodeError, msgspec.ValidationError):
+        claims = _decode_claims(body)
+        if claims is None:
             # Signed by us yet not our claims: a key used for something else. Refuse.
-            raise _pass_error("pass_invalid", "the queue pass's claims are invalid") from None
+            raise _pass_error("pass_invalid", "the queue pass's claims are invalid")
         if claims.iss != issuer:
             raise _pass_error("pass_invalid", "the queue pass is from another issuer")
         if claims.evt != event_id:
@@ -237,47 +251,44 @@ class PassGate:
         self.keys = keys
         self.issuer = issuer
 
-    async def check(self, token: str, *, event_id: str, fan_id: str, now: float) -> PassClaims:
-        """The claims of a good, unrevoked pass; the matching 403/410 otherwise."""
+    async def check(
+        self,
+        token: str | None,
+        *,
+        event_id: str,
+        fan_id: str,
+        now: float,
+        unspent: bool = False,
+    ) -> PassClaims:
+        """The claims of a good, unrevoked pass; the matching 403/410 otherwise.
+
+        ``token`` is the ``X-Queue-Pass`` header as sent (None when missing: a pass sent any
+        other way is ``pass_missing``, checkout never guesses). With ``unspent``, a pass whose
+        order is paid already is refused too (``pass_spent``): it may not reserve again.
+        """
         try:
+            if token is None or not token.strip():
+                raise _pass_error(
+                    "pass_missing", "this needs a queue pass: send it in the X-Queue-Pass header"
+                )
             claims = self.pass_keys.verify(
-                token, issuer=self.issuer, event_id=event_id, fan_id=fan_id, now=now
+                token.strip(), issuer=self.issuer, event_id=event_id, fan_id=fan_id, now=now
             )
-            if await self.redis.exists(self.keys.revoked_pass(claims.jti)):
-                raise _pass_error("pass_revoked", "the queue pass has been revoked")
+            revoked = self.keys.revoked_pass(claims.jti)
+            markers = (revoked, self.keys.spent_pass(claims.jti)) if unspent else (revoked,)
+            # One round trip for both markers; which one it was is asked only on a refusal.
+            if await self.redis.exists(*markers):
+                if await self.redis.exists(revoked):
+                    raise _pass_error("pass_revoked", "the queue pass has been revoked")
+                raise _pass_error(
+                    "pass_spent",
+                    "this queue pass was used for a paid order; it cannot reserve again",
+                )
         except (Forbidden, Gone) as exc:
             VERIFICATIONS.labels(exc.code).inc()
             raise
         VERIFICATIONS.labels("ok").inc()
         return claims
-
-
-def gate(conn: HTTPConnection) -> PassGate:
-    """The :class:`PassGate` of the app serving ``conn``."""
-    value: PassGate = context(conn).services["passes"]
-    return value
-
-
-async def require_pass(
-    conn: HTTPConnection, event_id: str, fan_id: str, *, now: float | None = None
-) -> PassClaims:
-    """The claims of the pass in ``X-Queue-Pass``, checked for ``event_id`` and ``fan_id``.
-
-    The one call checkout routes make before anything else. A pass sent any other way (in
-    ``Authorization``, a cookie, the query) is ``pass_missing``: checkout never guesses.
-    """
-    token = conn.headers.get(HEADER)
-    if token is None or not token.strip():
-        VERIFICATIONS.labels("pass_missing").inc()
-        raise _pass_error(
-            "pass_missing", "this needs a queue pass: send it in the X-Queue-Pass header"
-        )
-    return await gate(conn).check(
-        token.strip(),
-        event_id=event_id,
-        fan_id=fan_id,
-        now=time.time() if now is None else now,
-    )
 
 
 # --- key files ----------------------------------------------------------------------------
@@ -328,41 +339,12 @@ def private_pem(key: Ed25519PrivateKey) -> bytes:
     )
 
 
-def public_pem(key: Ed25519PublicKey) -> bytes:
-    """``key`` as a SubjectPublicKeyInfo PEM."""
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def load_or_generate(path: Path) -> Ed25519PrivateKey:
-    """The development signing key at ``path``, generating it first if it does not exist.
-
-    Race-safe: when several processes start at once, each writes its candidate to a private
-    temporary file and hard-links it into place; a link never replaces an existing file, so
-    exactly one candidate wins and every process reads that one back.
-    """
-    variable = "WAITROOM_PASS_SIGNING_KEY"
-    if path.exists():
-        return _load_private(path, variable)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    candidate = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(private_pem(Ed25519PrivateKey.generate()))
-            file.flush()
-            os.fsync(file.fileno())
-        try:
-            os.link(candidate, path)
-        except FileExistsError:
-            pass  # another process got there first: its key is the one
-        else:
-            log.warning(
-                "generated a queue-pass signing key; set WAITROOM_PASS_SIGNING_KEY in"
-                " production so that every host signs with the same key",
-                extra={"path": str(path)},
-            )
-    finally:
-        candidate.unlink(missing_ok=True)
-    return _load_private(path, variable)
+    """The development signing key at ``path``, generating it first if it does not exist
+    (race-safe: see :mod:`waitroom.core.keyfiles`)."""
+    keyfiles.generated(
+        path,
+        lambda: private_pem(Ed25519PrivateKey.generate()),
+        hint="set WAITROOM_PASS_SIGNING_KEY in production so that every host signs with one key",
+    )
+    return _load_private(path, "WAITROOM_PASS_SIGNING_KEY")

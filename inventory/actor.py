@@ -37,7 +37,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from inventory import store
 from inventory.ledger import Changes, Command, Expire, Expired, Ledger, Refused, Result
-from waitroom.errors import Unavailable
+from waitroom.core.errors import Unavailable
 
 log = logging.getLogger("waitroom.inventory")
 
@@ -163,7 +163,7 @@ class InventoryActor:
         """Apply ``command`` and return its result once it is durable.
 
         Raises :class:`ActorStopped` (503) if the actor stops first, and
-        :class:`~waitroom.errors.Unavailable` if no answer comes within ``timeout`` seconds
+        :class:`~waitroom.core.errors.Unavailable` if no answer comes within ``timeout`` seconds
         (the command may still commit: a retry with the same idempotency key is safe).
         """
         pending = self.submit(command)

@@ -17,7 +17,7 @@ import asyncpg
 import msgspec
 from msgspec import Meta
 
-from waitroom.errors import Conflict, NotFound, ValidationFailed
+from waitroom.core.errors import Conflict, NotFound, ValidationFailed
 
 EventId = Annotated[
     str,
@@ -540,3 +540,22 @@ async def event_stats(pool: asyncpg.Pool[Any], event_id: str) -> EventStats:
         sold=sum(t.sold for t in types),
         available=sum(t.available for t in types),
     )
+
+
+class PriceBook:
+    """Ticket prices by event, read once: an event's types and prices never change."""
+
+    def __init__(self, pool: asyncpg.Pool[Any]) -> None:
+        self._pool = pool
+        self._events: dict[str, EventDetail] = {}
+
+    async def price(self, event_id: str, ticket_type: str) -> tuple[int, str]:
+        """``(price_minor, currency)`` of ``ticket_type``; ``(0, "")`` for an unknown type."""
+        event = self._events.get(event_id)
+        if event is None:
+            event = await get_event(self._pool, event_id)
+            self._events[event_id] = event
+        for t in event.ticket_types:
+            if t.name == ticket_type:
+                return t.price_minor, t.currency
+        return 0, ""

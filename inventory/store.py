@@ -29,7 +29,7 @@ from inventory.ledger import (
     decode_result,
     encode_result,
 )
-from waitroom.errors import NotFound, WaitroomError
+from waitroom.core.errors import NotFound, WaitroomError
 
 _json = msgspec.json.Encoder()
 

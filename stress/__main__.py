@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import uvloop
 
-from waitroom.runtime import tune_gc
+from waitroom.core.runtime import tune_gc
 
 BENCHMARKS = {
     "join": "stress.join",

@@ -41,8 +41,8 @@ from admission import operators
 from admission.passes import PassGate, PassKeys
 from inventory import catalogue
 from stress.common import free_port, fresh_database, fresh_prefix
-from waitroom.keys import EventKeys, Keys
-from waitroom.settings import Settings, load_settings, settings_env
+from waitroom.core.keys import EventKeys, Keys
+from waitroom.core.settings import Settings, load_settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_ERROR_PCT = 2.0

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
 
-from waitroom.db import drop_database, ensure_database, migrate
-from waitroom.settings import Settings
+from waitroom.core.db import drop_database, ensure_database, migrate
+from waitroom.core.settings import Settings
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

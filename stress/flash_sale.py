@@ -27,8 +27,8 @@ from inventory import catalogue
 from stress.common import fresh_database, fresh_prefix
 from stress.simulation import Progress, simulate, summarize
 from stress.stack import running_stack
-from waitroom.keys import Keys
-from waitroom.settings import load_settings
+from waitroom.core.keys import Keys
+from waitroom.core.settings import load_settings
 
 PER_FAN_LIMIT = 4
 

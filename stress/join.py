@@ -52,9 +52,9 @@ from stress.common import free_port, fresh_database, fresh_prefix, percentile
 from stress.join_app import TRIVIAL_PATH
 from stress.loadgen import LoadResult, run_load
 from stress.server import server_process, stopped_cleanly
-from waitroom.keys import EventKeys, Keys
-from waitroom.redis_mux import Multiplexer
-from waitroom.settings import load_settings
+from waitroom.core.keys import EventKeys, Keys
+from waitroom.core.redis import Multiplexer
+from waitroom.core.settings import load_settings
 
 TARGET_RATIO = 0.5
 TARGET_P99_MS = 50.0

@@ -18,11 +18,11 @@ from starlette.responses import Response
 
 from waitroom.app import create_app
 from waitroom.cli import run_server
-from waitroom.http import JSONResponse
-from waitroom.logs import configure_logging
-from waitroom.openapi import Operation
-from waitroom.runtime import tune_gc
-from waitroom.settings import load_settings
+from waitroom.core.http import JSONResponse
+from waitroom.core.logs import configure_logging
+from waitroom.core.openapi import Operation
+from waitroom.core.runtime import tune_gc
+from waitroom.core.settings import load_settings
 
 TRIVIAL_PATH = "/stress/trivial"
 _OK = {"ok": True}

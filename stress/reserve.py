@@ -39,7 +39,7 @@ from inventory import catalogue, store
 from inventory.actor import InventoryActor
 from inventory.ledger import Reserve, Reserved
 from stress.common import fresh_database, percentile
-from waitroom.settings import load_settings
+from waitroom.core.settings import load_settings
 
 TARGET_HOLDS_PER_S = 50_000.0
 TARGET_RATIO = 50.0

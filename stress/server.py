@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from waitroom.settings import Settings, settings_env
+from waitroom.core.settings import Settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

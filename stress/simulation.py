@@ -319,8 +319,8 @@ async def _verify(event_id: str) -> dict[str, int]:
     from redis.asyncio import Redis
 
     from stress.flash_sale import check
-    from waitroom.keys import Keys
-    from waitroom.settings import load_settings
+    from waitroom.core.keys import Keys
+    from waitroom.core.settings import load_settings
 
     settings = load_settings()
     pool: asyncpg.Pool[Any] = await asyncpg.create_pool(

@@ -20,7 +20,7 @@ import httpx
 import msgspec
 
 from stress.common import free_port
-from waitroom.settings import Settings, settings_env
+from waitroom.core.settings import Settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

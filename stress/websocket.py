@@ -57,8 +57,8 @@ from stress.server import (
     worker_pids,
 )
 from stress.wsclient import Report
-from waitroom.keys import Keys
-from waitroom.settings import load_settings
+from waitroom.core.keys import Keys
+from waitroom.core.settings import load_settings
 
 TARGET_GAP_S = 2.0
 TARGET_KB = 30.0

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.harness import ADMIN_TOKEN, ServerThread, cleanup, fresh_settings, running
-from waitroom.settings import Settings
+from waitroom.core.settings import Settings
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,8 @@ import uvicorn
 from starlette.applications import Starlette
 
 from waitroom.app import create_app
-from waitroom.db import drop_database, ensure_database, migrate
-from waitroom.settings import Settings, load_settings, settings_env
+from waitroom.core.db import drop_database, ensure_database, migrate
+from waitroom.core.settings import Settings, load_settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)

@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
-from waitroom import scripts
-from waitroom.keys import EventKeys, Keys
-from waitroom.settings import Settings
+from waitroom.core.keys import EventKeys, Keys
+from waitroom.core.settings import Settings
+from waitroom.line import scripts
 
 GA = [{"name": "ga", "quantity": 100, "price_minor": 1000, "currency": "EUR"}]
 

@@ -12,17 +12,19 @@ import asyncpg
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from admission.passes import PassClaims, PassKeys
 from tests.harness import ADMIN_TOKEN, ServerThread, running
 from tests.queue_support import create_event, fan_headers, new_ip, redis_client
-from waitroom.broadcast import Broadcaster, Hub, Subscriber, pump
-from waitroom.db import create_pool
-from waitroom.keys import Keys
-from waitroom.room import Rooms
-from waitroom.settings import Settings
+from waitroom.core.db import create_pool
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings
+from waitroom.line.broadcast import Broadcaster, Hub, Subscriber, pump
+from waitroom.line.room import Rooms
 
 pytestmark = pytest.mark.anyio
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -178,7 +180,8 @@ async def test_paused_sold_out_and_admitted_arrive_over_the_socket(
         assert (await until(ws2, lambda m: m["type"] == "position"))["position"] == 2
 
         # The admission loop's writes (see waitroom/room.py) reach the fan as "admitted".
-        the_pass = jwt.encode({"exp": 1800000000, "sub": first_id}, "k" * 32, "HS256")
+        claims = PassClaims("waitroom", first_id, event_id, "j1", 1, 1, 1800000000, 1)
+        the_pass = PassKeys(Ed25519PrivateKey.generate()).sign(claims)
         await r.zrem(ek.queue, first_id)
         await r.hset(ek.admitted, first_id, the_pass)
         await r.hincrby(ek.meta, "admitted_total", 1)

@@ -14,8 +14,8 @@ import pytest
 from inventory.catalogue import EventCreate, RoomSpec, TicketTypeSpec, validate_event
 from tests.harness import run_cli
 from tests.test_errors import assert_error
-from waitroom.errors import ValidationFailed
-from waitroom.settings import Settings
+from waitroom.core.errors import ValidationFailed
+from waitroom.core.settings import Settings
 
 
 def event_body(**overrides: Any) -> dict[str, Any]:

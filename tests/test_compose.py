@@ -9,7 +9,7 @@ import yaml
 
 from tests.harness import ROOT
 from waitroom.cli import build_parser
-from waitroom.settings import load_settings
+from waitroom.core.settings import load_settings
 from workers import mock_provider
 
 

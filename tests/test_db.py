@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from tests.harness import base_settings, with_database
-from waitroom.db import drop_database, ensure_database, migrate, migrations
-from waitroom.settings import Settings
+from waitroom.core.db import drop_database, ensure_database, migrate, migrations
+from waitroom.core.settings import Settings
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tests.harness import ADMIN_TOKEN, ServerThread, running
-from waitroom.openapi import Operation
-from waitroom.settings import Settings
+from waitroom.core.openapi import Operation
+from waitroom.core.settings import Settings
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 JSON = {**ADMIN, "Content-Type": "application/json"}

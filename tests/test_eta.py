@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from waitroom.eta import MIN_INTERVAL_S, RateEstimator, eta_seconds
+from waitroom.line.eta import MIN_INTERVAL_S, RateEstimator, eta_seconds
 
 T = 1_800_000_000.0
 

@@ -14,15 +14,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from waitroom.errors import SettingsError, Unauthorized
-from waitroom.identity import (
+from waitroom.core.errors import SettingsError, Unauthorized
+from waitroom.core.settings import Settings
+from waitroom.line.identity import (
     USER_LEEWAY_S,
     VISITOR_TTL_S,
     Identities,
     load_user_key,
     load_visitor_secret,
 )
-from waitroom.settings import Settings
 
 NOW = 1_800_000_000.0
 SECRET = b"s" * 64

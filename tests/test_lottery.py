@@ -17,11 +17,11 @@ import pytest
 
 from inventory import catalogue
 from tests.queue_support import redis_client
-from waitroom import lottery
-from waitroom.db import create_pool
-from waitroom.keys import Keys
-from waitroom.room import Rooms
-from waitroom.settings import Settings
+from waitroom.core.db import create_pool
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings
+from waitroom.line import lottery
+from waitroom.line.room import Rooms
 
 #: chi-square critical value for 23 degrees of freedom at the 0.999 level.
 CHI2_23_999 = 49.73

@@ -6,10 +6,12 @@ import json
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from waitroom import messages
-from waitroom.messages import Admitted, Paused, Position, Prequeue, SoldOut
-from waitroom.scripts import ADMITTED, ADMITTING, GONE, PREQUEUE, RoomView
+from admission.passes import PassClaims, PassKeys
+from waitroom.line import messages
+from waitroom.line.messages import Admitted, Paused, Position, Prequeue, SoldOut
+from waitroom.line.scripts import ADMITTED, ADMITTING, GONE, PREQUEUE, RoomView
 
 
 def room(**changes: object) -> RoomView:
@@ -65,9 +67,11 @@ def test_an_unknown_message_type_does_not_decode() -> None:
 
 
 def test_the_pass_expiry_is_read_for_display_without_a_key() -> None:
-    token = jwt.encode({"exp": 1800000123, "sub": "x"}, "any-secret-will-do-for-this-test", "HS256")
+    claims = PassClaims("waitroom", "fan", "evt", "jti", 1, 1, 1800000123, 7)
+    token = PassKeys(Ed25519PrivateKey.generate()).sign(claims)
     assert messages.pass_expiry(token) == 1800000123
     assert messages.pass_expiry("not a jwt") is None
+    # Not one of our passes (other claims): nothing to show.
     assert messages.pass_expiry(jwt.encode({"sub": "x"}, "k" * 32, "HS256")) is None
 
 

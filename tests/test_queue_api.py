@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from tests.harness import ADMIN_TOKEN, ServerThread, running
 from tests.queue_support import create_event, fan_headers, new_ip
 from tests.test_errors import assert_error
-from waitroom import lottery
-from waitroom.keys import Keys
-from waitroom.settings import Settings
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings
+from waitroom.line import lottery
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -1,22 +1,65 @@
-"""Token buckets: the pure arithmetic, and ratelimit.lua agreeing with it on real Redis."""
+"""Token buckets: the pure arithmetic, and bucket.lua (spliced into join.lua) agreeing with it
+on real Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
+from redis.asyncio import Redis
 
 from tests.queue_support import redis_client
-from waitroom import scripts
-from waitroom.keys import Keys
-from waitroom.ratelimit import JOIN_PER_FAN, JOIN_PER_IP, BucketState, Decision, Limit, take
-from waitroom.settings import Settings
+from waitroom.core.keys import Keys
+from waitroom.core.lua_scripts import Script
+from waitroom.core.settings import Settings
+from waitroom.line.ratelimit import JOIN_PER_FAN, JOIN_PER_IP, BucketState, Decision, Limit, take
 
 T0 = 1_800_000_000_000
+
+#: bucket.lua on its own, as join.lua uses it: take ``cost`` tokens if the bucket holds them.
+_PROBE_BODY = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now_ms, cost = tonumber(ARGV[3]), tonumber(ARGV[4])
+local assessed = bucket_assess(KEYS[1], rate, burst, now_ms, cost)
+if not assessed.ok then
+  return {0, bucket_whole(assessed.tokens), assessed.retry_ms,
+          bucket_reset_ms(assessed.tokens, rate, burst)}
+end
+local left, reset_ms = bucket_take(KEYS[1], assessed, rate, burst, cost)
+return {1, bucket_whole(left), 0, reset_ms}
+"""
+
+
+class _BucketProbe(Script):
+    def __init__(self) -> None:
+        super().__init__("waitroom.line.lua", "bucket.lua")
+        self.name = "bucket-probe"
+        self.source += _PROBE_BODY
+        self.sha = hashlib.sha1(self.source.encode(), usedforsecurity=False).hexdigest()
+
+
+_PROBE = _BucketProbe()
+
+
+async def take_in_redis(
+    redis: Redis, key: str, limit: Limit, *, now_ms: int, cost: int = 1
+) -> Decision:
+    """Take ``cost`` tokens from the bucket at ``key`` with bucket.lua, in Redis."""
+    allowed, remaining, retry_ms, reset_ms = await _PROBE(
+        redis, [key], [limit.rate, limit.burst, now_ms, cost]
+    )
+    return Decision(
+        allowed=allowed == 1,
+        limit=limit.burst,
+        remaining=int(remaining),
+        retry_after_ms=int(retry_ms),
+        reset_ms=int(reset_ms),
+    )
 
 
 def test_a_fresh_bucket_allows_a_burst_then_refuses() -> None:
@@ -68,12 +111,12 @@ def test_the_join_limits_are_sane() -> None:
 
 @pytest.mark.anyio
 async def test_the_script_keeps_the_bucket_only_until_it_is_full_again(settings: Settings) -> None:
-    key = Keys(settings.redis_prefix).ratelimit("test", secrets.token_hex(4))
+    key = Keys(settings.redis_prefix).event("rl-test").bucket("test", secrets.token_hex(4))
     async with redis_client(settings) as r:
-        decision = await scripts.ratelimit(r, key, Limit(rate=1, burst=3), now_ms=T0)
+        decision = await take_in_redis(r, key, Limit(rate=1, burst=3), now_ms=T0)
         assert (decision.allowed, decision.remaining, decision.reset_ms) == (True, 2, 1000)
         assert 1000 < await r.pttl(key) <= 2000
-        refused = await scripts.ratelimit(r, key, Limit(rate=1, burst=3), now_ms=T0, cost=5)
+        refused = await take_in_redis(r, key, Limit(rate=1, burst=3), now_ms=T0, cost=5)
         assert (refused.allowed, refused.retry_after_ms) == (False, 3000)
         await r.delete(key)
 
@@ -91,7 +134,7 @@ limits = st.builds(
 
 
 async def _compare(settings: Settings, limit: Limit, moves: list[tuple[int, int]]) -> None:
-    key = Keys(settings.redis_prefix).ratelimit("agree", secrets.token_hex(6))
+    key = Keys(settings.redis_prefix).event("rl-test").bucket("agree", secrets.token_hex(6))
     state: BucketState | None = None
     now = T0
     async with redis_client(settings) as r:
@@ -99,7 +142,7 @@ async def _compare(settings: Settings, limit: Limit, moves: list[tuple[int, int]
             for delta, cost in moves:
                 now += delta
                 state, expected = take(state, limit, now, cost)
-                got = await scripts.ratelimit(r, key, limit, now_ms=now, cost=cost)
+                got = await take_in_redis(r, key, limit, now_ms=now, cost=cost)
                 assert got == expected, (limit, moves)
         finally:
             await r.delete(key)

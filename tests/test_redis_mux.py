@@ -12,9 +12,9 @@ from redis import exceptions as rx
 
 from tests.harness import free_port
 from tests.queue_support import redis_client
-from waitroom import scripts
-from waitroom.redis_mux import Multiplexer
-from waitroom.settings import Settings
+from waitroom.core.lua_scripts import Script
+from waitroom.core.redis import Multiplexer
+from waitroom.core.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +58,7 @@ async def test_error_replies_raise_and_leave_the_connection_usable(
 
 
 async def test_a_script_redis_does_not_know_is_loaded_on_first_use(mux: Multiplexer) -> None:
-    script = scripts.Script("leave.lua")
+    script = Script("waitroom.line.lua", "leave.lua")
     # A variant no one has loaded: a unique comment changes the SHA.
     script.source += f"\n-- {secrets.token_hex(8)}\n"
     script.sha = hashlib.sha1(script.source.encode(), usedforsecurity=False).hexdigest()

@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from tests.queue_support import fresh_room_keys, make_room, redis_client
-from waitroom import lottery, scripts
-from waitroom.keys import EventKeys
-from waitroom.ratelimit import Limit
-from waitroom.scripts import ADMITTED, ADMITTING, GONE, PREQUEUE
-from waitroom.settings import Settings
+from waitroom.core.keys import EventKeys
+from waitroom.core.settings import Settings
+from waitroom.line import lottery, scripts
+from waitroom.line.ratelimit import Limit
+from waitroom.line.scripts import ADMITTED, ADMITTING, GONE, PREQUEUE
 
 pytestmark = pytest.mark.anyio
 
@@ -469,7 +469,7 @@ async def _replay(settings: Settings, ops: list[tuple[str, str]]) -> None:
                 assert sorted(c for c in found if c >= 0) == list(range(len(line)))
         finally:
             await r.delete(
-                *(ek.key(k) for k in ("queue", "fans", "seen", "seq", "meta", "admitted"))
+                *(getattr(ek, k) for k in ("queue", "fans", "seen", "seq", "meta", "admitted"))
             )
 
 

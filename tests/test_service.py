@@ -8,7 +8,7 @@ import httpx
 import msgspec
 
 from tests.harness import free_port, running
-from waitroom.settings import Settings
+from waitroom.core.settings import Settings
 
 
 def test_healthz_answers_without_dependencies(client: httpx.Client) -> None:

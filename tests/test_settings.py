@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from waitroom.errors import SettingsError
-from waitroom.settings import Settings, load_settings
+from waitroom.core.errors import SettingsError
+from waitroom.core.settings import Settings, load_settings
 
 
 def test_no_variables_give_the_documented_defaults() -> None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -18,29 +17,26 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from admission import api as admission_api
-from inventory.hosting import InventoryHost
+from waitroom import admission_api as admission_api
 from waitroom import checkout_api, events_api, pages, queue_api
-from waitroom.context import Context, context
-from waitroom.db import create_pool
-from waitroom.errors import (
+from waitroom.core.errors import (
     MethodNotAllowed,
     NotFound,
     Unavailable,
     WaitroomError,
 )
-from waitroom.http import (
+from waitroom.core.http import (
     JSONResponse,
     RequestContextMiddleware,
     dependency_error,
     error_response,
     internal_error_body,
 )
-from waitroom.keys import Keys
-from waitroom.logs import configure_logging
-from waitroom.openapi import Operation, build_document
-from waitroom.runtime import tune_gc
-from waitroom.settings import Settings, load_settings
+from waitroom.core.logs import configure_logging
+from waitroom.core.openapi import Operation, build_document
+from waitroom.core.runtime import tune_gc
+from waitroom.core.settings import Settings, load_settings
+from waitroom.services import open_services, services
 
 log = logging.getLogger("waitroom.app")
 VERSION = "0.1.0"
@@ -70,12 +66,12 @@ async def _check(name: str, probe: Any, timeout: float) -> tuple[str, str]:
 
 async def readyz(request: Request) -> Response:
     """Ready when Redis and PostgreSQL both answer within the dependency timeout."""
-    ctx = context(request)
-    timeout = ctx.settings.dependency_timeout_s
+    svc = services(request)
+    timeout = svc.settings.dependency_timeout_s
     results = dict(
         await asyncio.gather(
-            _check("redis", ctx.redis.ping(), timeout),
-            _check("postgresql", ctx.db.fetchval("SELECT 1"), timeout),
+            _check("redis", svc.redis.ping(), timeout),
+            _check("postgresql", svc.db.fetchval("SELECT 1"), timeout),
         )
     )
     failing = sorted(name for name, outcome in results.items() if outcome != "ok")
@@ -216,20 +212,6 @@ def build_routes(ops: Sequence[Operation]) -> list[BaseRoute]:
     return routes
 
 
-def make_redis(settings: Settings) -> Redis:
-    """A Redis client whose pool waits for a free connection instead of failing a burst."""
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.dependency_timeout_s,
-        socket_connect_timeout=settings.dependency_timeout_s,
-        socket_timeout=max(settings.dependency_timeout_s, 5.0),
-        health_check_interval=30,
-    )
-    # from_pool hands the pool to the client, so aclose() also closes its connections.
-    return Redis.from_pool(pool)
-
-
 def create_app(
     settings: Settings,
     *,
@@ -241,25 +223,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = make_redis(settings)
-        db = await create_pool(settings)
-        ctx = Context(settings=settings, redis=redis, db=db, keys=Keys(settings.redis_prefix))
-        app.state.ctx = ctx
-        inventory = InventoryHost(db, redis, ctx.keys)
-        ctx.services["inventory"] = inventory
-        try:
-            await inventory.start()
-            await queue_api.start(ctx)
-            await admission_api.start(ctx)
+        async with AsyncExitStack() as stack:
+            app.state.services = await open_services(settings, stack)
             yield
-        finally:
-            # Admission first: its loops hand their leases over while the clients still work.
-            await admission_api.stop(ctx)
-            await queue_api.stop(ctx)
-            # Before the clients close: pending asks get their answers or a clear 503.
-            await inventory.stop()
-            await db.close()
-            await redis.aclose()
 
     app = Starlette(
         routes=[*build_routes(ops), *queue_api.ROUTES, *pages.ROUTES, *extra_routes],

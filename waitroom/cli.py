@@ -14,22 +14,20 @@ import sys
 import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import msgspec
-from redis.asyncio import Redis
 
 from admission import operators
 from inventory import catalogue
-from waitroom.db import create_pool, ensure_database, migrate
-from waitroom.errors import ValidationFailed, WaitroomError
-from waitroom.http import dependency_error
-from waitroom.keys import Keys
-from waitroom.settings import Settings, load_settings
+from waitroom.core.clients import Clients, open_clients
+from waitroom.core.db import ensure_database, migrate
+from waitroom.core.errors import ValidationFailed, WaitroomError
+from waitroom.core.http import dependency_error
+from waitroom.core.settings import Settings, load_settings
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -87,11 +85,18 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
     )
 
 
+async def _check_schema(settings: Settings) -> None:
+    async with AsyncExitStack() as stack:
+        await open_clients(settings, stack, check_schema=True)
+
+
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     """Run the HTTP server (uvicorn; several worker processes with --workers)."""
-    from waitroom.logs import configure_logging
+    from waitroom.core.logs import configure_logging
 
     configure_logging(settings.log_level)
+    # Refused here, as one line, rather than by every worker's lifespan after uvicorn forked.
+    asyncio.run(_check_schema(settings))
     run_server(
         "waitroom.app:app_from_env",
         host=args.host or settings.host,
@@ -103,8 +108,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
     """Run the payment pool, the outbox relay and the safety net until SIGTERM or SIGINT."""
-    from waitroom.logs import configure_logging
-    from waitroom.runtime import tune_gc
+    from waitroom.core.logs import configure_logging
+    from waitroom.core.runtime import tune_gc
     from workers.main import run_workers
 
     configure_logging(settings.log_level)
@@ -234,11 +239,8 @@ def _parse_time(raw: str, name: str) -> datetime:
 async def cmd_event_create(args: argparse.Namespace, settings: Settings) -> int:
     """Create an event from flags, a JSON/TOML file, or both (flags win)."""
     spec = _spec_from_args(args)
-    pool = await create_pool(settings)
-    try:
-        event = await catalogue.create_event(pool, spec, actor=cli_actor(), now=datetime.now(UTC))
-    finally:
-        await pool.close()
+    async with _clients(settings) as c:
+        event = await catalogue.create_event(c.db, spec, actor=cli_actor(), now=datetime.now(UTC))
     if args.json:
         _print_json(event)
     else:
@@ -248,11 +250,8 @@ async def cmd_event_create(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_event_list(args: argparse.Namespace, settings: Settings) -> int:
     """List events, newest first."""
-    pool = await create_pool(settings)
-    try:
-        events = await catalogue.list_events(pool, limit=args.limit)
-    finally:
-        await pool.close()
+    async with _clients(settings) as c:
+        events = await catalogue.list_events(c.db, limit=args.limit)
     if args.json:
         _print_json(events)
         return 0
@@ -280,11 +279,8 @@ async def cmd_event_list(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_event_show(args: argparse.Namespace, settings: Settings) -> int:
     """Show one event with its rules and ticket types."""
-    pool = await create_pool(settings)
-    try:
-        event = await catalogue.get_event(pool, args.event)
-    finally:
-        await pool.close()
+    async with _clients(settings) as c:
+        event = await catalogue.get_event(c.db, args.event)
     if args.json:
         _print_json(event)
         return 0
@@ -322,19 +318,12 @@ async def cmd_event_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 @asynccontextmanager
-async def _clients(settings: Settings) -> AsyncIterator[tuple[asyncpg.Pool[Any], Redis, Keys]]:
-    """PostgreSQL and Redis, as the server reaches them, for one command."""
-    pool = await create_pool(settings)
-    redis = Redis.from_url(
-        settings.redis_url,
-        socket_connect_timeout=settings.dependency_timeout_s,
-        socket_timeout=max(settings.dependency_timeout_s, 5.0),
-    )
-    try:
-        yield pool, redis, Keys(settings.redis_prefix)
-    finally:
-        await redis.aclose()
-        await pool.close()
+async def _clients(settings: Settings) -> AsyncIterator[Clients]:
+    """PostgreSQL and Redis, opened as the server opens them, for one command."""
+    async with AsyncExitStack() as stack:
+        # No schema check: a one-shot command reports its own errors, and `status` must
+        # work against a database that a newer release migrated.
+        yield await open_clients(settings, stack, check_schema=False)
 
 
 def _duration(seconds: float | None) -> str:
@@ -365,9 +354,9 @@ def _print_settings(result: operators.AdmissionSettings, as_json: bool) -> None:
 
 async def _update(args: argparse.Namespace, settings: Settings, **fields: Any) -> int:
     patch = operators.make_patch(**fields)
-    async with _clients(settings) as (pool, redis, keys):
+    async with _clients(settings) as c:
         result = await operators.update_admission(
-            pool, redis, keys, args.event, patch, actor=cli_actor()
+            c.db, c.redis, c.keys, args.event, patch, actor=cli_actor()
         )
     _print_settings(result, args.json)
     return 0
@@ -392,8 +381,8 @@ async def cmd_admission_resume(args: argparse.Namespace, settings: Settings) -> 
 
 async def cmd_admission_plan(args: argparse.Namespace, settings: Settings) -> int:
     """Dry run: the wait a rate would give the fans in line now. Changes nothing."""
-    async with _clients(settings) as (pool, redis, keys):
-        result = await operators.plan(pool, redis, keys, args.event, args.rate)
+    async with _clients(settings) as c:
+        result = await operators.plan(c.db, c.redis, c.keys, args.event, args.rate)
     if args.json:
         _print_json(result)
         return 0
@@ -413,8 +402,8 @@ async def cmd_admission_plan(args: argparse.Namespace, settings: Settings) -> in
 
 async def cmd_pass_revoke(args: argparse.Namespace, settings: Settings) -> int:
     """Revoke a queue pass by its id (jti)."""
-    async with _clients(settings) as (pool, redis, keys):
-        result = await operators.revoke_pass(pool, redis, keys, args.jti, actor=cli_actor())
+    async with _clients(settings) as c:
+        result = await operators.revoke_pass(c.db, c.redis, c.keys, args.jti, actor=cli_actor())
     if args.json:
         _print_json(result)
     else:
@@ -442,11 +431,11 @@ def _status_text(s: operators.AdmissionStatus) -> str:
 
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """The live view of a sale; --watch redraws it every second until Ctrl-C."""
-    async with _clients(settings) as (pool, redis, keys):
+    async with _clients(settings) as c:
         tty = sys.stdout.isatty()
         while True:
             status = await operators.admission_status(
-                pool, redis, keys, args.event, now=time.time()
+                c.db, c.redis, c.keys, args.event, now=time.time()
             )
             if args.json:
                 _print_json(status)
@@ -464,7 +453,7 @@ def cmd_token_issue(args: argparse.Namespace, settings: Settings) -> int:
     """A token a fan can use to test: an anonymous visitor's, or (with --key) a host-site user's."""
     import jwt
 
-    from waitroom.identity import Identities
+    from waitroom.line.identity import Identities
 
     now = time.time()
     if settings.user_jwt_public_key is None:

@@ -11,14 +11,14 @@ from starlette.responses import Response
 
 from admission import operators
 from inventory import catalogue
-from waitroom.context import context, require_admin
-from waitroom.http import JSONResponse, read_json
-from waitroom.openapi import Operation
+from waitroom.core.http import JSONResponse, read_json
+from waitroom.core.openapi import Operation
+from waitroom.services import require_admin, services
 
 
 async def get_public_event(request: Request) -> Response:
     """Public event info and availability per ticket type."""
-    event = await catalogue.get_event(context(request).db, request.path_params["event_id"])
+    event = await catalogue.get_event(services(request).db, request.path_params["event_id"])
     return JSONResponse(event.public())
 
 
@@ -27,7 +27,7 @@ async def create_event(request: Request) -> Response:
     actor = require_admin(request)
     spec = await read_json(request, catalogue.EventCreate)
     event = await catalogue.create_event(
-        context(request).db, spec, actor=actor, now=datetime.now(UTC)
+        services(request).db, spec, actor=actor, now=datetime.now(UTC)
     )
     return JSONResponse(
         event, status_code=201, headers={"Location": f"/v1/admin/events/{event.id}"}
@@ -37,24 +37,24 @@ async def create_event(request: Request) -> Response:
 async def list_events(request: Request) -> Response:
     """The newest events first."""
     require_admin(request)
-    return JSONResponse(await catalogue.list_events(context(request).db))
+    return JSONResponse(await catalogue.list_events(services(request).db))
 
 
 async def get_event(request: Request) -> Response:
     """Everything about one event, including the room's rules."""
     require_admin(request)
-    event = await catalogue.get_event(context(request).db, request.path_params["event_id"])
+    event = await catalogue.get_event(services(request).db, request.path_params["event_id"])
     return JSONResponse(event)
 
 
 async def get_event_stats(request: Request) -> Response:
     """Live counts of one event."""
     require_admin(request)
-    ctx = context(request)
+    svc = services(request)
     event_id = request.path_params["event_id"]
-    stats = await catalogue.event_stats(ctx.db, event_id)
+    stats = await catalogue.event_stats(svc.db, event_id)
     # The live side of the sale (line, admissions, passes): see admission.operators.
-    live = await operators.admission_status(ctx.db, ctx.redis, ctx.keys, event_id, now=time.time())
+    live = await operators.admission_status(svc.db, svc.redis, svc.keys, event_id, now=time.time())
     stats = msgspec.structs.replace(
         stats, extra={**stats.extra, "admission": msgspec.to_builtins(live)}
     )

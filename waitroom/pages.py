@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from waitroom.errors import NotFound
+from waitroom.core.errors import NotFound
 
 #: Only this origin, for everything; ``connect-src 'self'`` covers the same host's ws(s)://.
 CONTENT_SECURITY_POLICY = (

@@ -1,11 +1,11 @@
 """The fans' side of the waiting room: join, status, leave, the lottery, and the live WebSocket.
 
-HTTP (JSON, declared as :class:`~waitroom.openapi.Operation` so ``/openapi.json`` shows them):
+HTTP (JSON, declared as :class:`~waitroom.core.openapi.Operation` so ``/openapi.json`` shows them):
 
 - ``POST /v1/events/{event_id}/queue`` joins (body empty or ``{}``): 201 with a new place, 200
   with the same place for a fan already in line. Without an identity in anonymous mode a
   visitor token is issued (``visitor_token`` in the body and the ``wr_visitor`` cookie).
-  Limited per client IP and per fan (:mod:`waitroom.ratelimit`): 429 with ``Retry-After``
+  Limited per client IP and per fan (:mod:`waitroom.line.ratelimit`): 429 with ``Retry-After``
   and ``X-RateLimit-Limit/Remaining/Reset``, which 2xx answers carry too.
 - ``GET /v1/events/{event_id}/queue/me``: the same body, for clients that poll; it counts as a
   sign of life. 404 ``not_in_line`` when the fan is not (or no longer) in line.
@@ -17,8 +17,8 @@ HTTP (JSON, declared as :class:`~waitroom.openapi.Operation` so ``/openapi.json`
 WebSocket ``/v1/events/{event_id}/queue/ws``: identity from ``Authorization``, the ``token``
 query parameter or the cookie. Refusals are sent after accepting, as close codes a browser
 can read: 4401 (no or bad identity), 4404 (unknown event, or not in line), 1013 (a
-dependency is down: retry later), 1012 (this server is restarting: reconnect). Then the messages of :mod:`waitroom.messages`, pushed by
-this process's broadcaster (:mod:`waitroom.broadcast`).
+dependency is down: retry later), 1012 (this server is restarting: reconnect). Then the messages of :mod:`waitroom.line.messages`, pushed by
+this process's broadcaster (:mod:`waitroom.line.broadcast`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import contextlib
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
 
 import msgspec
 from prometheus_client import Counter, Gauge, Histogram
@@ -37,17 +36,16 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from waitroom import messages, scripts
-from waitroom.broadcast import Hub, Subscriber, pump
-from waitroom.context import Context, context
-from waitroom.errors import Conflict, NotFound, RateLimited, WaitroomError
-from waitroom.eta import eta_seconds
-from waitroom.http import JSONResponse, dependency_error, read_json
-from waitroom.identity import Identities, Identity, missing, visitor_cookie_header
-from waitroom.openapi import Operation
-from waitroom.redis_mux import Multiplexer
-from waitroom.room import LotteryInfo, Rooms
-from waitroom.scripts import ADMITTED, ADMITTING, GONE, PREQUEUE
+from waitroom.core.errors import Conflict, NotFound, RateLimited, WaitroomError
+from waitroom.core.http import JSONResponse, dependency_error, read_json
+from waitroom.core.openapi import Operation
+from waitroom.line import messages
+from waitroom.line.broadcast import Subscriber, pump
+from waitroom.line.eta import eta_seconds
+from waitroom.line.identity import Identity, missing, visitor_cookie_header
+from waitroom.line.room import LotteryInfo
+from waitroom.line.scripts import ADMITTED, ADMITTING, GONE, PREQUEUE
+from waitroom.services import Services, services
 
 log = logging.getLogger("waitroom.queue")
 
@@ -109,46 +107,6 @@ class Left(msgspec.Struct, frozen=True):
     """Body of a successful leave."""
 
     left: bool = True
-
-
-@dataclass
-class QueueServices:
-    """What the queue routes use in this process (in ``Context.services["queue"]``)."""
-
-    identities: Identities
-    rooms: Rooms
-    hub: Hub
-    #: The pipelined Redis connection the rooms' scripts run on.
-    redis: Multiplexer
-
-
-def services(conn: HTTPConnection) -> QueueServices:
-    """The queue services of the app serving ``conn``."""
-    svc: QueueServices = context(conn).services["queue"]
-    return svc
-
-
-async def start(ctx: Context) -> QueueServices:
-    """Create this process's identities, rooms and broadcaster hub; load the Lua scripts."""
-    identities = Identities.from_settings(ctx.settings)
-    try:
-        await asyncio.wait_for(scripts.load_all(ctx.redis), ctx.settings.dependency_timeout_s)
-    except Exception as exc:  # Redis may come up later; scripts then load on first use
-        log.warning("could not load the Lua scripts at start-up", extra={"error": repr(exc)})
-    mux = Multiplexer(ctx.settings.redis_url, timeout=ctx.settings.dependency_timeout_s)
-    rooms = Rooms(mux, ctx.db, ctx.keys)
-    svc = QueueServices(identities, rooms, Hub(rooms), mux)
-    ctx.services["queue"] = svc
-    return svc
-
-
-async def stop(ctx: Context) -> None:
-    """Stop the broadcasters and background room work of this process."""
-    svc: QueueServices | None = ctx.services.pop("queue", None)
-    if svc is not None:
-        await svc.hub.close()
-        await svc.rooms.close()
-        await svc.redis.aclose()
 
 
 def client_subject(conn: HTTPConnection) -> str:
@@ -283,7 +241,7 @@ async def _join(request: Request) -> tuple[Response, str]:
     return JSONResponse(body, status_code=201 if reply.created else 200, headers=headers), outcome
 
 
-def _identity(request: Request, svc: QueueServices, now: float) -> Identity:
+def _identity(request: Request, svc: Services, now: float) -> Identity:
     identity = svc.identities.resolve(request, now)
     if identity is None:
         raise missing()
@@ -368,7 +326,7 @@ async def _watch_client(websocket: WebSocket, sub: Subscriber) -> None:
 
 
 async def queue_ws(websocket: WebSocket) -> None:
-    """Live position, ETA and admission of one fan (see :mod:`waitroom.messages`)."""
+    """Live position, ETA and admission of one fan (see :mod:`waitroom.line.messages`)."""
     event_id: str = websocket.path_params["event_id"]
     svc = services(websocket)
     now = time.time()

@@ -1,8 +1,8 @@
 """``waitroom workers``: the payment pool, the outbox relay and the safety net in one process.
 
-The process opens its own clients (Redis, a PostgreSQL pool, an inventory host, an HTTP client
-for the provider), runs the three loops until SIGTERM or SIGINT, then shuts down gracefully:
-every loop stops taking new work, payments in flight get ``drain_s`` to finish and are then
+The process's composition root, :func:`open_worker_services`, opens its clients (Redis, a
+PostgreSQL pool, an inventory host, an HTTP client for the provider); :func:`run_workers` runs
+the three loops until SIGTERM or SIGINT, then shuts down gracefully: every loop stops taking new work, payments in flight get ``drain_s`` to finish and are then
 handed back to ``pending`` (their keys make the next claim resume them safely), the relay
 finishes its batch, and the clients close. Nothing is lost: whatever was not finished is
 still in PostgreSQL for the next process.
@@ -13,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from admission.operators import spend_pass
 from inventory.hosting import InventoryHost
-from waitroom.app import make_redis
-from waitroom.db import create_pool
-from waitroom.keys import Keys
-from waitroom.settings import Settings
+from waitroom.core.clients import Clients, open_clients
+from waitroom.core.settings import Settings
 from workers.outbox import run_relay
 from workers.payments import PaymentPool
 from workers.safety import run_safety_net
@@ -31,6 +31,36 @@ log = logging.getLogger("waitroom.workers")
 
 #: How long in-flight payments may take to finish at shutdown before they are handed back.
 DRAIN_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerServices:
+    """What the worker loops of one ``waitroom workers`` process use."""
+
+    clients: Clients
+    inventory: InventoryHost
+    #: The payment provider's HTTP client.
+    http: httpx.AsyncClient
+
+    async def on_paid(self, event_id: str, jti: str) -> None:
+        """The fan is done shopping: the pass frees its slot and cannot reserve again."""
+        await spend_pass(self.clients.redis, self.clients.keys, event_id, jti)
+
+
+async def open_worker_services(settings: Settings, stack: AsyncExitStack) -> WorkerServices:
+    """Build the workers' services in order; ``stack`` stops them in reverse order."""
+    clients = await open_clients(settings, stack)
+    http = httpx.AsyncClient(
+        base_url=settings.payment_url,
+        timeout=settings.payment_timeout_s,
+        limits=httpx.Limits(max_connections=settings.payment_concurrency),
+    )
+    stack.push_async_callback(http.aclose)
+    inventory = InventoryHost(clients.db, clients.redis, clients.keys)
+    await inventory.start()
+    # Stopped before the clients close: pending asks get their answers or a clear 503.
+    stack.push_async_callback(inventory.stop)
+    return WorkerServices(clients, inventory, http)
 
 
 async def run_workers(
@@ -52,66 +82,54 @@ async def run_workers(
             handled.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             pass
-    keys = Keys(settings.redis_prefix)
-    redis = make_redis(settings)
-    pool = await create_pool(settings)
-    host = InventoryHost(pool, redis, keys)
-    http = httpx.AsyncClient(
-        base_url=settings.payment_url,
-        timeout=settings.payment_timeout_s,
-        limits=httpx.Limits(max_connections=settings.payment_concurrency),
-    )
-
-    async def on_paid(event_id: str, jti: str) -> object:
-        # The fan is done shopping: the pass frees its slot and cannot reserve again.
-        await spend_pass(redis, keys, event_id, jti)
-        return None
-
     tasks: list[asyncio.Task[Any]] = []
     try:
-        await host.start()
-        if payments:
-            payment_pool = PaymentPool(
-                pool,
-                host,
-                http,
-                concurrency=settings.payment_concurrency,
-                timeout_s=settings.payment_timeout_s,
-                drain_s=drain_s,
-                on_paid=on_paid,
-            )
-            tasks.append(asyncio.create_task(payment_pool.run(stop), name="payments"))
-        if relay:
-            tasks.append(asyncio.create_task(run_relay(pool, redis, keys, stop), name="outbox"))
-        if safety_net:
-            tasks.append(
-                asyncio.create_task(run_safety_net(pool, redis, keys, stop), name="safety-net")
-            )
-        log.info(
-            "workers started",
-            extra={
-                "loops": [t.get_name() for t in tasks],
-                "payment_url": settings.payment_url,
-                "concurrency": settings.payment_concurrency,
-            },
-        )
-        await stop.wait()
-        log.info("workers stopping")
-        # Each loop returns on its own once stop is set, after finishing what it holds.
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for task, result in zip(tasks, results, strict=True):
-            if isinstance(result, BaseException):
-                log.error(
-                    "worker loop failed", extra={"loop": task.get_name(), "error": repr(result)}
+        async with AsyncExitStack() as stack:
+            svc = await open_worker_services(settings, stack)
+            if payments:
+                payment_pool = PaymentPool(
+                    svc.clients.db,
+                    svc.inventory,
+                    svc.http,
+                    concurrency=settings.payment_concurrency,
+                    timeout_s=settings.payment_timeout_s,
+                    drain_s=drain_s,
+                    on_paid=svc.on_paid,
                 )
+                tasks.append(asyncio.create_task(payment_pool.run(stop), name="payments"))
+            c = svc.clients
+            if relay:
+                tasks.append(
+                    asyncio.create_task(run_relay(c.db, c.redis, c.keys, stop), name="outbox")
+                )
+            if safety_net:
+                tasks.append(
+                    asyncio.create_task(
+                        run_safety_net(c.db, c.redis, c.keys, stop), name="safety-net"
+                    )
+                )
+            log.info(
+                "workers started",
+                extra={
+                    "loops": [t.get_name() for t in tasks],
+                    "payment_url": settings.payment_url,
+                    "concurrency": settings.payment_concurrency,
+                },
+            )
+            await stop.wait()
+            log.info("workers stopping")
+            # Each loop returns on its own once stop is set, after finishing what it holds.
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for task, result in zip(tasks, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.error(
+                        "worker loop failed",
+                        extra={"loop": task.get_name(), "error": repr(result)},
+                    )
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await host.stop()
-        await http.aclose()
-        await pool.close()
-        await redis.aclose()
         for sig in handled:
             loop.remove_signal_handler(sig)
         log.info("workers stopped")

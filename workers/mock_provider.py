@@ -49,7 +49,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from waitroom.errors import (
+from waitroom.core.errors import (
     BadRequest,
     Conflict,
     NotFound,
@@ -57,8 +57,8 @@ from waitroom.errors import (
     ValidationFailed,
     WaitroomError,
 )
-from waitroom.http import JSONResponse, decode_json, error_response, read_body
-from waitroom.logs import configure_logging
+from waitroom.core.http import JSONResponse, decode_json, error_response, read_body
+from waitroom.core.logs import configure_logging
 
 log = logging.getLogger("waitroom.mock_provider")
 

@@ -3,7 +3,7 @@
 Writers (the inventory actor's group commits, the payment workers) add an ``outbox`` row in
 the same transaction as the change it announces. The relay claims unpublished rows in id
 order (``FOR UPDATE SKIP LOCKED``, so several relays may run), adds each to the stream
-``Keys.global_key("outbox")`` with ``XADD``, and marks them ``published_at`` *in the same
+``Keys.outbox`` with ``XADD``, and marks them ``published_at`` *in the same
 transaction*.
 
 Each message's fields: ``id`` (the outbox row id, the id consumers dedupe on), ``topic``,
@@ -15,7 +15,7 @@ leaves the rows unpublished, and the next pass publishes them again under the sa
 Failures:
 
 - A row whose own ``XADD`` fails (Redis refuses that command) counts an attempt; at
-  ``MAX_ATTEMPTS`` it moves to the dead-letter stream ``Keys.global_key("outbox-dead")`` (with
+  ``MAX_ATTEMPTS`` it moves to the dead-letter stream ``Keys.outbox_dead`` (with
   its ``attempts`` and last ``error``) and is marked ``dead``, so one poisoned message cannot
   block the rest.
 - Redis being unreachable is nobody's message's fault: the whole batch rolls back with no
@@ -36,7 +36,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
-from waitroom.keys import Keys
+from waitroom.core.keys import Keys
 
 log = logging.getLogger("waitroom.outbox")
 
@@ -89,8 +89,8 @@ async def relay_once(
     Settled = published or dead-lettered. Rows that failed and will be retried are not
     counted. Raises when Redis or PostgreSQL is unreachable (nothing is marked then).
     """
-    stream = keys.global_key("outbox")
-    dead_stream = keys.global_key("outbox-dead")
+    stream = keys.outbox
+    dead_stream = keys.outbox_dead
     async with pool.acquire() as conn, conn.transaction():
         records = await conn.fetch(
             "SELECT id, event_id, topic, payload::text AS payload, created_at::text AS created_at,"

@@ -1,6 +1,6 @@
 """The payment worker pool: charge at the provider, confirm through the inventory, issue tickets.
 
-A payment attempt is a ``payments`` row (see :mod:`workers.orders`); its state machine is::
+A payment attempt is a ``payments`` row (see :mod:`inventory.orders`); its state machine is::
 
     pending ──claim──▶ processing ──▶ succeeded   (order paid, tickets issued)
        ▲                  │       └─▶ failed      (declined, refunded, gave up)
@@ -55,8 +55,8 @@ from inventory.ledger import (
     Confirmed,
     Refused,
 )
-from waitroom.errors import Unavailable, WaitroomError
-from workers.orders import PAYMENTS_CHANNEL
+from inventory.orders import PAYMENTS_CHANNEL
+from waitroom.core.errors import Unavailable, WaitroomError
 
 log = logging.getLogger("waitroom.payments")
 
@@ -84,6 +84,24 @@ OnPaid = Callable[[str, str], Awaitable[object]]
 def can_move(current: PaymentState, new: PaymentState) -> bool:
     """Whether a payment in state ``current`` may move to ``new``."""
     return new in TRANSITIONS[current]
+
+
+def transition(current: PaymentState, new: PaymentState) -> str:
+    """The SQL ``SET`` of moving a payment from ``current`` to ``new``.
+
+    Every state change below is written with one of these, so a move :data:`TRANSITIONS`
+    does not allow cannot be written at all (it fails at import); the ``WHERE`` of each
+    statement pins ``current``.
+    """
+    if not can_move(current, new):
+        raise ValueError(f"a payment cannot move from {current} to {new}")
+    return f"state = '{new}'"
+
+
+_START = transition("pending", "processing")
+_RETRY = transition("processing", "pending")
+_SUCCEED = transition("processing", "succeeded")
+_FAIL = transition("processing", "failed")
 
 
 # --- retry schedule (pure) ---------------------------------------------------------------
@@ -191,9 +209,9 @@ class _Permanent(Exception):
     """Not worth retrying: the provider refused the request itself (4xx)."""
 
 
-_CLAIM = """
+_CLAIM = f"""
 WITH claimed AS (
-    UPDATE payments SET state = 'processing', attempts = attempts + 1, updated_at = now()
+    UPDATE payments SET {_START}, attempts = attempts + 1, updated_at = now()
      WHERE id IN (SELECT id FROM payments
                    WHERE state = 'pending' AND next_attempt_at <= now()
                    ORDER BY next_attempt_at LIMIT $1
@@ -306,7 +324,7 @@ class PaymentPool:
     async def recover_stale(self) -> int:
         """Hand attempts whose worker died (``processing`` past the lease) back; return how many."""
         rows = await self._pool.fetch(
-            "UPDATE payments SET state = 'pending', next_attempt_at = now(),"
+            f"UPDATE payments SET {_RETRY}, next_attempt_at = now(),"
             " last_error = 'worker lease expired', updated_at = now()"
             " WHERE state = 'processing' AND updated_at < now() - make_interval(secs => $1)"
             " RETURNING id",
@@ -346,7 +364,7 @@ class PaymentPool:
                 # Safe at any point of the attempt: the charge key and the confirm's
                 # idempotency key make the next claim pick up exactly where this one stopped.
                 await self._pool.execute(
-                    f"UPDATE payments SET state = 'pending', next_attempt_at = now(),"
+                    f"UPDATE payments SET {_RETRY}, next_attempt_at = now(),"
                     f" last_error = 'handed back at shutdown', updated_at = now() WHERE {_FENCE}",
                     payment.id,
                     payment.attempts,
@@ -360,7 +378,7 @@ class PaymentPool:
             log.info("handed payments back", extra={"count": len(late)})
 
     async def _listen(self) -> Any:
-        """Wake on new payments announced by :func:`workers.orders.start_payment` (best effort)."""
+        """Wake on new payments announced by :func:`inventory.orders.start_payment` (best effort)."""
         try:
             conn = await self._pool.acquire()
             await conn.add_listener(PAYMENTS_CHANNEL, self._notified)
@@ -510,7 +528,7 @@ class PaymentPool:
             if status == "paid":
                 # Someone finished this order already; issuing again would double the tickets.
                 done = await conn.fetchval(
-                    f"UPDATE payments SET state = 'succeeded', provider_ref = $3,"
+                    f"UPDATE payments SET {_SUCCEED}, provider_ref = $3,"
                     f" last_error = NULL, updated_at = now() WHERE {_FENCE}"
                     " AND NOT EXISTS (SELECT 1 FROM payments q"
                     "                  WHERE q.order_id = payments.order_id AND q.state = 'succeeded')"
@@ -522,7 +540,7 @@ class PaymentPool:
                 if done is not None:
                     return "succeeded"
                 failed = await conn.fetchval(
-                    f"UPDATE payments SET state = 'failed', provider_ref = $3,"
+                    f"UPDATE payments SET {_FAIL}, provider_ref = $3,"
                     f" last_error = 'order already paid', updated_at = now() WHERE {_FENCE}"
                     " RETURNING id",
                     p.id,
@@ -531,7 +549,7 @@ class PaymentPool:
                 )
                 return "failed" if failed is not None else "lost"
             claimed = await conn.fetchval(
-                f"UPDATE payments SET state = 'succeeded', provider_ref = $3, last_error = NULL,"
+                f"UPDATE payments SET {_SUCCEED}, provider_ref = $3, last_error = NULL,"
                 f" updated_at = now() WHERE {_FENCE} RETURNING id",
                 p.id,
                 p.attempts,
@@ -581,7 +599,7 @@ class PaymentPool:
     ) -> Outcome:
         async with self._pool.acquire() as conn, conn.transaction():
             done = await conn.fetchval(
-                f"UPDATE payments SET state = 'failed', last_error = $3, updated_at = now()"
+                f"UPDATE payments SET {_FAIL}, last_error = $3, updated_at = now()"
                 f" WHERE {_FENCE} RETURNING id",
                 p.id,
                 p.attempts,
@@ -616,7 +634,7 @@ class PaymentPool:
             )
         # As a delay from the database's clock: claims compare next_attempt_at with its now().
         done = await self._pool.fetchval(
-            f"UPDATE payments SET state = 'pending', last_error = $3, updated_at = now(),"
+            f"UPDATE payments SET {_RETRY}, last_error = $3, updated_at = now(),"
             f" next_attempt_at = now() + make_interval(secs => $4) WHERE {_FENCE} RETURNING id",
             p.id,
             p.attempts,

@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from inventory.hosting import InventoryHost
 from inventory.ledger import Expire
-from waitroom.keys import Keys
+from waitroom.core.keys import Keys
 
 log = logging.getLogger("waitroom.safety")
 

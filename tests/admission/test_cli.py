@@ -18,7 +18,7 @@ import pytest
 from admission.passes import PassKeys
 from tests.admission.support import create_event, join, me, wait_for
 from tests.harness import ROOT, ServerThread, run_cli
-from waitroom.settings import Settings, settings_env
+from waitroom.core.settings import Settings, settings_env
 
 
 def ok(settings: Settings, *args: str) -> str:

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 
 from tests.admission.support import create_event, join, wait_for
 from tests.harness import ADMIN_TOKEN, ROOT, free_port
-from waitroom.keys import Keys
-from waitroom.settings import Settings, settings_env
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings, settings_env
 
 pytestmark = pytest.mark.slow
 

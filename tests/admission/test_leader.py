@@ -10,8 +10,8 @@ from redis.asyncio import Redis
 from admission import leader
 from admission.leader import Candidate
 from tests.queue_support import fresh_room_keys, make_room
-from waitroom.keys import EventKeys
-from waitroom.settings import Settings
+from waitroom.core.keys import EventKeys
+from waitroom.core.settings import Settings
 
 pytestmark = pytest.mark.anyio
 

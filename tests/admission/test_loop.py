@@ -19,8 +19,8 @@ from admission.operators import complete_pass
 from admission.passes import PassKeys
 from tests.admission.support import create_event, join, me, wait_for
 from tests.harness import ServerThread
-from waitroom.keys import Keys
-from waitroom.settings import Settings
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings
 
 
 def admitted_total(admin: httpx.Client, event_id: str) -> int:

@@ -14,7 +14,8 @@ import httpx
 import jwt
 import msgspec
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -25,19 +26,25 @@ from admission.passes import (
     load_or_generate,
     new_jti,
     private_pem,
-    public_pem,
-    require_pass,
     thumbprint,
 )
 from tests.admission.support import create_event, join, me, wait_for
 from tests.harness import ADMIN_TOKEN, ServerThread, running
 from tests.queue_support import fan_headers
-from waitroom.context import context
-from waitroom.http import JSONResponse
-from waitroom.openapi import Operation
-from waitroom.settings import Settings
+from waitroom.checkout_api import require_pass
+from waitroom.core.http import JSONResponse
+from waitroom.core.openapi import Operation
+from waitroom.core.settings import Settings
+from waitroom.services import services
 
 NOW = 1_800_000_000
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    """``key`` as a SubjectPublicKeyInfo PEM (what WAITROOM_PASS_VERIFY_KEYS files hold)."""
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def claims(**overrides: Any) -> PassClaims:
@@ -61,7 +68,7 @@ def verify(keys: PassKeys, token: str, *, now: float = NOW + 1, **kw: str) -> Pa
 
 
 def code_of(keys: PassKeys, token: str, **kw: Any) -> str:
-    from waitroom.errors import WaitroomError
+    from waitroom.core.errors import WaitroomError
 
     try:
         verify(keys, token, **kw)
@@ -132,7 +139,7 @@ def test_rotation_keeps_old_passes_valid_and_publishes_both_keys(tmp_path: Path)
 
 
 def test_a_bad_key_file_is_a_one_line_settings_error(tmp_path: Path) -> None:
-    from waitroom.errors import SettingsError
+    from waitroom.core.errors import SettingsError
 
     (tmp_path / "bad.pem").write_text("not a key")
     with pytest.raises(SettingsError, match="WAITROOM_PASS_SIGNING_KEY"):
@@ -168,8 +175,7 @@ async def gate_probe(request: Request) -> Response:
     pass gate."""
     fan_id = request.query_params.get("fan")
     if fan_id is None:
-        queue = context(request).services["queue"]
-        identity = queue.identities.resolve(request, time.time())
+        identity = services(request).identities.resolve(request, time.time())
         assert identity is not None
         fan_id = identity.fan_id
     checked = await require_pass(request, request.path_params["event_id"], fan_id)

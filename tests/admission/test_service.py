@@ -18,10 +18,10 @@ from redis.asyncio import Redis
 from admission.loop import AdmissionService
 from admission.passes import PassKeys
 from inventory import catalogue
-from waitroom.errors import SettingsError
-from waitroom.keys import Keys
-from waitroom.room import Rooms
-from waitroom.settings import Settings, load_settings
+from waitroom.core.errors import SettingsError
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings, load_settings
+from waitroom.line.room import Rooms
 
 pytestmark = pytest.mark.anyio
 

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from tests.harness import ServerThread, WorkersThread, cleanup, fresh_settings, running
-from waitroom.settings import Settings
+from waitroom.core.settings import Settings
 from workers import mock_provider
 
 

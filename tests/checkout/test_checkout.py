@@ -24,7 +24,7 @@ from tests.harness import (
 )
 from tests.queue_support import fan_headers
 from tests.test_errors import assert_error
-from waitroom.settings import Settings
+from waitroom.core.settings import Settings
 
 
 @pytest.fixture

@@ -19,10 +19,10 @@ import msgspec
 
 from inventory.hosting import InventoryHost
 from inventory.ledger import Refused, Reserve, Reserved
-from waitroom.app import make_redis
-from waitroom.errors import Unavailable
-from waitroom.keys import Keys
-from waitroom.settings import load_settings
+from waitroom.core.errors import Unavailable
+from waitroom.core.keys import Keys
+from waitroom.core.redis import make_redis
+from waitroom.core.settings import load_settings
 
 
 def emit(value: dict[str, Any]) -> None:

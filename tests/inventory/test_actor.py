@@ -22,8 +22,8 @@ from inventory.ledger import (
     Reserved,
 )
 from tests.inventory.conftest import held_sold, make_event
-from waitroom.errors import Unavailable
-from waitroom.settings import Settings
+from waitroom.core.errors import Unavailable
+from waitroom.core.settings import Settings
 
 pytestmark = pytest.mark.anyio
 

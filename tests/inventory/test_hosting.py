@@ -20,8 +20,8 @@ from inventory.hosting import InventoryHost
 from inventory.ledger import Refused, Reserve, Reserved
 from tests.harness import ROOT
 from tests.inventory.conftest import held_sold, make_event
-from waitroom.keys import Keys
-from waitroom.settings import Settings, settings_env
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings, settings_env
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 from inventory.hosting import InventoryHost
 from inventory.ledger import Hold, Reserve, Reserved
 from tests.harness import ServerThread
-from waitroom.keys import Keys
-from waitroom.settings import Settings
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings
 from workers import mock_provider
 from workers.payments import PaymentPool
 

@@ -11,16 +11,15 @@ import pytest
 
 from inventory.hosting import InventoryHost
 from inventory.ledger import Cancel, Cancelled
-from tests.inventory.conftest import make_event
-from tests.workers.conftest import reserve
-from waitroom.errors import Gone, NotFound
-from workers.orders import (
+from inventory.orders import (
     PaymentRefused,
-    get_order,
-    get_order_for_hold,
+    get_reservation,
     list_orders,
     start_payment,
 )
+from tests.inventory.conftest import make_event
+from tests.workers.conftest import reserve
+from waitroom.core.errors import Gone, NotFound
 
 pytestmark = pytest.mark.anyio
 
@@ -57,12 +56,16 @@ async def test_the_first_attempt_creates_the_order_and_a_pending_payment(
         0,
     )
     async with pool.acquire() as conn:
-        view = await get_order(conn, order_id, "fan-1")
-        by_hold = await get_order_for_hold(conn, hold.id, "fan-1")
+        view = await get_reservation(conn, hold.id, "fan-1")
         mine = await list_orders(conn, "fan-1", event_id)
-    assert view.status == "awaiting_payment" and view.tickets == []
+        elsewhere = await list_orders(conn, "fan-1", "another-event")
+    assert view.order_id == order_id and view.order_status == "awaiting_payment"
+    assert view.tickets == [] and view.amount_minor == 3000 and view.currency == "EUR"
     assert view.payment is not None and view.payment.id == payment_id
-    assert by_hold == view and mine == [view]
+    assert [(o.id, o.reservation_id, o.status) for o in mine] == [
+        (order_id, hold.id, "awaiting_payment")
+    ]
+    assert elsewhere == []
 
 
 async def test_a_second_attempt_while_one_is_pending_is_refused_with_its_ids(
@@ -110,10 +113,10 @@ async def test_someone_elses_or_an_unknown_hold_is_not_found(
             await begin(pool, hold_id, fan)
         assert missing.value.code == "hold_not_found"
     async with pool.acquire() as conn:
-        order_id, _ = await start_payment(conn, hold.id, "fan-4", "card_ok")
+        await start_payment(conn, hold.id, "fan-4", "card_ok")
         with pytest.raises(NotFound):
-            await get_order(conn, order_id, "intruder")
-        assert await get_order_for_hold(conn, hold.id, "intruder") is None
+            await get_reservation(conn, hold.id, "intruder")
+        assert await list_orders(conn, "intruder") == []
 
 
 async def test_a_cancelled_or_lapsed_hold_cannot_be_paid(

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from waitroom.keys import Keys
+from waitroom.core.keys import Keys
 from workers.outbox import OutboxRow, relay_once, run_relay
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +52,7 @@ async def test_rows_are_published_once_with_their_id_topic_and_payload(
     event_id = f"ob-{uuid.uuid4().hex[:8]}"
     ids = await add_rows(pool, event_id, 3)
     assert await relay_once(pool, redis, stream_keys) == 3
-    sent = await messages(redis, stream_keys.global_key("outbox"))
+    sent = await messages(redis, stream_keys.outbox)
     assert [int(m["id"]) for m in sent] == ids
     assert {m["topic"] for m in sent} == {"test.topic"}
     assert {m["event_id"] for m in sent} == {event_id}
@@ -75,7 +75,7 @@ async def test_a_crash_between_publishing_and_marking_republishes_with_the_same_
 
     with pytest.raises(Crash):
         await relay_once(pool, redis, stream_keys, after_publish=crash)
-    stream = stream_keys.global_key("outbox")
+    stream = stream_keys.outbox
     assert [int(m["id"]) for m in await messages(redis, stream)] == ids  # published...
     still = await pool.fetchval(
         "SELECT count(*) FROM outbox WHERE id = ANY($1::bigint[]) AND published_at IS NULL", ids
@@ -92,7 +92,7 @@ async def test_a_row_redis_keeps_refusing_is_dead_lettered_after_five_attempts(
 ) -> None:
     event_id = f"ob-{uuid.uuid4().hex[:8]}"
     ids = await add_rows(pool, event_id, 2)
-    stream = stream_keys.global_key("outbox")
+    stream = stream_keys.outbox
     await redis.set(stream, "not a stream")  # every XADD to it fails with WRONGTYPE
     for attempt in range(1, 5):
         assert await relay_once(pool, redis, stream_keys) == 0
@@ -105,7 +105,7 @@ async def test_a_row_redis_keeps_refusing_is_dead_lettered_after_five_attempts(
         "SELECT attempts, dead, published_at FROM outbox WHERE id = ANY($1::bigint[])", ids
     )
     assert all(r["attempts"] == 5 and r["dead"] and r["published_at"] is None for r in rows)
-    dead = await messages(redis, stream_keys.global_key("outbox-dead"))
+    dead = await messages(redis, stream_keys.outbox_dead)
     assert [int(m["id"]) for m in dead] == ids
     assert all(m["attempts"] == "5" and "WRONGTYPE" in m["error"] for m in dead)
     assert await relay_once(pool, redis, stream_keys) == 0  # dead rows are not retried
@@ -125,9 +125,9 @@ async def test_one_poisoned_message_does_not_hold_up_the_others(
     assert await relay_once(pool, redis, stream_keys, before_publish=refuse) == 2
     for _ in range(4):
         await relay_once(pool, redis, stream_keys, before_publish=refuse)
-    sent = await messages(redis, stream_keys.global_key("outbox"))
+    sent = await messages(redis, stream_keys.outbox)
     assert [int(m["id"]) for m in sent] == [ids[0], ids[2]]
-    dead = await messages(redis, stream_keys.global_key("outbox-dead"))
+    dead = await messages(redis, stream_keys.outbox_dead)
     assert [int(m["id"]) for m in dead] == [poisoned]
     assert "poisoned payload" in dead[0]["error"]
 
@@ -140,7 +140,7 @@ async def test_the_relay_loop_publishes_new_rows_and_stops_when_asked(
     try:
         event_id = f"ob-{uuid.uuid4().hex[:8]}"
         ids = await add_rows(pool, event_id, 4)
-        stream = stream_keys.global_key("outbox")
+        stream = stream_keys.outbox
         for _ in range(200):
             if {int(m["id"]) for m in await messages(redis, stream)} >= set(ids):
                 break

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from workers import payments
 from workers.payments import (
     MAX_ATTEMPTS,
     TRANSITIONS,
@@ -16,6 +19,7 @@ from workers.payments import (
     backoff,
     backoff_ceiling,
     can_move,
+    transition,
 )
 
 attempts = st.integers(min_value=1, max_value=10_000)
@@ -33,6 +37,17 @@ def test_payments_only_move_forward_and_end_in_succeeded_or_failed() -> None:
     for final in ("succeeded", "failed"):
         assert TRANSITIONS[final] == frozenset()
         assert not any(can_move(final, other) for other in TRANSITIONS)
+
+
+def test_every_state_change_the_workers_write_is_a_move_the_machine_allows() -> None:
+    assert transition("processing", "succeeded") == "state = 'succeeded'"
+    with pytest.raises(ValueError, match="cannot move from succeeded to pending"):
+        transition("succeeded", "pending")
+    with pytest.raises(ValueError):
+        transition("pending", "failed")
+    # The statements of the pool are built from transition(): no state literal is set by hand.
+    source = inspect.getsource(payments)
+    assert "SET state" not in source
 
 
 @given(attempts, bases, caps)

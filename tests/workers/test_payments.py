@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from inventory.hosting import InventoryHost
+from inventory.orders import get_reservation, start_payment
 from tests.inventory.conftest import held_sold, make_event
 from tests.workers.conftest import (
     Control,
@@ -21,7 +22,6 @@ from tests.workers.conftest import (
     settle,
     stats,
 )
-from workers.orders import get_order, start_payment
 
 pytestmark = pytest.mark.anyio
 
@@ -79,8 +79,9 @@ async def test_a_successful_payment_pays_the_order_once_and_issues_unique_ticket
     assert len(await tickets_of(pool, order_id)) == 3
     assert (await stats(http))["captured_by_reference"][order_id] == 1
     async with pool.acquire() as conn:
-        view = await get_order(conn, order_id, "fan-a")
-    assert view.status == "paid" and sorted(t.code for t in view.tickets) == sorted(codes)
+        view = await get_reservation(conn, hold.id, "fan-a")
+    assert view.order_status == "paid" and view.status == "paid"
+    assert sorted(t.code for t in view.tickets) == sorted(codes)
     assert view.payment is not None and view.payment.state == "succeeded"
     topics = await pool.fetch(
         "SELECT topic FROM outbox WHERE event_id = $1 AND topic = 'tickets.issued'", event_id
@@ -100,7 +101,7 @@ async def test_a_declined_payment_keeps_the_hold_and_a_new_attempt_succeeds(
     assert (await order_of(pool, order_id))["status"] == "failed"
     assert await hold_status(pool, hold.id) == "held"  # the fan may try again
     async with pool.acquire() as conn:
-        view = await get_order(conn, order_id, "fan-b")
+        view = await get_reservation(conn, hold.id, "fan-b")
     assert view.payment is not None and view.payment.last_error == "declined"
 
     same_order, second = await begin(pool, hold.id, "fan-b", "card_ok")

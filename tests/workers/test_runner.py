@@ -17,12 +17,12 @@ import pytest
 from redis.asyncio import Redis
 
 from inventory.hosting import InventoryHost
+from inventory.orders import start_payment
 from tests.harness import ROOT, ServerThread
 from tests.inventory.conftest import make_event
 from tests.workers.conftest import reserve
-from waitroom.keys import Keys
-from waitroom.settings import Settings, settings_env
-from workers.orders import start_payment
+from waitroom.core.keys import Keys
+from waitroom.core.settings import Settings, settings_env
 
 pytestmark = pytest.mark.anyio
 

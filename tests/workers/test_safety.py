@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from inventory.hosting import InventoryHost
 from tests.inventory.conftest import held_sold, make_event
 from tests.workers.conftest import reserve
-from waitroom.keys import Keys
+from waitroom.core.keys import Keys
 from workers.safety import OVERDUE_QUERY, overdue_events, run_safety_net, sweep_once
 
 pytestmark = pytest.mark.anyio

@@ -1,0 +1,239 @@
+"""Cross-process transport of inventory commands: to the owner of an event and back.
+
+A process that does not own an event's actor forwards a command through the event's inbox
+stream (``XADD``, in the event's Redis slot) with a deadline, its reply list and a request id,
+then waits at most its timeout. The owner reads the inbox in batches (:meth:`Forwarder.serve`),
+submits each live command to its local actor, and pushes the results onto the askers' reply
+lists in one pipeline; each process's listener resolves its waiting asks from its own list.
+
+A command in flight when its owner died gets no answer: the asker's timeout turns it into
+503 ``inventory_timeout`` and the client retries with the same Idempotency-Key, which the new
+owner (who loaded the keys from PostgreSQL) answers with the first result. A new owner serves
+only mail that arrives after it took over (:meth:`Forwarder.tail`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from prometheus_client import Counter
+from redis.asyncio import Redis
+
+from inventory.actor import ActorStopped, InventoryActor
+from inventory.ledger import Command, Result, decode_result, encode_result
+from waitroom.core.errors import Unavailable, WaitroomError
+from waitroom.core.keys import Keys
+
+log = logging.getLogger("waitroom.inventory")
+
+FORWARDED = Counter(
+    "waitroom_inventory_forwarded_total",
+    "Commands forwarded to the owning process, by outcome.",
+    ["outcome"],
+)
+
+#: Entries kept in an event's inbox stream (it is a mailbox, not a log).
+STREAM_MAXLEN = 100_000
+#: How long a reply list outlives its last reply (an asker that went away leaves it behind).
+REPLY_TTL_MS = 60_000
+
+_command_encoder = msgspec.msgpack.Encoder()
+_command_decoder: msgspec.msgpack.Decoder[Command] = msgspec.msgpack.Decoder(Command)
+
+
+class _Reply(msgspec.Struct, frozen=True):
+    """What an owner sends back to an asking process."""
+
+    id: str
+    result: bytes | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+_reply_encoder = msgspec.msgpack.Encoder()
+_reply_decoder = msgspec.msgpack.Decoder(_Reply)
+
+#: What an owner has for one forwarded command: the actor's pending answer, or an error.
+_Outcome = Awaitable[Result] | WaitroomError
+
+
+class Forwarder:
+    """One process's end of the transport: asking owners elsewhere, and serving as owner."""
+
+    def __init__(self, redis: Redis, keys: Keys, node_id: str) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._reply_key = keys.inventory_replies(node_id)
+        self._waiting: dict[str, asyncio.Future[Result]] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start listening for replies to forwarded commands."""
+        self._listener = asyncio.create_task(self._listen(), name="inventory-replies")
+
+    async def stop(self, reason: WaitroomError) -> None:
+        """Stop listening; every ask still waiting fails with ``reason``."""
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(reason)
+        self._waiting.clear()
+
+    # --- asking ------------------------------------------------------------------------------
+
+    async def ask(self, event_id: str, command: Command, timeout: float) -> Result:
+        """Send ``command`` to ``event_id``'s owner and wait at most ``timeout`` for it."""
+        request_id = uuid.uuid4().hex
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        deadline_ms = int((time.time() + timeout) * 1000)
+        try:
+            await self._redis.xadd(
+                self._keys.event(event_id).inbox,
+                {
+                    "c": _command_encoder.encode(command),
+                    "r": self._reply_key,
+                    "i": request_id,
+                    "d": str(deadline_ms),
+                },
+                maxlen=STREAM_MAXLEN,
+                approximate=True,
+            )
+            result = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            FORWARDED.labels("timeout").inc()
+            raise Unavailable(
+                "the inventory owner did not answer in time; retry with the same Idempotency-Key",
+                retry_after=1,
+                code="inventory_timeout",
+            ) from None
+        finally:
+            self._waiting.pop(request_id, None)
+        FORWARDED.labels("ok").inc()
+        return result
+
+    async def _listen(self) -> None:
+        """Resolve forwarded asks from this process's reply list."""
+        while True:
+            try:
+                item: Any = await self._redis.blpop([self._reply_key], timeout=1)
+                if item is None:
+                    continue
+                batch = [item[1]]
+                more: Any = await self._redis.lpop(self._reply_key, 1000)
+                if more:
+                    batch.extend(more)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis hiccup: askers time out; keep listening
+                log.warning("reply listener failed", extra={"error": repr(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            for raw in batch:
+                self._resolve(_reply_decoder.decode(raw))
+
+    def _resolve(self, reply: _Reply) -> None:
+        future = self._waiting.get(reply.id)
+        if future is None or future.done():
+            return  # its asker gave up already
+        if reply.result is not None:
+            future.set_result(decode_result(reply.result))
+        else:
+            future.set_exception(
+                Unavailable(
+                    reply.error_message or "the inventory is unavailable",
+                    retry_after=1,
+                    code=reply.error_code or "inventory_unavailable",
+                )
+            )
+
+    # --- serving as the owner ----------------------------------------------------------------
+
+    async def tail(self, event_id: str) -> str:
+        """The id after which a new owner serves ``event_id``'s inbox.
+
+        Only mail that arrives from now on is the new owner's: older entries belonged to the
+        previous owner, and their askers retry after a timeout.
+        """
+        last: Any = await self._redis.xrevrange(self._keys.event(event_id).inbox, count=1)
+        return _text(last[0][0]) if last else "0-0"
+
+    async def serve(
+        self, event_id: str, start_id: str, actor: Callable[[], InventoryActor | None]
+    ) -> None:
+        """Apply ``event_id``'s forwarded commands to ``actor()`` and answer them; runs until
+        cancelled."""
+        stream = self._keys.event(event_id).inbox
+        last_id = start_id
+        replying: set[asyncio.Task[None]] = set()
+        while True:
+            try:
+                entries: Any = await self._redis.xread({stream: last_id}, count=1000, block=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("inbox read failed", extra={"event": event_id, "error": repr(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            if not entries:
+                continue
+            local = actor()
+            pending: list[tuple[str, str, _Outcome]] = []
+            now_ms = time.time() * 1000
+            for entry_id, fields in entries[0][1]:
+                last_id = _text(entry_id)
+                if int(fields[b"d"]) < now_ms:
+                    continue  # its asker has given up
+                reply_to, request_id = _text(fields[b"r"]), _text(fields[b"i"])
+                try:
+                    if local is None:
+                        raise ActorStopped()
+                    command = _command_decoder.decode(fields[b"c"])
+                    pending.append((reply_to, request_id, local.submit(command)))
+                except WaitroomError as exc:
+                    pending.append((reply_to, request_id, exc))
+                except msgspec.DecodeError:
+                    log.warning("undecodable forwarded command", extra={"event": event_id})
+            if pending:
+                # Answered off the read loop, so the next batch is read while this one commits.
+                task = asyncio.create_task(self._answer(pending))
+                replying.add(task)
+                task.add_done_callback(replying.discard)
+
+    async def _answer(self, pending: list[tuple[str, str, _Outcome]]) -> None:
+        replies: list[tuple[str, bytes]] = []
+        for reply_to, request_id, outcome in pending:
+            error: WaitroomError | None = None
+            result: Result | None = None
+            if isinstance(outcome, WaitroomError):
+                error = outcome
+            else:
+                try:
+                    result = await outcome
+                except WaitroomError as exc:
+                    error = exc
+            if error is None:
+                assert result is not None
+                reply = _Reply(request_id, result=encode_result(result))
+            else:
+                reply = _Reply(request_id, error_code=error.code, error_message=error.message)
+            replies.append((reply_to, _reply_encoder.encode(reply)))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for reply_to, data in replies:
+                pipe.rpush(reply_to, data)
+                pipe.pexpire(reply_to, REPLY_TTL_MS)
+            await pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,285 @@
+"""Orders and payment attempts in PostgreSQL: the one read model of checkout, and its writes.
+
+The checkout's confirm calls :func:`start_payment`, which turns a hold into an order (one per
+hold) and queues one payment attempt for the payment workers, then answers the fan at once
+(202); the fan's page polls :func:`get_reservation` until the order is ``paid`` (tickets listed) or
+its latest payment ``failed`` (``last_error`` says why), in which case the fan may confirm
+again while the hold lasts, which queues the next attempt.
+
+Lifecycle of an order::
+
+    awaiting_payment ──payment succeeded──▶ paid (final; tickets issued)
+          ▲   └────────payment failed────▶ failed ──start_payment again──┐
+          └──────────────────────────────────────────────────────────────┘
+
+Each attempt is its own ``payments`` row with the charge key ``"{order_id}:{n}"``: the
+provider charges a key at most once, so a retried *attempt* can never charge twice, while a
+fan's new attempt (after a decline) is a new charge.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from inventory.store import Conn
+from waitroom.core.errors import Conflict, Gone, NotFound
+
+OrderStatus = Literal["awaiting_payment", "paid", "failed", "cancelled"]
+
+
+class PaymentRefused(Conflict):
+    """A 409 from :func:`start_payment`; see its docstring for the codes."""
+
+
+#: PostgreSQL channel a new pending payment is announced on, so idle workers wake at once.
+PAYMENTS_CHANNEL = "waitroom_payments"
+
+
+async def start_payment(conn: Conn, hold_id: str, fan_id: str, method: str) -> tuple[str, str]:
+    """Queue a payment attempt for ``fan_id``'s hold; return ``(order_id, payment_id)``.
+
+    Creates the hold's order on first use (amount = price x quantity, from PostgreSQL, never
+    from the client) or reuses it, and inserts the order's next payment attempt (``pending``,
+    due now, charge key ``"{order_id}:{n}"``); the order goes (back) to ``awaiting_payment``.
+    Runs in its own transaction (or the caller's), locking the order row, so two concurrent
+    confirms of one hold queue one attempt and the other is refused.
+
+    Refusals (errors of waitroom.core.errors the checkout may render as they are):
+
+    - 404 :class:`~waitroom.core.errors.NotFound` ``hold_not_found``: no such hold, or not this
+      fan's (indistinguishable on purpose);
+    - 409 :class:`PaymentRefused` ``payment_in_progress``: an attempt is pending or
+      processing; ``details`` carry its ``order_id`` and ``payment_id``, so a repeated confirm
+      can answer with the payment under way;
+    - 409 :class:`PaymentRefused` ``hold_already_confirmed``: the order is paid;
+      ``hold_cancelled``: the hold was cancelled;
+    - 410 :class:`~waitroom.core.errors.Gone` ``hold_expired``: the hold is past its deadline.
+
+    The hold is read from PostgreSQL, which can lag the actor by one group commit; the payment
+    worker's confirm through the actor is the authority, so a hold that lapses meanwhile ends
+    in a refund, never in a sale.
+    """
+    async with conn.transaction():
+        hold = await conn.fetchrow(
+            "SELECT h.id, h.event_id, h.fan_id, h.quantity, h.status,"
+            " h.expires_at <= now() AS lapsed, t.price_minor, t.currency"
+            " FROM holds h JOIN ticket_types t"
+            "   ON t.event_id = h.event_id AND t.name = h.ticket_type"
+            " WHERE h.id = $1::uuid",
+            _uuid(hold_id),
+        )
+        if hold is None or hold["fan_id"] != fan_id:
+            raise NotFound(
+                "No such reservation.", code="hold_not_found", details={"hold_id": hold_id}
+            )
+        order_id = str(uuid.uuid4())
+        await conn.execute(
+            "INSERT INTO orders (id, hold_id, event_id, fan_id, amount_minor, currency, status)"
+            " VALUES ($1, $2, $3, $4, $5, $6, 'awaiting_payment') ON CONFLICT (hold_id) DO NOTHING",
+            order_id,
+            hold["id"],
+            hold["event_id"],
+            fan_id,
+            hold["price_minor"] * hold["quantity"],
+            hold["currency"],
+        )
+        order = await conn.fetchrow(
+            "SELECT id, status FROM orders WHERE hold_id = $1 FOR UPDATE", hold["id"]
+        )
+        assert order is not None
+        order_id = str(order["id"])
+        details = {"hold_id": hold_id, "order_id": order_id}
+        if order["status"] == "paid" or hold["status"] == "paid":
+            raise PaymentRefused(
+                "This reservation is already paid.", code="hold_already_confirmed", details=details
+            )
+        busy = await conn.fetchval(
+            "SELECT id FROM payments WHERE order_id = $1 AND state IN ('pending', 'processing')",
+            order["id"],
+        )
+        if busy is not None:
+            raise PaymentRefused(
+                "A payment for this reservation is already in progress.",
+                code="payment_in_progress",
+                details={**details, "payment_id": str(busy)},
+            )
+        if hold["status"] == "cancelled":
+            raise PaymentRefused(
+                "This reservation was cancelled.", code="hold_cancelled", details=details
+            )
+        if hold["status"] == "expired" or hold["lapsed"]:
+            raise Gone("This reservation expired.", code="hold_expired", details=details)
+        attempt = await conn.fetchval(
+            "SELECT count(*) + 1 FROM payments WHERE order_id = $1", order["id"]
+        )
+        payment_id = str(uuid.uuid4())
+        await conn.execute(
+            "INSERT INTO payments (id, order_id, state, method, charge_key, next_attempt_at)"
+            " VALUES ($1, $2, 'pending', $3, $4, now())",
+            payment_id,
+            order["id"],
+            method,
+            f"{order_id}:{attempt}",
+        )
+        await conn.execute(
+            "UPDATE orders SET status = 'awaiting_payment' WHERE id = $1 AND status <> 'awaiting_payment'",
+            order["id"],
+        )
+        # Delivered at commit; workers that are idle claim the attempt at once instead of
+        # at their next poll.
+        await conn.execute("SELECT pg_notify($1, $2)", PAYMENTS_CHANNEL, payment_id)
+    return order_id, payment_id
+
+
+class PaymentInfo(msgspec.Struct, frozen=True):
+    """The latest payment attempt of an order."""
+
+    id: str
+    state: str
+    method: str
+    attempts: int
+    last_error: str | None
+
+
+class TicketInfo(msgspec.Struct, frozen=True):
+    """An issued ticket; ``code`` is what the fan shows at the door."""
+
+    code: str
+    ticket_type: str
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    """A hold and, once the fan pays, its order, payment and tickets."""
+
+    id: str
+    event_id: str
+    ticket_type: str
+    quantity: int
+    status: str
+    expires_at: datetime
+    amount_minor: int
+    currency: str
+    order_id: str | None = None
+    order_status: str | None = None
+    payment: PaymentInfo | None = None
+    tickets: list[TicketInfo] = []
+
+
+class Order(msgspec.Struct, frozen=True):
+    """One of the fan's orders."""
+
+    id: str
+    event_id: str
+    reservation_id: str
+    status: str
+    amount_minor: int
+    currency: str
+    created_at: datetime
+    paid_at: datetime | None
+    tickets: list[TicketInfo]
+
+
+async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
+    """``fan_id``'s hold with its order, latest payment and tickets: what checkout polls.
+
+    Poll until ``order_status == "paid"`` (then ``tickets`` are all there, written in the
+    same transaction) or ``payment.state == "failed"`` (``payment.last_error``: ``declined``,
+    ``hold expired; refunded``...). 404 ``hold_not_found`` for anyone else's hold.
+    """
+    row = await conn.fetchrow(
+        "SELECT h.id::text, h.event_id, h.ticket_type, h.quantity, h.status, h.expires_at,"
+        " h.expires_at <= now() AS lapsed, t.price_minor, t.currency,"
+        " o.id::text AS order_id, o.status AS order_status"
+        " FROM holds h JOIN ticket_types t ON t.event_id = h.event_id AND t.name = h.ticket_type"
+        " LEFT JOIN orders o ON o.hold_id = h.id"
+        " WHERE h.id = $1::uuid AND h.fan_id = $2",
+        _uuid(hold_id),
+        fan_id,
+    )
+    if row is None:
+        raise NotFound("no such reservation", code="hold_not_found")
+    payment = None
+    tickets: list[TicketInfo] = []
+    if row["order_id"] is not None:
+        pay = await conn.fetchrow(
+            "SELECT id::text, state, method, attempts, last_error FROM payments"
+            " WHERE order_id = $1 ORDER BY created_at DESC, id LIMIT 1",
+            row["order_id"],
+        )
+        if pay is not None:
+            payment = PaymentInfo(
+                pay["id"], pay["state"], pay["method"], pay["attempts"], pay["last_error"]
+            )
+        tickets = [
+            TicketInfo(t["code"], t["ticket_type"])
+            for t in await conn.fetch(
+                "SELECT code, ticket_type FROM tickets WHERE order_id = $1 ORDER BY code",
+                row["order_id"],
+            )
+        ]
+    status = row["status"]
+    if status == "held" and row["lapsed"]:
+        status = "expired"  # past its deadline; the actor's timer settles the row shortly
+    return Reservation(
+        id=row["id"],
+        event_id=row["event_id"],
+        ticket_type=row["ticket_type"],
+        quantity=row["quantity"],
+        status=status,
+        expires_at=row["expires_at"],
+        amount_minor=row["price_minor"] * row["quantity"],
+        currency=row["currency"].strip(),
+        order_id=row["order_id"],
+        order_status=row["order_status"],
+        payment=payment,
+        tickets=tickets,
+    )
+
+
+async def list_orders(
+    conn: Conn, fan_id: str, event_id: str | None = None, *, limit: int = 100
+) -> list[Order]:
+    """``fan_id``'s orders, newest first (``GET /v1/orders``), optionally of one event."""
+    rows = await conn.fetch(
+        "SELECT id::text, event_id, hold_id::text, status, amount_minor, currency,"
+        " created_at, paid_at FROM orders WHERE fan_id = $1"
+        " AND ($2::text IS NULL OR event_id = $2) ORDER BY created_at DESC LIMIT $3",
+        fan_id,
+        event_id,
+        limit,
+    )
+    if not rows:
+        return []
+    by_order: dict[str, list[TicketInfo]] = {}
+    for t in await conn.fetch(
+        "SELECT order_id::text, code, ticket_type FROM tickets"
+        " WHERE order_id = ANY($1::uuid[]) ORDER BY order_id, code",
+        [r["id"] for r in rows],
+    ):
+        by_order.setdefault(t["order_id"], []).append(TicketInfo(t["code"], t["ticket_type"]))
+    return [
+        Order(
+            id=r["id"],
+            event_id=r["event_id"],
+            reservation_id=r["hold_id"],
+            status=r["status"],
+            amount_minor=r["amount_minor"],
+            currency=r["currency"].strip(),
+            created_at=r["created_at"],
+            paid_at=r["paid_at"],
+            tickets=by_order.get(r["id"], []),
+        )
+        for r in rows
+    ]
+
+
+def _uuid(value: str) -> str:
+    """``value`` if it is a UUID; a malformed id is unknown (404), not a database error."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, TypeError):
+        return "00000000-0000-0000-0000-000000000000"

@@ -1,0 +1,201 @@
+"""Migrations cannot drift: checksums recorded and checked, an old schema refused, a database of
+the previous release upgraded in place, and migrations that must run outside a transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import pytest
+
+from tests.harness import base_settings, run_cli, with_database
+from waitroom.core.db import (
+    NO_TRANSACTION,
+    Migration,
+    create_pool,
+    drop_database,
+    ensure_database,
+    migrate,
+    migrations,
+    require_current_schema,
+)
+from waitroom.core.errors import SchemaError
+from waitroom.core.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+RELEASE_0_1_0 = Path(__file__).parent / "fixtures" / "release_0_1_0"
+
+
+@pytest.fixture
+async def dsn() -> AsyncIterator[str]:
+    """A new, empty database of its own."""
+    url = with_database(base_settings().database_url, f"waitroom_mig_{secrets.token_hex(4)}")
+    await ensure_database(url)
+    try:
+        yield url
+    finally:
+        await drop_database(url)
+
+
+async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def build_release_0_1_0(dsn: str) -> None:
+    """The database as release 0.1.0's ``waitroom migrate`` left it, with a sale in it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for path in sorted(RELEASE_0_1_0.glob("0*.sql")):
+            version, _, name = path.stem.partition("_")
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    int(version),
+                    name,
+                )
+        await conn.execute((RELEASE_0_1_0 / "seed.sql").read_text())
+    finally:
+        await conn.close()
+
+
+def settings_for(dsn: str, tmp_path: Path) -> Settings:
+    return msgspec.structs.replace(base_settings(), database_url=dsn, run_dir=str(tmp_path))
+
+
+async def test_migrate_records_the_sha256_of_every_file_it_applies(dsn: str) -> None:
+    applied = await migrate(dsn)
+    assert applied == [m.version for m in migrations()]
+    rows = await fetch(dsn, "SELECT version, checksum FROM schema_migrations ORDER BY version")
+    assert [(r["version"], r["checksum"]) for r in rows] == [
+        (m.version, m.checksum) for m in migrations()
+    ]
+    assert await migrate(dsn) == []  # nothing left to do
+
+
+async def test_a_migration_edited_after_it_was_applied_stops_migrate_and_serve(
+    dsn: str, tmp_path: Path
+) -> None:
+    await migrate(dsn)
+    edited = [
+        Migration(m.version, m.name, m.sql + "\n-- edited\n") if m.version == 2 else m
+        for m in migrations()
+    ]
+    with pytest.raises(SchemaError, match="migration 2 was changed after it was applied"):
+        await migrate(dsn, shipped=edited)
+    # As the files on disk were edited: the database remembers another checksum.
+    await fetch(dsn, "UPDATE schema_migrations SET checksum = repeat('0', 64) WHERE version = 2")
+    settings = settings_for(dsn, tmp_path)
+    for command in (("migrate",), ("serve", "--port", "0"), ("workers",)):
+        result = run_cli(settings, *command, timeout=30)
+        assert result.returncode == 1, (command, result.stdout, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("waitroom: migration 2 was changed after it was applied")
+        assert "Traceback" not in result.stderr
+
+
+async def test_a_version_this_release_does_not_ship_is_refused(dsn: str) -> None:
+    await migrate(dsn)
+    await fetch(
+        dsn, "INSERT INTO schema_migrations (version, name, checksum) VALUES (999, 'x', 'y')"
+    )
+    with pytest.raises(SchemaError, match="has migration 999, which this release does not ship"):
+        await migrate(dsn)
+    pool = await create_pool(settings_for(dsn, Path(".")))
+    try:
+        with pytest.raises(SchemaError, match="999"):
+            await require_current_schema(pool)
+    finally:
+        await pool.close()
+
+
+async def test_serve_and_workers_refuse_a_database_that_is_behind(dsn: str, tmp_path: Path) -> None:
+    *older, _last = migrations()
+    await migrate(dsn, shipped=older)
+    settings = settings_for(dsn, tmp_path)
+    pool = await create_pool(settings)
+    try:
+        with pytest.raises(SchemaError, match="behind this release"):
+            await require_current_schema(pool)
+    finally:
+        await pool.close()
+    for command in (("serve", "--port", "0"), ("workers",)):
+        result = run_cli(settings, *command, timeout=30)
+        assert result.returncode == 1, (command, result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("waitroom: the database schema is behind this release")
+        assert "run `waitroom migrate`" in last
+    # The CLI's one-shot commands still work (an operator can look at a live sale).
+    assert run_cli(settings, "event", "list").returncode == 0
+    assert run_cli(settings, "migrate").returncode == 0
+    pool = await create_pool(settings)
+    try:
+        await require_current_schema(pool)
+    finally:
+        await pool.close()
+
+
+async def test_a_database_of_the_previous_release_is_upgraded_with_its_data(dsn: str) -> None:
+    await build_release_0_1_0(dsn)
+    applied = await migrate(dsn)
+    shipped = {m.version: m for m in migrations()}
+    assert applied == sorted(set(shipped) - {1, 2, 4, 5})
+    rows = await fetch(dsn, "SELECT version, checksum FROM schema_migrations ORDER BY version")
+    assert {r["version"]: r["checksum"] for r in rows} == {
+        v: m.checksum for v, m in shipped.items()
+    }
+    sold = await fetch(dsn, "SELECT held, sold FROM ticket_types WHERE event_id = 'legacy-sale'")
+    assert [(r["held"], r["sold"]) for r in sold] == [(0, 2)]
+
+
+async def test_a_no_transaction_migration_runs_statement_by_statement(dsn: str) -> None:
+    concurrently = (
+        f"{NO_TRANSACTION}\n"
+        "-- CREATE INDEX CONCURRENTLY refuses to run inside a transaction block.\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS holds_fan_probe ON holds (fan_id);\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS orders_fan_probe ON orders (fan_id);\n"
+    )
+    extra = Migration(9001, "concurrent_indexes", concurrently)
+    assert not extra.transactional and len(extra.statements()) == 2
+    assert await migrate(dsn, shipped=[*migrations(), extra]) == [
+        *(m.version for m in migrations()),
+        9001,
+    ]
+    indexes = await fetch(
+        dsn, "SELECT indexname FROM pg_indexes WHERE indexname LIKE '%_fan_probe' ORDER BY 1"
+    )
+    assert [r["indexname"] for r in indexes] == ["holds_fan_probe", "orders_fan_probe"]
+
+    # The same statement in an ordinary migration fails: the marker is what makes it work.
+    inside = Migration(9002, "inside", concurrently.removeprefix(NO_TRANSACTION))
+    assert inside.transactional
+    with pytest.raises(asyncpg.ActiveSQLTransactionError):
+        await migrate(dsn, shipped=[*migrations(), extra, inside])
+
+
+async def test_migrating_from_several_processes_at_once_applies_each_file_once(
+    dsn: str,
+) -> None:
+    results = await asyncio.gather(*(migrate(dsn) for _ in range(4)))
+    applied = sorted(v for r in results for v in r)
+    assert applied == [m.version for m in migrations()]
+
+
+def test_migration_files_are_named_and_numbered_once() -> None:
+    shipped = migrations()
+    assert [m.version for m in shipped] == sorted({m.version for m in shipped})
+    assert all(m.transactional or m.sql.startswith(NO_TRANSACTION) for m in shipped)

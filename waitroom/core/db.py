@@ -1,0 +1,282 @@
+"""PostgreSQL adapter: the connection pool and the versioned, checksummed migrations.
+
+Migrations are the ``NNNN_name.sql`` files in ``waitroom/migrations``: append-only, applied in
+version order, each recorded in ``schema_migrations`` with the sha256 of the file as applied.
+A file may never change once released: :func:`migrate` and :func:`require_current_schema`
+refuse a database that recorded a different checksum, or a version this release does not
+ship (a newer release migrated it), with a one-line :class:`~waitroom.core.errors.SchemaError`.
+``serve`` and ``workers`` start only on a database that has every migration applied.
+
+Each migration runs in its own transaction, unless its first line is
+``-- waitroom: no-transaction`` (for ``CREATE INDEX CONCURRENTLY`` and the like): then its
+statements run one at a time, outside any transaction, and must be safe to run again
+(``IF NOT EXISTS``), since a crash may leave such a migration half applied.
+
+A session-level advisory lock makes ``waitroom migrate`` safe when several processes run it
+at once: the second waits, then finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from waitroom.core.errors import SchemaError
+from waitroom.core.settings import Settings
+
+log = logging.getLogger("waitroom.db")
+
+#: Arbitrary constant naming the advisory lock that serializes migrations.
+MIGRATION_LOCK_ID = 0x77616974726F6F6D  # "waitroom"
+#: First line of a migration that must run outside a transaction.
+NO_TRANSACTION = "-- waitroom: no-transaction"
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+#: Statement boundaries of a no-transaction migration: a semicolon ending a line.
+_STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
+
+_CREATE_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now())"""
+# Releases before checksums recorded none; the column is added, and filled from the files of
+# this release ("adopted"), the first time this release migrates such a database.
+_ADD_CHECKSUM = "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text"
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema migration file."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        """sha256 of the file's text, as recorded when it is applied."""
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def transactional(self) -> bool:
+        """False for a migration marked to run outside a transaction."""
+        return not self.sql.startswith(NO_TRANSACTION)
+
+    def statements(self) -> list[str]:
+        """The statements of a no-transaction migration, in order."""
+        parts = _STATEMENT_END.split(self.sql)
+        return [s.strip() for s in parts if _has_code(s)]
+
+
+def _has_code(sql: str) -> bool:
+    return any(line.strip() and not line.strip().startswith("--") for line in sql.splitlines())
+
+
+def migrations(package: str = "waitroom.migrations") -> list[Migration]:
+    """The migration files shipped in ``package``, in version order."""
+    found = []
+    for entry in resources.files(package).iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _FILE_NAME.match(entry.name)
+        if match is None:
+            raise SchemaError(f"migration file {entry.name} is not named NNNN_name.sql")
+        found.append(Migration(int(match[1]), match[2], entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise SchemaError(f"duplicate migration versions: {versions}")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class SchemaState:
+    """How a database's recorded migrations compare with this release's files."""
+
+    #: Versions this release ships that the database has not applied.
+    pending: list[int]
+    #: Versions applied before checksums were recorded (filled in by the next migrate).
+    unchecked: list[int]
+
+
+async def schema_state(conn: Any, shipped: list[Migration] | None = None) -> SchemaState:
+    """Compare ``conn``'s ``schema_migrations`` with ``shipped``; raise on drift.
+
+    Raises :class:`SchemaError` when the database recorded a version this release does not
+    ship, or a checksum other than its file's.
+    """
+    shipped = migrations() if shipped is None else shipped
+    by_version = {m.version: m for m in shipped}
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return SchemaState(pending=sorted(by_version), unchecked=[])
+    has_checksum = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns"
+        " WHERE table_name = 'schema_migrations' AND column_name = 'checksum'"
+        " AND table_schema = current_schema())"
+    )
+    column = "checksum" if has_checksum else "NULL::text AS checksum"
+    rows = await conn.fetch(f"SELECT version, {column} FROM schema_migrations ORDER BY version")
+    unknown = [r["version"] for r in rows if r["version"] not in by_version]
+    if unknown:
+        raise SchemaError(
+            f"the database has migration {unknown[0]}, which this release does not ship"
+            " (was it migrated by a newer release?)"
+        )
+    for row in rows:
+        expected = by_version[row["version"]].checksum
+        if row["checksum"] is not None and row["checksum"] != expected:
+            raise SchemaError(
+                f"migration {row['version']} was changed after it was applied"
+                f" (recorded sha256 {row['checksum'][:12]}, file {expected[:12]});"
+                " add a new migration instead of editing a released one"
+            )
+    applied = {r["version"] for r in rows}
+    return SchemaState(
+        pending=[v for v in sorted(by_version) if v not in applied],
+        unchecked=[r["version"] for r in rows if r["checksum"] is None],
+    )
+
+
+async def require_current_schema(pool: asyncpg.Pool[Any]) -> None:
+    """Refuse to run on a database that lacks a migration or has drifted from the files.
+
+    A database that cannot be reached is let through with a warning: the pool connects on
+    demand, requests answer 503 until PostgreSQL is back, and ``migrate`` guards the schema.
+    """
+    try:
+        async with pool.acquire() as conn:
+            state = await schema_state(conn)
+    except SchemaError:
+        raise
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Down, unknown database, no permission: /readyz names it; nothing was decided here.
+        log.warning("could not check the database schema", extra={"error": repr(exc)})
+        return
+    if state.pending:
+        raise SchemaError(
+            "the database schema is behind this release (missing migrations "
+            + ", ".join(map(str, state.pending))
+            + "): run `waitroom migrate`"
+        )
+
+
+async def migrate(
+    dsn: str, *, timeout: float = 10.0, shipped: list[Migration] | None = None
+) -> list[int]:
+    """Apply the migrations the database at ``dsn`` lacks; return the versions applied.
+
+    Checks every recorded checksum first (:func:`schema_state`), so a drifted database is
+    refused before anything is written.
+    """
+    shipped = migrations() if shipped is None else shipped
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, timeout=timeout)
+    applied: list[int] = []
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await conn.execute(_CREATE_TABLE)
+            await conn.execute(_ADD_CHECKSUM)
+            state = await schema_state(conn, shipped)
+            by_version = {m.version: m for m in shipped}
+            for version in state.unchecked:
+                await conn.execute(
+                    "UPDATE schema_migrations SET checksum = $2 WHERE version = $1",
+                    version,
+                    by_version[version].checksum,
+                )
+                log.info("recorded the checksum of a migration", extra={"version": version})
+            for version in state.pending:
+                await _apply(conn, by_version[version])
+                log.info("applied migration", extra={"version": version})
+                applied.append(version)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await conn.close()
+    return applied
+
+
+async def _apply(conn: asyncpg.Connection[Any], migration: Migration) -> None:
+    record = (
+        "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+        migration.version,
+        migration.name,
+        migration.checksum,
+    )
+    if migration.transactional:
+        async with conn.transaction():
+            await conn.execute(migration.sql)
+            await conn.execute(*record)
+        return
+    # One statement per round trip: several in one simple query would form an implicit
+    # transaction, which CREATE INDEX CONCURRENTLY refuses.
+    for statement in migration.statements():
+        await conn.execute(statement)
+    await conn.execute(*record)
+
+
+def _with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+def database_name(dsn: str) -> str:
+    """The database named by ``dsn``."""
+    return urlsplit(dsn).path.lstrip("/") or "postgres"
+
+
+async def ensure_database(dsn: str, *, timeout: float = 10.0) -> bool:
+    """Create the database named by ``dsn`` when it does not exist; True if it was created."""
+    name = database_name(dsn)
+    admin: asyncpg.Connection[Any] = await asyncpg.connect(
+        _with_database(dsn, "postgres"), timeout=timeout
+    )
+    try:
+        exists = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if exists:
+            return False
+        quoted = '"' + name.replace('"', '""') + '"'
+        try:
+            await admin.execute(f"CREATE DATABASE {quoted}")
+        except asyncpg.DuplicateDatabaseError:
+            return False  # another process created it first
+        return True
+    finally:
+        await admin.close()
+
+
+async def drop_database(dsn: str, *, timeout: float = 10.0) -> None:
+    """Drop the database named by ``dsn`` (tests), ending its other sessions."""
+    name = database_name(dsn)
+    admin: asyncpg.Connection[Any] = await asyncpg.connect(
+        _with_database(dsn, "postgres"), timeout=timeout
+    )
+    try:
+        quoted = '"' + name.replace('"', '""') + '"'
+        await admin.execute(f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+async def create_pool(settings: Settings) -> asyncpg.Pool[Any]:
+    """A pool that does not need PostgreSQL to be up yet: connections open on demand.
+
+    Every connection attempt and every statement is bounded, so a database that is down or
+    hanging turns into an error (503 upstream) rather than a stuck request.
+    """
+    pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=0,
+        max_size=settings.db_pool_max,
+        timeout=settings.dependency_timeout_s,
+        command_timeout=max(settings.dependency_timeout_s, 5.0),
+        max_inactive_connection_lifetime=60.0,
+    )
+    return pool

@@ -1,0 +1,255 @@
+"""HTTP plumbing shared by every route: JSON in and out, the error body, request ids, metrics.
+
+Bodies are decoded straight into typed msgspec structs by :func:`read_json`, which enforces
+the content type, the size limit (refusing an oversized body from its Content-Length, or as
+soon as the stream passes the limit, without reading the rest) and turns decoding failures
+into 400 (not JSON) or 422 (JSON of the wrong shape, naming the field).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+import logging
+import re
+import secrets
+import time
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+import redis.exceptions
+from prometheus_client import Counter, Histogram
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from waitroom.core.errors import (
+    BadRequest,
+    ErrorBody,
+    ErrorDetail,
+    PayloadTooLarge,
+    Unavailable,
+    UnsupportedMediaType,
+    ValidationFailed,
+    WaitroomError,
+)
+
+T = TypeVar("T")
+log = logging.getLogger("waitroom.core.http")
+
+#: The request id of the request being handled, for logs written anywhere below it.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+_encoder = msgspec.json.Encoder()
+_FIELD_RE = re.compile(r"at `\$(?P<path>[^`]*)`")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+#: Generated request ids: 64 random bits per process, then a counter (32 hex digits in all).
+#: Unique is all a request id must be; a uuid4 per request costs a getrandom call and an
+#: object, and a WebSocket keeps its id for as long as it stays open. (Each process draws its
+#: own prefix at import: uvicorn spawns its workers, it does not fork them.)
+_REQUEST_ID_PREFIX = secrets.token_hex(8)
+_request_numbers = itertools.count()
+
+HTTP_REQUESTS = Counter(
+    "waitroom_http_requests_total",
+    "HTTP requests answered, by route template, method and status.",
+    ["route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "waitroom_http_request_duration_seconds",
+    "HTTP request latency by route template and method.",
+    ["route", "method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+#: The metric children of each (route template, method, status) seen: ``labels()`` takes
+#: a lock and builds its key on every call, a few microseconds of every request. Bounded,
+#: since the method is the client's to choose.
+_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+_CHILDREN_MAX = 4096
+
+
+def _request_metrics(template: str, method: str, status: int) -> tuple[Counter, Histogram]:
+    key = (template, method, status)
+    pair = _children.get(key)
+    if pair is None:
+        pair = (
+            HTTP_REQUESTS.labels(template, method, str(status)),
+            HTTP_LATENCY.labels(template, method),
+        )
+        if len(_children) < _CHILDREN_MAX:
+            _children[key] = pair
+    return pair
+
+
+class JSONResponse(Response):
+    """A response whose body is encoded by msgspec (structs, dicts, datetimes...)."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _encoder.encode(content)
+
+
+def error_response(error: WaitroomError) -> JSONResponse:
+    """The documented error body for ``error``, with its status and headers."""
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing with 413 past ``limit`` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise BadRequest("Content-Length is not a number", code="bad_content_length") from None
+        if size > limit:
+            raise PayloadTooLarge(
+                f"body of {size} bytes is over the limit of {limit}", details={"limit": limit}
+            )
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise PayloadTooLarge(
+                f"body is over the limit of {limit} bytes", details={"limit": limit}
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, type_: type[T], *, limit: int | None = None) -> T:
+    """Decode the request body as JSON into ``type_``, or raise the matching 4xx."""
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type):
+        raise UnsupportedMediaType(
+            "send the body as application/json",
+            details={"content_type": content_type or None},
+        )
+    max_bytes = limit if limit is not None else request.app.state.settings.max_body_bytes
+    body = await read_body(request, max_bytes)
+    return decode_json(body, type_)
+
+
+def decode_json(body: bytes, type_: type[T]) -> T:
+    """Decode ``body`` into ``type_``: 400 when it is not JSON, 422 naming the bad field."""
+    if not body.strip():
+        raise BadRequest("the body is empty; send a JSON object")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _FIELD_RE.search(message)
+        field = match.group("path").lstrip(".") if match else None
+        raise ValidationFailed(message, field=field or None) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def dependency_error(exc: BaseException) -> Unavailable | None:
+    """The 503 a failure of Redis or PostgreSQL turns into, or None for other errors."""
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return Unavailable("Redis is unavailable", retry_after=2, details={"dependency": "redis"})
+    if isinstance(
+        exc,
+        asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.exceptions.TooManyConnectionsError
+        | asyncpg.exceptions.CannotConnectNowError,
+    ):
+        return Unavailable(
+            "PostgreSQL is unavailable", retry_after=2, details={"dependency": "postgresql"}
+        )
+    if isinstance(exc, OSError | TimeoutError):
+        return Unavailable("a dependency is unavailable", retry_after=2)
+    return None
+
+
+def internal_error_body() -> ErrorBody:
+    """The body of an unexpected failure; the request id lets operators find the log line."""
+    return ErrorBody(
+        ErrorDetail(
+            "internal",
+            "an unexpected error occurred; it has been logged",
+            {"request_id": request_id_var.get()},
+        )
+    )
+
+
+class RequestContextMiddleware:
+    """Request id, access log and metrics for every HTTP request (pure ASGI, no buffering).
+
+    Metrics are labelled by the matched route's template (``/v1/events/{event_id}``), never
+    by the raw path, so a scan of random URLs cannot blow up the label cardinality.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = ""
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+                break
+        request_id = (
+            given
+            if _REQUEST_ID_RE.match(given)
+            else f"{_REQUEST_ID_PREFIX}{next(_request_numbers):016x}"
+        )
+        token = request_id_var.set(request_id)
+        if scope["type"] == "websocket":
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                request_id_var.reset(token)
+            return
+
+        start = time.perf_counter()
+        status = 500
+        header = (b"x-request-id", request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"]
+            requests, latency = _request_metrics(template, method, status)
+            requests.inc()
+            latency.observe(elapsed)
+            if status >= 500 or log.isEnabledFor(logging.DEBUG):
+                log.log(
+                    logging.WARNING if status >= 500 else logging.DEBUG,
+                    "request",
+                    extra={
+                        "method": method,
+                        "path": scope["path"],
+                        "route": template,
+                        "status": status,
+                        "ms": round(elapsed * 1000, 2),
+                    },
+                )
+            request_id_var.reset(token)

@@ -1,0 +1,158 @@
+"""Every Redis key name waitroom uses, built in this one module.
+
+Per-event keys carry the event id in a hash tag (``wr:{evt123}:queue``) so that all of one
+event's keys live in one Redis Cluster slot and a Lua script may touch them together.
+The prefix comes from settings, so test runs and deployments sharing a Redis never collide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EventKeys:
+    """The keys of one event, all in the event's hash slot.
+
+    The data model of a room (all per event):
+
+    - ``queue``     ZSET fan -> place. FIFO places are join sequence numbers (1, 2, ...);
+                    a lottery draw gives the pre-queue fans places -n..-1, ahead of everyone
+                    who joined after opening. Rank in this set = fans ahead.
+    - ``prequeue``  ZSET fan -> join seq of lottery fans who joined before the sale opened.
+    - ``seq``       counter of join sequence numbers.
+    - ``fans``      HASH fan -> join seq, for every fan waiting or admitted (idempotent join);
+                    removed when the fan leaves or is dropped as abandoned.
+    - ``seen``      ZSET fan -> unix time the fan was last connected or polling.
+    - ``meta``      HASH of the room's live state: mode, opens_at, grace_s, opened, drawn,
+                    paused, sold_out, rate, max_active, pass_ttl_s, admitted_total,
+                    abandoned_total, commitment.
+    - ``seed``      STRING the lottery seed, secret until the draw.
+    - ``admitted``  HASH fan -> the fan's queue pass (JWT) once admitted.
+    - ``active``    ZSET pass jti -> expiry: the passes that count against max_active.
+    - ``order``     LIST of admitted fans in admission order (order audits and benchmarks).
+    - ``leader``    STRING lease of the process running the admission loop (value = token).
+    - ``owner``     STRING lease of the process hosting the inventory actor.
+    - ``availability`` HASH ticket type -> tickets available, published by the actor.
+    - ``inbox``     STREAM of inventory commands forwarded to the owner (a mailbox, capped).
+    - ``news``      pub/sub channel of room-wide news (paused, resumed, sold out, settings).
+    - ``draw-lease`` STRING lease of the caller applying the lottery draw.
+    - ``rl:SCOPE:SUBJECT`` HASH token buckets of the join limits (per IP, per fan).
+    """
+
+    base: str
+
+    @property
+    def queue(self) -> str:
+        return f"{self.base}:queue"
+
+    @property
+    def prequeue(self) -> str:
+        return f"{self.base}:prequeue"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.base}:seq"
+
+    @property
+    def fans(self) -> str:
+        return f"{self.base}:fans"
+
+    @property
+    def seen(self) -> str:
+        return f"{self.base}:seen"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.base}:meta"
+
+    @property
+    def seed(self) -> str:
+        return f"{self.base}:seed"
+
+    @property
+    def admitted(self) -> str:
+        return f"{self.base}:admitted"
+
+    @property
+    def active(self) -> str:
+        return f"{self.base}:active"
+
+    @property
+    def order(self) -> str:
+        return f"{self.base}:order"
+
+    @property
+    def leader(self) -> str:
+        return f"{self.base}:leader"
+
+    @property
+    def owner(self) -> str:
+        return f"{self.base}:owner"
+
+    @property
+    def availability(self) -> str:
+        return f"{self.base}:availability"
+
+    @property
+    def news(self) -> str:
+        return f"{self.base}:news"
+
+    @property
+    def draw_lease(self) -> str:
+        """STRING lease of the one caller applying the lottery draw (value = its token)."""
+        return f"{self.base}:draw-lease"
+
+    def bucket(self, scope: str, subject: str) -> str:
+        """HASH token bucket of ``subject`` (an IP, a fan) for this event's limit ``scope``.
+
+        Kept in the event's slot, so the join script can check and charge the limits in the
+        same round trip as the join itself.
+        """
+        return f"{self.base}:rl:{scope}:{subject}"
+
+    @property
+    def inbox(self) -> str:
+        """STREAM of inventory commands forwarded to the event's owner."""
+        return f"{self.base}:inbox"
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder for one deployment prefix.
+
+    Deployment-wide keys: ``revoked:JTI`` and ``spent:JTI`` (pass markers, one key each, so
+    they spread over a cluster's slots), ``inventory-replies:NODE`` (one list per process),
+    ``outbox`` and ``outbox-dead`` (streams of the outbox relay).
+    """
+
+    prefix: str = "wr"
+
+    def event(self, event_id: str) -> EventKeys:
+        """The keys of ``event_id``."""
+        return EventKeys(f"{self.prefix}:{{{event_id}}}")
+
+    def revoked_pass(self, jti: str) -> str:
+        """Marker of a revoked queue pass, kept until the pass would have expired."""
+        return f"{self.prefix}:revoked:{jti}"
+
+    def spent_pass(self, jti: str) -> str:
+        """Marker of a queue pass whose order was paid: it may not reserve again."""
+        return f"{self.prefix}:spent:{jti}"
+
+    def inventory_replies(self, node_id: str) -> str:
+        """LIST of replies to the inventory commands one process forwarded (expires idle).
+
+        Outside any event's slot on purpose: one process's replies come from every owner.
+        """
+        return f"{self.prefix}:inventory-replies:{node_id}"
+
+    @property
+    def outbox(self) -> str:
+        """STREAM the outbox relay publishes committed domain events to."""
+        return f"{self.prefix}:outbox"
+
+    @property
+    def outbox_dead(self) -> str:
+        """STREAM of outbox rows that could not be published after every attempt."""
+        return f"{self.prefix}:outbox-dead"

@@ -1,0 +1,58 @@
+"""Structured logs: one JSON object per line, carrying the request id of the request."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import msgspec
+
+from waitroom.core.http import request_id_var
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=`` and is data.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_encoder = msgspec.json.Encoder(enc_hook=repr)  # a stray object in extra= must not kill a log line
+
+
+class JSONFormatter(logging.Formatter):
+    """Formats a record as ``{"ts", "level", "logger", "msg", "request_id", ...extra}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "request_id": request_id_var.get(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return _encoder.encode(entry).decode(errors="replace")
+
+
+def configure_logging(level: str) -> None:
+    """Send every logger's records to stderr as JSON lines at ``level``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's own access log would duplicate ours in another format.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").addFilter(_drop_websocket_access)
+
+
+def _drop_websocket_access(record: logging.LogRecord) -> bool:
+    # uvicorn logs every WebSocket handshake at INFO with its full URL, and browsers pass
+    # the fan's identity token in that URL's query: such lines must never reach the logs.
+    return not (record.levelno <= logging.INFO and "WebSocket" in str(record.msg))

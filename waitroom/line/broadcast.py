@@ -1,0 +1,324 @@
+"""Live positions: one broadcaster per event with local WebSocket subscribers, per process.
+
+Every tick (:data:`TICK_S`) a broadcaster asks Redis about ALL of its event's locally
+connected fans in one ``positions.lua`` call (which also refreshes their ``seen``), turns
+each fan's state into a message (:func:`waitroom.line.messages.message_for`), and hands it to the
+fan's connection only when it differs from the last one handed over, or when a keep-alive is
+due (:data:`KEEPALIVE_S`).
+
+Handing over never blocks and never creates a task: each connection has a
+:class:`Subscriber` with a one-message slot and a wake-up future. The broadcaster
+overwrites the slot and wakes the connection's own coroutine (:func:`pump`), which sends
+whatever the slot holds then. A client that reads slowly, or not at all, only ever blocks
+its own coroutine, skips the updates it could not take, and gets the latest one when it
+can: it never delays the broadcaster or any other fan. The hand-over yields to the event
+loop every :data:`HANDOVER_CHUNK` wake-ups, so the sends of a tick are spread over many
+short loop turns instead of one long one.
+
+Broadcasters also sweep their rooms for abandoned fans every :data:`SWEEP_EVERY_TICKS`
+ticks, and stop themselves at the first tick that finds no subscriber left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import Gauge, Histogram
+
+from waitroom.core.errors import NotFound
+from waitroom.line import messages
+from waitroom.line.room import Rooms
+from waitroom.line.scripts import ADMITTED, GONE
+
+log = logging.getLogger("waitroom.line.broadcast")
+
+#: Seconds between two position updates.
+TICK_S = 1.0
+#: Seconds after which an unchanged message is sent again, so idle clients see life.
+KEEPALIVE_S = 15.0
+#: Sweep abandoned fans every this many ticks.
+SWEEP_EVERY_TICKS = 5
+#: Connections woken per event-loop turn during a tick's hand-over (see Broadcaster.tick).
+HANDOVER_CHUNK = 256
+#: Close code and reason for a fan no longer in line (left elsewhere, or dropped).
+GONE_CLOSE = (4404, "not in line")
+UNKNOWN_CLOSE = (4404, "unknown event")
+_ERROR_LOG_EVERY_S = 10.0
+
+FANS_WAITING = Gauge(
+    "waitroom_fans_waiting",
+    "Fans in line (placed or in the lottery pre-queue), as of this process's last tick.",
+    ["event"],
+)
+TICK_SECONDS = Histogram(
+    "waitroom_broadcast_tick_seconds",
+    "Time of one broadcaster tick: the Redis call for all local fans plus the hand-over.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+class Subscriber:
+    """One WebSocket connection's mailbox: the latest message only, and a wake-up call.
+
+    The wake-up is a bare future, made only while the connection's pump waits: an
+    :class:`asyncio.Event` would carry a deque of waiters, about 0.8 KB on every one of
+    tens of thousands of idle connections.
+    """
+
+    __slots__ = (
+        "close_with",
+        "closed",
+        "event_id",
+        "fan_id",
+        "latest",
+        "offered_at",
+        "pending",
+        "waiter",
+    )
+
+    def __init__(self, event_id: str, fan_id: str) -> None:
+        self.event_id = event_id
+        self.fan_id = fan_id
+        #: The last message handed over (sent or about to be), to detect changes.
+        self.latest: str | None = None
+        self.offered_at = 0.0
+        #: The message waiting to be sent; overwritten by newer ones, never queued.
+        self.pending: str | None = None
+        self.closed = False
+        #: How to close once closed: (code, reason), or None when the client went away.
+        self.close_with: tuple[int, str] | None = None
+        #: The future the pump is waiting on, if it is waiting.
+        self.waiter: asyncio.Future[None] | None = None
+
+    def offer(self, text: str, now: float) -> None:
+        """Make ``text`` the message to send next, replacing any not yet sent."""
+        self.latest = self.pending = text
+        self.offered_at = now
+        self._wake()
+
+    def close(self, code_reason: tuple[int, str] | None) -> None:
+        """End the connection: send what is pending, then close with ``code_reason``.
+
+        ``None`` means the client is gone already: nothing more is sent. The first call wins.
+        """
+        if not self.closed:
+            self.closed = True
+            self.close_with = code_reason
+            if code_reason is None:
+                self.pending = None
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Return once there is a message to send or the subscriber is closed."""
+        if self.pending is not None or self.closed:
+            return
+        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self.waiter = None
+
+
+async def pump(sub: Subscriber, send: Callable[[str], Awaitable[None]]) -> tuple[int, str] | None:
+    """Send ``sub``'s latest message each time there is one, until it is closed.
+
+    Returns the close code and reason to end the connection with, or ``None`` when the
+    client left. While ``send`` is blocked on a slow client, newer messages replace the
+    pending one: the client gets the latest state, never a backlog.
+    """
+    while True:
+        await sub.wait()
+        text, sub.pending = sub.pending, None
+        if text is not None:
+            await send(text)
+        if sub.closed:
+            return sub.close_with
+
+
+class Broadcaster:
+    """The ticking loop of one event in this process."""
+
+    def __init__(self, hub: Hub, event_id: str) -> None:
+        self.hub = hub
+        self.event_id = event_id
+        self.subscribers: dict[str, list[Subscriber]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self._ticks = 0
+        self._error_logged_at = 0.0
+        self._expiry: dict[str, int | None] = {}
+
+    def add(self, sub: Subscriber) -> None:
+        self.subscribers.setdefault(sub.fan_id, []).append(sub)
+
+    def remove(self, sub: Subscriber) -> None:
+        subs = self.subscribers.get(sub.fan_id)
+        if subs is None:
+            return
+        if sub in subs:
+            subs.remove(sub)
+        if not subs:
+            del self.subscribers[sub.fan_id]
+
+    async def run(self) -> None:
+        """Tick until no subscriber is left (or the hub is closed)."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at += self.hub.tick_s
+            delay = next_at - loop.time()
+            if delay < 0:
+                # A tick overran: start afresh rather than fire the missed ticks back to back.
+                next_at, delay = loop.time(), 0.0
+            await asyncio.sleep(delay)
+            if not self.subscribers:
+                # Decided and done without awaiting, so a subscriber arriving now finds
+                # either this broadcaster still registered, or none and starts a new one.
+                self.hub.forget(self)
+                with contextlib.suppress(KeyError):
+                    FANS_WAITING.remove(self.event_id)
+                return
+            try:
+                await self.tick(time.time())
+            except asyncio.CancelledError:
+                raise
+            except NotFound:
+                # The event is gone from PostgreSQL and Redis: nobody is in its line.
+                for subs in self.subscribers.values():
+                    for sub in subs:
+                        sub.close(UNKNOWN_CLOSE)
+            except Exception as exc:  # Redis down, a bad reply: skip this tick, keep going
+                if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:
+                    self._error_logged_at = time.monotonic()
+                    log.warning(
+                        "broadcaster tick failed",
+                        extra={"event_id": self.event_id, "error": repr(exc)},
+                    )
+
+    async def tick(self, now: float) -> None:
+        """One round: one Redis call for every local fan, then the hand-over."""
+        started = time.perf_counter()
+        fans = list(self.subscribers)
+        rooms = self.hub.rooms
+        result = await rooms.positions(self.event_id, fans, now=now)
+        room = result.room
+        FANS_WAITING.labels(self.event_id).set(room.waiting)
+        rate = rooms.estimator(self.event_id).rate
+        # Messages that every fan in the same state shares are encoded once per tick.
+        shared: dict[int, str | None] = {}
+        individual = not (room.sold_out or room.paused)
+        passes = iter(result.passes)
+        keepalive_before = now - KEEPALIVE_S
+        woken = 0
+        for fan_id, code in zip(fans, result.codes, strict=True):
+            if woken >= HANDOVER_CHUNK:
+                woken = 0
+                # Let the connections woken so far send before waking more. Each wake-up
+                # costs a send; waking 10,000 at once would hold this event loop for all
+                # of their sends, and HTTP requests, Redis replies and the admission
+                # leader's lease renewals would wait behind them (a lease that waits too
+                # long is lost, and with it the admissions that move everyone's position).
+                await asyncio.sleep(0)
+            queue_pass = next(passes) if code == ADMITTED else None
+            subs = self.subscribers.get(fan_id)
+            if not subs:
+                continue  # unsubscribed while Redis was answering
+            if code == GONE:
+                for sub in subs:
+                    sub.close(GONE_CLOSE)
+                continue
+            if queue_pass is not None:
+                text: str | None = self._admitted(queue_pass)
+            elif code >= 0 and individual:
+                message = messages.message_for(code, room, rate)
+                text = messages.encode(message) if message is not None else None
+            else:
+                kind = min(code, 0)  # every placed fan gets the same paused/sold-out message
+                if kind not in shared:
+                    message = messages.message_for(kind, room, rate)
+                    shared[kind] = messages.encode(message) if message is not None else None
+                text = shared[kind]
+            if text is None:
+                continue
+            for sub in subs:
+                if text != sub.latest or sub.offered_at < keepalive_before:
+                    sub.offer(text, now)
+                    woken += 1
+        self._ticks += 1
+        if self._ticks % SWEEP_EVERY_TICKS == 0:
+            await rooms.sweep(self.event_id, now=now)
+        TICK_SECONDS.observe(time.perf_counter() - started)
+
+    def _admitted(self, queue_pass: str) -> str:
+        # Decoding a pass for its expiry is the costly part; a fan keeps one pass.
+        if queue_pass not in self._expiry:
+            if len(self._expiry) > 4 * len(self.subscribers) + 64:
+                self._expiry.clear()
+            self._expiry[queue_pass] = messages.pass_expiry(queue_pass)
+        return messages.encode(messages.Admitted(queue_pass, self._expiry[queue_pass]))
+
+
+class Hub:
+    """This process's broadcasters, by event; created and closed by the app's lifespan."""
+
+    def __init__(self, rooms: Rooms, *, tick_s: float = TICK_S) -> None:
+        self.rooms = rooms
+        self.tick_s = tick_s
+        self._broadcasters: dict[str, Broadcaster] = {}
+        self._closed = False
+
+    def subscribe(self, event_id: str, fan_id: str) -> Subscriber:
+        """A new subscriber for ``fan_id``, starting the event's broadcaster if needed."""
+        if self._closed:
+            raise RuntimeError("the hub is closed")
+        sub = Subscriber(event_id, fan_id)
+        broadcaster = self._broadcasters.get(event_id)
+        if broadcaster is None:
+            broadcaster = self._broadcasters[event_id] = Broadcaster(self, event_id)
+            broadcaster.add(sub)
+            broadcaster.task = asyncio.create_task(broadcaster.run(), name=f"broadcast:{event_id}")
+        else:
+            broadcaster.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        """Forget ``sub`` at once; its broadcaster stops at its next tick if it was the last."""
+        broadcaster = self._broadcasters.get(sub.event_id)
+        if broadcaster is not None:
+            broadcaster.remove(sub)
+
+    def forget(self, broadcaster: Broadcaster) -> None:
+        if self._broadcasters.get(broadcaster.event_id) is broadcaster:
+            del self._broadcasters[broadcaster.event_id]
+
+    def subscribers(self, event_id: str) -> int:
+        """How many connections this process holds for ``event_id``."""
+        broadcaster = self._broadcasters.get(event_id)
+        if broadcaster is None:
+            return 0
+        return sum(len(subs) for subs in broadcaster.subscribers.values())
+
+    async def close(self) -> None:
+        """Stop every broadcaster and release every connection waiting on one."""
+        self._closed = True
+        broadcasters = list(self._broadcasters.values())
+        self._broadcasters.clear()
+        tasks: list[asyncio.Task[Any]] = []
+        for broadcaster in broadcasters:
+            for subs in broadcaster.subscribers.values():
+                for sub in subs:
+                    sub.close((1001, "server shutting down"))
+            if broadcaster.task is not None:
+                broadcaster.task.cancel()
+                tasks.append(broadcaster.task)
+        if tasks:
+            await asyncio.wait(tasks)

@@ -1,0 +1,257 @@
+"""Thin adapter over the waiting room's Lua scripts (the ``.lua`` files in ``waitroom/line/lua``).
+
+Each script is read once, at import, by :class:`waitroom.core.lua_scripts.Script` (a line
+``--!include NAME.lua`` splices in the token bucket); :func:`load_all` registers them with
+Redis at start-up. The functions below run one script each, in one round trip, and turn its
+reply into typed values; the reply layouts are documented at the top of each ``.lua`` file.
+
+Per-event scripts take only keys of that event (one Redis Cluster slot); the rate-limit
+buckets of a join are per event too (:meth:`waitroom.core.keys.EventKeys.bucket`), so a join and
+its limits run in one script.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from waitroom.core import lua_scripts
+from waitroom.core.keys import EventKeys
+from waitroom.core.lua_scripts import Script
+from waitroom.core.redis import Multiplexer
+from waitroom.line.ratelimit import Decision, Limit
+
+#: Either client runs the scripts: redis-py's, or the pipelined one of the hot path.
+Client = Redis | Multiplexer
+
+#: ``positions`` codes of fans who are not waiting with a place.
+PREQUEUE = -1
+ADMITTED = -2
+GONE = -3
+ADMITTING = -4
+
+
+def _script(name: str) -> Script:
+    return Script("waitroom.line.lua", name)
+
+
+INIT_ROOM = _script("init_room.lua")
+JOIN = _script("join.lua")
+LEAVE = _script("leave.lua")
+POSITIONS = _script("positions.lua")
+SWEEP = _script("sweep.lua")
+OPEN_ROOM = _script("open_room.lua")
+DRAW = _script("draw.lua")
+ALL = (INIT_ROOM, JOIN, LEAVE, POSITIONS, SWEEP, OPEN_ROOM, DRAW)
+
+
+async def load_all(redis: Client) -> None:
+    """Register every script with Redis (``SCRIPT LOAD``), so the hot path is ``EVALSHA``."""
+    await lua_scripts.load(redis, ALL)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --- replies ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JoinReply:
+    """What ``join.lua`` answered (see its header)."""
+
+    outcome: str  # "joined" | "limited"
+    state: str  # "waiting" | "prequeue" | "admitted" | "none"
+    rank: int | None
+    created: bool
+    queue_pass: str | None
+    paused: bool
+    sold_out: bool
+    admitted_total: int
+    draw_due: bool
+    limit: Decision
+
+
+@dataclass(frozen=True, slots=True)
+class RoomView:
+    """A room's live state as ``positions.lua`` read it."""
+
+    mode: str
+    opens_at: float
+    opened: bool
+    drawn: bool
+    paused: bool
+    sold_out: bool
+    admitted_total: int
+    #: Fans in line: placed in the queue or waiting in the lottery pre-queue.
+    waiting: int
+    commitment: str | None
+
+    def draw_due(self, now: float) -> bool:
+        """A lottery room whose sale has opened (or should have) but is not drawn yet."""
+        return self.mode == "lottery" and not self.drawn and (self.opened or now >= self.opens_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """``positions.lua``'s answer: the room, one code per fan asked about, and passes."""
+
+    room: RoomView
+    #: Per fan, in the order asked: fans ahead (>= 0), or PREQUEUE, ADMITTED, GONE, ADMITTING.
+    codes: list[int]
+    #: The passes of the fans whose code is ADMITTED, in order.
+    passes: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenReply:
+    """``open_room.lua``'s answer."""
+
+    outcome: str  # "no_room" | "fifo" | "drawn" | "busy" | "draw"
+    seed: str | None = None
+    prequeue: tuple[str, ...] = ()
+
+
+# --- calls --------------------------------------------------------------------------------
+
+
+async def init_room(redis: Client, ek: EventKeys, fields: dict[str, str], seed: str | None) -> None:
+    """Write a room's initial live state, keeping any field that exists already."""
+    args: list[str] = [seed or ""]
+    for name, value in fields.items():
+        args += [name, value]
+    await INIT_ROOM(redis, [ek.meta, ek.seed], args)
+
+
+async def join(
+    redis: Client,
+    ek: EventKeys,
+    fan_id: str,
+    *,
+    now: float,
+    ip: str,
+    ip_limit: Limit,
+    fan_limit: Limit | None,
+) -> JoinReply | None:
+    """Join ``fan_id`` to the line; ``None`` when the room is not in Redis yet."""
+    keys = [
+        ek.meta,
+        ek.queue,
+        ek.prequeue,
+        ek.seq,
+        ek.fans,
+        ek.seen,
+        ek.admitted,
+        ek.bucket("ip", ip),
+        ek.bucket("fan", fan_id),
+    ]
+    args: list[str | int | float] = [
+        fan_id,
+        repr(now),
+        int(now * 1000),
+        ip_limit.rate,
+        ip_limit.burst,
+        fan_limit.rate if fan_limit else 0,
+        fan_limit.burst if fan_limit else 0,
+    ]
+    reply = await JOIN(redis, keys, args)
+    if len(reply) == 1:
+        return None
+    limit, remaining, retry_ms, reset_ms = (int(v) for v in reply[9:13])
+    return JoinReply(
+        outcome=_text(reply[0]) or "",
+        state=_text(reply[1]) or "",
+        rank=None if reply[2] is None else int(reply[2]),
+        created=reply[3] == 1,
+        queue_pass=_text(reply[4]),
+        paused=reply[5] == b"1",
+        sold_out=reply[6] == 1,
+        admitted_total=int(reply[7]),
+        draw_due=reply[8] == 1,
+        limit=Decision(
+            allowed=_text(reply[0]) != "limited",
+            limit=limit,
+            remaining=remaining,
+            retry_after_ms=retry_ms,
+            reset_ms=reset_ms,
+        ),
+    )
+
+
+async def leave(redis: Client, ek: EventKeys, fan_id: str) -> str:
+    """Take ``fan_id`` out of the line: "left", "not_in_line", "admitted" or "no_room"."""
+    keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen, ek.admitted]
+    return _text(await LEAVE(redis, keys, [fan_id])) or ""
+
+
+def _flag(value: Any) -> bool:
+    return bool(value == b"1" or value == "1")
+
+
+async def positions(
+    redis: Client, ek: EventKeys, fan_ids: Sequence[str], *, now: float
+) -> Positions | None:
+    """Codes of all ``fan_ids`` and the room's state in one call; ``None`` without a room."""
+    keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen, ek.admitted]
+    reply = await POSITIONS(redis, keys, [repr(now), *fan_ids])
+    if not reply:
+        return None
+    room, codes, passes = reply
+    mode, opens_at, opened, drawn, paused, sold_out, admitted_total, waiting, commitment = room
+    return Positions(
+        room=RoomView(
+            mode=_text(mode) or "fifo",
+            opens_at=float(opens_at or 0),
+            opened=_flag(opened),
+            drawn=_flag(drawn),
+            paused=_flag(paused),
+            sold_out=_flag(sold_out),
+            admitted_total=int(admitted_total or 0),
+            waiting=int(waiting),
+            commitment=_text(commitment) or None,
+        ),
+        codes=codes,
+        passes=[p.decode() for p in passes],
+    )
+
+
+async def sweep(redis: Client, ek: EventKeys, *, now: float, limit: int) -> tuple[int, bool]:
+    """Drop up to ``limit`` abandoned fans; (how many were dropped, whether more are due)."""
+    keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen]
+    dropped, more = await SWEEP(redis, keys, [repr(now), limit])
+    return int(dropped), more == 1
+
+
+async def open_room(
+    redis: Client, ek: EventKeys, *, now: float, token: str, lease_ms: int
+) -> OpenReply:
+    """Mark the room open; for a lottery, hand over the pre-queue and seed to one caller."""
+    keys = [ek.meta, ek.prequeue, ek.seed, ek.draw_lease]
+    reply = await OPEN_ROOM(redis, keys, [repr(now), token, lease_ms])
+    outcome = _text(reply[0]) or ""
+    if outcome != "draw":
+        return OpenReply(outcome)
+    return OpenReply(outcome, _text(reply[1]), tuple(f.decode() for f in reply[2]))
+
+
+async def draw(
+    redis: Client,
+    ek: EventKeys,
+    placements: Sequence[tuple[int, str]],
+    *,
+    now: float,
+    token: str,
+    final: bool,
+) -> int:
+    """Move pre-queue fans to their drawn ``(place, fan)``; ``final`` marks the room drawn."""
+    args: list[str | int] = [repr(now), token, 1 if final else 0]
+    for place, fan_id in placements:
+        args += [place, fan_id]
+    keys = [ek.meta, ek.queue, ek.prequeue, ek.draw_lease]
+    return int(await DRAW(redis, keys, args))
