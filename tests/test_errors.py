@@ -220,3 +220,28 @@ def test_no_known_bad_input_reaches_the_500_path(
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         assert_error(response, response.status_code)
+
+
+def test_the_docstring_of_errors_names_every_exception_of_the_tree() -> None:
+    import importlib
+    import pkgutil
+
+    from waitroom.core import errors
+
+    for package in ("waitroom", "admission", "inventory", "workers"):
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+
+    def subclasses(cls: type[Exception]) -> list[type[Exception]]:
+        found: list[type[Exception]] = []
+        for sub in cls.__subclasses__():
+            found += [sub, *subclasses(sub)]
+        return found
+
+    names = {c.__name__ for c in subclasses(errors.WaitroomError) if not c.__name__.startswith("_")}
+    assert names >= {"ActorStopped", "Fenced", "PaymentRefused", "SchemaError"}
+    assert errors.__doc__ is not None
+    missing = sorted(n for n in names if f" {n} " not in errors.__doc__)
+    assert missing == []

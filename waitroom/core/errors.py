@@ -5,23 +5,31 @@ HTTP status; the instance carries a stable machine-readable ``code`` (``sold_out
 ``pass_expired``...), a human message and optional ``details``. The HTTP layer renders any of
 them as ``{"error": {"code", "message", "details"}}``; the CLI prints the message on one line.
 
-Tree::
+Tree (every subclass in the project, wherever it is defined)::
 
     WaitroomError (500 internal)
     ├── SettingsError            bad WAITROOM_* value; stops the process at start
     ├── SchemaError              database schema behind or drifted; stops the process
     ├── BadRequest (400)         malformed body
     ├── Unauthorized (401)       no or invalid identity / admin token
-    ├── Forbidden (403)          missing, invalid or revoked pass
+    ├── Forbidden (403)          missing, invalid, revoked or spent pass
     ├── NotFound (404)           unknown route or id
     ├── MethodNotAllowed (405)
     ├── Conflict (409)           sold out, per-fan limit, already confirmed...
+    │   └── PaymentRefused       inventory.orders: a confirm that cannot start a payment
     ├── Gone (410)               expired hold or pass
     ├── PayloadTooLarge (413)
     ├── UnsupportedMediaType (415)
-    ├── ValidationFailed (422)   well-formed body with a bad field
+    ├── ValidationFailed (422)   well-formed body with a bad field (``field`` names it)
+    ├── Fenced (503)             inventory.store: this process lost the event's ownership
     ├── RateLimited (429)        carries Retry-After
     └── Unavailable (503)        a dependency is down; carries Retry-After
+        └── ActorStopped         inventory.actor: the event's actor is not running
+
+Two exceptions stay outside the tree on purpose: ``CLIError`` (waitroom.cli, a usage error
+printed as one line) and the payment workers' private ``_Transient``/``_Permanent`` (retry
+classification, never shown to a client). Anything else that escapes a handler is a 500 with
+a request id, or a 503 when it is a dependency's failure (:func:`waitroom.core.http.dependency_error`).
 """
 
 from __future__ import annotations
