@@ -24,6 +24,7 @@ from msgspec import UNSET, Meta, UnsetType
 from redis.asyncio import Redis
 
 from admission import leader
+from waitroom.core import audit
 from waitroom.core.errors import NotFound, ValidationFailed
 from waitroom.core.keys import Keys
 
@@ -133,6 +134,10 @@ def _settings_json(s: AdmissionSettings) -> str:
     ).decode()
 
 
+def _revocation_json(jti: str, fan_id: str, *, revoked: bool) -> str:
+    return msgspec.json.encode({"jti": jti, "fan_id": fan_id, "revoked": revoked}).decode()
+
+
 def _version(at: datetime) -> int:
     return round(at.timestamp() * 1_000_000)
 
@@ -144,7 +149,7 @@ async def update_admission(
     event_id: str,
     patch: AdmissionPatch,
     *,
-    actor: str,
+    actor: audit.Actor | str,
 ) -> AdmissionSettings:
     """Apply ``patch`` to the event's admission settings, audit it, and mirror it live.
 
@@ -178,13 +183,13 @@ async def update_admission(
             paused,
         )
         new = AdmissionSettings(event_id, float(rate), max_active, paused, updated_at)
-        await conn.execute(
-            "INSERT INTO audit_log (actor, action, event_id, old, new)"
-            " VALUES ($1, 'admission.update', $2, $3, $4)",
+        await audit.record(
+            conn,
             actor,
+            "admission.update",
             event_id,
-            _settings_json(old),
-            _settings_json(new),
+            old=_settings_json(old),
+            new=_settings_json(new),
         )
     await leader.mirror_settings(
         redis,
@@ -219,7 +224,7 @@ async def spend_pass(redis: Redis, keys: Keys, event_id: str, jti: str) -> None:
 
 
 async def revoke_pass(
-    pool: asyncpg.Pool[Any], redis: Redis, keys: Keys, jti: str, *, actor: str
+    pool: asyncpg.Pool[Any], redis: Redis, keys: Keys, jti: str, *, actor: audit.Actor | str
 ) -> RevokedPass:
     """Revoke a pass: the gate refuses it from now on, and its slot is freed.
 
@@ -243,13 +248,13 @@ async def revoke_pass(
             expires_at=row["expires_at"],
             revoked_at=row["revoked_at"],
         )
-        await conn.execute(
-            "INSERT INTO audit_log (actor, action, event_id, old, new)"
-            " VALUES ($1, 'pass.revoke', $2, $3, $4)",
+        await audit.record(
+            conn,
             actor,
+            "pass.revoke",
             revoked.event_id,
-            msgspec.json.encode({"jti": jti, "fan_id": revoked.fan_id, "revoked": False}).decode(),
-            msgspec.json.encode({"jti": jti, "fan_id": revoked.fan_id, "revoked": True}).decode(),
+            old=_revocation_json(jti, revoked.fan_id, revoked=False),
+            new=_revocation_json(jti, revoked.fan_id, revoked=True),
         )
     # Until expiry plus the gate's leeway: a pass it still accepts is still refused here.
     ttl_ms = int((revoked.expires_at.timestamp() - time.time() + 10) * 1000)

@@ -180,6 +180,7 @@ class PassKeys:
         if settings.pass_signing_key is not None:
             signing = _load_private(Path(settings.pass_signing_key), "WAITROOM_PASS_SIGNING_KEY")
         else:
+            keyfiles.refuse_in_production(settings, "WAITROOM_PASS_SIGNING_KEY")
             signing = load_or_generate(Path(settings.run_dir) / KEY_FILE)
         verify = [_load_public(Path(p)) for p in settings.pass_verify_keys]
         return cls(signing, verify)

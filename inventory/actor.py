@@ -70,6 +70,9 @@ CONNECTION_HOLD_S = 0.25
 
 #: What an actor publishes after commits: availability per type and whether it is sold out.
 Publish = Callable[[dict[str, int], bool], Awaitable[None]]
+#: Told the jtis of queue passes whose hold cycle ended because their last hold expired
+#: (see inventory.ledger): their admission slot may go to the next fan.
+TurnOver = Callable[[list[str]], None]
 
 _Mail = tuple[Command, "asyncio.Future[Result]"]
 
@@ -92,6 +95,7 @@ class InventoryActor:
         ledger: Ledger,
         *,
         publish: Publish | None = None,
+        on_turn_over: TurnOver | None = None,
         mailbox_size: int = 20_000,
         max_batch: int = 5_000,
         apply_chunk: int = 64,
@@ -102,6 +106,7 @@ class InventoryActor:
         self.ledger = ledger
         self._pool = pool
         self._publish = publish
+        self._on_turn_over = on_turn_over
         self._max_batch = max_batch
         self._apply_chunk = apply_chunk
         self._clock = clock
@@ -289,6 +294,27 @@ class InventoryActor:
         self._results += results
         self._count(commands, results, expired)
         self._wake_committer()
+        if self._on_turn_over is not None and isinstance(expired, Expired) and expired.holds:
+            self._turned_over(expired)
+
+    def _turned_over(self, expired: Expired) -> None:
+        """Tell which queue passes had their turn end with these holds' expiry.
+
+        Not after the commit: the holds are past their deadline, so they are expired
+        whatever becomes of this batch (a rebuild expires them again), and the fans behind
+        in line should not wait for a commit to be admitted. Cancels need nothing here: the
+        cancel route frees the pass's slot itself, and a paid pass is spent.
+        """
+        ledger = self.ledger
+        jtis = sorted(
+            {
+                h.pass_jti
+                for h in expired.holds
+                if h.pass_jti is not None and ledger.pass_used(h.fan_id, h.pass_jti)
+            }
+        )
+        if jtis and self._on_turn_over is not None:
+            self._on_turn_over(jtis)
 
     def _wake_committer(self) -> None:
         self._wanted = True

@@ -9,7 +9,11 @@ thin PostgreSQL adapter; the HTTP routes and the CLI both call them, so they beh
 
 from __future__ import annotations
 
+import asyncio
+import math
 import secrets
+import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -17,17 +21,23 @@ import asyncpg
 import msgspec
 from msgspec import Meta
 
+from waitroom.core import audit, ids
 from waitroom.core.errors import Conflict, NotFound, ValidationFailed
 
+# The patterns end with ids.END, not `$`: msgspec matches with Python's re, where `$` also
+# matches before a final newline ("evt\n" passed, then failed PostgreSQL's CHECK: a 500).
 EventId = Annotated[
     str,
     Meta(
-        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        pattern=ids.EVENT_ID.pattern,
+        max_length=ids.EVENT_ID.max_length,
         description="lowercase letters, digits, '-' and '_'; at most 63 characters",
     ),
 ]
-TicketTypeName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}$")]
-Currency = Annotated[str, Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. EUR")]
+TicketTypeName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _-]{0,63}" + ids.END)]
+Currency = Annotated[
+    str, Meta(pattern=r"^[A-Z]{3}" + ids.END, description="ISO 4217 code, e.g. EUR")
+]
 AwareDatetime = Annotated[datetime, Meta(tz=True)]
 QueueMode = Literal["fifo", "lottery"]
 
@@ -394,7 +404,7 @@ def _room(row: asyncpg.Record) -> RoomSettings:
 
 
 async def create_event(
-    pool: asyncpg.Pool[Any], spec: EventCreate, *, actor: str, now: datetime
+    pool: asyncpg.Pool[Any], spec: EventCreate, *, actor: audit.Actor | str, now: datetime
 ) -> EventDetail:
     """Validate and store a new event; 409 ``event_exists`` when the id is taken."""
     validate_event(spec, now)
@@ -436,11 +446,8 @@ async def create_event(
                 for i, t in enumerate(spec.ticket_types)
             ],
         )
-        await conn.execute(
-            "INSERT INTO audit_log (actor, action, event_id, new) VALUES ($1, 'event.create', $2, $3)",
-            actor,
-            event_id,
-            msgspec.json.encode(spec).decode(),
+        await audit.record(
+            conn, actor, "event.create", event_id, new=msgspec.json.encode(spec).decode()
         )
     return await get_event(pool, event_id)
 
@@ -559,3 +566,57 @@ class PriceBook:
             if t.name == ticket_type:
                 return t.price_minor, t.currency
         return 0, ""
+
+
+class EventDirectory:
+    """Which event ids exist, kept in memory, so that an unknown id costs no query.
+
+    Refreshed from ``events`` (the whole id list: a deployment has thousands of events, not
+    millions) only when an id it does not know is asked for, and then at most once every
+    ``refresh_s``: a flood of made-up ids costs at most one query per ``refresh_s`` per
+    process, and an event created elsewhere (another node, the CLI) is known here within
+    ``refresh_s``. Events are never deleted by waitroom, so a known id stays known; an id
+    this process creates is added at once (:meth:`add`).
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool[Any],
+        *,
+        refresh_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._ids: set[str] = set()
+        self._refreshed_at = -math.inf
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def add(self, event_id: str) -> None:
+        """This process created ``event_id``."""
+        self._ids.add(event_id)
+
+    async def exists(self, event_id: str) -> bool:
+        """Whether ``event_id`` names an event (refreshing the list when due, see above)."""
+        if event_id in self._ids:
+            return True
+        if self._clock() - self._refreshed_at < self._refresh_s:
+            return False
+        task = self._refreshing
+        if task is None:
+            task = self._refreshing = asyncio.create_task(self._refresh(), name="event-ids")
+            task.add_done_callback(self._refreshed)
+        # Shielded: one caller giving up does not cancel the refresh the others wait for.
+        await asyncio.shield(task)
+        return event_id in self._ids
+
+    async def _refresh(self) -> None:
+        rows = await self._pool.fetch("SELECT id FROM events")
+        self._ids.update(r["id"] for r in rows)
+        self._refreshed_at = self._clock()
+
+    def _refreshed(self, task: asyncio.Task[None]) -> None:
+        self._refreshing = None
+        if not task.cancelled():
+            task.exception()  # a failed refresh is the waiting callers' error, not lost

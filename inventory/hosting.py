@@ -34,6 +34,7 @@ import asyncpg
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
+from admission.operators import complete_pass
 from inventory import store
 from inventory.actor import ActorStopped, InventoryActor
 from inventory.forwarding import Forwarder
@@ -83,6 +84,8 @@ class InventoryHost:
         self._starting: dict[str, asyncio.Future[bool]] = {}
         self._transport = Forwarder(redis, keys, self.node_id)
         self._closed = False
+        #: Short fire-and-forget work (freeing admission slots), kept so it is not collected.
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -176,7 +179,35 @@ class InventoryHost:
 
     async def _new_actor(self, event_id: str, epoch: int) -> InventoryActor:
         publish = self._publisher(event_id) if self._publish else None
-        return await InventoryActor.load(event_id, self._pool, epoch, publish=publish)
+        return await InventoryActor.load(
+            event_id,
+            self._pool,
+            epoch,
+            publish=publish,
+            on_turn_over=lambda jtis: self._free_slots(event_id, jtis),
+        )
+
+    def _free_slots(self, event_id: str, jtis: list[str]) -> None:
+        """Passes whose holds all expired cannot shop again: their admission slots go free.
+
+        Without this they would count against ``max_active`` until the passes expire,
+        holding back fans who could buy the tickets that just came back.
+        """
+
+        async def free() -> None:
+            try:
+                await asyncio.gather(
+                    *(complete_pass(self._redis, self._keys, event_id, jti) for jti in jtis)
+                )
+            except Exception as exc:  # the pass's own expiry frees the slot in the end
+                log.warning(
+                    "could not free the slots of expired holds' passes",
+                    extra={"event": event_id, "error": repr(exc)},
+                )
+
+        task = asyncio.create_task(free(), name=f"free-slots:{event_id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _publisher(self, event_id: str) -> Any:
         keys = self._keys.event(event_id)

@@ -28,6 +28,23 @@ result and changes nothing, even if the world has moved on since (a retried ``so
 stays ``sold_out``; the client uses a new key to try again). The same key with a different
 request is refused with :data:`IDEMPOTENCY_MISMATCH`.
 
+Bounded idempotency records: a fan's refusals are kept for replay only up to
+``max_refusals_per_fan`` (16 by default); recording one more forgets that fan's oldest
+refusal, so a client spraying fresh keys at a sold-out event cannot grow the ledger without
+bound. Successes are never forgotten here (they are bounded by the per-fan ticket limits and
+the hold cycle below). A retry that comes back after its refusal was forgotten is applied
+afresh, which is safe: a refusal changed nothing. (PostgreSQL keeps its rows for a time; the
+workers' safety net purges them, see :mod:`workers.safety`.)
+
+One hold cycle per queue pass: a pass may reserve (several holds at once, within the limits)
+until the fan has no hold left ``held`` under it; the moment its last live hold is settled
+(cancelled, expired or paid), the pass's cycle is over and any further reserve with it is
+refused (:data:`PASS_USED`). So reserve -> cancel (or let expire) -> reserve loops cannot keep
+tickets locked away from the fans behind in line: tickets come back and stay back for them. It also keeps ``max_active`` honest: a cancel that frees the pass's
+admission slot (:func:`admission.operators.complete_pass`) can never be followed by more
+shopping on that pass. Commands without a pass (``pass_jti`` None: tests, benchmarks) are
+not subject to it. Cycles are kept per (fan, pass).
+
 Persistence: the actor applies a batch of commands, then calls :meth:`Ledger.drain_changes` and
 writes exactly those rows in one transaction (INSERT ``new_holds``, UPDATE ``updated_holds``,
 INSERT ``idempotency``), and only then replies. There is deliberately no in-memory rollback:
@@ -39,6 +56,7 @@ construction.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import heapq
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +77,10 @@ HOLD_CANCELLED = "hold_cancelled"
 UNKNOWN_TICKET_TYPE = "unknown_ticket_type"
 BAD_QUANTITY = "bad_quantity"
 IDEMPOTENCY_MISMATCH = "idempotency_key_reused"
+#: The reserve's queue pass already finished its hold cycle (see the module docstring).
+PASS_USED = "pass_used"
+#: Refusals kept per fan for replay by default (see the module docstring).
+MAX_REFUSALS_PER_FAN = 16
 # Deliberately the same code (and message) as an unknown hold: a fan probing someone else's
 # hold id must not learn that it exists.
 NOT_YOUR_HOLD = UNKNOWN_HOLD
@@ -74,6 +96,7 @@ REFUSAL_STATUS: dict[str, int] = {
     UNKNOWN_TICKET_TYPE: 422,
     BAD_QUANTITY: 422,
     IDEMPOTENCY_MISMATCH: 422,
+    PASS_USED: 403,
 }
 
 
@@ -276,8 +299,12 @@ class Ledger:
         "_held",
         "_holds",
         "_idempotency",
+        "_max_refusals",
         "_new",
         "_new_idempotency",
+        "_pass_closed",
+        "_pass_live",
+        "_refusals",
         "_rules",
         "_types",
         "_updated",
@@ -288,8 +315,16 @@ class Ledger:
         rules: EventRules,
         holds: Iterable[Hold] = (),
         idempotency: Mapping[tuple[str, str], tuple[bytes, Result]] | None = None,
+        *,
+        used_passes: Iterable[tuple[str, str]] = (),
+        max_refusals_per_fan: int = MAX_REFUSALS_PER_FAN,
     ) -> None:
         """Build the ledger of ``rules`` with existing ``holds`` (any statuses) already in it.
+
+        ``idempotency`` is taken in its order (oldest first): beyond ``max_refusals_per_fan``
+        refusals of one fan, the oldest are dropped. ``used_passes`` are ``(fan, pass)`` whose
+        hold cycle is over although none of their settled holds is among ``holds``; a pass
+        with a settled hold in ``holds`` and none still ``held`` is over too.
 
         Raises ``ValueError`` if the holds contradict the rules (an unknown ticket type, a
         duplicate id, more tickets held and sold than exist): better to refuse to start
@@ -310,11 +345,18 @@ class Ledger:
         # Entries of settled holds are not removed (a heap cannot do that cheaply); they are
         # skipped when they reach the top.
         self._deadlines: list[tuple[float, str]] = []
-        self._idempotency: dict[tuple[str, str], tuple[bytes, Result]] = dict(idempotency or {})
+        self._idempotency: dict[tuple[str, str], tuple[bytes, Result]] = {}
+        #: Per fan, the keys of its stored refusals, oldest first (bounded, see above).
+        self._refusals: dict[str, collections.deque[str]] = {}
+        self._max_refusals = max_refusals_per_fan
+        #: Holds still 'held' per (fan, pass), and the (fan, pass) whose cycle is over.
+        self._pass_live: dict[tuple[str, str], int] = {}
+        self._pass_closed: set[tuple[str, str]] = set()
         self._new: dict[str, Hold] = {}
         self._updated: dict[str, Hold] = {}
         self._new_idempotency: list[tuple[str, str, bytes, Result]] = []
         self._fingerprints: dict[tuple[str, int], bytes] = {}
+        settled_passes: set[tuple[str, str]] = set()
         for hold in holds:
             if hold.id in self._holds:
                 raise ValueError(f"hold {hold.id!r} appears twice")
@@ -325,6 +367,18 @@ class Ledger:
                 self._take(hold)
                 if hold.status == "held":
                     self._deadlines.append((hold.expires_at, hold.id))
+            if hold.pass_jti is not None:
+                cycle = (hold.fan_id, hold.pass_jti)
+                if hold.status == "held":
+                    self._pass_live[cycle] = self._pass_live.get(cycle, 0) + 1
+                else:
+                    settled_passes.add(cycle)
+        # A live cycle's last hold was settled exactly when it has settled holds and no live one.
+        self._pass_closed.update(
+            c for c in (*settled_passes, *used_passes) if c not in self._pass_live
+        )
+        for (fan, key), (fp, result) in (idempotency or {}).items():
+            self._remember(fan, key, fp, result)
         for name, left in self._available.items():
             if left < 0:
                 raise ValueError(f"ticket type {name!r} is oversold by {-left}")
@@ -336,15 +390,25 @@ class Ledger:
         rules: EventRules,
         holds: Iterable[Hold],
         idempotency: Mapping[tuple[str, str], tuple[bytes, Result]],
+        *,
+        used_passes: Iterable[tuple[str, str]] = (),
+        max_refusals_per_fan: int = MAX_REFUSALS_PER_FAN,
     ) -> Ledger:
         """Rebuild a ledger from persisted rows, in one pass (a crash or failed commit).
 
         Holds may be all of the event's or only the live ones (``held`` and ``paid``):
         availability and limits come out the same; settled holds that are left out answer
         later commands with ``hold_not_found`` instead of ``hold_expired`` or
-        ``hold_cancelled``.
+        ``hold_cancelled``, and the passes of the ones left out must come in
+        ``used_passes`` for their hold cycles to stay over.
         """
-        return cls(rules, holds, idempotency)
+        return cls(
+            rules,
+            holds,
+            idempotency,
+            used_passes=used_passes,
+            max_refusals_per_fan=max_refusals_per_fan,
+        )
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -389,6 +453,14 @@ class Ledger:
             # up for nothing.
             heapq.heappop(heap)
         return None
+
+    def pass_used(self, fan_id: str, pass_jti: str) -> bool:
+        """Whether the hold cycle of ``fan_id``'s pass ``pass_jti`` is over."""
+        return (fan_id, pass_jti) in self._pass_closed
+
+    def stored_keys(self, fan_id: str) -> int:
+        """Idempotency records kept for ``fan_id`` (successes and refusals)."""
+        return sum(1 for fan, _ in self._idempotency if fan == fan_id)
 
     def fan_count(self, fan_id: str, ticket_type: str | None = None) -> int:
         """Tickets ``fan_id`` holds or bought, in the event or of one ticket type."""
@@ -448,7 +520,7 @@ class Ledger:
             else:
                 result = self._cancel(command)
             if key is not None:
-                idempotency[(command.fan_id, key)] = (fp, result)
+                self._remember(command.fan_id, key, fp, result)
                 new_idempotency.append((command.fan_id, key, fp, result))
             append(result)
         return results
@@ -467,6 +539,18 @@ class Ledger:
 
     # --- internals -------------------------------------------------------------------------
 
+    def _remember(self, fan_id: str, key: str, fp: bytes, result: Result) -> None:
+        """Store a keyed first result; past the cap, forget the fan's oldest refusal."""
+        self._idempotency[(fan_id, key)] = (fp, result)
+        if not isinstance(result, Refused):
+            return
+        keys = self._refusals.get(fan_id)
+        if keys is None:
+            keys = self._refusals[fan_id] = collections.deque()
+        keys.append(key)
+        if len(keys) > self._max_refusals:
+            del self._idempotency[(fan_id, keys.popleft())]
+
     def _fingerprint(self, command: Reserve | Confirm | Cancel) -> bytes:
         """:func:`fingerprint`, remembered for the few (ticket type, quantity) reserves ask for."""
         if not isinstance(command, Reserve):
@@ -482,6 +566,14 @@ class Ledger:
         return fp
 
     def _reserve(self, cmd: Reserve, expires_at: float, new_id: Callable[[], str]) -> Result:
+        cycle = None if cmd.pass_jti is None else (cmd.fan_id, cmd.pass_jti)
+        if cycle is not None and cycle in self._pass_closed:
+            return Refused(
+                PASS_USED,
+                "This queue pass has had its turn: its holds were cancelled, expired or"
+                " paid, and a pass reserves once.",
+                {},
+            )
         rules = self._types.get(cmd.ticket_type)
         if rules is None:
             return Refused(
@@ -528,6 +620,8 @@ class Ledger:
         self._take(hold)
         heapq.heappush(self._deadlines, (hold.expires_at, hold_id))
         self._new[hold_id] = hold
+        if cycle is not None:
+            self._pass_live[cycle] = self._pass_live.get(cycle, 0) + 1
         return Reserved(hold)
 
     def _confirm(self, cmd: Confirm) -> Result:
@@ -578,6 +672,15 @@ class Ledger:
             self._available[hold.ticket_type] += q
             _decrement(self._fan_total, hold.fan_id, q)
             _decrement(self._fan_type, (hold.fan_id, hold.ticket_type), q)
+        if hold.pass_jti is not None:
+            cycle = (hold.fan_id, hold.pass_jti)
+            left = self._pass_live[cycle] - 1
+            if left:
+                self._pass_live[cycle] = left
+            else:
+                # The pass's last live hold: its cycle is over (see the module docstring).
+                del self._pass_live[cycle]
+                self._pass_closed.add(cycle)
         settled = msgspec.structs.replace(hold, status=status, payment_ref=payment_ref)
         self._holds[hold.id] = settled
         # A hold created in this batch is still an INSERT, just with its final status.

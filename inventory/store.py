@@ -111,8 +111,17 @@ async def load_ledger(conn: Conn, event_id: str) -> Ledger:
         " WHERE event_id = $1 AND (status IN ('held', 'paid') OR idempotency_key IS NOT NULL)",
         event_id,
     )
+    # Oldest first: past the per-fan cap of kept refusals, the ledger drops the oldest.
     keys = await conn.fetch(
-        "SELECT fan_id, key, request_hash, response FROM idempotency_keys WHERE event_id = $1",
+        "SELECT fan_id, key, request_hash, response FROM idempotency_keys WHERE event_id = $1"
+        " ORDER BY created_at",
+        event_id,
+    )
+    # Passes whose hold cycle may be over although none of their holds is loaded above
+    # (their holds were cancelled or expired): on the holds_released_pass index (schema 7).
+    used = await conn.fetch(
+        "SELECT DISTINCT fan_id, pass_jti FROM holds WHERE event_id = $1"
+        " AND status IN ('expired', 'cancelled') AND pass_jti IS NOT NULL",
         event_id,
     )
     idempotency: dict[tuple[str, str], tuple[bytes, Result]] = {
@@ -129,7 +138,9 @@ async def load_ledger(conn: Conn, event_id: str) -> Ledger:
                 bytes.fromhex(row["request_hash"]),
                 Reserved(created),
             )
-    return Ledger.restore(rules, holds, idempotency)
+    return Ledger.restore(
+        rules, holds, idempotency, used_passes=[(r["fan_id"], r["pass_jti"]) for r in used]
+    )
 
 
 async def take_ownership(pool: asyncpg.Pool[Any], event_id: str, owner: str) -> int:
@@ -214,18 +225,28 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
     k_hash: list[str] = []
     k_status: list[int] = []
     k_response: list[str] = []
+    # A key comes twice in one batch only when the ledger forgot its refusal (its per-fan
+    # cap) and it was used again: the later record wins, as in the ledger (and in the
+    # upsert of inventory_commit, which may not touch one row twice in a statement).
+    keyed: dict[tuple[str, str], tuple[bytes, Result]] = {}
     for fan, key, fp, result in changes.idempotency:
+        if isinstance(result, Reserved):
+            digest = hexes.get(fp)
+            if digest is None:
+                digest = hexes[fp] = fp.hex()
+            on_hold[result.hold.id] = (key, digest)
+        else:
+            keyed.pop((fan, key), None)
+            keyed[(fan, key)] = (fp, result)
+    for (fan, key), (fp, result) in keyed.items():
         digest = hexes.get(fp)
         if digest is None:
             digest = hexes[fp] = fp.hex()
-        if isinstance(result, Reserved):
-            on_hold[result.hold.id] = (key, digest)
-        else:
-            k_fan.append(fan)
-            k_key.append(key)
-            k_hash.append(digest)
-            k_status.append(_status_code(result))
-            k_response.append(encode_result(result).decode())
+        k_fan.append(fan)
+        k_key.append(key)
+        k_hash.append(digest)
+        k_status.append(_status_code(result))
+        k_response.append(encode_result(result).decode())
     stamps = {at: _ts(at) for at in {h.expires_at for h in changes.new_holds}}
     no_key = (None, None)
     holds = [

@@ -23,6 +23,7 @@ BENCHMARKS = {
     "admission": "stress.admission",
     "reserve": "stress.reserve",
     "flash-sale": "stress.flash_sale",
+    "bots": "stress.bots",
 }
 
 

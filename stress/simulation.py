@@ -26,6 +26,7 @@ import websockets
 from websockets.asyncio.client import connect
 
 from stress.common import percentile
+from stress.pow import Solver
 
 
 @dataclass
@@ -76,8 +77,39 @@ _decode = msgspec.json.Decoder()
 
 def _ip(i: int) -> str:
     # Every simulated fan comes from its own address (X-Forwarded-For, which the server
-    # trusts from 127.0.0.1 only), as real fans do; the per-IP join limit stays in force.
-    return f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"
+    # believes from 127.0.0.1 when WAITROOM_TRUSTED_PROXIES trusts it, as the benchmarks and
+    # scripts/demo set), as real fans do; the per-IP join limit stays in force. Consecutive
+    # fans are in different /24s, as a real crowd is: the proof-of-work's price rises for a
+    # subnet that asks for many places.
+    return f"10.{i & 255}.{(i >> 8) & 255}.{((i >> 16) & 255) + 1}"
+
+
+async def _join(
+    http: httpx.AsyncClient, event_id: str, ip: str, solver: Solver | None
+) -> tuple[httpx.Response, float]:
+    """Join as a new fan; when the server asks for proof-of-work, solve it and join again.
+
+    Returns the last answer and how long its request took (the join itself, without the
+    challenge and the solving, which are the fan's own time).
+    """
+    headers = {"X-Forwarded-For": ip}
+    url = f"/v1/events/{event_id}/queue"
+    started = time.perf_counter()
+    response = await _request(http, "POST", url, headers=headers)
+    took = time.perf_counter() - started
+    for _ in range(3):
+        if response.status_code not in (403, 410) or solver is None:
+            break
+        offer = await _request(http, "POST", f"/v1/events/{event_id}/challenge", headers=headers)
+        if offer.status_code != 200:
+            return offer, took
+        solution = await solver.solve(offer.json())
+        started = time.perf_counter()
+        response = await _request(
+            http, "POST", url, headers={**headers, "X-Challenge-Solution": solution}
+        )
+        took = time.perf_counter() - started
+    return response, took
 
 
 async def _request(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
@@ -105,17 +137,15 @@ async def run_fan(
     progress: Progress,
     join_gate: asyncio.Semaphore,
     ticket_type: str = "ga",
+    solver: Solver | None = None,
 ) -> Outcome:
-    """One fan, from joining to paid tickets (or sold out)."""
+    """One fan, from joining to paid tickets (or sold out); ``solver`` pays proof-of-work."""
     out = Outcome(i)
     ip = _ip(i)
     async with join_gate:
-        started = time.perf_counter()
         out.joined_at = time.monotonic()
-        response = await _request(
-            http, "POST", f"/v1/events/{event_id}/queue", headers={"X-Forwarded-For": ip}
-        )
-        out.join_ms = (time.perf_counter() - started) * 1000
+        response, took = await _join(http, event_id, ip, solver)
+        out.join_ms = took * 1000
     if response.status_code not in (200, 201):
         out.error = f"join {response.status_code}"
         progress.errors += 1
@@ -132,7 +162,7 @@ async def run_fan(
     if queue_pass is None:
         progress.waiting += 1
         try:
-            queue_pass = await _wait_for_pass(ws_base, event_id, token)
+            queue_pass = await _wait_for_pass(ws_base, event_id, auth)
         finally:
             progress.waiting -= 1
     if queue_pass is None:
@@ -144,12 +174,20 @@ async def run_fan(
     return await _buy(out, http, event_id, auth, queue_pass, progress, ticket_type)
 
 
-async def _wait_for_pass(ws_base: str, event_id: str, token: str) -> str | None:
-    url = f"{ws_base}/v1/events/{event_id}/queue/ws?token={token}"
+async def _wait_for_pass(ws_base: str, event_id: str, auth: dict[str, str]) -> str | None:
+    # The identity in Authorization (a non-browser client; never in the URL), and the fan's
+    # own X-Forwarded-For: the server caps sockets per client address.
+    url = f"{ws_base}/v1/events/{event_id}/queue/ws"
     last: BaseException | None = None
     for attempt in range(30):
         try:
-            async with connect(url, open_timeout=30, ping_interval=None, compression=None) as ws:
+            async with connect(
+                url,
+                additional_headers=auth,
+                open_timeout=30,
+                ping_interval=None,
+                compression=None,
+            ) as ws:
                 async for raw in ws:
                     message = _decode.decode(raw)
                     if message["type"] == "admitted":
@@ -255,6 +293,9 @@ async def simulate(
     # One client serves every simulated fan, so it must keep no cookies: a shared jar would
     # hand the first fan's visitor cookie to everyone after it (one fan, not thousands).
     jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    # Fans solve the server's proof-of-work in one worker process: the event loop keeps
+    # serving the others' WebSockets meanwhile.
+    solver = Solver(processes=1)
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits, cookies=jar) as http:
         ticker: asyncio.Task[None] | None = None
         if on_tick is not None:
@@ -268,11 +309,12 @@ async def simulate(
         try:
             outcomes = await asyncio.gather(
                 *(
-                    run_fan(i, http, ws_base, event_id, progress, gate, ticket_type)
+                    run_fan(i, http, ws_base, event_id, progress, gate, ticket_type, solver)
                     for i in range(fans)
                 )
             )
         finally:
+            solver.close()
             if ticker is not None:
                 ticker.cancel()
                 await asyncio.gather(ticker, return_exceptions=True)

@@ -9,7 +9,8 @@ broadcaster for the fans connected to it; the admission loop runs in them as in 
    (:mod:`stress.wsclient`) join ``--fans`` new fans between them over HTTP;
 2. the server's workers are weighed (VmRSS, summed) with every fan joined and no WebSocket
    open: the idle figure;
-3. every fan opens its WebSocket (``?token=<visitor token>``);
+3. every fan opens its WebSocket (``Authorization: Bearer <visitor token>`` and its own
+   ``X-Forwarded-For``, as a non-browser client behind a trusted proxy);
 4. admission is resumed at ``--rate`` fans a second (what ``waitroom admission set/resume``
    and the admin API call), so the line moves and every waiting fan's position changes at
    every tick: each tick must then carry a fresh ``position`` to every fan (an unchanged
@@ -167,6 +168,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log_level="warning",
             port=free_port(),
             admission_loop=True,
+            # Simulated fans each send their own X-Forwarded-For from 127.0.0.1: trusted as
+            # a reverse proxy there, each fan's address counts for the per-address limits.
+            trusted_proxies=("127.0.0.1/32",),
+            # This measures the WebSocket fan-out; joins skip the proof-of-work (measured by
+            # `python -m stress bots`), or 20,000 solves would dominate the set-up.
+            challenge=False,
         )
         keys = Keys(prefix)
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
@@ -333,6 +340,7 @@ async def _measure(
         "server_rss_kb_by_worker": per_worker,
         "cpu_pct": cpu,
         "params": {
+            "challenge": False,
             "fans": args.fans,
             "clients": args.clients,
             "server_workers": args.workers,

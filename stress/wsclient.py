@@ -9,9 +9,10 @@ and the load spreads over both cores). It:
 2. joins ``--fans`` new fans through ``POST /v1/events/{id}/queue`` over ``--join-connections``
    keep-alive connections, each fan from its own ``X-Forwarded-For`` address, and keeps the
    visitor token of each; prints ``joined N``;
-3. once it reads ``connect``, opens one WebSocket per fan (``?token=``),
-   ``--connect-concurrency`` handshakes in flight at a time; prints ``connected N`` (N counts
-   the handshakes that succeeded);
+3. once it reads ``connect``, opens one WebSocket per fan (identity in ``Authorization``,
+   as a non-browser client sends it; ``X-Forwarded-For`` the fan's own address, since the
+   server caps sockets per client address), ``--connect-concurrency`` handshakes in flight
+   at a time; prints ``connected N`` (N counts the handshakes that succeeded);
 4. reads ``window T0 T1`` (unix times) from stdin; from then on, for every fan, the time
    between two consecutive ``position`` messages is a gap; the gaps that end inside the
    window, and for each fan the time from its last update to T1, are the measurements;
@@ -79,9 +80,10 @@ class Report(msgspec.Struct):
 class _Fan(asyncio.Protocol):
     """One fan's WebSocket: the library's protocol state machine fed from socket callbacks."""
 
-    def __init__(self, client: _Client, uri: str) -> None:
+    def __init__(self, client: _Client, uri: str, headers: dict[str, str]) -> None:
         self.client = client
         self.ws = ClientProtocol(parse_uri(uri), max_size=65536)
+        self.headers = headers
         self.transport: asyncio.Transport | None = None
         self.handshake: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.last = 0.0
@@ -91,7 +93,9 @@ class _Fan(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.ws.send_request(self.ws.connect())
+        request = self.ws.connect()
+        request.headers.update(self.headers)
+        self.ws.send_request(request)
         self._flush()
 
     def _flush(self) -> None:
@@ -188,9 +192,9 @@ class _Client:
 
 async def _join(
     port: int, event_id: str, count: int, connections: int, ip_offset: int
-) -> list[str]:
-    """Join ``count`` new fans; their visitor tokens (fewer if some joins failed)."""
-    tokens: list[str] = []
+) -> list[tuple[str, str]]:
+    """Join ``count`` new fans; their visitor tokens and addresses (fewer if joins failed)."""
+    tokens: list[tuple[str, str]] = []
     numbers = iter(range(ip_offset, ip_offset + count))
 
     async def worker() -> None:
@@ -209,7 +213,7 @@ async def _join(
                 if head[9:12] == b"201":
                     token = msgspec.json.decode(body).get("visitor_token")
                     if isinstance(token, str):
-                        tokens.append(token)
+                        tokens.append((token, ip))
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -220,21 +224,24 @@ async def _join(
 
 
 async def _connect(
-    client: _Client, port: int, event_id: str, tokens: list[str], concurrency: int
+    client: _Client, port: int, event_id: str, tokens: list[tuple[str, str]], concurrency: int
 ) -> tuple[list[_Fan], int]:
-    """One WebSocket per token; the fans whose handshake succeeded, and the failures."""
+    """One WebSocket per (token, address); the fans whose handshake succeeded, and the failures."""
     loop = asyncio.get_running_loop()
     semaphore = asyncio.Semaphore(concurrency)
     fans: list[_Fan] = []
     failed = 0
 
-    async def one(token: str) -> None:
+    uri = f"ws://127.0.0.1:{port}/v1/events/{event_id}/queue/ws"
+
+    async def one(token: str, ip: str) -> None:
         nonlocal failed
-        uri = f"ws://127.0.0.1:{port}/v1/events/{event_id}/queue/ws?token={token}"
+        headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": ip}
         async with semaphore:
             try:
                 _, fan = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Fan(client, uri), "127.0.0.1", port), 30
+                    loop.create_connection(lambda: _Fan(client, uri, headers), "127.0.0.1", port),
+                    30,
                 )
                 ok = await asyncio.wait_for(fan.handshake, 30)
             except (OSError, TimeoutError):
@@ -247,7 +254,7 @@ async def _connect(
         else:
             failed += 1
 
-    await asyncio.gather(*(one(t) for t in tokens))
+    await asyncio.gather(*(one(t, ip) for t, ip in tokens))
     return fans, failed
 
 

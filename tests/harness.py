@@ -62,6 +62,16 @@ def fresh_settings(tmp_dir: Path, **overrides: Any) -> Settings:
         # Admission loops would admit the fans of every test's events; the tests of
         # admission turn them on (tests/admission).
         admission_loop=False,
+        # Tests spread their fans over many addresses with X-Forwarded-For from 127.0.0.1,
+        # as a local reverse proxy would send it (tests/test_proxy.py checks the real thing).
+        trusted_proxies=("127.0.0.1/32",),
+        # Every test's server sees 127.0.0.1 and shares the run's Redis prefix: the tests
+        # of wrong admin tokens would add up to 429s. tests/test_admin_auth.py sets its own.
+        admin_auth_failures=100_000,
+        # Joins would need a solved proof-of-work challenge; the tests of the challenge
+        # (tests/test_challenge.py, test_identity_limits.py) and of the waiting page turn
+        # it on, as production has it.
+        challenge=False,
     )
     values.update(overrides)
     return Settings(**values)
@@ -97,7 +107,11 @@ class ServerThread:
         self.port: int = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, lifespan="on", log_config=None, access_log=False)
+        # proxy_headers off, as `waitroom serve` runs it: only WAITROOM_TRUSTED_PROXIES may
+        # make a forwarded header count.
+        config = uvicorn.Config(
+            app, lifespan="on", log_config=None, access_log=False, proxy_headers=False
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None

@@ -84,7 +84,7 @@ def create_event(
 
 
 def fan_headers(token: str, ip: str | None = None) -> dict[str, str]:
-    """Headers of a fan with ``token``, seen as coming from ``ip`` (uvicorn trusts
+    """Headers of a fan with ``token``, seen as coming from ``ip`` (the test settings trust
     X-Forwarded-For from 127.0.0.1, so tests can spread fans over many addresses)."""
     headers = {"Authorization": f"Bearer {token}"}
     if ip is not None:

@@ -65,9 +65,17 @@ async def leave(http: httpx.AsyncClient, event_id: str, token: str) -> None:
     assert response.status_code == 200, response.text
 
 
-def ws_url(server: ServerThread, event_id: str, token: str | None = None) -> str:
-    url = f"{server.ws_url}/v1/events/{event_id}/queue/ws"
-    return url + (f"?token={token}" if token else "")
+def ws_url(server: ServerThread, event_id: str) -> str:
+    return f"{server.ws_url}/v1/events/{event_id}/queue/ws"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def fan_ws(server: ServerThread, event_id: str, token: str, **kwargs: Any) -> connect:
+    """A WebSocket of the fan with ``token`` (as a non-browser client: Authorization)."""
+    return connect(ws_url(server, event_id), additional_headers=bearer(token), **kwargs)
 
 
 async def receive(ws: ClientConnection, timeout: float = 3.0) -> Message:
@@ -100,7 +108,7 @@ async def test_positions_arrive_and_fall_as_fans_ahead_leave(
 ) -> None:
     event_id = await new_event(http)
     fans = [await new_fan(http, event_id) for _ in range(4)]
-    async with connect(ws_url(server, event_id, fans[3][0])) as ws:
+    async with fan_ws(server, event_id, fans[3][0]) as ws:
         assert await receive(ws) == {
             "type": "position",
             "position": 4,
@@ -114,7 +122,7 @@ async def test_positions_arrive_and_fall_as_fans_ahead_leave(
         assert (await until(ws, lambda m: m["position"] == 1))["fans_ahead"] == 0
 
 
-async def test_identity_comes_from_the_cookie_the_query_or_the_header(
+async def test_identity_comes_from_the_cookie_or_the_header(
     server: ServerThread, http: httpx.AsyncClient
 ) -> None:
     event_id = await new_event(http)
@@ -130,10 +138,11 @@ async def test_a_websocket_without_identity_is_closed_4401_with_a_reason(
 ) -> None:
     event_id = await new_event(http)
     assert await closed_with(ws_url(server, event_id)) == (4401, "identity required")
-    code, reason = await closed_with(ws_url(server, event_id, "forged.token.here"))
+    url = ws_url(server, event_id)
+    code, reason = await closed_with(url, additional_headers=bearer("forged.token.here"))
     assert code == 4401 and "invalid" in reason
     expired = jwt.encode({"sub": "v_" + "0" * 32, "exp": 1, "typ": "visitor"}, "x" * 32, "HS256")
-    code, _ = await closed_with(ws_url(server, event_id, expired))
+    code, _ = await closed_with(url, additional_headers=bearer(expired))
     assert code == 4401
 
 
@@ -142,9 +151,11 @@ async def test_unknown_events_and_fans_not_in_line_are_closed_4404(
 ) -> None:
     event_id = await new_event(http)
     token, _ = await new_fan(http, event_id)
-    assert await closed_with(ws_url(server, "no-such-event", token)) == (4404, "unknown event")
+    unknown = ws_url(server, "no-such-event")
+    assert await closed_with(unknown, additional_headers=bearer(token)) == (4404, "unknown event")
     other = await new_event(http)
-    assert await closed_with(ws_url(server, other, token)) == (4404, "not in line")
+    closed = await closed_with(ws_url(server, other), additional_headers=bearer(token))
+    assert closed == (4404, "not in line")
 
 
 async def test_a_fan_who_leaves_from_elsewhere_is_closed_4404(
@@ -152,7 +163,7 @@ async def test_a_fan_who_leaves_from_elsewhere_is_closed_4404(
 ) -> None:
     event_id = await new_event(http)
     token, _ = await new_fan(http, event_id)
-    async with connect(ws_url(server, event_id, token)) as ws:
+    async with fan_ws(server, event_id, token) as ws:
         await receive(ws)
         await leave(http, event_id, token)
         with pytest.raises(ConnectionClosed) as caught:
@@ -168,8 +179,8 @@ async def test_paused_sold_out_and_admitted_arrive_over_the_socket(
     ek = Keys(settings.redis_prefix).event(event_id)
     (first, first_id), (second, _) = [await new_fan(http, event_id) for _ in range(2)]
     async with (
-        connect(ws_url(server, event_id, first)) as ws1,
-        connect(ws_url(server, event_id, second)) as ws2,
+        fan_ws(server, event_id, first) as ws1,
+        fan_ws(server, event_id, second) as ws2,
     ):
         assert (await receive(ws1))["position"] == 1
         assert (await receive(ws2))["position"] == 2
@@ -206,7 +217,7 @@ async def test_a_lottery_fan_waits_with_the_commitment(
     )
     token, _ = await new_fan(http, event_id)
     commitment = (await http.get(f"/v1/events/{event_id}/lottery")).json()["commitment"]
-    async with connect(ws_url(server, event_id, token)) as ws:
+    async with fan_ws(server, event_id, token) as ws:
         assert await receive(ws) == {"type": "prequeue", "commitment": commitment}
 
 
@@ -218,10 +229,8 @@ async def test_a_client_that_reads_nothing_does_not_stall_the_others(
     silent_token, _ = await new_fan(http, event_id)
     readers = [await new_fan(http, event_id) for _ in range(3)]
     # The silent client accepts one message into its queue and then stops reading at all.
-    async with connect(
-        ws_url(server, event_id, silent_token), max_queue=1, close_timeout=0.5
-    ) as _silent:
-        sockets = [await connect(ws_url(server, event_id, t)) for t, _ in readers]
+    async with fan_ws(server, event_id, silent_token, max_queue=1, close_timeout=0.5) as _silent:
+        sockets = [await fan_ws(server, event_id, t) for t, _ in readers]
         try:
             first = [(await receive(ws))["position"] for ws in sockets]
             assert first == [8, 9, 10]
@@ -248,7 +257,7 @@ async def test_abandoned_fans_stop_counting_and_connected_fans_keep_their_place(
     event_id = await new_event(http, grace_s=5)
     await new_fan(http, event_id)  # joins, then is never heard of again
     token, _ = await new_fan(http, event_id)
-    async with connect(ws_url(server, event_id, token)) as ws:
+    async with fan_ws(server, event_id, token) as ws:
         assert (await receive(ws))["position"] == 2
         # Within one grace period (5 s) plus a sweep interval (5 ticks) the place moves up,
         # while this fan, connected all along, stays in line.
@@ -262,7 +271,7 @@ async def test_connections_are_gauged_and_ticks_timed(
 ) -> None:
     event_id = await new_event(http)
     token, _ = await new_fan(http, event_id)
-    async with connect(ws_url(server, event_id, token)) as ws:
+    async with fan_ws(server, event_id, token) as ws:
         await receive(ws)
         await asyncio.sleep(1.2)
         metrics = (await http.get("/metrics")).text
@@ -276,7 +285,7 @@ async def test_the_server_stops_cleanly_with_websockets_open(settings: Settings)
         async with httpx.AsyncClient(base_url=server.url) as http:
             event_id = await new_event(http)
             tokens = [(await new_fan(http, event_id))[0] for _ in range(3)]
-        sockets = [await connect(ws_url(server, event_id, t)) for t in tokens]
+        sockets = [await fan_ws(server, event_id, t) for t in tokens]
         for ws in sockets:
             await receive(ws)
         await asyncio.to_thread(server.stop)

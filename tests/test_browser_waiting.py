@@ -12,15 +12,25 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 from playwright.sync_api import Browser, Page, WebSocketRoute, expect
 
 from tests.admission.support import join
 from tests.browser_support import browser_context, chromium
-from tests.harness import ServerThread
+from tests.harness import ADMIN_TOKEN, ServerThread, running
 from tests.queue_support import create_event, fan_headers
+from waitroom.core.settings import Settings
 
 pytestmark = pytest.mark.browser
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def server(settings: Settings) -> Iterator[ServerThread]:
+    """The module's server with proof-of-work on, as in production: the page solves it."""
+    with running(msgspec.structs.replace(settings, challenge=True)) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -118,11 +128,39 @@ def test_when_the_websocket_keeps_failing_the_page_polls(
     expect(page.locator("#connection")).to_have_attribute("data-state", "polling", timeout=8_000)
     expect(page.locator("#connection-text")).to_contain_text("Polling")
     assert len(attempts) >= 3
-    assert all("token=" in url for url in attempts)  # the tab's visitor token
+    # Each attempt brings a new one-time ticket; no token ever travels in the URL.
+    tickets = {url.partition("?ticket=")[2] for url in attempts}
+    assert len(tickets) == len(attempts) and "" not in tickets
+    assert not any("token=" in url for url in attempts)
 
     leave(client, event_id, ahead[0][1])
     # GET .../queue/me every 2 s.
     expect(page.locator("#position")).to_have_text("You are number 2 in line", timeout=6_000)
+
+
+def test_a_fourth_tab_of_the_same_fan_takes_over_the_oldest_tabs_live_updates(
+    browser: Browser, server: ServerThread, admin: httpx.Client
+) -> None:
+    event_id = create_event(admin, prefix="bw")
+    with browser_context(browser, server.url) as context:
+        tabs = []
+        for _ in range(4):  # one more than WAITROOM_WS_MAX_PER_FAN
+            tab = context.new_page()
+            tab.goto(f"/events/{event_id}")
+            expect(tab.locator("#connection")).to_have_attribute("data-state", "live")
+            tabs.append(tab)
+        oldest = tabs[0]
+        # Closed with 4409: the oldest tab says so and does not fight back by reconnecting.
+        expect(oldest.locator("#notice-title")).to_have_text("Open in another tab")
+        expect(oldest.locator("#connection")).to_have_attribute("data-state", "closed")
+        for tab in tabs[1:]:
+            expect(tab.locator("#connection")).to_have_attribute("data-state", "live")
+        oldest.get_by_role("button", name="Watch here").click()
+        expect(oldest.locator("#connection")).to_have_attribute("data-state", "live")
+        expect(oldest.locator("#notice")).to_be_hidden()
+        expect(oldest.locator("#position")).to_have_text("You are number 1 in line")
+        # Now the second tab is the oldest, and it yields in turn.
+        expect(tabs[1].locator("#notice-title")).to_have_text("Open in another tab")
 
 
 def test_before_a_lottery_opens_the_page_shows_the_draw_and_its_commitment(
@@ -163,3 +201,40 @@ def test_an_unknown_event_at_checkout_says_so(page: Page) -> None:
     page.goto("/events/no-such-event-here/checkout")
     expect(page.locator("#message-title")).to_have_text("No such event")
     expect(page.locator("#no-pass")).to_be_hidden()
+
+
+def test_a_new_fan_pays_for_the_place_with_proof_of_work_in_the_page(
+    page: Page, admin: httpx.Client
+) -> None:
+    event_id = create_event(admin, prefix="bw")
+    page.goto(f"/events/{event_id}")
+    expect(page.locator("#position")).to_have_text("You are number 1 in line")
+    pow_card = page.locator("#pow")
+    expect(pow_card).to_be_hidden()
+    # The page solved the server's challenge itself, at the base price.
+    expect(pow_card).to_have_attribute("data-maxnumber", "10000")
+    assert int(pow_card.get_attribute("data-solved-ms") or "-1") >= 0
+    # Reloading keeps the place without paying again.
+    page.reload()
+    expect(page.locator("#position")).to_have_text("You are number 1 in line")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+
+
+def test_a_harder_challenge_shows_its_progress_while_the_workers_search(
+    settings: Settings, browser: Browser
+) -> None:
+    hard = msgspec.structs.replace(settings, challenge=True, challenge_base=400_000)
+    with (
+        running(hard) as server,
+        httpx.Client(base_url=server.url, headers=ADMIN) as admin,
+        browser_context(browser, server.url) as context,
+    ):
+        event_id = create_event(admin, prefix="bw")
+        page = context.new_page()
+        page.goto(f"/events/{event_id}")
+        # Whether the number sits early or late in the range, the card shows while searching.
+        expect(page.locator("#pow")).to_be_visible()
+        expect(page.locator("#pow-heading")).to_have_text("Getting you a place in line")
+        expect(page.locator("#position")).to_have_text("You are number 1 in line", timeout=30_000)
+        expect(page.locator("#pow")).to_be_hidden()
+        expect(page.locator("#pow")).to_have_attribute("data-maxnumber", "400000")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import itertools
 import time
 import uuid
@@ -14,6 +15,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from inventory import catalogue
 from tests.queue_support import redis_client
@@ -25,33 +28,44 @@ from waitroom.line.room import Rooms
 
 #: chi-square critical value for 23 degrees of freedom at the 0.999 level.
 CHI2_23_999 = 49.73
+#: A room's entry salt (any 32 bytes in hex).
+SALT = lottery.new_salt()
 
 
-def test_the_commitment_and_entries_are_sha256_in_hex() -> None:
+def test_the_commitment_is_sha256_and_entries_are_salted() -> None:
     seed = "00" * 32
     assert lottery.commitment(seed) == hashlib.sha256(bytes(32)).hexdigest()
-    assert lottery.entry("v_abc") == hashlib.sha256(b"v_abc").hexdigest()
+    salt = "ab" * 32
+    assert (
+        lottery.entry(salt, "v_abc")
+        == hmac.new(bytes.fromhex(salt), b"v_abc", "sha256").hexdigest()
+    )
+    # Without the salt the entry says nothing of who entered: not sha256(fan_id), and another
+    # room's salt gives the same fan another entry.
+    assert lottery.entry(salt, "v_abc") != hashlib.sha256(b"v_abc").hexdigest()
+    assert lottery.entry(lottery.new_salt(), "v_abc") != lottery.entry(salt, "v_abc")
+    assert lottery.legacy_entry("v_abc") == hashlib.sha256(b"v_abc").hexdigest()
     assert len(lottery.new_seed()) == 64 and lottery.new_seed() != lottery.new_seed()
 
 
 def test_the_order_is_reproducible_from_the_seed_and_entries_alone() -> None:
     seed = lottery.new_seed()
-    entries = [lottery.entry(f"fan{i}") for i in range(50)]
+    entries = [lottery.entry(SALT, f"fan{i}") for i in range(50)]
     order = lottery.draw_order(seed, entries)
     assert lottery.draw_order(seed, reversed(entries)) == order
     assert sorted(order) == sorted(entries)
-    # The recipe published in waitroom/lottery.py, verbatim.
+    # The recipe published in waitroom/line/lottery.py and README, verbatim.
     raw = bytes.fromhex(seed)
-    assert (
-        sorted(entries, key=lambda e: (hashlib.sha256(raw + e.encode("ascii")).digest(), e))
-        == order
-    )
+    pool = hashlib.sha256("".join(sorted(entries)).encode("ascii")).digest()
+    mixed = hashlib.sha256(raw + pool).digest()
+    key = lambda e: (hashlib.sha256(mixed + e.encode("ascii")).digest(), e)  # noqa: E731
+    assert sorted(entries, key=key) == order
     assert lottery.verify(seed, lottery.commitment(seed), order)
 
 
 def test_a_tampered_draw_does_not_verify() -> None:
     seed = lottery.new_seed()
-    order = lottery.draw_order(seed, [lottery.entry(f"fan{i}") for i in range(10)])
+    order = lottery.draw_order(seed, [lottery.entry(SALT, f"fan{i}") for i in range(10)])
     assert not lottery.verify(seed, lottery.commitment(seed), [order[1], order[0], *order[2:]])
     other = lottery.new_seed()
     assert not lottery.verify(other, lottery.commitment(seed), order)
@@ -59,12 +73,29 @@ def test_a_tampered_draw_does_not_verify() -> None:
     assert not lottery.verify(seed[:10], lottery.commitment(seed), order)
 
 
-def test_a_fan_leaving_does_not_change_the_others_relative_order() -> None:
+def test_the_draw_mixes_every_entry_so_the_seed_alone_does_not_place_anyone() -> None:
     seed = lottery.new_seed()
-    entries = [lottery.entry(f"fan{i}") for i in range(20)]
+    entries = [lottery.entry(SALT, f"fan{i}") for i in range(20)]
     full = lottery.draw_order(seed, entries)
-    without = lottery.draw_order(seed, entries[1:])
-    assert without == [e for e in full if e != entries[0]]
+    # Knowing the seed, an insider ranks candidate entries by sha256(seed || entry), as the
+    # unmixed scheme did; the real draw sorts by a key that depends on every other entry.
+    raw = bytes.fromhex(seed)
+    unmixed = sorted(entries, key=lambda e: hashlib.sha256(raw + e.encode("ascii")).digest())
+    assert full != unmixed
+    # One more entry (an identity added at the last moment) reshuffles everyone else.
+    extra = lottery.entry(SALT, "grinder")
+    with_extra = [e for e in lottery.draw_order(seed, [*entries, extra]) if e != extra]
+    assert with_extra != full
+    assert lottery.mixed_seed(seed, entries) == lottery.mixed_seed(seed, reversed(entries))
+
+
+@given(st.lists(st.text(min_size=1, max_size=20), min_size=1, max_size=30, unique=True))
+def test_any_draw_is_a_permutation_that_verifies(fans: list[str]) -> None:
+    seed = lottery.new_seed()
+    entries = [lottery.entry(SALT, f) for f in fans]
+    order = lottery.draw_order(seed, entries)
+    assert sorted(order) == sorted(entries)
+    assert lottery.verify(seed, lottery.commitment(seed), order)
 
 
 def test_drawn_places_come_before_every_fifo_place() -> None:
@@ -73,7 +104,7 @@ def test_drawn_places_come_before_every_fifo_place() -> None:
 
 
 def test_orders_are_uniform_over_all_permutations() -> None:
-    entries = [lottery.entry(f"fan{i}") for i in range(4)]
+    entries = [lottery.entry(SALT, f"fan{i}") for i in range(4)]
     permutations = list(itertools.permutations(entries))
     rounds = 24 * 250
     # Seeds derived deterministically, so the test is reproducible; each is as good as random
@@ -152,11 +183,17 @@ async def test_a_room_is_drawn_once_even_when_many_processes_open_it_at_once(
         after = await processes[2].lottery(event_id)
         assert after.drawn and after.seed is not None and after.drawn_at is not None
         assert lottery.verify(after.seed, before.commitment, after.entries)
-        assert sorted(after.entries) == sorted(lottery.entry(f) for f in fans)
+        salt = await pool.fetchval(
+            "SELECT entry_salt FROM room_lottery WHERE event_id = $1", event_id
+        )
+        assert sorted(after.entries) == sorted(lottery.entry(salt, f) for f in fans)
+        mine = await processes[2].lottery(event_id, fans[7])
+        assert mine.my_entry == lottery.entry(salt, fans[7]) and mine.my_entry in after.entries
+        assert after.scheme == 2 and after.my_entry is None
         # The line is the draw: places -40..-1 in the published order.
         ek = keys.event(event_id)
         line: Any = await r.zrange(ek.queue, 0, -1, withscores=True)
-        assert [lottery.entry(f.decode()) for f, _ in line] == after.entries
+        assert [lottery.entry(salt, f.decode()) for f, _ in line] == after.entries
         assert [int(score) for _, score in line] == list(range(-40, 0))
         assert await r.zcard(ek.prequeue) == 0
         # Latecomers line up FIFO behind the drawn fans.

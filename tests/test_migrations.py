@@ -199,3 +199,26 @@ def test_migration_files_are_named_and_numbered_once() -> None:
     shipped = migrations()
     assert [m.version for m in shipped] == sorted({m.version for m in shipped})
     assert all(m.transactional or m.sql.startswith(NO_TRANSACTION) for m in shipped)
+
+
+async def test_lottery_rooms_of_the_previous_release_keep_their_draw_or_get_a_salt(
+    dsn: str,
+) -> None:
+    await build_release_0_1_0(dsn)
+    seed = "11" * 32
+    await fetch(
+        dsn, "INSERT INTO events (id, name) VALUES ('lot-drawn', 'Drawn'), ('lot-open', 'Open')"
+    )
+    await fetch(
+        dsn,
+        "INSERT INTO room_lottery (event_id, seed, commitment, drawn_at, entries) VALUES"
+        f" ('lot-drawn', '{seed}', '{'22' * 32}', now(), ARRAY['{'33' * 32}']),"
+        f" ('lot-open', '{seed}', '{'22' * 32}', NULL, NULL)",
+    )
+    await migrate(dsn)
+    rows = await fetch(
+        dsn, "SELECT event_id, scheme, entry_salt FROM room_lottery ORDER BY event_id"
+    )
+    drawn, still_open = rows
+    assert (drawn["event_id"], drawn["scheme"], drawn["entry_salt"]) == ("lot-drawn", 1, None)
+    assert still_open["scheme"] == 2 and len(still_open["entry_salt"]) == 64

@@ -17,6 +17,7 @@ JS = "text/javascript; charset=utf-8"
 ASSETS = {
     "common.js": JS,
     "waiting.js": JS,
+    "pow-worker.js": JS,
     "checkout.js": JS,
     "style.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",

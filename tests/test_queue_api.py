@@ -23,7 +23,6 @@ from tests.queue_support import create_event, fan_headers, new_ip
 from tests.test_errors import assert_error
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings
-from waitroom.line import lottery
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -394,14 +393,23 @@ def test_the_lottery_is_committed_before_and_verifiable_after_the_draw(
         after = client.get(f"/v1/events/{event_id}/lottery").json()
     assert after["drawn"] and after["commitment"] == before["commitment"]
 
-    # Anyone can check the draw with the recipe of waitroom/lottery.py.
+    # Anyone can check the draw with the recipe of waitroom/line/lottery.py (and README).
     seed = bytes.fromhex(after["seed"])
     assert hashlib.sha256(seed).hexdigest() == after["commitment"]
-    key = lambda e: (hashlib.sha256(seed + e.encode("ascii")).digest(), e)  # noqa: E731
+    pool = hashlib.sha256("".join(sorted(after["entries"])).encode("ascii")).digest()
+    mixed = hashlib.sha256(seed + pool).digest()
+    key = lambda e: (hashlib.sha256(mixed + e.encode("ascii")).digest(), e)  # noqa: E731
     assert sorted(after["entries"], key=key) == after["entries"]
-    # ...and find their own place: the line follows the published order.
-    for token, body in fans:
-        place = after["entries"].index(lottery.entry(body["fan_id"])) + 1
+    assert after["my_entry"] is None and after["scheme"] == 2
+    # The list does not tell who entered: no entry is the sha256 of a fan id.
+    assert not {hashlib.sha256(b["fan_id"].encode()).hexdigest() for _, b in fans} & set(
+        after["entries"]
+    )
+    # ...and each fan finds their own place: the line follows the published order.
+    for token, _ in fans:
+        mine = client.get(f"/v1/events/{event_id}/lottery", headers=fan_headers(token))
+        assert mine.headers["cache-control"] == "private, no-store"
+        place = after["entries"].index(mine.json()["my_entry"]) + 1
         assert me(client, event_id, token).json()["position"] == place
     late = join(client, event_id)
     assert (late.status_code, late.json()["position"]) == (201, 7)

@@ -7,7 +7,8 @@ import time
 import httpx
 import msgspec
 
-from tests.harness import free_port, running
+from tests.harness import ADMIN_TOKEN, free_port, running
+from tests.test_errors import assert_error
 from waitroom.core.settings import Settings
 
 
@@ -103,3 +104,72 @@ def test_the_server_shuts_down_cleanly(settings: Settings) -> None:
     with running(settings) as server:
         assert httpx.get(server.url + "/healthz").status_code == 200
     assert not server.thread.is_alive()
+
+
+def test_readyz_answers_only_ok_down_or_timeout_never_exception_text(
+    settings: Settings, silent_port: int
+) -> None:
+    broken = msgspec.structs.replace(
+        settings,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        database_url=f"postgresql://postgres@127.0.0.1:{silent_port}/x",
+        dependency_timeout_s=0.5,
+    )
+    with running(broken) as server:
+        response = httpx.get(server.url + "/readyz", timeout=10)
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["details"]["checks"] == {"redis": "down", "postgresql": "timeout"}
+    assert error["message"] == "not ready: postgresql (timeout), redis (down)"
+    for leak in ("Error", "refused", "127.0.0.1", str(silent_port)):
+        assert leak not in response.text
+
+
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def test_private_metrics_and_readiness_details_need_an_operators_token(
+    settings: Settings,
+) -> None:
+    private = msgspec.structs.replace(settings, metrics_public=False)
+    with running(private) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        assert_error(http.get("/metrics"), 401, "admin_token_invalid")
+        assert_error(http.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401)
+        metrics = http.get("/metrics", headers=ADMIN_HEADERS)
+        assert metrics.status_code == 200
+        assert "waitroom_http_requests_total" in metrics.text
+        # A load balancer still gets its answer, without the names of what is behind it.
+        plain = http.get("/readyz")
+        assert (plain.status_code, plain.json()) == (200, {"status": "ready", "checks": {}})
+        detailed = http.get("/readyz", headers=ADMIN_HEADERS)
+        assert detailed.json() == {"status": "ready", "checks": {"redis": "ok", "postgresql": "ok"}}
+        assert_error(http.get("/readyz", headers={"Authorization": "Bearer wrong"}), 401)
+
+
+def test_private_readyz_says_not_ready_without_naming_the_dependency(settings: Settings) -> None:
+    down = msgspec.structs.replace(
+        settings, metrics_public=False, redis_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    with running(down) as server:
+        response = httpx.get(server.url + "/readyz", timeout=10)
+    error = assert_error(response, 503, "not_ready")
+    assert error["message"] == "not ready"
+    assert "redis" not in response.text
+
+
+def test_operators_see_metrics_and_readiness_details_while_redis_is_down(
+    settings: Settings,
+) -> None:
+    down = msgspec.structs.replace(
+        settings,
+        metrics_public=False,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        dependency_timeout_s=0.5,
+    )
+    with running(down) as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        assert http.get("/metrics", headers=ADMIN_HEADERS).status_code == 200
+        detailed = http.get("/readyz", headers=ADMIN_HEADERS)
+        error = assert_error(detailed, 503, "not_ready")
+        assert error["details"]["checks"] == {"redis": "down", "postgresql": "ok"}
+        # The throttle cannot count without Redis, but a wrong token is still no token.
+        assert_error(http.get("/metrics", headers={"Authorization": "Bearer wrong"}), 401)

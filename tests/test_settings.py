@@ -55,6 +55,12 @@ def test_settings_are_frozen() -> None:
         ("WAITROOM_ADMIN_TOKEN", "   "),
         ("WAITROOM_USER_JWT_ALGORITHM", "none"),
         ("WAITROOM_REDIS_URLL", "redis://x"),
+        ("WAITROOM_ALLOWED_ORIGINS", "tickets.example.com"),
+        ("WAITROOM_ALLOWED_ORIGINS", "https://tickets.example.com/waiting"),
+        ("WAITROOM_ALLOWED_ORIGINS", "https://a.example, *"),
+        ("WAITROOM_ALLOWED_ORIGINS", " , "),
+        ("WAITROOM_WS_MAX_PER_FAN", "0"),
+        ("WAITROOM_WS_MAX_PER_ADDRESS", "none"),
     ],
 )
 def test_a_bad_value_names_its_variable_in_one_line(name: str, value: str) -> None:
@@ -63,6 +69,20 @@ def test_a_bad_value_names_its_variable_in_one_line(name: str, value: str) -> No
     assert caught.value.variable == name
     assert str(caught.value).startswith(name + ":")
     assert "\n" not in str(caught.value)
+
+
+def test_allowed_origins_are_read_in_the_form_browsers_send() -> None:
+    settings = load_settings(
+        {"WAITROOM_ALLOWED_ORIGINS": "HTTPS://Tickets.Example.com:443/, http://[::1]:8000"}
+    )
+    assert settings.allowed_origins == ("https://tickets.example.com", "http://[::1]:8000")
+    assert load_settings({"WAITROOM_ALLOWED_ORIGINS": "*"}).allowed_origins == ("*",)
+    defaults = load_settings({})
+    assert (defaults.allowed_origins, defaults.ws_max_per_fan, defaults.ws_max_per_address) == (
+        (),
+        3,
+        200,
+    )
 
 
 def test_pool_minimum_above_maximum_is_refused() -> None:

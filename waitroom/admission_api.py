@@ -31,7 +31,7 @@ async def jwks(request: Request) -> Response:
 
 async def patch_admission(request: Request) -> Response:
     """Change the admission rate, the cap on active passes, or pause/resume admission."""
-    actor = require_admin(request)
+    actor = await require_admin(request)
     svc = services(request)
     patch = await read_json(request, operators.AdmissionPatch)
     operators.check_patch(patch)
@@ -43,7 +43,7 @@ async def patch_admission(request: Request) -> Response:
 
 async def get_admission(request: Request) -> Response:
     """The live admission figures of an event."""
-    require_admin(request)
+    await require_admin(request)
     svc = services(request)
     status = await operators.admission_status(
         svc.db, svc.redis, svc.keys, request.path_params["event_id"], now=time.time()
@@ -53,7 +53,7 @@ async def get_admission(request: Request) -> Response:
 
 async def revoke(request: Request) -> Response:
     """Revoke a queue pass: checkout refuses it from now on, and its slot is freed."""
-    actor = require_admin(request)
+    actor = await require_admin(request)
     svc = services(request)
     result = await operators.revoke_pass(
         svc.db, svc.redis, svc.keys, request.path_params["jti"], actor=actor

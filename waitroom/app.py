@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import msgspec
@@ -33,10 +34,10 @@ from waitroom.core.http import (
     internal_error_body,
 )
 from waitroom.core.logs import configure_logging
-from waitroom.core.openapi import Operation, build_document
+from waitroom.core.openapi import Operation, build_document, guarded
 from waitroom.core.runtime import tune_gc
 from waitroom.core.settings import Settings, load_settings
-from waitroom.services import open_services, services
+from waitroom.services import open_services, require_admin, services
 
 log = logging.getLogger("waitroom.app")
 VERSION = "0.1.0"
@@ -55,19 +56,40 @@ async def healthz(request: Request) -> Response:
 
 
 async def _check(name: str, probe: Any, timeout: float) -> tuple[str, str]:
+    # The answer says only "ok", "down" or "timeout": an exception's text can name hosts,
+    # users and versions, which is for the logs, not for whoever asks /readyz.
     try:
         await asyncio.wait_for(probe, timeout)
     except TimeoutError:
-        return name, f"timed out after {timeout:g}s"
-    except Exception as exc:  # any failure means "not ready"; the message says which
-        return name, f"{type(exc).__name__}: {exc}"[:200]
+        log.warning("readiness check timed out", extra={"dependency": name, "timeout_s": timeout})
+        return name, "timeout"
+    except Exception as exc:  # any failure means "not ready"
+        log.warning("readiness check failed", extra={"dependency": name, "error": repr(exc)})
+        return name, "down"
     return name, "ok"
 
 
+async def _detailed(request: Request) -> bool:
+    """Whether this caller may see per-dependency figures: always when they are public, else
+    with an operator's token (a wrong token is a 401, as on any admin route)."""
+    if services(request).settings.public_metrics:
+        return True
+    if "authorization" not in request.headers:
+        return False
+    await require_admin(request)
+    return True
+
+
 async def readyz(request: Request) -> Response:
-    """Ready when Redis and PostgreSQL both answer within the dependency timeout."""
+    """Ready when Redis and PostgreSQL both answer within the dependency timeout.
+
+    Each dependency is "ok", "down" or "timeout"; which one failed is shown only where
+    metrics are (``WAITROOM_METRICS_PUBLIC``, or with an operator's token): a load balancer
+    needs the status code, not the names of what is behind it.
+    """
     svc = services(request)
     timeout = svc.settings.dependency_timeout_s
+    detailed = await _detailed(request)
     results = dict(
         await asyncio.gather(
             _check("redis", svc.redis.ping(), timeout),
@@ -75,6 +97,8 @@ async def readyz(request: Request) -> Response:
         )
     )
     failing = sorted(name for name, outcome in results.items() if outcome != "ok")
+    if failing and not detailed:
+        raise Unavailable("not ready", code="not_ready", retry_after=2)
     if failing:
         raise Unavailable(
             "not ready: " + ", ".join(f"{name} ({results[name]})" for name in failing),
@@ -82,11 +106,13 @@ async def readyz(request: Request) -> Response:
             retry_after=2,
             details={"failing": failing, "checks": results},
         )
-    return JSONResponse(Health("ready", results))
+    return JSONResponse(Health("ready", results if detailed else {}))
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this process."""
+    """Prometheus metrics of this process (an operator's token unless they are public)."""
+    if not services(request).settings.public_metrics:
+        await require_admin(request)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -101,16 +127,18 @@ SERVICE_OPERATIONS = [
         "GET",
         "/readyz",
         readyz,
-        "Readiness (Redis and PostgreSQL)",
+        "Readiness (Redis and PostgreSQL); per dependency when metrics are public or with"
+        " an operator's token",
         response=Health,
-        errors=(503,),
+        errors=(401, 429, 503),
         tags=("service",),
     ),
     Operation(
         "GET",
         "/metrics",
         metrics,
-        "Prometheus metrics",
+        "Prometheus metrics (an operator's token unless WAITROOM_METRICS_PUBLIC)",
+        errors=(401, 429, 503),
         tags=("service",),
         content_type="text/plain",
     ),
@@ -189,7 +217,8 @@ def build_routes(ops: Sequence[Operation]) -> list[BaseRoute]:
     """Starlette routes for ``ops``, several methods on one path sharing a route."""
     by_path: dict[str, dict[str, Operation]] = {}
     for op in ops:
-        by_path.setdefault(op.path, {})[op.method] = op
+        # Every endpoint behind the check of its path parameters' documented forms.
+        by_path.setdefault(op.path, {})[op.method] = replace(op, endpoint=guarded(op))
     routes: list[BaseRoute] = []
     for path, methods in by_path.items():
         if len(methods) == 1:

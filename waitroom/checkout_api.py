@@ -6,6 +6,20 @@ this fan, unexpired, unrevoked and not yet spent) and then through the event's i
 cancel hand it to the actor, which stores the first result with the change; confirming a hold
 whose payment is already under way answers with that payment instead of starting another.
 
+Against abuse (a pass is a scarce slot of the sale, not a licence to hold tickets hostage):
+
+- one hold cycle per pass: once every hold made with a pass is cancelled, expired or paid,
+  that pass reserves no more (403 ``pass_used``: the pass's turn is over). A cancel
+  that leaves nothing on hold frees the pass's admission slot at once
+  (:func:`~admission.operators.complete_pass`), and so does the expiry of its last hold
+  (the inventory host, told by the actor); since the pass cannot shop again, the next
+  fan's admission never takes the shoppers above ``max_active``. The rule lives in the
+  pure ledger (:mod:`inventory.ledger`);
+- every write (reserve, confirm, cancel) is charged to a token bucket of its pass
+  (:func:`charge_write`): 429 ``checkout_rate_limited`` with ``Retry-After`` past it;
+- idempotency records are bounded: refusals per fan in the ledger, and by age in
+  PostgreSQL (:mod:`workers.safety`).
+
 Paying is asynchronous: confirm answers 202 with the payment ``pending``; the payment workers
 charge the provider, mark the hold paid through the actor and issue the tickets. Clients poll
 ``GET /v1/reservations/{id}`` until the order is ``paid`` (tickets listed) or the payment
@@ -43,22 +57,24 @@ from inventory.orders import (
     list_orders,
     start_payment,
 )
+from waitroom.core import ids
 from waitroom.core.errors import (
     Conflict,
+    Forbidden,
     Gone,
     NotFound,
+    RateLimited,
     ValidationFailed,
     WaitroomError,
 )
 from waitroom.core.http import JSONResponse, read_json
 from waitroom.core.openapi import Operation
+from waitroom.line import buckets
 from waitroom.line.identity import missing
+from waitroom.line.ratelimit import Limit
 from waitroom.services import services
 
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
-_UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
-)
 
 
 class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -71,7 +87,9 @@ class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class ConfirmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/reservations/{id}/confirm``."""
 
-    payment_method: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+    payment_method: Annotated[
+        str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+" + ids.END)
+    ]
 
 
 class CancelledReservation(msgspec.Struct, frozen=True):
@@ -108,11 +126,46 @@ async def require_pass(
     )
 
 
+_limits: dict[tuple[float, int], Limit] = {}
+
+
+async def charge_write(request: Request, event_id: str, claims: PassClaims) -> None:
+    """Count one checkout write of the pass: 429 with ``Retry-After`` past its limit.
+
+    A token bucket per pass (``WAITROOM_CHECKOUT_RATE_PER_S``, ``_BURST``: 0.5/s, 20 at
+    once by default) in Redis, shared by every process. An honest fan makes a handful of
+    writes (reserve, maybe a retry or a declined card, confirm, perhaps a cancel); the
+    limit is there for a script hammering reserve or spraying idempotency keys, each of
+    which would cost the actor a command and PostgreSQL a row. Charged after the pass is
+    checked, so requests without a good pass cannot fill anyone's bucket.
+    """
+    svc = services(request)
+    settings = svc.settings
+    shape = (settings.checkout_rate_per_s, settings.checkout_burst)
+    limit = _limits.get(shape)
+    if limit is None:
+        limit = _limits[shape] = Limit(*shape)
+    decision = await buckets.take(
+        svc.mux,
+        svc.keys.event(event_id).checkout_bucket(claims.jti),
+        limit,
+        int(time.time() * 1000),
+    )
+    if not decision.allowed:
+        raise RateLimited(
+            "too many checkout requests with this queue pass; wait for Retry-After seconds",
+            code="checkout_rate_limited",
+            retry_after=decision.retry_after_ms / 1000,
+            headers=decision.headers(),
+            details={"limit": decision.limit, "scope": "pass"},
+        )
+
+
 def _idempotency_key(request: Request) -> str | None:
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
-    if not _KEY_RE.match(key):
+    if not _KEY_RE.fullmatch(key):
         raise ValidationFailed(
             "Idempotency-Key must be 1 to 200 visible ASCII characters",
             field="Idempotency-Key",
@@ -123,9 +176,12 @@ def _idempotency_key(request: Request) -> str | None:
 def refusal_error(refused: Refused) -> WaitroomError:
     """The HTTP error a typed refusal of the inventory is answered with."""
     status = REFUSAL_STATUS.get(refused.code, 409)
-    kind: type[WaitroomError] = {404: NotFound, 410: Gone, 422: ValidationFailed}.get(
-        status, Conflict
-    )
+    kind: type[WaitroomError] = {
+        403: Forbidden,
+        404: NotFound,
+        410: Gone,
+        422: ValidationFailed,
+    }.get(status, Conflict)
     if kind is ValidationFailed:
         error: WaitroomError = ValidationFailed(refused.message, code=refused.code)
         error.details = dict(refused.details)
@@ -134,9 +190,9 @@ def refusal_error(refused: Refused) -> WaitroomError:
 
 
 def _hold_id(raw: str) -> str:
-    if not _UUID_RE.match(raw):
-        raise NotFound("no such reservation", code="hold_not_found")
-    return str(uuid.UUID(raw))
+    # The route's guard checked the form already; checked again because uuid.UUID must not
+    # see anything else ("<uuid>\n" passed a `$`-anchored check here and raised: a 500).
+    return str(uuid.UUID(ids.RESERVATION_ID.check(raw)))
 
 
 # --- routes -------------------------------------------------------------------------------
@@ -148,6 +204,7 @@ async def reserve(request: Request) -> Response:
     fan_id = _fan(request)
     key = _idempotency_key(request)
     claims = await require_pass(request, event_id, fan_id, unspent=True)
+    await charge_write(request, event_id, claims)
     body = await read_json(request, ReserveRequest)
     result = await services(request).inventory.ask(
         event_id, Reserve(fan_id, body.ticket_type, body.quantity, key, claims.jti)
@@ -188,7 +245,8 @@ async def confirm(request: Request) -> Response:
     pool = services(request).db
     async with pool.acquire() as conn:
         current = await get_reservation(conn, hold_id, fan_id)
-    await require_pass(request, current.event_id, fan_id)
+    claims = await require_pass(request, current.event_id, fan_id)
+    await charge_write(request, current.event_id, claims)
     body = await read_json(request, ConfirmRequest)
     if current.order_status == "paid":
         raise Conflict("this reservation is paid already", code="hold_already_confirmed")
@@ -216,6 +274,7 @@ async def cancel(request: Request) -> Response:
     async with svc.db.acquire() as conn:
         current = await get_reservation(conn, hold_id, fan_id)
     claims = await require_pass(request, current.event_id, fan_id)
+    await charge_write(request, current.event_id, claims)
     result = await svc.inventory.ask(current.event_id, Cancel(hold_id, fan_id, key))
     if isinstance(result, Refused):
         raise refusal_error(result)
@@ -238,7 +297,7 @@ async def my_orders(request: Request) -> Response:
         return JSONResponse(await list_orders(conn, fan_id))
 
 
-_PASS_ERRORS = (401, 403, 404, 409, 410, 503)
+_PASS_ERRORS = (401, 403, 404, 409, 410, 429, 503)
 OPERATIONS = [
     Operation(
         "POST",

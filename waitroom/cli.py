@@ -22,12 +22,14 @@ from typing import Any
 import msgspec
 
 from admission import operators
+from admission.passes import PassKeys
 from inventory import catalogue
 from waitroom.core.clients import Clients, open_clients
 from waitroom.core.db import ensure_database, migrate
 from waitroom.core.errors import ValidationFailed, WaitroomError
 from waitroom.core.http import dependency_error
-from waitroom.core.settings import Settings, load_settings
+from waitroom.core.settings import Settings, check_admin_tokens, load_settings
+from waitroom.line.identity import Identities
 
 Handler = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
@@ -82,6 +84,11 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
         ws_per_message_deflate=False,
         ws_max_size=4096,
         backlog=8192,
+        # Forwarded headers are believed only through WAITROOM_TRUSTED_PROXIES
+        # (waitroom.core.clientaddr); uvicorn's own handling would rewrite the peer address
+        # from X-Forwarded-For for FORWARDED_ALLOW_IPS (127.0.0.1 by default) before we see
+        # it. Off, FORWARDED_ALLOW_IPS is ignored altogether.
+        proxy_headers=False,
     )
 
 
@@ -95,11 +102,18 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from waitroom.core.logs import configure_logging
 
     configure_logging(settings.log_level)
+    host = args.host or settings.host
+    # load_settings checked the tokens against WAITROOM_HOST; --host may listen wider.
+    check_admin_tokens(settings, host)
+    # Secrets are refused (production) or generated (development) here, as one line,
+    # rather than in every worker's lifespan after uvicorn started it.
+    PassKeys.from_settings(settings)
+    Identities.from_settings(settings)
     # Refused here, as one line, rather than by every worker's lifespan after uvicorn forked.
     asyncio.run(_check_schema(settings))
     run_server(
         "waitroom.app:app_from_env",
-        host=args.host or settings.host,
+        host=host,
         port=settings.port if args.port is None else args.port,
         workers=args.workers,
     )

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from waitroom.core import ids
 from waitroom.core.errors import NotFound
 
 #: Only this origin, for everything; ``connect-src 'self'`` covers the same host's ws(s)://.
@@ -97,11 +98,14 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 async def waiting_page(request: Request) -> Response:
     """The waiting-room page of any event (the script reads the id from the URL)."""
+    # Only for an id of the documented form: the page would call the API with it.
+    ids.EVENT_ID.check(request.path_params["event_id"])
     return _serve(request, "waiting.html", PAGE_CACHE)
 
 
 async def checkout_page(request: Request) -> Response:
     """The checkout page of any event (the pass comes from the waiting page's session)."""
+    ids.EVENT_ID.check(request.path_params["event_id"])
     return _serve(request, "checkout.html", PAGE_CACHE)
 
 

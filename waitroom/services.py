@@ -10,7 +10,6 @@ reach the services through :func:`services`, typed, instead of looking anything 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -22,17 +21,21 @@ from starlette.requests import HTTPConnection
 
 from admission.loop import AdmissionService
 from admission.passes import PassGate, PassKeys
-from inventory.catalogue import PriceBook
+from inventory.catalogue import EventDirectory, EventInfo, PriceBook
 from inventory.hosting import InventoryHost
+from waitroom import admin_auth
+from waitroom.core.audit import Actor
+from waitroom.core.cache import ViewCache
 from waitroom.core.clients import open_clients
-from waitroom.core.errors import Unauthorized
 from waitroom.core.keys import Keys
 from waitroom.core.redis import Multiplexer
 from waitroom.core.settings import Settings
 from waitroom.line import scripts
 from waitroom.line.broadcast import Hub
+from waitroom.line.challenge import Challenges
 from waitroom.line.identity import Identities
 from waitroom.line.room import Rooms
+from waitroom.line.wsgate import WsGate
 
 log = logging.getLogger("waitroom.app")
 
@@ -49,10 +52,20 @@ class Services:
     mux: Multiplexer
     db: asyncpg.Pool[Any]
     identities: Identities
+    #: Proof-of-work challenges of joins (issue, verify, difficulty policy).
+    challenges: Challenges
     rooms: Rooms
     hub: Hub
+    #: The queue WebSocket's defences: origins, sockets per address, tickets.
+    ws_gate: WsGate
     passes: PassGate
     prices: PriceBook
+    #: Which event ids exist: an unknown id is refused without a query (see EventDirectory).
+    events: EventDirectory
+    #: Public views, each served for at most ``view_cache_ttl_s``: the event view
+    #: (``GET /v1/events/{id}``) and the encoded public lottery record (``GET .../lottery``).
+    event_views: ViewCache[EventInfo]
+    lottery_views: ViewCache[bytes]
     inventory: InventoryHost
     #: This process's admission loops; None when ``WAITROOM_ADMISSION_LOOP`` is off.
     admission: AdmissionService | None
@@ -68,9 +81,11 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
         log.warning("could not load the Lua scripts at start-up", extra={"error": repr(exc)})
     mux = Multiplexer(settings.redis_url, timeout=settings.dependency_timeout_s)
     stack.push_async_callback(mux.aclose)
-    rooms = Rooms(mux, db, keys)
+    events = EventDirectory(db, refresh_s=settings.view_cache_ttl_s)
+    lottery_views: ViewCache[bytes] = ViewCache(negative_ttl_s=settings.view_cache_ttl_s)
+    rooms = Rooms(mux, db, keys, known=events.exists, on_drawn=lottery_views.invalidate)
     stack.push_async_callback(rooms.close)
-    hub = Hub(rooms)
+    hub = Hub(rooms, max_per_fan=settings.ws_max_per_fan)
     stack.push_async_callback(hub.close)
     pass_keys = PassKeys.from_settings(settings)
     inventory = InventoryHost(db, redis, keys)
@@ -95,10 +110,20 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
         mux=mux,
         db=db,
         identities=Identities.from_settings(settings),
+        challenges=Challenges.from_settings(settings),
         rooms=rooms,
         hub=hub,
+        ws_gate=WsGate(
+            mux,
+            keys,
+            allowed_origins=settings.allowed_origins,
+            max_per_address=settings.ws_max_per_address,
+        ),
         passes=PassGate(pass_keys, redis, keys, settings.pass_issuer),
         prices=PriceBook(db),
+        events=events,
+        event_views=ViewCache(negative_ttl_s=settings.view_cache_ttl_s),
+        lottery_views=lottery_views,
         inventory=inventory,
         admission=admission,
     )
@@ -111,22 +136,11 @@ def services(conn: HTTPConnection) -> Services:
     return built
 
 
-def require_admin(conn: HTTPConnection) -> str:
-    """Check the operators' bearer token; return the actor name written to the audit log."""
-    token = services(conn).settings.admin_token
-    if token is None:
-        raise Unauthorized(
-            "the admin API is disabled: set WAITROOM_ADMIN_TOKEN", code="admin_disabled"
-        )
-    header = conn.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    # compare_digest keeps the time taken independent of how much of the token matched.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
-        raise Unauthorized(
-            "send the admin token as 'Authorization: Bearer <token>'",
-            code="admin_token_invalid",
-            headers={"WWW-Authenticate": 'Bearer realm="waitroom-admin"'},
-        )
-    return "admin-api"
+async def require_admin(conn: HTTPConnection) -> Actor:
+    """Check the operators' bearer token; return who it is, as the audit log records them.
+
+    401 ``admin_disabled`` / ``admin_token_invalid``, 429 ``admin_auth_throttled`` after
+    too many failures from one address (:mod:`waitroom.admin_auth`).
+    """
+    svc = services(conn)
+    return await admin_auth.authenticate(conn, svc.settings, svc.redis, svc.keys)

@@ -105,7 +105,14 @@ async def run_workers(
             if safety_net:
                 tasks.append(
                     asyncio.create_task(
-                        run_safety_net(c.db, c.redis, c.keys, stop), name="safety-net"
+                        run_safety_net(
+                            c.db,
+                            c.redis,
+                            c.keys,
+                            stop,
+                            idempotency_ttl_s=settings.idempotency_ttl_s,
+                        ),
+                        name="safety-net",
                     )
                 )
             log.info(

@@ -12,6 +12,15 @@ the actor stays the single writer (invariant 3).
 
 An event whose owner lease is present is left alone: its actor is running and will expire
 the holds itself (the grace covers a timer that is merely late).
+
+It also keeps the idempotency records bounded (:func:`purge_idempotency`): a record is
+worth keeping while a client might still retry its request, so ``idempotency_keys`` rows
+go after ``WAITROOM_IDEMPOTENCY_TTL_S`` (a day by default), refusals after
+:data:`REFUSAL_TTL_S` at most (a retry comes within minutes; a kept refusal only saves
+re-running a request that changed nothing), and every record of an event that is
+``closed``. An actor that loads its ledger afterwards simply does not know the purged
+keys: a retry that late is applied afresh. (Keys of successful reserves live on their hold
+rows and go with them.)
 """
 
 from __future__ import annotations
@@ -32,6 +41,12 @@ log = logging.getLogger("waitroom.safety")
 
 GRACE_S = 5.0
 INTERVAL_S = 5.0
+#: The longest a refusal stays in ``idempotency_keys``.
+REFUSAL_TTL_S = 3600.0
+#: Rows deleted per statement: short transactions, so a purge never holds locks for long.
+PURGE_BATCH = 5_000
+#: Least time between two purges (each is a few index range scans).
+PURGE_EVERY_S = 60.0
 
 #: ``$1`` grace in seconds, ``$2`` most events. ``status = 'held'`` in the WHERE clause is
 #: what lets PostgreSQL use the partial index ``holds_live``: only live holds are scanned,
@@ -99,6 +114,47 @@ async def sweep_once(
     return asked
 
 
+#: What goes, one statement each so that each can use an index: refusals past their time
+#: and everything past the TTL (``idempotency_keys_created``, schema 7), and the records of
+#: closed events (the primary key's ``event_id`` prefix). ``$1`` seconds, ``$2`` batch.
+_PURGES = (
+    "created_at < now() - make_interval(secs => $1) AND status_code >= 400",
+    "created_at < now() - make_interval(secs => $1)",
+    "event_id IN (SELECT id FROM events WHERE status = 'closed') AND $1::float8 >= 0",
+)
+
+
+def _purge_query(where: str) -> str:
+    return (
+        "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM idempotency_keys WHERE {where} LIMIT $2))"
+    )
+
+
+async def purge_idempotency(
+    pool: asyncpg.Pool[Any],
+    *,
+    ttl_s: float,
+    refusal_ttl_s: float = REFUSAL_TTL_S,
+    batch: int = PURGE_BATCH,
+    max_batches: int = 100,
+) -> int:
+    """Delete expired idempotency records (see the module docstring); how many went."""
+    ages = (min(refusal_ttl_s, ttl_s), ttl_s, 0.0)
+    total = 0
+    for where, age in zip(_PURGES, ages, strict=True):
+        query = _purge_query(where)
+        for _ in range(max_batches):
+            status = await pool.execute(query, float(age), batch)
+            deleted = int(status.split()[-1])
+            total += deleted
+            if deleted < batch:
+                break
+    if total:
+        log.info("purged idempotency records", extra={"rows": total})
+    return total
+
+
 async def run_safety_net(
     pool: asyncpg.Pool[Any],
     redis: Redis,
@@ -107,12 +163,24 @@ async def run_safety_net(
     *,
     interval_s: float = INTERVAL_S,
     grace_s: float = GRACE_S,
+    idempotency_ttl_s: float = 86_400.0,
 ) -> None:
-    """Sweep every ``interval_s`` until ``stop`` is set; outages are logged, never fatal."""
+    """Sweep every ``interval_s`` until ``stop`` is set; outages are logged, never fatal.
+
+    Idempotency records are purged every :data:`PURGE_EVERY_S` (the first time at once).
+    """
+    purged_at = -PURGE_EVERY_S
+    loop = asyncio.get_running_loop()
     while not stop.is_set():
         try:
             await sweep_once(pool, redis, keys, grace_s=grace_s)
         except Exception as exc:
             log.warning("safety net sweep failed", extra={"error": repr(exc)})
+        if loop.time() - purged_at >= PURGE_EVERY_S:
+            purged_at = loop.time()
+            try:
+                await purge_idempotency(pool, ttl_s=idempotency_ttl_s)
+            except Exception as exc:
+                log.warning("idempotency purge failed", extra={"error": repr(exc)})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)

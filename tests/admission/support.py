@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 
 from tests.queue_support import fan_headers, new_ip
+from waitroom.line import challenge
 
 
 def create_event(
@@ -46,7 +47,14 @@ def create_event(
 def join(client: httpx.Client, event_id: str) -> tuple[str, str]:
     """A new visitor joins the line: (fan id, visitor token)."""
     client.cookies.clear()  # a new visitor, not the one the last join's cookie names
-    response = client.post(f"/v1/events/{event_id}/queue", headers={"X-Forwarded-For": new_ip()})
+    headers = {"X-Forwarded-For": new_ip()}
+    response = client.post(f"/v1/events/{event_id}/queue", headers=headers)
+    if response.status_code == 403 and response.json()["error"]["code"] == "challenge_required":
+        # A server with WAITROOM_CHALLENGE on: pay for the place as a client must.
+        offer = client.post(f"/v1/events/{event_id}/challenge", headers=headers)
+        assert offer.status_code == 200, offer.text
+        headers[challenge.HEADER] = challenge.solve(offer.json())
+        response = client.post(f"/v1/events/{event_id}/queue", headers=headers)
     assert response.status_code == 201, response.text
     client.cookies.clear()
     body = response.json()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from datetime import UTC, datetime, timedelta
@@ -19,6 +18,7 @@ from admission.operators import complete_pass
 from admission.passes import PassKeys
 from tests.admission.support import create_event, join, me, wait_for
 from tests.harness import ServerThread
+from tests.queue_support import fan_headers
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings
 
@@ -85,8 +85,8 @@ async def test_the_websocket_hands_the_pass_over_when_the_fan_is_admitted(
 ) -> None:
     event_id = create_event(admin, rate=5, paused=True)
     _, token = join(client, event_id)
-    url = f"{server.ws_url}/v1/events/{event_id}/queue/ws?token={token}"
-    async with connect(url) as ws:
+    url = f"{server.ws_url}/v1/events/{event_id}/queue/ws"
+    async with connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
         first = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert first == {"type": "paused"}
         await asyncio.to_thread(
@@ -195,7 +195,13 @@ def test_a_lottery_room_is_drawn_at_opening_and_admitted_in_draw_order(
     # Nobody before the sale opened.
     lottery = client.get(f"/v1/events/{event_id}/lottery").json()
     assert lottery["drawn"] is True
-    by_entry = {hashlib.sha256(fan.encode()).hexdigest(): fan for fan, _ in fans}
+    # Each fan learns their own (salted) entry by asking with their identity.
+    by_entry = {
+        client.get(f"/v1/events/{event_id}/lottery", headers=fan_headers(token)).json()[
+            "my_entry"
+        ]: fan
+        for fan, token in fans
+    }
     assert asyncio.run(order_of(settings, event_id)) == [by_entry[e] for e in lottery["entries"]]
 
 
@@ -244,7 +250,7 @@ async def test_operators_changes_are_validated_audited_and_404_for_unknown_event
         event_id,
     )
     assert row is not None
-    assert row["actor"] == "admin-api"
+    assert row["actor"] == "admin:admin"
     assert json.loads(row["old"]) == {"rate_per_second": 10.0, "max_active": 1000, "paused": False}
     assert json.loads(row["new"]) == {"rate_per_second": 0.5, "max_active": 7, "paused": False}
     stats = await asyncio.to_thread(admin.get, f"/v1/admin/events/{event_id}/stats")

@@ -12,6 +12,8 @@ import pytest
 from inventory import store
 from inventory.actor import CONNECTION_HOLD_S, ActorStopped, InventoryActor
 from inventory.ledger import (
+    MAX_REFUSALS_PER_FAN,
+    PASS_USED,
     SOLD_OUT,
     Cancel,
     Cancelled,
@@ -282,3 +284,50 @@ async def test_at_shutdown_pending_asks_get_a_clear_error(pool: asyncpg.Pool[Any
     assert all(isinstance(o, Reserved | ActorStopped) for o in outcomes)
     held, _, _ = await held_sold(pool, event_id)
     assert held == len(acknowledged)
+
+
+async def test_a_pass_whose_holds_were_all_released_stays_used_after_a_restart(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool, quantity=5)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        first = await actor.ask(Reserve("fan", "ga", 1, "k1", "pass-1"))
+        assert isinstance(first, Reserved)
+        assert isinstance(await actor.ask(Cancel(first.hold.id, "fan", None)), Cancelled)
+        refused = await actor.ask(Reserve("fan", "ga", 1, "k2", "pass-1"))
+        assert isinstance(refused, Refused) and refused.code == PASS_USED
+    finally:
+        await stop_actor(actor, task)
+    # Another owner (a restart, a failover) rebuilds the ledger from PostgreSQL only.
+    actor, task = await start_actor(pool, event_id)
+    try:
+        again = await actor.ask(Reserve("fan", "ga", 1, "k3", "pass-1"))
+        assert isinstance(again, Refused) and again.code == PASS_USED
+        assert isinstance(await actor.ask(Reserve("fan", "ga", 1, "k4", "pass-2")), Reserved)
+    finally:
+        await stop_actor(actor, task)
+
+
+async def test_a_key_whose_refusal_was_forgotten_can_be_used_again_and_commits(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool, quantity=1, per_fan=1)
+    actor, task = await start_actor(pool, event_id)
+    try:
+        assert isinstance(await actor.ask(Reserve("other", "ga", 1, None, None)), Reserved)
+        for i in range(MAX_REFUSALS_PER_FAN + 1):
+            refused = await actor.ask(Reserve("fan", "ga", 1, f"k{i}", None))
+            assert isinstance(refused, Refused) and refused.code == SOLD_OUT
+        # The ledger kept the newest refusals only; k0 comes back as a new request, and its
+        # record replaces the old row instead of failing the group commit on its key.
+        again = await actor.ask(Reserve("fan", "ga", 1, "k0", None))
+        assert isinstance(again, Refused) and again.code == SOLD_OUT
+        assert actor.running
+        assert actor.ledger.stored_keys("fan") == MAX_REFUSALS_PER_FAN
+    finally:
+        await stop_actor(actor, task)
+    rows = await pool.fetchval(
+        "SELECT count(*) FROM idempotency_keys WHERE event_id = $1 AND fan_id = 'fan'", event_id
+    )
+    assert rows == MAX_REFUSALS_PER_FAN + 1

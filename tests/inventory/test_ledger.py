@@ -26,6 +26,7 @@ from inventory.ledger import (
     HOLD_EXPIRED,
     IDEMPOTENCY_MISMATCH,
     NOT_YOUR_HOLD,
+    PASS_USED,
     REFUSAL_STATUS,
     SOLD_OUT,
     UNKNOWN_HOLD,
@@ -81,6 +82,9 @@ class Desk:
         self.ledger = Ledger(rules)
         self.now = T0
         self.new_id = counter()
+        # Each reserve comes with a pass of its own unless one is named: a pass has one hold
+        # cycle, and most examples here are about other rules.
+        self.new_pass = counter("jti-")
 
     def do(self, command: Command) -> Result:
         return self.ledger.apply(command, self.now, self.new_id)
@@ -91,9 +95,15 @@ class Desk:
         ticket_type: str = "GA",
         quantity: int = 1,
         key: str | None = None,
-        pass_jti: str | None = PASS_JTI,
+        pass_jti: str | None = "",
     ) -> Result:
-        return self.do(Reserve(fan, ticket_type, quantity, key, pass_jti))
+        jti = self.new_pass() if pass_jti == "" else pass_jti
+        return self.do(Reserve(fan, ticket_type, quantity, key, jti))
+
+    def hold_on(self, pass_jti: str | None, quantity: int = 1, fan: str = "ann") -> Hold:
+        result = self.reserve(fan, "GA", quantity, pass_jti=pass_jti)
+        assert isinstance(result, Reserved), result
+        return result.hold
 
     def hold(self, fan: str = "ann", ticket_type: str = "GA", quantity: int = 1) -> Hold:
         result = self.reserve(fan, ticket_type, quantity)
@@ -434,6 +444,73 @@ def test_a_retry_does_not_even_expire_holds_that_fell_due() -> None:
     assert desk.ledger.drain_changes().empty()
 
 
+def test_a_pass_reserves_no_more_once_its_holds_were_cancelled() -> None:
+    desk = Desk()
+    hold = desk.hold_on("pass-a", quantity=2)
+    assert isinstance(desk.cancel(hold), Cancelled)
+    assert desk.ledger.pass_used("ann", "pass-a")
+    refused(desk.reserve(pass_jti="pass-a"), PASS_USED)
+    assert desk.ledger.available("GA") == 10  # the tickets stay back on sale
+    assert isinstance(desk.reserve(pass_jti="pass-b"), Reserved)  # a new pass may
+
+
+def test_a_pass_reserves_no_more_once_its_hold_expired_or_was_paid() -> None:
+    desk = Desk()
+    desk.hold_on("pass-a")
+    desk.now += TTL
+    refused(desk.reserve(pass_jti="pass-a"), PASS_USED)
+    paid = desk.hold_on("pass-b")
+    desk.confirm(paid)
+    refused(desk.reserve(pass_jti="pass-b"), PASS_USED)
+
+
+def test_a_pass_with_a_hold_still_live_may_reserve_more() -> None:
+    desk = Desk()
+    first = desk.hold_on("pass-a")
+    desk.hold_on("pass-a")
+    desk.cancel(first)
+    assert not desk.ledger.pass_used("ann", "pass-a")
+    assert isinstance(desk.reserve(pass_jti="pass-a"), Reserved)
+
+
+def test_a_pass_cycle_belongs_to_its_fan_and_commands_without_a_pass_have_none() -> None:
+    desk = Desk()
+    desk.cancel(desk.hold_on("pass-a"))
+    assert isinstance(desk.reserve("bob", pass_jti="pass-a"), Reserved)
+    assert isinstance(desk.cancel(desk.hold_on(None)), Cancelled)
+    assert isinstance(desk.reserve(pass_jti=None), Reserved)
+
+
+def test_only_the_newest_refusals_of_a_fan_are_kept_for_replay() -> None:
+    desk = Desk()
+    desk.ledger = Ledger(RULES, max_refusals_per_fan=2)
+    first = refused(desk.reserve(ticket_type="Z", key="k1"), UNKNOWN_TICKET_TYPE)
+    refused(desk.reserve(ticket_type="Z", key="k2"), UNKNOWN_TICKET_TYPE)
+    assert desk.reserve(ticket_type="Z", key="k1") == first  # still kept: replayed
+    refused(desk.reserve(ticket_type="Z", key="k3"), UNKNOWN_TICKET_TYPE)
+    assert desk.ledger.stored_keys("ann") == 2
+    # k1 was forgotten: the same key is a new request now, and it may succeed.
+    assert isinstance(desk.reserve(key="k1"), Reserved)
+    # Successes are never forgotten, whatever the refusals after them.
+    success = desk.reserve(key="ok")
+    for i in range(5):
+        refused(desk.reserve(ticket_type="Z", key=f"r{i}"), UNKNOWN_TICKET_TYPE)
+    assert desk.reserve(key="ok") == success
+
+
+def test_restore_keeps_a_pass_cycle_over_from_its_settled_holds_or_the_used_list() -> None:
+    desk = Desk()
+    desk.cancel(desk.hold_on("pass-a"))
+    desk.hold_on("pass-b")
+    restored = Ledger.restore(RULES, desk.ledger.all_holds(), {})
+    assert restored.pass_used("ann", "pass-a") and not restored.pass_used("ann", "pass-b")
+    live_only = Ledger.restore(
+        RULES, desk.ledger.live_holds(), {}, used_passes=[("ann", "pass-a"), ("ann", "pass-b")]
+    )
+    # pass-b still has a live hold: listed or not, its cycle is not over.
+    assert live_only.pass_used("ann", "pass-a") and not live_only.pass_used("ann", "pass-b")
+
+
 def test_reusing_a_key_for_a_different_request_is_refused() -> None:
     desk = Desk()
     first = desk.reserve("ann", "GA", 2, key="k1")
@@ -587,6 +664,7 @@ def test_every_refusal_code_has_an_http_status() -> None:
         UNKNOWN_TICKET_TYPE: 422,
         BAD_QUANTITY: 422,
         IDEMPOTENCY_MISMATCH: 422,
+        PASS_USED: 403,
     }
     assert codes == REFUSAL_STATUS
 
@@ -595,6 +673,9 @@ def test_every_refusal_code_has_an_http_status() -> None:
 
 FANS = ("ann", "bob", "cy")
 KEYS = st.none() | st.sampled_from(("k1", "k2", "k3", "k4"))
+PASSES = ("jti-1", "jti-2")
+#: A small cap on kept refusals, so that the machine reaches it.
+MODEL_REFUSALS = 2
 PAY_REFS = ("pay-1", "pay-2")
 TYPE_NAMES = ("A", "B", "C")
 
@@ -704,6 +785,10 @@ class LedgerAgainstModel(RuleBasedStateMachine):
         self.db_holds: dict[str, Hold] = {}
         self.db_idem: dict[tuple[str, str], tuple[bytes, Result]] = {}
         self.in_batch = False
+        # Hold cycles: (fan, pass) whose last live hold was settled; refusal keys per fan.
+        self.used: set[tuple[str, str]] = set()
+        self.refusals: dict[str, list[str]] = {}
+        self.forgotten: set[tuple[str, str]] = set()
 
     def new_id(self) -> str:
         self.issued += 1
@@ -712,7 +797,7 @@ class LedgerAgainstModel(RuleBasedStateMachine):
     @initialize(rules=event_rules())
     def start(self, rules: EventRules) -> None:
         self.event = rules
-        self.ledger = Ledger(rules)
+        self.ledger = Ledger(rules, max_refusals_per_fan=MODEL_REFUSALS)
 
     # --- the model ---------------------------------------------------------------------
 
@@ -741,12 +826,23 @@ class LedgerAgainstModel(RuleBasedStateMachine):
             key=lambda h: (h.expires_at, h.id),
         )
         for h in due:
-            self.holds[h.id] = msgspec.structs.replace(h, status="expired")
+            self.model_settle(msgspec.structs.replace(h, status="expired"))
         return tuple(self.holds[h.id] for h in due)
+
+    def model_settle(self, hold: Hold) -> None:
+        """Record a hold leaving 'held'; its pass's cycle ends with its last live hold."""
+        self.holds[hold.id] = hold
+        if hold.pass_jti is not None and not any(
+            h.status == "held" and h.fan_id == hold.fan_id and h.pass_jti == hold.pass_jti
+            for h in self.holds.values()
+        ):
+            self.used.add((hold.fan_id, hold.pass_jti))
 
     def model_execute(self, cmd: Reserve | Confirm | Cancel) -> Result | tuple[str, dict[str, Any]]:
         """The expected result, or (code, details) for a refusal."""
         if isinstance(cmd, Reserve):
+            if cmd.pass_jti is not None and (cmd.fan_id, cmd.pass_jti) in self.used:
+                return (PASS_USED, {})
             types = self.limits()
             if cmd.ticket_type not in types:
                 return (UNKNOWN_TICKET_TYPE, {"ticket_type": cmd.ticket_type})
@@ -786,10 +882,10 @@ class LedgerAgainstModel(RuleBasedStateMachine):
             return (HOLD_EXPIRED, {"hold_id": hold.id})
         if isinstance(cmd, Confirm):
             hold = msgspec.structs.replace(hold, status="paid", payment_ref=cmd.payment_ref)
-            self.holds[hold.id] = hold
+            self.model_settle(hold)
             return Confirmed(hold)
         hold = msgspec.structs.replace(hold, status="cancelled")
-        self.holds[hold.id] = hold
+        self.model_settle(hold)
         return Cancelled(hold)
 
     @staticmethod
@@ -832,6 +928,17 @@ class LedgerAgainstModel(RuleBasedStateMachine):
         if key is not None:
             self.idem[(cmd.fan_id, key)] = (self.request(cmd), result)
             self.keyed.append(cmd)
+            if isinstance(result, Refused):
+                # Past the cap, the fan's oldest refusal is forgotten: a retry of it is new.
+                kept = self.refusals.setdefault(cmd.fan_id, [])
+                kept.append(key)
+                if len(kept) > MODEL_REFUSALS:
+                    oldest = (cmd.fan_id, kept.pop(0))
+                    del self.idem[oldest]
+                    self.forgotten.add(oldest)
+                    self.keyed = [
+                        c for c in self.keyed if (c.fan_id, c.idempotency_key) in self.idem
+                    ]
 
     def pick_hold(self, index: int, held_only: bool) -> str:
         """A known hold (a still-held one if asked and there is one), or a missing one."""
@@ -848,7 +955,7 @@ class LedgerAgainstModel(RuleBasedStateMachine):
         # Mostly sensible quantities, so that the machine gets somewhere.
         quantity=st.sampled_from((1, 1, 1, 1, 2, 2, 3, 4, 0, -1)),
         key=KEYS,
-        pass_jti=st.sampled_from((None, "jti-1", "jti-2")),
+        pass_jti=st.sampled_from((None, *PASSES)),
     )
     def reserve(
         self, fan: str, type_index: int, quantity: int, key: str | None, pass_jti: str | None
@@ -953,7 +1060,10 @@ class LedgerAgainstModel(RuleBasedStateMachine):
             )
             self.db_holds[hold.id] = hold
         for fan, key, fp, result in changes.idempotency:
-            assert (fan, key) not in self.db_idem
+            # A key is recorded twice only after its refusal was forgotten (the cap); the
+            # database then replaces the row, which moves it to the end (created_at).
+            assert (fan, key) not in self.db_idem or (fan, key) in self.forgotten
+            self.db_idem.pop((fan, key), None)
             self.db_idem[(fan, key)] = (fp, decode_result(encode_result(result)))
 
     def database_matches_the_ledger(self) -> None:
@@ -975,9 +1085,24 @@ class LedgerAgainstModel(RuleBasedStateMachine):
             assert ledger.fan_count(fan) == self.count(fan) <= self.event.per_fan_limit
             for t in self.event.ticket_types:
                 assert ledger.fan_count(fan, t.name) == self.count(fan, t.name) <= t.per_fan_limit
+            for jti in PASSES:
+                assert ledger.pass_used(fan, jti) == ((fan, jti) in self.used)
+            refusals = sum(
+                isinstance(r, Refused) for (f, _), (_, r) in self.idem.items() if f == fan
+            )
+            assert refusals <= MODEL_REFUSALS
+            assert ledger.stored_keys(fan) == sum(1 for f, _ in self.idem if f == fan)
+        # No hold was ever created on a pass after its cycle ended.
+        for fan, jti in self.used:
+            assert not any(
+                h.status == "held" and h.fan_id == fan and h.pass_jti == jti
+                for h in self.holds.values()
+            )
 
     def restoring_from_the_database_changes_nothing(self) -> None:
-        restored = Ledger.restore(self.event, self.db_holds.values(), self.db_idem)
+        restored = Ledger.restore(
+            self.event, self.db_holds.values(), self.db_idem, max_refusals_per_fan=MODEL_REFUSALS
+        )
         assert restored.availability() == self.ledger.availability()
         assert sorted(restored.all_holds(), key=lambda h: h.id) == sorted(
             self.ledger.all_holds(), key=lambda h: h.id
@@ -986,8 +1111,18 @@ class LedgerAgainstModel(RuleBasedStateMachine):
         assert restored.sold_out() == self.ledger.sold_out()
         for fan in FANS:
             assert restored.fan_count(fan) == self.ledger.fan_count(fan)
+            for jti in PASSES:
+                assert restored.pass_used(fan, jti) == self.ledger.pass_used(fan, jti)
         live_only = Ledger.restore(self.event, self.ledger.live_holds(), {})
         assert live_only.availability() == self.ledger.availability()
+        # The live holds plus the passes whose cycle is over (what load_ledger reads) are
+        # enough to keep every cycle as it was.
+        with_passes = Ledger.restore(
+            self.event, self.ledger.live_holds(), {}, used_passes=self.used
+        )
+        for fan in FANS:
+            for jti in PASSES:
+                assert with_passes.pass_used(fan, jti) == self.ledger.pass_used(fan, jti)
         # Every stored key answers a retry after the restart exactly as before it.
         for cmd in self.keyed:
             assert cmd.idempotency_key is not None

@@ -14,7 +14,14 @@ from inventory.hosting import InventoryHost
 from tests.inventory.conftest import held_sold, make_event
 from tests.workers.conftest import reserve
 from waitroom.core.keys import Keys
-from workers.safety import OVERDUE_QUERY, overdue_events, run_safety_net, sweep_once
+from workers.safety import (
+    OVERDUE_QUERY,
+    REFUSAL_TTL_S,
+    overdue_events,
+    purge_idempotency,
+    run_safety_net,
+    sweep_once,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -118,3 +125,54 @@ async def test_the_sweep_query_uses_the_live_holds_index(pool: asyncpg.Pool[Any]
         rows = await conn.fetch("EXPLAIN " + OVERDUE_QUERY, 5.0, 1000)
     plan = "\n".join(r[0] for r in rows)
     assert "holds_live" in plan, plan
+
+
+async def _keyed_rows(
+    pool: asyncpg.Pool[Any], event_id: str, rows: list[tuple[str, int, float]]
+) -> None:
+    """Idempotency records ``(key, status, age in seconds)`` of one fan, as commits leave them."""
+    await pool.executemany(
+        "INSERT INTO idempotency_keys (event_id, fan_id, key, request_hash, status_code,"
+        " response, created_at) VALUES ($1, 'fan', $2, 'h', $3, '{}',"
+        " now() - make_interval(secs => $4))",
+        [(event_id, key, code, age) for key, code, age in rows],
+    )
+
+
+async def test_idempotency_records_are_purged_by_age_refusals_sooner(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    event_id = await make_event(pool)
+    day = 86_400.0
+    await _keyed_rows(
+        pool,
+        event_id,
+        [
+            ("fresh-refusal", 409, 60),
+            ("old-refusal", 409, REFUSAL_TTL_S + 60),
+            ("old-success", 200, REFUSAL_TTL_S + 60),
+            ("expired-success", 200, day + 60),
+        ],
+    )
+    purged = await purge_idempotency(pool, ttl_s=day, batch=1)
+    kept = await pool.fetch(
+        "SELECT key FROM idempotency_keys WHERE event_id = $1 ORDER BY key", event_id
+    )
+    assert [r["key"] for r in kept] == ["fresh-refusal", "old-success"]
+    assert purged >= 2
+
+
+async def test_the_records_of_a_closed_event_are_purged(pool: asyncpg.Pool[Any]) -> None:
+    event_id = await make_event(pool)
+    await _keyed_rows(pool, event_id, [("k", 200, 1), ("r", 409, 1)])
+    await purge_idempotency(pool, ttl_s=86_400)
+    assert (
+        await pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE event_id = $1", event_id)
+        == 2
+    )
+    await pool.execute("UPDATE events SET status = 'closed' WHERE id = $1", event_id)
+    await purge_idempotency(pool, ttl_s=86_400)
+    assert (
+        await pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE event_id = $1", event_id)
+        == 0
+    )

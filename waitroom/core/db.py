@@ -265,18 +265,60 @@ async def drop_database(dsn: str, *, timeout: float = 10.0) -> None:
         await admin.close()
 
 
+class PoolTimeout(TimeoutError):
+    """No pooled PostgreSQL connection came free within the acquire bound (503 upstream).
+
+    A ``TimeoutError``, so code that already treats a timed-out dependency as unavailable
+    (the actor's commit, ``/readyz``) treats an exhausted pool the same way.
+    """
+
+
+class BoundedPool(asyncpg.Pool):
+    """An asyncpg pool whose every acquire is bounded, by default by ``acquire_timeout``.
+
+    asyncpg waits for a free connection forever unless each caller passes a timeout, and
+    ``pool.fetch()`` and friends pass none: a few slow readers holding every connection
+    would leave all other requests hanging. Here a wait longer than the bound raises
+    :class:`PoolTimeout`, which the HTTP layer answers 503 with Retry-After
+    (:func:`waitroom.core.http.dependency_error`). The bound covers opening a connection
+    too (asyncpg applies it to the whole acquire).
+    """
+
+    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+        self.acquire_timeout = acquire_timeout
+        super().__init__(*args, **kwargs)
+
+    # asyncpg's acquire(), its ``async with`` form and fetch()/execute()... all come here.
+    async def _acquire(self, timeout: float | None) -> Any:
+        bound = self.acquire_timeout if timeout is None else timeout
+        try:
+            return await super()._acquire(bound)  # type: ignore[misc]
+        except TimeoutError:
+            raise PoolTimeout(f"no PostgreSQL connection came free within {bound:g} s") from None
+
+
 async def create_pool(settings: Settings) -> asyncpg.Pool[Any]:
     """A pool that does not need PostgreSQL to be up yet: connections open on demand.
 
-    Every connection attempt and every statement is bounded, so a database that is down or
-    hanging turns into an error (503 upstream) rather than a stuck request.
+    Every connection attempt, every wait for a pooled connection (:class:`BoundedPool`) and
+    every statement is bounded, so a database that is down, hanging or fully busy turns into
+    an error (503 upstream) rather than a stuck request.
     """
-    pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+    pool: asyncpg.Pool[Any] = await BoundedPool(
         settings.database_url,
+        acquire_timeout=settings.dependency_timeout_s,
         min_size=0,
         max_size=settings.db_pool_max,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=60.0,
+        connect=None,
+        setup=None,
+        init=None,
+        reset=None,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
         timeout=settings.dependency_timeout_s,
         command_timeout=max(settings.dependency_timeout_s, 5.0),
-        max_inactive_connection_lifetime=60.0,
     )
     return pool

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from waitroom.core.db import PoolTimeout
 from waitroom.core.errors import (
     BadRequest,
     ErrorBody,
@@ -147,7 +148,7 @@ def decode_json(body: bytes, type_: type[T]) -> T:
     if not body.strip():
         raise BadRequest("the body is empty; send a JSON object")
     try:
-        return msgspec.json.decode(body, type=type_)
+        value = msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _FIELD_RE.search(message)
@@ -155,12 +156,50 @@ def decode_json(body: bytes, type_: type[T]) -> T:
         raise ValidationFailed(message, field=field or None) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    # PostgreSQL text cannot hold NUL: a "\u0000" in any string would fail deep in a query
+    # (a 500). JSON can only carry one escaped, so bodies without that escape skip the walk.
+    if b"\\u0000" in body:
+        field = _nul_field(msgspec.to_builtins(value), "")
+        if field is not None:
+            raise ValidationFailed(
+                "text may not contain NUL (\\u0000) characters",
+                field=field.lstrip(".") or None,
+                code="nul_character",
+            )
+    return value
+
+
+def _nul_field(value: Any, path: str) -> str | None:
+    """The path of the first string in ``value`` (keys included) holding a NUL, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                return path
+            found = _nul_field(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _nul_field(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def dependency_error(exc: BaseException) -> Unavailable | None:
     """The 503 a failure of Redis or PostgreSQL turns into, or None for other errors."""
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
         return Unavailable("Redis is unavailable", retry_after=2, details={"dependency": "redis"})
+    if isinstance(exc, PoolTimeout):
+        # Every pooled connection is busy: a short wait usually finds one free.
+        return Unavailable(
+            "PostgreSQL is busy; try again shortly",
+            code="database_busy",
+            retry_after=1,
+            details={"dependency": "postgresql"},
+        )
     if isinstance(
         exc,
         asyncpg.PostgresConnectionError

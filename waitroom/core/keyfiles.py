@@ -1,6 +1,7 @@
 """Generated secret files: the one place that creates them (development keys under ``.run/``).
 
-In production every secret comes from a file named in settings; in development the process
+In production every secret comes from a file named in settings (``WAITROOM_ENV=production``
+refuses to generate one: :func:`refuse_in_production`); in development the process
 generates what is missing under ``WAITROOM_RUN_DIR`` (the queue-pass signing key, the
 visitor-token secret), so ``waitroom serve`` runs with no set-up. Every process of a host
 must then read the same file, so creation is race-safe: each process writes its candidate to
@@ -16,7 +17,25 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from waitroom.core.errors import SettingsError
+from waitroom.core.settings import Settings
+
 log = logging.getLogger("waitroom.keyfiles")
+
+
+def refuse_in_production(settings: Settings, variable: str) -> None:
+    """``SettingsError`` naming ``variable`` when ``settings`` are production's.
+
+    Called before a secret would be generated: a generated secret exists on one host only,
+    so with several nodes each would sign passes or visitors the others refuse, and a
+    rebuilt container would forget every fan's identity.
+    """
+    if settings.production:
+        raise SettingsError(
+            f"{variable}: must be set when WAITROOM_ENV=production"
+            " (generated secrets are not shared between nodes)",
+            variable=variable,
+        )
 
 
 def generated(path: Path, make: Callable[[], bytes], *, hint: str) -> bool:

@@ -37,7 +37,15 @@ class EventKeys:
     - ``inbox``     STREAM of inventory commands forwarded to the owner (a mailbox, capped).
     - ``news``      pub/sub channel of room-wide news (paused, resumed, sold out, settings).
     - ``draw-lease`` STRING lease of the caller applying the lottery draw.
-    - ``rl:SCOPE:SUBJECT`` HASH token buckets of the join limits (per IP, per fan).
+    - ``rl:SCOPE:SUBJECT`` HASH token buckets of the join limits (per IP, per fan), and of
+                    a client address's other requests (scope ``addr``: polls, challenges,
+                    WebSocket tickets and handshakes), and of a queue pass's checkout writes
+                    (scope ``checkout``, subject the pass's jti: ``checkout_bucket``).
+    - ``pow:COUNTER``, ``pow-rate``, ``pow-used:CHALLENGE``, ``places:COUNTER``: the
+                    proof-of-work pressure counters, the line's growth, solved challenges
+                    and the per-address caps (:mod:`waitroom.line.challenge`).
+    - ``ws-ticket:TICKET`` STRING fan id a one-time WebSocket ticket stands for (expires
+                    in seconds; taken with GETDEL, so it opens one socket at most).
     """
 
     base: str
@@ -111,10 +119,38 @@ class EventKeys:
         """
         return f"{self.base}:rl:{scope}:{subject}"
 
+    def checkout_bucket(self, jti: str) -> str:
+        """HASH token bucket of the checkout writes (reserve, confirm, cancel) of one pass."""
+        return self.bucket("checkout", jti)
+
     @property
     def inbox(self) -> str:
         """STREAM of inventory commands forwarded to the event's owner."""
         return f"{self.base}:inbox"
+
+    def challenge_used(self, challenge: str) -> str:
+        """STRING marker of a solved challenge (its hash) that paid for a place; kept until
+        the challenge would have expired, so a replay is refused."""
+        return f"{self.base}:pow-used:{challenge}"
+
+    def pressure(self, counter: str) -> str:
+        """HASH decayed count of challenges asked for: ``crowd`` (the whole event), or an
+        address (``a:IP``) or subnet (``n:CIDR``) of :func:`waitroom.line.challenge.networks`."""
+        return f"{self.base}:pow:{counter}"
+
+    @property
+    def join_rate(self) -> str:
+        """HASH smoothed joins per second of the line (``challenge.lua`` samples ``seq``)."""
+        return f"{self.base}:pow-rate"
+
+    def places(self, counter: str) -> str:
+        """HASH decayed count of places taken by an address (``a:IP``) or subnet (``n:CIDR``):
+        the hard cap of :data:`waitroom.line.challenge.CAPS`."""
+        return f"{self.base}:places:{counter}"
+
+    def ws_ticket(self, ticket: str) -> str:
+        """STRING: the fan id a one-time WebSocket ticket of this event stands for."""
+        return f"{self.base}:ws-ticket:{ticket}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +158,8 @@ class Keys:
     """Key builder for one deployment prefix.
 
     Deployment-wide keys: ``revoked:JTI`` and ``spent:JTI`` (pass markers, one key each, so
-    they spread over a cluster's slots), ``inventory-replies:NODE`` (one list per process),
+    they spread over a cluster's slots), ``admin-auth:ADDRESS`` (failed admin logins),
+    ``inventory-replies:NODE`` (one list per process),
     ``outbox`` and ``outbox-dead`` (streams of the outbox relay).
     """
 
@@ -139,6 +176,10 @@ class Keys:
     def spent_pass(self, jti: str) -> str:
         """Marker of a queue pass whose order was paid: it may not reserve again."""
         return f"{self.prefix}:spent:{jti}"
+
+    def admin_auth_failures(self, subject: str) -> str:
+        """HASH token bucket of failed admin logins from one client address (IPv4, or /64)."""
+        return f"{self.prefix}:admin-auth:{subject}"
 
     def inventory_replies(self, node_id: str) -> str:
         """LIST of replies to the inventory commands one process forwarded (expires idle).

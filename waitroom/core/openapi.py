@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from waitroom.core.errors import ErrorBody
+from waitroom.core.ids import check_path_params, forms_of
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -55,10 +56,32 @@ class Operation:
 
 
 def _path_params(path: str) -> list[dict[str, Any]]:
+    # The same forms the server checks (guarded), so a client or a fuzzer knows them.
     return [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in re.findall(r"{([^}:]+)(?::[^}]*)?}", path)
+        {"name": form.name, "in": "path", "required": True, "schema": form.schema()}
+        for form in forms_of(path)
     ]
+
+
+def guarded(op: Operation) -> Endpoint:
+    """``op``'s endpoint behind the check of its path parameters' documented forms.
+
+    An id of the wrong form is answered 404 before the handler runs, so no handler can hand
+    a hostile id to Redis or PostgreSQL (see :mod:`waitroom.core.ids`). Building the guard
+    raises ``LookupError`` for a parameter without a documented form.
+    """
+    forms = forms_of(op.path)
+    endpoint = op.endpoint
+    if not forms:
+        return endpoint
+
+    async def guard(request: Request) -> Response:
+        check_path_params(forms, request.path_params)
+        return await endpoint(request)
+
+    guard.__name__ = endpoint.__name__
+    guard.__doc__ = endpoint.__doc__
+    return guard
 
 
 def build_document(operations: Sequence[Operation], *, title: str, version: str) -> dict[str, Any]:
@@ -97,10 +120,13 @@ def build_document(operations: Sequence[Operation], *, title: str, version: str)
             ok["content"] = {op.content_type: {"schema": {"type": "string"}}}
         responses: dict[str, Any] = {str(op.status): ok}
         codes = set(op.errors)
+        if "{" in op.path:
+            codes.add(404)  # an id not of its documented form (see guarded)
         if op.request is not None:
             codes |= {400, 413, 415, 422}
         if op.auth == "admin":
-            codes.add(401)
+            # 429: failed admin logins are throttled per address, in Redis (hence 503 too).
+            codes |= {401, 429, 503}
         for code in sorted(codes):
             responses[str(code)] = {
                 "description": _ERROR_TEXT.get(code, "Error"),

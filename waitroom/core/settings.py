@@ -8,7 +8,9 @@ single line naming the variable, so the CLI can print it without a traceback.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,10 +18,12 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from waitroom.core.clientaddr import parse_networks
 from waitroom.core.errors import SettingsError
 
 PREFIX = "WAITROOM_"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ENVIRONMENTS = ("development", "production")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -29,8 +33,25 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Prefix of every Redis key this deployment writes; tests use a fresh one per run.
     redis_prefix: str = "wr"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/waitroom"
-    #: Bearer token of the operators' API; ``None`` disables the admin API (401 always).
+    #: Bearer token of the operators' API (the operator named "admin"); ``None`` and no
+    #: ``admin_tokens`` disables the admin API (401 always).
     admin_token: str | None = None
+    #: Named operators' tokens, each ``name:token``; the audit log says ``admin:NAME``.
+    admin_tokens: tuple[str, ...] = ()
+    #: Failed admin logins one client address may make per 5 minutes (a token bucket of
+    #: this many, refilled over 5 minutes); then 429 until it refills.
+    admin_auth_failures: int = 10
+    #: ``development`` or ``production``: production refuses generated secrets and weak
+    #: admin tokens, and turns on secure cookies and private metrics by default.
+    env: str = "development"
+    #: CIDR networks of the reverse proxies whose ``X-Forwarded-For`` is believed (see
+    #: :mod:`waitroom.core.clientaddr`); none by default: the socket peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
+    #: Visitor cookie with ``Secure`` and the ``__Host-`` name; None: on in production only.
+    cookie_secure: bool | None = None
+    #: ``/metrics`` and the per-dependency ``/readyz`` without the admin token; None: public
+    #: in development only.
+    metrics_public: bool | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
@@ -64,6 +85,51 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     payment_timeout_s: float = 2.0
     #: Payments one workers process handles at once.
     payment_concurrency: int = 32
+    #: Origins (``scheme://host[:port]``) whose pages may open the queue WebSocket, besides
+    #: the server's own origin (always allowed); ``("*",)`` allows any. A handshake without
+    #: an Origin header (not a browser) is allowed: browsers always send one.
+    allowed_origins: tuple[str, ...] = ()
+    #: Queue WebSockets one fan may hold per event in one process; one more closes the oldest.
+    ws_max_per_fan: int = 3
+    #: Queue WebSockets one client address (IPv4, or IPv6 /64) may hold in one process.
+    ws_max_per_address: int = 200
+    #: Joins that create a place need a solved proof-of-work challenge
+    #: (:mod:`waitroom.line.challenge`); off only for closed tests and benchmarks of the join.
+    challenge: bool = True
+    #: Host-site users (user JWT mode) solve challenges too; off: their sign-in is the brake.
+    challenge_for_users: bool = False
+    #: HMAC key of challenges (generated under run_dir when unset; several nodes must share it).
+    challenge_secret_file: str | None = None
+    #: ``maxnumber`` of a challenge for a normal crowd (about half as many hashes to solve).
+    challenge_base: int = 10_000
+    #: Joins per second the line is expected to grow at; faster growth raises difficulty.
+    challenge_expected_joins_per_s: float = 200.0
+    #: Longest a public event or lottery view is served from a process's cache (so shown
+    #: availability is never better than the truth of that many seconds ago), and the least
+    #: time between two reads of the known event ids prompted by unknown ones.
+    view_cache_ttl_s: float = 1.0
+    #: Checkout writes (reserve, confirm, cancel) one queue pass may make per second, and at
+    #: once (token bucket per pass jti, shared by every process through Redis).
+    checkout_rate_per_s: float = 0.5
+    checkout_burst: int = 20
+    #: How long idempotency records are kept in PostgreSQL before the safety net purges them
+    #: (refusals: at most an hour; see workers.safety).
+    idempotency_ttl_s: int = 86_400
+
+    @property
+    def production(self) -> bool:
+        """``WAITROOM_ENV=production``."""
+        return self.env == "production"
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Whether the visitor cookie is ``Secure`` (and named ``__Host-wr_visitor``)."""
+        return self.production if self.cookie_secure is None else self.cookie_secure
+
+    @property
+    def public_metrics(self) -> bool:
+        """Whether ``/metrics`` and the detailed ``/readyz`` need no admin token."""
+        return not self.production if self.metrics_public is None else self.metrics_public
 
 
 @dataclass(frozen=True)
@@ -85,6 +151,13 @@ def _int_range(low: int, high: int) -> _Field:
 def _positive_float(raw: str) -> float:
     value = float(raw.strip())
     if not 0 < value < 3600:
+        raise ValueError
+    return value
+
+
+def _rate(raw: str) -> float:
+    value = float(raw.strip())
+    if not 0 < value <= 10_000_000:
         raise ValueError
     return value
 
@@ -136,11 +209,78 @@ def _paths(raw: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in raw.split(",") if p.strip())
 
 
+def _env(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in ENVIRONMENTS:
+        raise ValueError
+    return value
+
+
+def _networks(raw: str) -> tuple[str, ...]:
+    entries = [e.strip() for e in raw.split(",") if e.strip()]
+    # Kept as text (child processes get the same value back); parsed again where used.
+    return tuple(str(n) for n in parse_networks(entries))
+
+
+#: Operator names: they end up in the audit log and in log lines.
+_OPERATOR_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _operator_tokens(raw: str) -> tuple[str, ...]:
+    entries = [e.strip() for e in raw.split(",") if e.strip()]
+    if not entries:
+        raise ValueError
+    for entry in entries:
+        name, sep, token = entry.partition(":")
+        if not sep or not _OPERATOR_NAME.match(name) or not token.strip():
+            raise ValueError
+    return tuple(entries)
+
+
 def _algorithm(raw: str) -> str:
     value = raw.strip()
     if value not in {"RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA", "PS256"}:
         raise ValueError
     return value
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def normalize_origin(raw: str) -> str | None:
+    """``raw`` as a canonical origin (``https://example.com``, ``http://host:8080``), or None.
+
+    Lower-case scheme and host, the port only when it is not the scheme's default, no
+    path, query or user info: the form browsers send in ``Origin``, so the two compare equal.
+    """
+    try:
+        parts = urlsplit(raw.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if scheme not in _DEFAULT_PORTS or not host or parts.username or parts.password:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    if ":" in host:
+        host = f"[{host}]"  # an IPv6 literal keeps its brackets, as in Origin
+    return f"{scheme}://{host}" + ("" if port in (None, _DEFAULT_PORTS[scheme]) else f":{port}")
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    items = [item.strip() for item in raw.split(",") if item.strip()]
+    if not items:
+        raise ValueError
+    if items == ["*"]:
+        return ("*",)
+    origins = []
+    for item in items:
+        origin = normalize_origin(item)
+        if origin is None:
+            raise ValueError
+        origins.append(origin)
+    return tuple(origins)
 
 
 _TEXT = _Field(_text, "a non-empty value")
@@ -149,6 +289,12 @@ _FIELDS: dict[str, _Field] = {
     "redis_prefix": _Field(_prefix, "up to 64 letters, digits, '-', '_' or '.'"),
     "database_url": _url("postgresql", "postgres"),
     "admin_token": _TEXT,
+    "admin_tokens": _Field(_operator_tokens, "comma-separated name:token pairs"),
+    "admin_auth_failures": _int_range(1, 1_000_000),
+    "env": _Field(_env, "one of " + ", ".join(ENVIRONMENTS)),
+    "trusted_proxies": _Field(_networks, "comma-separated CIDR networks like 10.0.0.0/8"),
+    "cookie_secure": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
+    "metrics_public": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
     "host": _TEXT,
     "port": _int_range(0, 65535),
     "log_level": _Field(_log_level, "one of " + ", ".join(LOG_LEVELS)),
@@ -170,6 +316,18 @@ _FIELDS: dict[str, _Field] = {
     "payment_url": _url("http", "https"),
     "payment_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
     "payment_concurrency": _int_range(1, 10_000),
+    "allowed_origins": _Field(_origins, "'*' or comma-separated origins like https://example.com"),
+    "ws_max_per_fan": _int_range(1, 100),
+    "ws_max_per_address": _int_range(1, 1_000_000),
+    "challenge": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
+    "challenge_for_users": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
+    "challenge_secret_file": _TEXT,
+    "challenge_base": _int_range(100, 100_000_000),
+    "challenge_expected_joins_per_s": _Field(_rate, "a number of joins per second above 0"),
+    "view_cache_ttl_s": _Field(_positive_float, "a number of seconds above 0"),
+    "checkout_rate_per_s": _Field(_rate, "a number of writes per second above 0"),
+    "checkout_burst": _int_range(1, 10_000),
+    "idempotency_ttl_s": _int_range(60, 365 * 86_400),
 }
 
 
@@ -201,7 +359,101 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"{PREFIX}DB_POOL_MIN: must not exceed {PREFIX}DB_POOL_MAX ({settings.db_pool_max})",
             variable=f"{PREFIX}DB_POOL_MIN",
         )
+    check_admin_tokens(settings, settings.host)
     return settings
+
+
+#: Least length of an admin token outside a loopback-only development server: 32 characters
+#: of ``openssl rand -hex 16`` are 128 bits, beyond any guessing at any request rate.
+MIN_ADMIN_TOKEN_CHARS = 32
+#: Least distinct characters: 32 copies of one letter is long but no secret.
+_MIN_DISTINCT_CHARS = 8
+#: Example and default values published with waitroom (compose, the demo, the docs) and the
+#: usual placeholders: anyone can read them, whatever their length.
+KNOWN_ADMIN_TOKENS = frozenset(
+    {
+        "demo-admin-token",
+        "admin",
+        "admin-token",
+        "changeme",
+        "change-me",
+        "password",
+        "secret",
+        "token",
+        "test",
+        "replace-me-with-a-long-random-token",
+        "change-me-to-a-long-random-admin-token",
+        "please-change-this-admin-token-now",
+    }
+)
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` reaches this machine only (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip().strip("[]").lower()
+    if name in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def operators(settings: Settings) -> dict[str, str]:
+    """Operator name -> admin token: ``WAITROOM_ADMIN_TOKENS``, and ``WAITROOM_ADMIN_TOKEN``
+    as the operator ``admin``. ``SettingsError`` on a name or a token given twice."""
+    found: dict[str, str] = {}
+    pairs = [entry.split(":", 1) for entry in settings.admin_tokens]
+    if settings.admin_token is not None:
+        pairs.insert(0, ["admin", settings.admin_token])
+    variable = f"{PREFIX}ADMIN_TOKENS"
+    for name, token in pairs:
+        if name in found:
+            raise SettingsError(
+                f"{variable}: operator {name!r} is named twice"
+                + (" (WAITROOM_ADMIN_TOKEN is the operator 'admin')" if name == "admin" else ""),
+                variable=variable,
+            )
+        if token in found.values():
+            # The audit log must say who: a token two operators share says neither.
+            raise SettingsError(
+                f"{variable}: operator {name!r} has the same token as another", variable=variable
+            )
+        found[name] = token
+    return found
+
+
+def check_admin_tokens(settings: Settings, host: str) -> None:
+    """Refuse weak admin tokens unless a development server listens on loopback only.
+
+    Weak: shorter than :data:`MIN_ADMIN_TOKEN_CHARS`, fewer than 8 distinct characters, or
+    a published example (:data:`KNOWN_ADMIN_TOKENS`). In production even a loopback
+    listener is refused one: a reverse proxy on the same host makes it public.
+    """
+    named = operators(settings)
+    if settings.env != "production" and is_loopback(host):
+        return
+    if settings.env == "production":
+        where, fix = "in production", ""
+    else:
+        where, fix = f"on a server listening on {host}", ", or listen on 127.0.0.1"
+    for name, token in named.items():
+        variable = f"{PREFIX}ADMIN_TOKEN" if name == "admin" else f"{PREFIX}ADMIN_TOKENS"
+        who = "the admin token" if name == "admin" else f"operator {name!r}'s token"
+        if token.strip().lower() in KNOWN_ADMIN_TOKENS:
+            problem = "is a published example value"
+        elif len(token) < MIN_ADMIN_TOKEN_CHARS:
+            problem = f"has {len(token)} characters, fewer than {MIN_ADMIN_TOKEN_CHARS}"
+        elif len(set(token)) < _MIN_DISTINCT_CHARS:
+            problem = f"has fewer than {_MIN_DISTINCT_CHARS} distinct characters"
+        else:
+            continue
+        raise SettingsError(
+            f"{variable}: {who} {problem}, refused {where};"
+            f" use a random one (openssl rand -hex 32){fix}",
+            variable=variable,
+        )
 
 
 def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -48,6 +48,11 @@ HANDOVER_CHUNK = 256
 #: Close code and reason for a fan no longer in line (left elsewhere, or dropped).
 GONE_CLOSE = (4404, "not in line")
 UNKNOWN_CLOSE = (4404, "unknown event")
+#: Close code and reason of a fan's oldest socket when the fan opens one more than allowed.
+REPLACED_CLOSE = (4409, "replaced by a newer connection of the same fan")
+#: Sockets one fan may hold per event in one process (``WAITROOM_WS_MAX_PER_FAN``): a few
+#: tabs or devices; without a cap one identity could hold thousands.
+MAX_PER_FAN = 3
 _ERROR_LOG_EVERY_S = 10.0
 
 FANS_WAITING = Gauge(
@@ -158,7 +163,12 @@ class Broadcaster:
         self._expiry: dict[str, int | None] = {}
 
     def add(self, sub: Subscriber) -> None:
-        self.subscribers.setdefault(sub.fan_id, []).append(sub)
+        subs = self.subscribers.setdefault(sub.fan_id, [])
+        subs.append(sub)
+        # The newest socket wins: it is the tab the fan is looking at, and a fan who lost
+        # track of old ones (a crashed browser, a laptop asleep) is never locked out.
+        while len(subs) > self.hub.max_per_fan:
+            subs.pop(0).close(REPLACED_CLOSE)
 
     def remove(self, sub: Subscriber) -> None:
         subs = self.subscribers.get(sub.fan_id)
@@ -270,14 +280,21 @@ class Broadcaster:
 class Hub:
     """This process's broadcasters, by event; created and closed by the app's lifespan."""
 
-    def __init__(self, rooms: Rooms, *, tick_s: float = TICK_S) -> None:
+    def __init__(
+        self, rooms: Rooms, *, tick_s: float = TICK_S, max_per_fan: int = MAX_PER_FAN
+    ) -> None:
         self.rooms = rooms
         self.tick_s = tick_s
+        self.max_per_fan = max_per_fan
         self._broadcasters: dict[str, Broadcaster] = {}
         self._closed = False
 
     def subscribe(self, event_id: str, fan_id: str) -> Subscriber:
-        """A new subscriber for ``fan_id``, starting the event's broadcaster if needed."""
+        """A new subscriber for ``fan_id``, starting the event's broadcaster if needed.
+
+        When the fan already holds ``max_per_fan`` sockets for the event here, the oldest is
+        closed with :data:`REPLACED_CLOSE`.
+        """
         if self._closed:
             raise RuntimeError("the hub is closed")
         sub = Subscriber(event_id, fan_id)

@@ -10,12 +10,14 @@ Two modes, chosen by settings:
 - **Anonymous visitors** (otherwise): the first join without an identity issues a visitor
   token, an HS256 JWT ``{sub: "v_<128 random bits>", iat, exp: +7 days, typ: "visitor"}``
   signed with a secret only the servers know. It is returned in the join body and set as the
-  ``wr_visitor`` cookie (HttpOnly, SameSite=Lax). The fan id is the ``sub``. Visitor tokens
+  ``wr_visitor`` cookie (HttpOnly, SameSite=Lax; ``__Host-wr_visitor`` and Secure when
+  ``WAITROOM_COOKIE_SECURE``, both names read). The fan id is the ``sub``. Visitor tokens
   are standard JWTs, built and checked here with ``hmac`` (a generic JWT library spent most
   of a join's CPU time on them); the header must be exactly ``{"alg":"HS256","typ":"JWT"}``.
 
-A token is read from ``Authorization: Bearer``, then (WebSockets only, since browsers cannot
-set headers there) the ``token`` query parameter, then the cookie. A token that is present
+A token is read from ``Authorization: Bearer``, then the cookie; never from the URL, where
+proxies, logs and browser histories keep it (the queue WebSocket takes a one-time ticket
+instead: :mod:`waitroom.line.wsgate`). A token that is present
 but forged, malformed, of another algorithm (``none`` included) or expired is a 401
 (``identity_invalid`` / ``identity_expired``), never silently replaced: a fan must not lose
 a place because a token went bad without being told.
@@ -36,7 +38,6 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qsl
 
 import jwt
 import msgspec
@@ -49,6 +50,12 @@ from waitroom.core.settings import Settings
 log = logging.getLogger("waitroom.line.identity")
 
 VISITOR_COOKIE = "wr_visitor"
+#: The cookie's name when cookies are secure (``WAITROOM_COOKIE_SECURE``): the ``__Host-``
+#: prefix makes browsers refuse it unless it is Secure, has Path=/ and no Domain, so no
+#: other host of the site (nor plain http) can plant or overwrite a fan's identity.
+SECURE_VISITOR_COOKIE = "__Host-wr_visitor"
+#: Read in this order: the secure name first, so a leftover plain cookie never wins.
+_COOKIE_NAMES = (SECURE_VISITOR_COOKIE, VISITOR_COOKIE)
 VISITOR_TTL_S = 7 * 24 * 3600
 VISITOR_ALGORITHM = "HS256"
 #: Clock skew tolerated on a host site's tokens (their clock is not ours).
@@ -88,7 +95,7 @@ class Identity:
 
     fan_id: str
     kind: Literal["user", "visitor"]
-    #: Where the token came from: "header", "query", "cookie", or "issued" by this request.
+    #: Where the token came from: "header", "cookie", or "issued" by this request.
     source: str
     token: str
 
@@ -261,14 +268,11 @@ class Identities:
             raise _invalid("the identity token is not valid yet")
         return claims
 
-    def resolve(
-        self, conn: HTTPConnection, now: float, *, websocket: bool = False
-    ) -> Identity | None:
+    def resolve(self, conn: HTTPConnection, now: float) -> Identity | None:
         """The fan behind ``conn``, ``None`` when it presents no token, 401 when a bad one.
 
-        ``websocket`` also accepts the ``token`` query parameter (browsers cannot set headers
-        on a WebSocket). A visitor cookie that fails is answered with the cookie cleared, so a
-        browser is not stuck sending it.
+        A visitor cookie that fails is answered with the cookie cleared, so a browser is not
+        stuck sending it.
         """
         header = conn.headers.get("authorization")
         if header is not None:
@@ -276,47 +280,36 @@ class Identities:
             if scheme.lower() != "bearer" or not token.strip():
                 raise _invalid("send the identity as 'Authorization: Bearer <token>'")
             return self.verify(token.strip(), now, source="header")
-        if websocket:
-            token = _query_param(conn, "token")
-            if token:
-                return self.verify(token, now, source="query")
         if self._secret is not None:
-            token = conn.cookies.get(VISITOR_COOKIE, "")
-            if token:
+            # Both names: a deployment that turns secure cookies on keeps its fans' places.
+            for name in _COOKIE_NAMES:
+                token = conn.cookies.get(name, "")
+                if not token:
+                    continue
                 try:
                     return self.verify(token, now, source="cookie")
                 except Unauthorized as exc:
-                    exc.headers["Set-Cookie"] = clear_cookie_header()
+                    exc.headers["Set-Cookie"] = clear_cookie_header(name)
                     raise
         return None
 
 
-def _query_param(conn: HTTPConnection, name: str) -> str:
-    """The last value of query parameter ``name`` ('' when absent), as starlette reads it.
-
-    Not through ``conn.query_params``: that caches every parsed parameter on the connection
-    for as long as it lives, about 0.7 KB on each WebSocket held open through a sale, for a
-    value read once at the handshake.
-    """
-    raw: bytes = conn.scope.get("query_string", b"")
-    value = ""
-    for key, item in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
-        if key == name:
-            value = item
-    return value
-
-
 def visitor_cookie_header(token: str, *, secure: bool) -> str:
-    """``Set-Cookie`` value that stores a visitor token for the token's lifetime."""
-    attributes = (
-        f"{VISITOR_COOKIE}={token}; Max-Age={VISITOR_TTL_S}; Path=/; HttpOnly; SameSite=Lax"
-    )
+    """``Set-Cookie`` value that stores a visitor token for the token's lifetime.
+
+    ``secure`` (``Settings.secure_cookies``): named ``__Host-wr_visitor`` and ``Secure``;
+    never a ``Domain``, so the cookie goes back to this host only.
+    """
+    name = SECURE_VISITOR_COOKIE if secure else VISITOR_COOKIE
+    attributes = f"{name}={token}; Max-Age={VISITOR_TTL_S}; Path=/; HttpOnly; SameSite=Lax"
     return attributes + "; Secure" if secure else attributes
 
 
-def clear_cookie_header() -> str:
-    """``Set-Cookie`` value that deletes the visitor cookie."""
-    return f"{VISITOR_COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Lax"
+def clear_cookie_header(name: str = VISITOR_COOKIE) -> str:
+    """``Set-Cookie`` value that deletes the visitor cookie ``name``."""
+    # A __Host- cookie can only be set (deleted included) with Secure.
+    secure = "; Secure" if name.startswith("__Host-") else ""
+    return f"{name}=; Max-Age=0; Path=/; HttpOnly; SameSite=Lax{secure}"
 
 
 def load_user_key(value: str, algorithm: str) -> Any:
@@ -361,6 +354,7 @@ def load_visitor_secret(settings: Settings) -> bytes:
                 f"{variable}: cannot read {settings.visitor_secret_file}: {exc.strerror}",
                 variable=variable,
             ) from None
+    keyfiles.refuse_in_production(settings, variable)
     path = Path(settings.run_dir) / _SECRET_NAME
     keyfiles.generated(
         path,

@@ -32,6 +32,12 @@ JOIN_PER_IP = Limit(rate=20.0, burst=40)
 #: Joins per fan identity (per event): a join is idempotent, so retrying faster is abuse.
 JOIN_PER_FAN = Limit(rate=2.0, burst=5)
 
+#: Requests per client address (per event) that are not joins: polls of ``queue/me``,
+#: WebSocket handshakes and challenges. The page polls every 2 s only when its WebSocket
+#: fails, so 50/s sustains some 100 polling fans behind one NAT address (far more on
+#: WebSockets, which cost one handshake each); the burst of 200 absorbs an office reloading.
+ADDRESS_REQUESTS = Limit(rate=50.0, burst=200)
+
 #: Float slack of the comparisons, as in bucket.lua (0.1/s * 10 s is not exactly 1.0).
 _SLACK = 1e-6
 

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,18 +37,19 @@ import asyncpg
 import msgspec
 from prometheus_client import Counter
 
+from waitroom.core import ids
 from waitroom.core.errors import NotFound, Unavailable
 from waitroom.core.keys import EventKeys, Keys
 from waitroom.line import lottery, scripts
 from waitroom.line.eta import RateEstimator
-from waitroom.line.ratelimit import JOIN_PER_FAN, JOIN_PER_IP
-from waitroom.line.scripts import Client, JoinReply, Positions, RoomView
+from waitroom.line.ratelimit import ADDRESS_REQUESTS, JOIN_PER_FAN, JOIN_PER_IP, Decision
+from waitroom.line.scripts import Client, JoinGate, JoinReply, Positions, PressureReply, RoomView
 
 log = logging.getLogger("waitroom.line.room")
 
 #: The rule of events.id in PostgreSQL; anything else cannot be an event (and must never
 #: reach a Redis key, where a '}' would move it out of the event's hash slot).
-EVENT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+EVENT_ID = ids.EVENT_ID
 #: How long an event PostgreSQL did not know is answered 404 without asking it again.
 UNKNOWN_TTL_S = 2.0
 _UNKNOWN_MAX = 10_000
@@ -74,6 +74,14 @@ ABANDONED = Counter(
 )
 
 
+#: How to recompute a draw, by scheme (see waitroom/line/lottery.py).
+LOTTERY_METHODS = {
+    1: "sort entries by sha256(seed_bytes || entry_ascii); entry = sha256(fan_id)",
+    2: "mixed = sha256(seed_bytes || sha256(concat(sorted(entries)))); sort entries by"
+    " sha256(mixed || entry_ascii); entry = HMAC-SHA256(secret salt, fan_id), see my_entry",
+}
+
+
 class LotteryInfo(msgspec.Struct, frozen=True):
     """``GET /v1/events/{event_id}/lottery``: the commitment, then the draw to check."""
 
@@ -85,10 +93,14 @@ class LotteryInfo(msgspec.Struct, frozen=True):
     drawn: bool
     drawn_at: datetime | None
     opens_at: datetime
-    #: sha256(fan_id) in hex of every pre-queue fan, in draw order (empty before the draw).
+    #: Every pre-queue fan's entry in hex, in draw order (empty before the draw). An entry is
+    #: HMAC-SHA256 of the fan id under a secret salt: it does not tell who entered.
     entries: list[str]
-    #: How to recompute the order; see waitroom/lottery.py.
-    method: str = "sort entries by sha256(seed_bytes || entry_ascii); entry = sha256(fan_id)"
+    #: The asking fan's own entry (null without an identity): find it in ``entries``.
+    my_entry: str | None = None
+    #: How to recompute the order; see waitroom/line/lottery.py.
+    scheme: int = 2
+    method: str = LOTTERY_METHODS[2]
 
 
 def not_found(event_id: str) -> NotFound:
@@ -118,7 +130,12 @@ async def open_room(
     if reply.outcome != "draw":
         return reply.outcome
     assert reply.seed is not None, "a lottery room always has a seed"
-    by_entry = {lottery.entry(fan): fan for fan in reply.prequeue}
+    salt: str | None = await db.fetchval(
+        "SELECT entry_salt FROM room_lottery WHERE event_id = $1", event_id
+    )
+    if salt is None:
+        raise RuntimeError(f"lottery room {event_id!r} has no entry salt in PostgreSQL")
+    by_entry = {lottery.entry(salt, fan): fan for fan in reply.prequeue}
     if len(by_entry) > _HASH_IN_THREAD:
         order = await asyncio.to_thread(lottery.draw_order, reply.seed, list(by_entry))
     else:
@@ -155,10 +172,23 @@ class Rooms:
     caches (unknown events, rate estimates, in-flight loads and draws) only save work.
     """
 
-    def __init__(self, redis: Client, db: asyncpg.Pool[Any], keys: Keys) -> None:
+    def __init__(
+        self,
+        redis: Client,
+        db: asyncpg.Pool[Any],
+        keys: Keys,
+        *,
+        known: Callable[[str], Awaitable[bool]] | None = None,
+        on_drawn: Callable[[str], None] | None = None,
+    ) -> None:
         self.redis = redis
         self.db = db
         self.keys = keys
+        #: Whether an event id exists, without a query for most unknown ids (the app passes
+        #: inventory.catalogue.EventDirectory.exists); None: ask room_settings every time.
+        self._known = known
+        #: Told when this process applied a lottery draw (the app drops its cached view).
+        self._on_drawn = on_drawn
         self._unknown: dict[str, float] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._estimators: dict[str, RateEstimator] = {}
@@ -170,8 +200,8 @@ class Rooms:
 
     def check(self, event_id: str) -> EventKeys:
         """The keys of ``event_id``, or 404 at once for an id that cannot be or was not found."""
-        if not EVENT_ID.match(event_id):
-            raise not_found(event_id)
+        if not EVENT_ID.matches(event_id):
+            raise EVENT_ID.not_found()
         until = self._unknown.get(event_id)
         if until is not None:
             if time.monotonic() < until:
@@ -202,6 +232,9 @@ class Rooms:
             task.exception()
 
     async def _load(self, event_id: str) -> None:
+        if self._known is not None and not await self._known(event_id):
+            self._forget(event_id)
+            raise not_found(event_id)
         async with self.db.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT queue_mode, extract(epoch FROM opens_at)::float8 AS opens_at,"
@@ -210,9 +243,7 @@ class Rooms:
                 event_id,
             )
             if row is None:
-                if len(self._unknown) >= _UNKNOWN_MAX:
-                    self._unknown.clear()
-                self._unknown[event_id] = time.monotonic() + UNKNOWN_TTL_S
+                self._forget(event_id)
                 raise not_found(event_id)
             seed: str | None = None
             commitment = ""
@@ -222,11 +253,12 @@ class Rooms:
                 # read that one back, so every process (and Redis) agrees on it.
                 candidate = lottery.new_seed()
                 await conn.execute(
-                    "INSERT INTO room_lottery (event_id, seed, commitment) VALUES ($1, $2, $3)"
-                    " ON CONFLICT (event_id) DO NOTHING",
+                    "INSERT INTO room_lottery (event_id, seed, commitment, entry_salt)"
+                    " VALUES ($1, $2, $3, $4) ON CONFLICT (event_id) DO NOTHING",
                     event_id,
                     candidate,
                     lottery.commitment(candidate),
+                    lottery.new_salt(),
                 )
                 lot = await conn.fetchrow(
                     "SELECT seed, commitment, drawn_at FROM room_lottery WHERE event_id = $1",
@@ -256,17 +288,41 @@ class Rooms:
         }
         await scripts.init_room(self.redis, self.keys.event(event_id), fields, seed)
 
+    def _forget(self, event_id: str) -> None:
+        """Answer ``event_id`` 404 without asking anyone for the next UNKNOWN_TTL_S."""
+        if len(self._unknown) >= _UNKNOWN_MAX:
+            self._unknown.clear()
+        self._unknown[event_id] = time.monotonic() + UNKNOWN_TTL_S
+
     # --- the line --------------------------------------------------------------------------
 
     async def join(
-        self, event_id: str, fan_id: str, *, now: float, ip: str, known_fan: bool
+        self,
+        event_id: str,
+        fan_id: str,
+        *,
+        now: float,
+        ip: str,
+        known_fan: bool,
+        gate: JoinGate | None = None,
     ) -> JoinReply:
-        """Join ``fan_id`` to the line, charging the IP's and (``known_fan``) the fan's limits."""
+        """Join ``fan_id`` to the line, charging the IP's and (``known_fan``) the fan's limits.
+
+        ``gate`` is what a new place costs: a challenge (spent by the place it buys) and
+        room under the caps per address and subnet (see :mod:`waitroom.line.challenge`).
+        """
         ek = self.check(event_id)
         fan_limit = JOIN_PER_FAN if known_fan else None
         for _ in range(2):
             reply = await scripts.join(
-                self.redis, ek, fan_id, now=now, ip=ip, ip_limit=JOIN_PER_IP, fan_limit=fan_limit
+                self.redis,
+                ek,
+                fan_id,
+                now=now,
+                ip=ip,
+                ip_limit=JOIN_PER_IP,
+                fan_limit=fan_limit,
+                gate=gate,
             )
             if reply is not None:
                 break
@@ -278,6 +334,36 @@ class Rooms:
             if reply.draw_due:
                 self.draw_soon(event_id)
         return reply
+
+    async def pressure(
+        self, event_id: str, *, now: float, ip: str, address: str, subnet: str, half_life_s: float
+    ) -> PressureReply:
+        """Count a challenge asked for by ``ip`` (charged to its address bucket); the counts."""
+        ek = self.check(event_id)
+        for _ in range(2):
+            reply = await scripts.pressure(
+                self.redis,
+                ek,
+                now=now,
+                ip=ip,
+                address=address,
+                subnet=subnet,
+                limit=ADDRESS_REQUESTS,
+                half_life_s=half_life_s,
+            )
+            if reply.outcome != "no_room":
+                return reply
+            await self.ensure(event_id)
+        raise Unavailable("the room could not be loaded; try again", retry_after=1)
+
+    async def charge_address(self, event_id: str, subject: str, *, now: float) -> Decision:
+        """Charge one request of client address ``subject`` to its bucket in ``event_id``.
+
+        Polls and WebSocket handshakes call this with ``client_subject(conn)``; the caller
+        refuses the request when the decision is not ``allowed`` (429 / close 1013).
+        """
+        ek = self.check(event_id)
+        return await scripts.charge(self.redis, ek, subject, now=now, limit=ADDRESS_REQUESTS)
 
     async def positions(self, event_id: str, fan_ids: Sequence[str], *, now: float) -> Positions:
         """Codes of ``fan_ids`` and the room's state, refreshing the fans' ``seen``."""
@@ -352,6 +438,8 @@ class Rooms:
         if outcome == "no_room":
             await self.ensure(event_id)
             outcome = await open_room(self.redis, self.db, self.keys, event_id, now)
+        if outcome == "drawn" and self._on_drawn is not None:
+            self._on_drawn(event_id)
         return outcome
 
     def draw_soon(self, event_id: str) -> None:
@@ -362,12 +450,14 @@ class Rooms:
         self._draw_tried[event_id] = at
         self._spawn(f"draw:{event_id}", self.open_room(event_id, time.time()))
 
-    async def lottery(self, event_id: str) -> LotteryInfo:
-        """The room's commitment, and once drawn its seed and entries in draw order."""
+    async def lottery(self, event_id: str, fan_id: str | None = None) -> LotteryInfo:
+        """The room's commitment, and once drawn its seed and entries in draw order; with
+        ``fan_id``, that fan's own entry too."""
         self.check(event_id)
         for _ in range(2):
             row = await self.db.fetchrow(
-                "SELECT r.queue_mode, r.opens_at, l.commitment, l.seed, l.drawn_at, l.entries"
+                "SELECT r.queue_mode, r.opens_at, l.commitment, l.seed, l.drawn_at, l.entries,"
+                " l.entry_salt, l.scheme"
                 " FROM room_settings r LEFT JOIN room_lottery l ON l.event_id = r.event_id"
                 " WHERE r.event_id = $1",
                 event_id,
@@ -388,6 +478,11 @@ class Rooms:
         drawn = row["drawn_at"] is not None
         if not drawn and time.time() >= row["opens_at"].timestamp():
             self.draw_soon(event_id)
+        scheme = row["scheme"]
+        mine = None
+        if fan_id is not None:
+            salt = row["entry_salt"]
+            mine = lottery.entry(salt, fan_id) if scheme == 2 else lottery.legacy_entry(fan_id)
         return LotteryInfo(
             event_id=event_id,
             commitment=row["commitment"],
@@ -396,6 +491,9 @@ class Rooms:
             drawn_at=row["drawn_at"],
             opens_at=row["opens_at"],
             entries=list(row["entries"] or []),
+            my_entry=mine,
+            scheme=scheme,
+            method=LOTTERY_METHODS[scheme],
         )
 
     # --- lifecycle -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ its limits run in one script.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +46,9 @@ POSITIONS = _script("positions.lua")
 SWEEP = _script("sweep.lua")
 OPEN_ROOM = _script("open_room.lua")
 DRAW = _script("draw.lua")
-ALL = (INIT_ROOM, JOIN, LEAVE, POSITIONS, SWEEP, OPEN_ROOM, DRAW)
+CHALLENGE = _script("challenge.lua")
+CHARGE = _script("charge.lua")
+ALL = (INIT_ROOM, JOIN, LEAVE, POSITIONS, SWEEP, OPEN_ROOM, DRAW, CHALLENGE, CHARGE)
 
 
 async def load_all(redis: Client) -> None:
@@ -66,8 +69,10 @@ def _text(value: Any) -> str | None:
 class JoinReply:
     """What ``join.lua`` answered (see its header)."""
 
-    outcome: str  # "joined" | "limited"
-    state: str  # "waiting" | "prequeue" | "admitted" | "none"
+    #: "joined" | "limited" | "challenge_required" | "challenge_replayed" | "capped"
+    outcome: str
+    #: "waiting" | "prequeue" | "admitted" | "none"; for "capped": "address" | "subnet"
+    state: str
     rank: int | None
     created: bool
     queue_pass: str | None
@@ -118,6 +123,37 @@ class OpenReply:
     prequeue: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class JoinGate:
+    """What a new place costs in ``join.lua``: a challenge, and room under the caps."""
+
+    #: Counter names of the client's address and subnet (``challenge.networks``).
+    address: str
+    subnet: str
+    #: A verified challenge's id (its hash), spent by the join that creates a place.
+    challenge: str | None = None
+    challenge_ttl_ms: int = 1
+    #: A new place is refused ("challenge_required") without ``challenge``.
+    need_challenge: bool = False
+    #: Places per address / subnet (decayed); unbounded unless given (the HTTP join
+    #: gives :data:`waitroom.line.challenge.CAPS`).
+    address_cap: int = 2**31 - 1
+    subnet_cap: int = 2**31 - 1
+    caps_half_life_s: float = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class PressureReply:
+    """``challenge.lua``'s answer: the counts behind the next challenge, or a refusal."""
+
+    outcome: str  # "ok" | "limited" | "no_room"
+    crowd: float = 0.0
+    address: float = 0.0
+    subnet: float = 0.0
+    join_rate: float = 0.0
+    limit: Decision | None = None
+
+
 # --- calls --------------------------------------------------------------------------------
 
 
@@ -138,8 +174,14 @@ async def join(
     ip: str,
     ip_limit: Limit,
     fan_limit: Limit | None,
+    gate: JoinGate | None = None,
 ) -> JoinReply | None:
-    """Join ``fan_id`` to the line; ``None`` when the room is not in Redis yet."""
+    """Join ``fan_id`` to the line; ``None`` when the room is not in Redis yet.
+
+    ``gate`` says what a new place costs (challenge, caps); without one a new place needs no
+    challenge and the caps count under the IP's own name.
+    """
+    gate = gate or JoinGate(address=f"a:{ip}", subnet=f"n:{ip}")
     keys = [
         ek.meta,
         ek.queue,
@@ -150,6 +192,10 @@ async def join(
         ek.admitted,
         ek.bucket("ip", ip),
         ek.bucket("fan", fan_id),
+        # A key in the event's slot even without a challenge: scripts declare every key.
+        ek.challenge_used(gate.challenge or "-"),
+        ek.places(gate.address),
+        ek.places(gate.subnet),
     ]
     args: list[str | int | float] = [
         fan_id,
@@ -159,6 +205,12 @@ async def join(
         ip_limit.burst,
         fan_limit.rate if fan_limit else 0,
         fan_limit.burst if fan_limit else 0,
+        gate.challenge or "",
+        gate.challenge_ttl_ms,
+        1 if gate.need_challenge else 0,
+        gate.address_cap,
+        gate.subnet_cap,
+        int(gate.caps_half_life_s * 1000),
     ]
     reply = await JOIN(redis, keys, args)
     if len(reply) == 1:
@@ -175,13 +227,58 @@ async def join(
         admitted_total=int(reply[7]),
         draw_due=reply[8] == 1,
         limit=Decision(
-            allowed=_text(reply[0]) != "limited",
+            allowed=_text(reply[0]) == "joined",
             limit=limit,
             remaining=remaining,
             retry_after_ms=retry_ms,
             reset_ms=reset_ms,
         ),
     )
+
+
+async def pressure(
+    redis: Client,
+    ek: EventKeys,
+    *,
+    now: float,
+    ip: str,
+    address: str,
+    subnet: str,
+    limit: Limit,
+    half_life_s: float,
+) -> PressureReply:
+    """Charge ``ip``'s bucket and count one more challenge for it; the counts after."""
+    keys = [
+        ek.meta,
+        ek.seq,
+        ek.join_rate,
+        ek.pressure("crowd"),
+        ek.pressure(address),
+        ek.pressure(subnet),
+        ek.bucket("addr", ip),
+    ]
+    reply = await CHALLENGE(
+        redis, keys, [int(now * 1000), int(half_life_s * 1000), limit.rate, limit.burst]
+    )
+    outcome = _text(reply[0]) or ""
+    if outcome == "limited":
+        retry_ms, burst, left = (int(v) for v in reply[1:4])
+        return PressureReply(
+            outcome,
+            limit=Decision(False, burst, left, retry_ms, math.ceil(burst * 1000 / limit.rate)),
+        )
+    if outcome != "ok":
+        return PressureReply(outcome)
+    crowd, address_count, subnet_count, join_rate = (float(_text(v) or 0) for v in reply[1:5])
+    return PressureReply(outcome, crowd, address_count, subnet_count, join_rate)
+
+
+async def charge(redis: Client, ek: EventKeys, ip: str, *, now: float, limit: Limit) -> Decision:
+    """Take one token from ``ip``'s address bucket (scope ``addr``) of the event."""
+    allowed, burst, left, retry_ms, reset_ms = await CHARGE(
+        redis, [ek.bucket("addr", ip)], [int(now * 1000), limit.rate, limit.burst, 1]
+    )
+    return Decision(allowed == 1, int(burst), int(left), int(retry_ms), int(reset_ms))
 
 
 async def leave(redis: Client, ek: EventKeys, fan_id: str) -> str:

@@ -289,21 +289,15 @@ function forgetHold() {
   state.paying = false;
 }
 
+// A queue pass has one hold cycle: once its hold is cancelled or has expired, the tickets
+// are back on sale for the fans behind in line, and this pass cannot reserve again.
+const PASS_USED_TEXT = "A queue pass reserves once, so this one cannot reserve again.";
+
 function holdExpired() {
   forgetHold();
   show("hold-section", false);
-  message(
-    "warning",
-    "Your hold expired",
-    "The tickets went back on sale. You can reserve again while your queue pass is valid.",
-    [
-      button("Reserve again", () => {
-        clearMessage();
-        showReserve();
-        refreshEvent();
-      }),
-    ],
-  );
+  show("reserve-section", false);
+  message("warning", "Your hold expired", `The tickets went back on sale. ${PASS_USED_TEXT}`);
 }
 
 function selectedMethod() {
@@ -427,13 +421,10 @@ async function cancelHold() {
     );
     setBusy(false);
     forgetHold();
-    showReserve();
+    show("hold-section", false);
+    show("reserve-section", false);
     refreshEvent();
-    message(
-      "info",
-      "Hold released",
-      "Your tickets went back on sale. You can reserve again while your queue pass is valid.",
-    );
+    message("info", "Hold released", `Your tickets went back on sale. ${PASS_USED_TEXT}`);
   } catch (error) {
     setBusy(false);
     handleError(error);

@@ -3,6 +3,7 @@
 
 import {
   $,
+  ApiError,
   announcer,
   api,
   backoffMs,
@@ -24,7 +25,7 @@ import {
 } from "./common.js";
 
 const eventId = eventIdFromPath();
-/** The visitor token this tab was issued, for the WebSocket's ?token= (browsers cannot set headers there). */
+/** The visitor token this tab was issued: it asks for WebSocket tickets where no cookie is kept. */
 const TOKEN_KEY = "waitroom:visitor";
 const firstKey = `waitroom:first:${eventId}`;
 
@@ -40,8 +41,10 @@ const state = {
   position: null,
   first: null, // the first (largest) position seen: the progress bar's 0 %
   paused: false,
+  replaced: false, // the socket gave way to one of a newer tab (4409): wait for "Watch here"
 };
 let socket = null;
+let connecting = false; // asking for a ticket, before the socket exists
 let wsFailures = 0;
 let wsTimer = null;
 let polling = false;
@@ -269,6 +272,7 @@ function rejoin() {
   state.first = null;
   state.position = null;
   state.paused = false;
+  state.replaced = false;
   spokenPosition = null;
   wsFailures = 0;
   store.remove(firstKey);
@@ -338,17 +342,118 @@ function rememberIdentity(body) {
 
 // --- joining --------------------------------------------------------------------------------
 
+/** Answers of a join that a (new) solved challenge fixes: solve one and join again. */
+const CHALLENGE_CODES = new Set([
+  "challenge_required",
+  "challenge_invalid",
+  "challenge_expired",
+  "challenge_replayed",
+  "challenge_wrong_address",
+]);
+/** Challenges solved for one join at most: a server that keeps refusing is not helped by more. */
+const MAX_SOLVES = 3;
+/** Web Workers solving one challenge together (each sweeps its share of the numbers). */
+const POW_WORKERS = Math.max(1, Math.min(navigator.hardwareConcurrency || 1, 4));
+
+function showPow(tried, maxnumber) {
+  show("pow");
+  // The number sought is anywhere in [0, maxnumber]: the bar shows the share of the range
+  // searched, so it usually stops short of 100 %.
+  $("pow-progress").value = Math.min(100, Math.round((100 * tried) / (maxnumber + 1)));
+}
+
+/** Solve an ALTCHA challenge (see pow-worker.js) in Web Workers; resolves to the number. */
+function solveInWorkers(challenge) {
+  return new Promise((resolve, reject) => {
+    const workers = [];
+    const tried = new Array(POW_WORKERS).fill(0);
+    let exhausted = 0;
+    const stop = () => workers.forEach((worker) => worker.terminate());
+    for (let index = 0; index < POW_WORKERS; index += 1) {
+      const worker = new Worker("/static/pow-worker.js");
+      workers.push(worker);
+      worker.onmessage = ({ data }) => {
+        if (data.type === "progress") {
+          tried[index] = data.tried;
+          showPow(tried.reduce((a, b) => a + b, 0), challenge.maxnumber);
+        } else if (data.type === "solved") {
+          stop();
+          resolve(data.number);
+        } else if (data.type === "exhausted") {
+          exhausted += 1;
+          if (exhausted === POW_WORKERS) {
+            stop();
+            reject(new Error("no number solves the challenge"));
+          }
+        } else {
+          stop();
+          reject(new Error(data.message || "the solver failed"));
+        }
+      };
+      worker.onerror = (event) => {
+        stop();
+        reject(new Error(event.message || "the solver could not start"));
+      };
+      worker.postMessage({ ...challenge, index, count: POW_WORKERS });
+    }
+  });
+}
+
+/** Get a challenge, solve it, and return the X-Challenge-Solution of the next join. */
+async function payForPlace() {
+  const { data: challenge } = await api(`${eventApi(eventId)}/challenge`, { method: "POST" });
+  const started = performance.now();
+  showPow(0, challenge.maxnumber);
+  const number = await solveInWorkers(challenge);
+  const pow = $("pow");
+  pow.dataset.solvedMs = String(Math.round(performance.now() - started));
+  pow.dataset.maxnumber = String(challenge.maxnumber);
+  show("pow", false);
+  const { algorithm, salt, signature } = challenge;
+  return btoa(JSON.stringify({ algorithm, challenge: challenge.challenge, number, salt, signature }));
+}
+
 async function join() {
   let renewed = false;
+  let solution = null;
+  let solves = 0;
   for (let attempt = 0; !state.done; attempt += 1) {
     try {
-      const { data } = await api(`${eventApi(eventId)}/queue`, { method: "POST" });
+      const headers = solution ? { "X-Challenge-Solution": solution } : {};
+      const { data } = await api(`${eventApi(eventId)}/queue`, { method: "POST", headers });
       rememberIdentity(data);
       return data;
-    } catch (error) {
+    } catch (caught) {
+      let error = caught;
       if (error.status === 404) {
         noSuchEvent(error.message);
         return null;
+      }
+      if (CHALLENGE_CODES.has(error.code) && solves < MAX_SOLVES) {
+        // A new place costs a little work (the server's proof-of-work): a fan already in line
+        // never gets here, so a reload does not pay twice.
+        solves += 1;
+        try {
+          solution = await payForPlace();
+        } catch (failure) {
+          show("pow", false);
+          if (!(failure instanceof ApiError)) {
+            // No Web Workers or no crypto.subtle (a page served over plain http elsewhere
+            // than localhost is not a secure context): nothing a retry would fix.
+            notice(
+              "error",
+              "Could not join the line",
+              `This browser could not finish the check (${failure.message}).`,
+              [actionButton("Try again", () => location.reload())],
+            );
+            setConnection("closed");
+            return null;
+          }
+          solution = null;
+          solves -= 1;
+          error = failure; // a 429 or 503 while fetching the challenge: back off below
+        }
+        if (solution) continue;
       }
       if (error.status === 401 && !renewed) {
         // The server cleared a bad or expired visitor cookie: join as a new visitor.
@@ -378,15 +483,53 @@ async function join() {
 
 // --- live updates: WebSocket, with polling as the fallback ----------------------------------
 
-function connect() {
-  if (state.done || socket) return;
-  clearTimeout(wsTimer);
+/**
+ * A one-time ticket for the WebSocket (POST .../queue/ws-ticket): no token ever travels in
+ * the socket's URL, where proxies and logs would keep it. The cookie identifies the fan;
+ * the tab's saved token too, where the browser keeps no cookie.
+ */
+async function wsTicket() {
   const saved = store.get(TOKEN_KEY);
-  const query = saved && saved.token ? `?token=${encodeURIComponent(saved.token)}` : "";
+  const headers = saved && saved.token ? { Authorization: `Bearer ${saved.token}` } : {};
+  try {
+    return (await api(`${eventApi(eventId)}/queue/ws-ticket`, { method: "POST", headers })).data;
+  } catch (error) {
+    if (error.status === 401 && saved && saved.token) {
+      // The tab's token went bad; the cookie may still name the fan.
+      store.remove(TOKEN_KEY);
+      return wsTicket();
+    }
+    throw error;
+  }
+}
+
+async function connect() {
+  if (state.done || socket || connecting) return;
+  clearTimeout(wsTimer);
+  connecting = true;
+  let ticket;
+  try {
+    ticket = await wsTicket();
+  } catch (error) {
+    connecting = false;
+    if (state.done) return;
+    if (error.status === 404) {
+      noSuchEvent(error.message);
+    } else if (error.status === 401) {
+      sessionLost();
+    } else if (error.status === 429) {
+      tooManyConnections(error.retryAfter);
+    } else {
+      failed(false);
+    }
+    return;
+  }
+  connecting = false;
+  if (state.done || socket) return;
   const scheme = location.protocol === "https:" ? "wss:" : "ws:";
   let ws;
   try {
-    ws = new WebSocket(`${scheme}//${location.host}${eventApi(eventId)}/queue/ws${query}`);
+    ws = new WebSocket(`${scheme}//${location.host}${ticket.url}`);
   } catch {
     failed(false);
     return;
@@ -400,6 +543,10 @@ function connect() {
       wsFailures = 0;
       stopPolling();
       setConnection("live");
+      if (state.replaced) {
+        state.replaced = false;
+        clearNotice();
+      }
     }
     let message;
     try {
@@ -413,23 +560,49 @@ function connect() {
     if (socket !== ws) return; // closed on purpose (finish) or replaced
     socket = null;
     if (state.done) return;
-    if (event.code === 4404) {
-      if (/event/i.test(event.reason)) noSuchEvent();
-      else notInLine();
-      return;
+    switch (event.code) {
+      case 4404:
+        if (/event/i.test(event.reason)) noSuchEvent();
+        else notInLine();
+        return;
+      case 4409:
+        replaced();
+        return;
+      case 4429:
+        tooManyConnections(null);
+        return;
+      case 4403:
+        // This page's origin may not open the socket (a proxy or configuration problem):
+        // retrying will not change that, polling still works.
+        startPolling();
+        return;
+      default:
+        // 4401 too: the ticket expired or was used (a tab asleep between asking and
+        // connecting); the next attempt asks for a new one.
+        failed(heard);
     }
-    if (event.code === 4401) {
-      if (query) {
-        // The tab's token went bad; the cookie may still name the fan.
-        store.remove(TOKEN_KEY);
-        wsTimer = setTimeout(connect, 0);
-      } else {
-        sessionLost();
-      }
-      return;
-    }
-    failed(heard);
   });
+}
+
+/** The fan opened the line in more tabs than the server keeps live: this, the oldest, yields. */
+function replaced() {
+  state.replaced = true;
+  stopPolling();
+  setConnection("closed");
+  notice("info", "Open in another tab", "This line is live in another tab or window.", [
+    actionButton("Watch here", () => {
+      wsFailures = 0;
+      connect();
+    }),
+  ]);
+}
+
+/** The client address has too many sockets: poll for a while, try the socket again later. */
+function tooManyConnections(retryAfter) {
+  wsFailures = Math.max(wsFailures, FAILURES_BEFORE_POLLING);
+  startPolling();
+  const ms = retryAfter != null ? retryAfter * 1000 : backoffMs(wsFailures - 1, 500, 30000);
+  wsTimer = setTimeout(connect, Math.max(ms, POLL_MS));
 }
 
 /** A WebSocket ended (1006, 1012 restart, 1013 try later...): back off, then try again. */
@@ -521,7 +694,7 @@ async function main() {
 
 // A laptop waking up or a network coming back: reconnect now rather than after the backoff.
 window.addEventListener("online", () => {
-  if (!state.done && !socket) connect();
+  if (!state.done && !socket && !state.replaced) connect();
 });
 
 main();
