@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import msgspec
 import pytest
 
-from tests.harness import ServerThread, WorkersThread, cleanup, fresh_settings, running
+from tests.harness import ADMIN_TOKEN, ServerThread, WorkersThread, cleanup, fresh_settings, running
 from waitroom.core.settings import Settings
 from workers import mock_provider
 
@@ -56,3 +57,18 @@ def workers(settings: Settings, server: ServerThread) -> Iterator[WorkersThread]
         yield thread
     finally:
         thread.stop()
+
+
+@pytest.fixture
+def client(server: ServerThread, workers: WorkersThread) -> Iterator[httpx.Client]:
+    """A fan's HTTP client; the payment workers run while it is in use."""
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def admin(server: ServerThread) -> Iterator[httpx.Client]:
+    """The operators' HTTP client."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=server.url, timeout=10, headers=headers) as c:
+        yield c

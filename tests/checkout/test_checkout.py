@@ -9,35 +9,15 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import httpx
-import pytest
 
 from tests.admission.support import create_event, join, me, wait_for
-from tests.harness import (
-    ADMIN_TOKEN,
-    ServerThread,
-    WorkersThread,
-)
 from tests.queue_support import fan_headers
 from tests.test_errors import assert_error
 from waitroom.core.settings import Settings
-
-
-@pytest.fixture
-def client(server: ServerThread, workers: WorkersThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10) as c:
-        yield c
-
-
-@pytest.fixture
-def admin(server: ServerThread) -> Iterator[httpx.Client]:
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    with httpx.Client(base_url=server.url, timeout=10, headers=headers) as c:
-        yield c
 
 
 class Fan:

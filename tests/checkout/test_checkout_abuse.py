@@ -19,7 +19,7 @@ import pytest
 
 from tests.admission.support import create_event, me, wait_for
 from tests.checkout.test_checkout import Fan
-from tests.harness import ADMIN_TOKEN, ServerThread, WorkersThread, cleanup, fresh_settings
+from tests.harness import ServerThread, cleanup, fresh_settings
 from tests.queue_support import fan_headers
 from tests.test_errors import assert_error
 from waitroom.core.settings import Settings
@@ -45,19 +45,6 @@ def settings(
         yield value
     finally:
         cleanup(value)
-
-
-@pytest.fixture
-def client(server: ServerThread, workers: WorkersThread) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10) as c:
-        yield c
-
-
-@pytest.fixture
-def admin(server: ServerThread) -> Iterator[httpx.Client]:
-    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-    with httpx.Client(base_url=server.url, timeout=10, headers=headers) as c:
-        yield c
 
 
 def cancel(fan: Fan, hold_id: str) -> httpx.Response:
