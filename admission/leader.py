@@ -115,7 +115,17 @@ async def admit(
     args: list[str | int] = [token, "" if cutoff is None else repr(cutoff), limit]
     for c in candidates:
         args += [c.fan_id, c.queue_pass, c.jti, c.exp, c.seq]
-    keys = [ek.leader, ek.meta, ek.queue, ek.seen, ek.fans, ek.admitted, ek.active, ek.order]
+    keys = [
+        ek.leader,
+        ek.meta,
+        ek.queue,
+        ek.seen,
+        ek.fans,
+        ek.admitted,
+        ek.active,
+        ek.order,
+        ek.live,
+    ]
     outcome, admitted, abandoned, total, picked = await ADMIT(redis, keys, args)
     return AdmitReply(
         outcome=outcome.decode() if isinstance(outcome, bytes) else str(outcome),

@@ -1,9 +1,13 @@
-"""``python -m stress bots``: a bot farm on one /24 against honest fans, with proof-of-work on.
+"""``python -m stress bots``: a bot farm on one /24 against honest fans, with proof-of-work on,
+while admission runs as in a real on-sale.
 
 Against real Redis and PostgreSQL (fresh database and Redis prefix), one ``waitroom serve``
-process with ``WAITROOM_CHALLENGE`` on and ``WAITROOM_TRUSTED_PROXIES=127.0.0.1/32``: every
-client below is on this machine and names its own address in ``X-Forwarded-For``, as a
-reverse proxy would.
+process with ``WAITROOM_CHALLENGE`` on, its admission loop on, and
+``WAITROOM_TRUSTED_PROXIES=127.0.0.1/32``: every client below is on this machine and names
+its own address in ``X-Forwarded-For``, as a reverse proxy would. The room is not paused:
+it admits ``--admit-rate`` fans per second (200) from the head of the line from the start,
+with ``max_active`` so large that it never limits (nobody checks out here, so every pass
+issued stays active until it expires).
 
 - **Honest fans** (``--honest``, 2,000): one to three per address, addresses spread over
   100.64.0.0/10 (so nearly every fan has its own /24), each asking for a challenge, solving
@@ -16,15 +20,24 @@ reverse proxy would.
 - **The browser sample** (``--browser-sample``, 20): while the farm runs, headless Chromium
   (``/usr/bin/chromium``) opens the waiting page as that many more honest fans,
   ``--browser-concurrency`` (4) at a time, each with its own address; the page solves its
-  challenge in Web Workers and records how long that took (``data-solved-ms`` of ``#pow``).
+  challenge in Web Workers and records how long that took (``data-solved-ms`` of ``#pow``);
+  its fan id is read from the page's own join response.
+- **The drain**: once the crowd and the farm have stopped, admission keeps running until
+  every fan placed has been admitted, or ``--drain-seconds`` (60) have passed.
 - **Verification cost**: the server's own :meth:`Challenges.verify` on real solutions, timed
   in process CPU (``time.process_time``) over ``--verify-rounds`` calls.
 
-Admission is not run (the room is paused), so the figures are about places in line:
-``bot_share_of_places`` = bot places / all places; ``honest_share_of_places`` = honest fans
-placed / honest fans. Targets: ``bot_share_of_places`` <= 1 %, ``honest_solve_s_p99`` <= 2 s,
-``server_cpu_per_challenge_us`` <= 100; and every honest fan placed. ``ok`` is false (exit 1)
-when one is missed. Bounded: the farm stops at ``--max-seconds`` whatever happens.
+Every client notes the fan ids its joins got (``fan_id`` of the join's body); who was
+admitted, and in which order, is then read from Redis (the event's ``admitted`` hash and
+``order`` list). Figures: ``bot_share_of_places`` = bot places / all places;
+``bot_share_of_admissions`` = bot fans admitted / all fans admitted;
+``bot_share_of_first_admissions`` = the bots' share of the first ``--tickets`` (1,000)
+admissions, what a sale of that many tickets would have served; ``honest_admitted_share`` =
+honest fans admitted / honest fans. Targets: ``bot_share_of_places`` and
+``bot_share_of_admissions`` <= 1 %, ``honest_solve_s_p99`` <= 2 s,
+``server_cpu_per_challenge_us`` <= 100; every honest fan placed and admitted; no fan
+dropped as abandoned. ``ok`` is false (exit 1) when one is missed. Bounded: the farm stops
+at ``--max-seconds`` whatever happens, the drain at ``--drain-seconds``.
 """
 
 from __future__ import annotations
@@ -42,11 +55,13 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import msgspec
-from playwright.async_api import async_playwright
+from playwright.async_api import Route, async_playwright
+from playwright.async_api import TimeoutError as PlaywrightTimeoutError
 from redis.asyncio import Redis
 
 from admission import operators
@@ -54,7 +69,7 @@ from inventory import catalogue
 from stress.common import free_port, fresh_database, fresh_prefix, percentile
 from stress.pow import Solver, find_number, payload, solve
 from stress.server import server_process
-from waitroom.core.keys import Keys
+from waitroom.core.keys import EventKeys, Keys
 from waitroom.core.settings import load_settings
 from waitroom.line.challenge import HEADER, Challenges
 
@@ -74,6 +89,10 @@ CHROMIUM_ARGS = [
 _T = TypeVar("_T")
 #: Numbers a bot tries between two looks at the stop flag.
 _CHUNK = 200_000
+#: The room's ``max_active`` (the most the admin API takes). A pass counts against it until
+#: it is completed or expires (``pass_ttl_s``, 15 min, longer than a run), and nobody checks
+#: out here: admitted fans stay active, and any smaller value could stop admission.
+_MAX_ACTIVE = 10_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +104,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--browser-concurrency", type=int, default=4, help="pages at once")
     parser.add_argument("--verify-rounds", type=int, default=20_000)
     parser.add_argument("--max-seconds", type=float, default=150.0)
+    parser.add_argument(
+        "--admit-rate", type=float, default=200.0, help="admissions per second during the sale"
+    )
+    parser.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=60.0,
+        help="most seconds admission runs on after the sale for the fans still in line",
+    )
+    parser.add_argument(
+        "--tickets",
+        type=int,
+        default=1_000,
+        help="tickets on sale: the bots' share of the first this many admissions is reported",
+    )
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -105,6 +139,7 @@ def _bot(
 ) -> None:
     """One bot process: challenge, solve, join as a new identity, over and over."""
     placed = tried = refused = 0
+    fan_ids: list[str] = []
     refusals: dict[str, int] = {}
     hashes = 0
     addresses = [f"203.0.113.{i}" for i in range(1 + index, 255, processes)]
@@ -139,6 +174,7 @@ def _bot(
             )
             if joined.status_code == 201:
                 placed += 1
+                fan_ids.append(str(joined.json()["fan_id"]))
             else:
                 refused += 1
                 code = joined.json().get("error", {}).get("code", str(joined.status_code))
@@ -146,6 +182,7 @@ def _bot(
     out.put(
         {
             "placed": placed,
+            "fan_ids": fan_ids,
             "joins_tried": tried,
             "refused": refused,
             "refusals": refusals,
@@ -173,8 +210,8 @@ _progress = {"honest": 0}
 
 async def _honest_fan(
     http: httpx.AsyncClient, event_id: str, ip: str, solver: Solver, gate: asyncio.Semaphore
-) -> tuple[int, int]:
-    """One honest fan's join: (status, maxnumber it was asked to solve)."""
+) -> tuple[int, int, str | None]:
+    """One honest fan's join: (status, maxnumber it was asked to solve, its fan id if placed)."""
     _progress["honest"] += 1
     async with gate:
         headers = {"X-Forwarded-For": ip}
@@ -191,8 +228,9 @@ async def _honest_fan(
             if joined.status_code in (429, 503):
                 await asyncio.sleep(float(joined.headers.get("Retry-After", "1")))
                 continue
-            return joined.status_code, int(body["maxnumber"])
-    return 0, 0
+            fan_id = str(joined.json()["fan_id"]) if joined.status_code == 201 else None
+            return joined.status_code, int(body["maxnumber"]), fan_id
+    return 0, 0, None
 
 
 # --- the browser sample --------------------------------------------------------------------
@@ -202,9 +240,19 @@ async def _browser_sample(
     base_url: str, event_id: str, count: int, concurrency: int
 ) -> list[dict[str, Any]]:
     """Open the waiting page ``count`` times (``concurrency`` pages at once), each as a new
-    fan from its own address; each page's own record of its solve."""
+    fan from its own address; each page's own record of its solve, and its fan id."""
     results: list[dict[str, Any]] = []
     gate = asyncio.Semaphore(concurrency)
+    join_path = f"/v1/events/{event_id}/queue"
+    # With admission running, a page may be admitted within a tick of its join and leave for
+    # checkout (static/waiting.js), taking its DOM and the join's body with it. So the join
+    # goes through a route here: its answer is read, with the page's record of the solve
+    # (set before the join is sent), while the page still waits for it, then handed over.
+    read_pow = (
+        "() => { const d = document.getElementById('pow').dataset;"
+        " return [d.solvedMs || '-1', d.maxnumber || '-1']; }"
+    )
+
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
@@ -213,18 +261,35 @@ async def _browser_sample(
                 context = await browser.new_context(
                     base_url=base_url, extra_http_headers={"X-Forwarded-For": f"198.18.{i}.9"}
                 )
+                placed: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+                async def on_join(route: Route) -> None:
+                    if route.request.method != "POST":
+                        await route.fallback()
+                        return
+                    response = await route.fetch()
+                    try:
+                        if response.status == 201 and not placed.done():
+                            body = await response.json()
+                            solved_ms, maxnumber = await page.evaluate(read_pow)
+                            placed.set_result(
+                                {
+                                    "fan_id": str(body["fan_id"]),
+                                    "solved_ms": int(solved_ms),
+                                    "maxnumber": int(maxnumber),
+                                }
+                            )
+                    finally:
+                        await route.fulfill(response=response)
+
                 try:
                     page = await context.new_page()
+                    await page.route(lambda url: urlsplit(url).path == join_path, on_join)
                     await page.goto(f"/events/{event_id}")
-                    placed = page.locator("#position").filter(has_text="in line")
-                    await placed.wait_for(timeout=60_000)
-                    pow_card = page.locator("#pow")
-                    results.append(
-                        {
-                            "solved_ms": int(await pow_card.get_attribute("data-solved-ms") or -1),
-                            "maxnumber": int(await pow_card.get_attribute("data-maxnumber") or -1),
-                        }
-                    )
+                    results.append(await asyncio.wait_for(placed, 60))
+                except (PlaywrightTimeoutError, TimeoutError):
+                    # Not placed within the minute: counted as an honest fan left out.
+                    results.append({"fan_id": None, "solved_ms": -1, "maxnumber": -1})
                 finally:
                     await context.close()
 
@@ -269,11 +334,46 @@ def _verify_cost_us(rounds: int) -> dict[str, float]:
 # --- the run -------------------------------------------------------------------------------
 
 
+async def _drain(
+    redis: Redis, ek: EventKeys, placed: set[str], seconds: float
+) -> tuple[bool, float]:
+    """Let admission run until every fan of ``placed`` is admitted or nobody is left in line
+    (or ``seconds`` pass): (every one admitted, seconds it took)."""
+    started = time.monotonic()
+    while True:
+        pipe = redis.pipeline(transaction=False)
+        pipe.hkeys(ek.admitted)
+        pipe.zcard(ek.queue)
+        raw, waiting = await pipe.execute()
+        admitted = {_text(f) for f in raw}
+        done = placed <= admitted
+        if done or int(waiting) == 0 or time.monotonic() - started >= seconds:
+            return done, time.monotonic() - started
+        await asyncio.sleep(0.25)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     cost = _verify_cost_us(args.verify_rounds)
     _say(args, f"verification {cost['verify_us']} us, issue {cost['issue_us']} us")
     base = load_settings()
     rng = random.Random(11)
+    # Nobody here polls its place or keeps a WebSocket open once placed (native fans and
+    # bots join and go; browser pages close once placed), so the sweeper and the admission
+    # loop would drop every fan not admitted within the room's grace period (60 s by
+    # default) as abandoned. A real client, bot or fan, keeps its place by polling every few
+    # seconds at next to no cost; a grace period longer than the whole run stands for that,
+    # for bots and fans alike, without thousands of polling clients taking the CPU the
+    # solvers, the farm and the server are measured on. ``abandoned_total`` (reported, and
+    # a target) shows that nobody was dropped.
+    grace_s = min(86_400, int(args.max_seconds + args.drain_seconds) + 600)
     async with fresh_database(base) as dsn, fresh_prefix(base) as prefix:
         work_dir = Path(tempfile.mkdtemp(prefix="waitroom-stress-bots-"))
         settings = msgspec.structs.replace(
@@ -285,7 +385,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             port=free_port(),
             trusted_proxies=("127.0.0.1/32",),
             challenge=True,
-            admission_loop=False,
+            # The server's own admission loop admits from the line as the sale goes on,
+            # as in `waitroom serve` on an on-sale (stress/flash_sale.py does the same).
+            admission_loop=True,
         )
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
         redis = Redis.from_url(settings.redis_url)
@@ -293,11 +395,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             spec = catalogue.EventCreate(
                 name="bots benchmark",
-                ticket_types=[catalogue.TicketTypeSpec("ga", 1_000, 1000, "EUR")],
+                ticket_types=[catalogue.TicketTypeSpec("ga", max(1, args.tickets), 1000, "EUR")],
+                room=catalogue.RoomSpec(abandon_grace_s=grace_s),
             )
             event = await catalogue.create_event(pool, spec, actor="stress", now=datetime.now(UTC))
+            ek = keys.event(event.id)
             await operators.update_admission(
-                pool, redis, keys, event.id, operators.make_patch(paused=True), actor="stress"
+                pool,
+                redis,
+                keys,
+                event.id,
+                operators.make_patch(rate_per_second=args.admit_rate, max_active=_MAX_ACTIVE),
+                actor="stress",
             )
             base_url = f"http://127.0.0.1:{settings.port}"
             argv = [sys.executable, "-m", "waitroom", "serve"]
@@ -353,26 +462,49 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for bot in bots:
                     bot.join(timeout=30)
                 duration = time.monotonic() - started
-            # Places ever created (the sweeper drops fans who neither poll nor listen, as
-            # these native fans do, after the room's grace period).
-            placed_in_redis = int(await redis.get(keys.event(event.id).seq) or 0)
+                honest_ids = {f for _, _, f in honest if f is not None}
+                honest_ids |= {s["fan_id"] for s in sample if s["fan_id"] is not None}
+                bot_ids = {f for b in farm for f in b["fan_ids"]}
+                # The sale is over; admission goes on for those still in line.
+                drained, drain_s = await _drain(redis, ek, honest_ids | bot_ids, args.drain_seconds)
+            # Places ever created, who was admitted and in which order, and how many were
+            # dropped as abandoned (none should be: see grace_s above).
+            pipe = redis.pipeline(transaction=False)
+            pipe.get(ek.seq)
+            pipe.hkeys(ek.admitted)
+            pipe.lrange(ek.order, 0, max(0, args.tickets - 1))
+            pipe.hget(ek.meta, "abandoned_total")
+            raw_seq, raw_admitted, raw_order, raw_abandoned = await pipe.execute()
         finally:
             await redis.aclose()
             await pool.close()
 
-    honest_placed = sum(1 for status, _ in honest if status == 201)
-    sample_placed = sum(1 for s in sample if s["solved_ms"] >= 0)
+    placed_in_redis = int(raw_seq or 0)
+    admitted = {_text(f) for f in raw_admitted}
+    first = [_text(f) for f in raw_order] if args.tickets > 0 else []
+    abandoned = int(raw_abandoned or 0)
+
+    honest_placed = sum(1 for status, _, _ in honest if status == 201)
+    sample_placed = sum(1 for s in sample if s["fan_id"] is not None)
+    honest_total = args.honest + args.browser_sample
     bot_places = sum(b["placed"] for b in farm)
     all_places = honest_placed + sample_placed + bot_places
     solve_s = [s["solved_ms"] / 1000 for s in sample if s["solved_ms"] >= 0]
     bot_share = bot_places / all_places if all_places else 1.0
+    bot_admitted = len(admitted & bot_ids)
+    honest_admitted = len(admitted & honest_ids)
+    bot_share_admitted = bot_admitted / len(admitted) if admitted else 1.0
+    honest_admitted_share = honest_admitted / honest_total if honest_total else 1.0
     p99 = percentile(solve_s, 99) if solve_s else float("inf")
     targets = {
         "bot_share_of_places": bot_share <= TARGET_BOT_SHARE,
+        "bot_share_of_admissions": bot_share_admitted <= TARGET_BOT_SHARE,
         "honest_solve_s_p99": p99 <= TARGET_SOLVE_P99_S,
         "server_cpu_per_challenge_us": cost["verify_us"] <= TARGET_VERIFY_US,
         "every_honest_fan_placed": honest_placed == args.honest
         and sample_placed == args.browser_sample,
+        "honest_admitted_share": honest_admitted_share == 1.0,
+        "no_fan_dropped_as_abandoned": abandoned == 0,
         "places_match_redis": placed_in_redis == all_places,
     }
     bot_seconds = sum(b["seconds"] for b in farm) / max(1, len(farm))
@@ -380,18 +512,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "bots",
         "ok": all(targets.values()),
         "targets_met": targets,
-        "honest_fans": args.honest + args.browser_sample,
+        "honest_fans": honest_total,
         "honest_places": honest_placed + sample_placed,
         "bot_places": bot_places,
         "bot_share_of_places": round(bot_share, 4),
-        # Admission is not run: the share of honest fans who got a place in line.
-        "honest_share_of_places": round(
-            (honest_placed + sample_placed) / (args.honest + args.browser_sample), 4
-        ),
+        "honest_share_of_places": round((honest_placed + sample_placed) / honest_total, 4)
+        if honest_total
+        else None,
+        "admitted_total": len(admitted),
+        "honest_admitted": honest_admitted,
+        "bot_admitted": bot_admitted,
+        # Admitted fans no client of this run named (a join whose answer was lost): 0.
+        "admitted_unknown": len(admitted - honest_ids - bot_ids),
+        "bot_share_of_admissions": round(bot_share_admitted, 4),
+        "honest_admitted_share": round(honest_admitted_share, 4),
+        # What a sale of --tickets tickets would have served, one ticket per admission.
+        "bot_share_of_first_admissions": _share(sum(1 for f in first if f in bot_ids), len(first)),
+        "first_admissions": len(first),
+        "abandoned_total": abandoned,
+        "drained": drained,
+        "drain_s": round(drain_s, 1),
         "honest_solve_s_p50": round(percentile(solve_s, 50), 3) if solve_s else None,
         "honest_solve_s_p99": round(p99, 3),
         "browser_maxnumbers": sorted({s["maxnumber"] for s in sample}),
-        "honest_maxnumber_max": max((m for _, m in honest), default=0),
+        "honest_maxnumber_max": max((m for _, m, _ in honest), default=0),
         "server_cpu_per_challenge_us": cost["verify_us"],
         "server_cpu_per_issue_us": cost["issue_us"],
         "bot_joins_tried": sum(b["joins_tried"] for b in farm),
@@ -401,8 +545,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for code in sorted({c for b in farm for c in b["refusals"]})
         },
         "honest_statuses": {
-            str(code): sum(1 for status, _ in honest if status == code)
-            for code in sorted({status for status, _ in honest})
+            str(code): sum(1 for status, _, _ in honest if status == code)
+            for code in sorted({status for status, _, _ in honest})
         },
         "bot_hashes": sum(b["hashes"] for b in farm),
         "bot_hashes_per_s": round(sum(b["hashes"] for b in farm) / max(bot_seconds, 1e-9)),
@@ -417,6 +561,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "bot_subnet": "203.0.113.0/24",
             "honest_solvers": args.honest_solvers,
             "challenge": True,
-            "admission": "not run (paused room): places, not admissions",
+            "admission": "running during the sale, then drained",
+            "admit_rate_per_s": args.admit_rate,
+            "max_active": _MAX_ACTIVE,
+            "abandon_grace_s": grace_s,
+            "drain_seconds": args.drain_seconds,
+            "tickets": args.tickets,
+            "browser_sample_in_admission_figures": True,
         },
     }

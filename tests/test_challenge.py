@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import itertools
 import json
 import math
@@ -392,3 +393,11 @@ def test_the_challenge_key_is_generated_in_development_and_must_be_configured_in
     short.write_text("too short")
     with pytest.raises(SettingsError, match="at least 32"):
         challenge.load_challenge_secret(Settings(challenge_secret_file=str(short)))
+
+
+def test_ipv4_subnets_come_from_the_address_text_as_ipaddress_would_give_them() -> None:
+    for text in ("0.0.0.0", "255.255.255.255", "10.20.30.40", "192.0.2.1"):
+        net = ipaddress.ip_network((text, 24), strict=False)
+        assert networks(text) == (f"a:{text}", f"n:{net}")
+    # Not canonical dotted quads: not taken for IPv4 addresses.
+    assert networks("010.1.1.1") == ("a:010.1.1.1", "n:010.1.1.1")

@@ -182,3 +182,39 @@ def test_without_trust_no_header_changes_the_answer(
     peer: ipaddress.IPv4Address | ipaddress.IPv6Address, spoofed: list[str]
 ) -> None:
     assert client_address(str(peer), [", ".join(spoofed)], ()) == parse_ip(str(peer))
+
+
+_v4_hop = st.one_of(
+    _v4.map(str),
+    _v4.map(lambda a: f" {a}:{8080} "),
+    _v4.map(lambda a: str(a).replace(".", ".0", 1)),  # a leading zero: not an address
+    _v4.map(lambda a: f"::ffff:{a}"),
+    _garbage,
+)
+_v4_networks = st.lists(
+    st.builds(lambda a, n: ipaddress.ip_network((a, n), strict=False), _v4, st.integers(0, 32)),
+    max_size=4,
+)
+
+
+@given(
+    peer=st.one_of(_v4.map(str), _v4_hop),
+    hops=st.lists(_v4_hop, max_size=8),
+    trusted=st.one_of(_v4_networks, _networks),
+)
+def test_the_ipv4_shortcut_answers_as_the_general_rules_do(
+    peer: str, hops: list[str], trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> None:
+    # client_subject walks all-IPv4 chains on integers; the rules are client_address's.
+    header = [", ".join(hops)] if hops else []
+    expected = limit_subject(client_address(peer, header, tuple(trusted)))
+    assert client_subject(peer, header, tuple(trusted)) == expected
+
+
+def test_the_ipv4_shortcut_trusts_only_what_is_configured() -> None:
+    proxies = parse_networks(["127.0.0.1/32", "10.0.0.0/8"])
+    assert client_subject("127.0.0.1", ["203.0.113.9"], proxies) == "203.0.113.9"
+    assert client_subject("127.0.0.1", ["203.0.113.9, 10.1.2.3"], proxies) == "203.0.113.9"
+    assert client_subject("127.0.0.2", ["203.0.113.9"], proxies) == "127.0.0.2"
+    assert client_subject("127.0.0.1", ["010.1.2.3"], proxies) == "127.0.0.1"
+    assert client_subject("127.0.0.1", ["10.1.2.3, 10.0.0.1"], proxies) == "10.1.2.3"

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from admission import leader
+from admission.leader import Candidate
 from tests.harness import ADMIN_TOKEN, ServerThread, running
 from tests.queue_support import create_event, fan_headers, fresh_room_keys, make_room, new_ip
 from tests.test_errors import assert_error
@@ -46,17 +48,22 @@ def gate(ip: str, *, address_cap: int = 3, subnet_cap: int = 5) -> JoinGate:
         subnet=subnet,
         address_cap=address_cap,
         subnet_cap=subnet_cap,
-        caps_half_life_s=HOUR,
+        capped_retry_ms=30_000,
     )
 
 
 async def join(
-    redis: Redis, ek: EventKeys, ip: str, now: float = NOW, **caps: int
+    redis: Redis,
+    ek: EventKeys,
+    ip: str,
+    now: float = NOW,
+    fan: str | None = None,
+    **caps: int,
 ) -> scripts.JoinReply:
     reply = await scripts.join(
         redis,
         ek,
-        "v_" + secrets.token_hex(16),
+        fan or "v_" + secrets.token_hex(16),
         now=now,
         ip=ip,
         ip_limit=WIDE,
@@ -67,23 +74,70 @@ async def join(
     return reply
 
 
+async def live(redis: Redis, ek: EventKeys, ip: str) -> tuple[int, int]:
+    """The live places of ``ip``'s address and subnet."""
+    address, subnet = challenge.networks(ip)
+    counts = await redis.hmget(ek.live, [address, subnet])
+    return int(counts[0] or 0), int(counts[1] or 0)
+
+
 # --- the caps in join.lua ------------------------------------------------------------------
 
 
 @pytest.mark.anyio
-async def test_an_address_at_its_cap_waits_until_its_count_has_decayed(
+async def test_an_address_at_its_cap_waits_until_one_of_its_places_is_no_longer_live(
     redis: Redis, ek: EventKeys
 ) -> None:
-    outcomes = [(await join(redis, ek, "192.0.2.10")).outcome for _ in range(4)]
+    ip = "192.0.2.10"
+    fans = [f"v_cap{i}" for i in range(4)]
+    outcomes = [(await join(redis, ek, ip, fan=fan)).outcome for fan in fans]
     assert outcomes == ["joined"] * 3 + ["capped"]
-    capped = await join(redis, ek, "192.0.2.10")
-    assert capped.state == "address"
-    # Three places decay to two (cap - 1) after log2(3/2) half-lives: ~35 minutes.
-    assert capped.limit.retry_after_ms == pytest.approx(HOUR * 1000 * 0.585, rel=0.01)
-    later = NOW + capped.limit.retry_after_ms / 1000 + 1
-    assert (await join(redis, ek, "192.0.2.10", now=later)).outcome == "joined"
+    capped = await join(redis, ek, ip, now=NOW + 3600)
+    # Time alone frees nothing: the three fans are still waiting.
+    assert (capped.outcome, capped.state) == ("capped", "address")
+    assert capped.limit.retry_after_ms == 30_000
+    assert await live(redis, ek, ip) == (3, 3)
     # Its neighbours in the /24 were not stopped by the address's cap.
     assert (await join(redis, ek, "192.0.2.11")).outcome == "joined"
+    # One fan leaves: its place is free for the next fan of the address.
+    assert await scripts.leave(redis, ek, fans[0]) == "left"
+    assert await live(redis, ek, ip) == (2, 3)
+    assert (await join(redis, ek, ip, fan=fans[3])).outcome == "joined"
+    assert await live(redis, ek, ip) == (3, 4)
+
+
+@pytest.mark.anyio
+async def test_places_dropped_as_abandoned_or_admitted_stop_counting(
+    redis: Redis, ek: EventKeys
+) -> None:
+    ip = "192.0.2.20"
+    await redis.hset(ek.meta, "grace_s", 60)
+    for i in range(3):
+        await join(redis, ek, ip, fan=f"v_old{i}")
+    assert await live(redis, ek, ip) == (3, 3)
+    # Silent past the grace period: the sweep drops the three, and the address is free.
+    assert await scripts.sweep(redis, ek, now=NOW + 120, limit=100) == (3, False)
+    assert await live(redis, ek, ip) == (0, 0)
+    assert await redis.exists(ek.live) == 0  # counters at zero are removed, not kept
+    # Admitted: the fan keeps its pass (and its entry in `fans`), not a live place.
+    fans = [f"v_new{i}" for i in range(3)]
+    for fan in fans:
+        await join(redis, ek, ip, now=NOW + 200, fan=fan)
+    await leader.acquire(redis, ek, "tok")
+    candidates = [
+        Candidate(fan, f"pass-of-{fan}", f"jti-{fan}", int(NOW) + 900, i + 1)
+        for i, fan in enumerate(fans[:2])
+    ]
+    reply = await leader.admit(redis, ek, "tok", candidates, limit=2, cutoff=None)
+    assert reply.admitted == 2
+    assert await live(redis, ek, ip) == (1, 1)
+    again = await join(redis, ek, ip, now=NOW + 201, fan=fans[0])
+    assert (again.state, again.queue_pass) == ("admitted", "pass-of-v_new0")
+    # An admitted fan who "leaves" keeps its pass and frees nothing twice.
+    assert await scripts.leave(redis, ek, fans[0]) == "admitted"
+    assert await live(redis, ek, ip) == (1, 1)
+    assert await scripts.leave(redis, ek, fans[2]) == "left"
+    assert await redis.exists(ek.live) == 0
 
 
 @pytest.mark.anyio
@@ -224,14 +278,14 @@ def test_a_full_address_is_told_to_wait_with_retry_after(
     event_id = create_event(admin)
     ip = new_ip()
     address, _ = challenge.networks(ip)
-    # The address has taken its whole cap of places a moment ago (as 256 paid joins would).
-    places = Keys(settings.redis_prefix).event(event_id).places(address)
+    # The address has its whole cap of places waiting in line (as 256 paid joins would).
+    live = Keys(settings.redis_prefix).event(event_id).live
     with SyncRedis.from_url(settings.redis_url) as sync:
-        sync.hset(places, mapping={"v": challenge.CAPS.address, "ms": int(time.time() * 1000)})
+        sync.hset(live, address, challenge.CAPS.address)
     error = assert_error(paid_join(fan, event_id, ip), 429, "identity_limit")
     assert error["details"]["scope"] == "address"
     assert error["details"]["cap"] == challenge.CAPS.address
-    assert error["details"]["retry_after_s"] >= 1
+    assert error["details"]["retry_after_s"] == challenge.CAPS.retry_after_s
     assert paid_join(fan, event_id, new_ip()).status_code == 201
 
 

@@ -144,7 +144,8 @@ def client_subject(conn: HTTPConnection) -> str:
     """
     trusted = clientaddr.trusted_networks(services(conn).settings.trusted_proxies)
     forwarded = conn.headers.getlist("x-forwarded-for") if trusted else []
-    return clientaddr.client_subject(conn.client.host if conn.client else None, forwarded, trusted)
+    peer = conn.scope.get("client")  # (host, port) or None; conn.client builds a tuple anew
+    return clientaddr.client_subject(peer[0] if peer else None, forwarded, trusted)
 
 
 def status_body(
@@ -290,7 +291,7 @@ def _join_gate(
         need_challenge=need,
         address_cap=challenge.CAPS.address,
         subnet_cap=challenge.CAPS.subnet,
-        caps_half_life_s=challenge.CAPS.half_life_s,
+        capped_retry_ms=challenge.CAPS.retry_after_s * 1000,
     )
 
 

@@ -1,3 +1,4 @@
+--!include waitroom.line.lua:live.lua
 -- Admit fans from the head of an event's line, in order, as the leader of its admission loop.
 --
 -- The passes are signed before this call (signing is Python's work), for the fans that were
@@ -12,7 +13,8 @@
 -- ('stale') if a candidate has no pass or its pass's sequence number is not the next one
 -- (a fan predicted abandoned came back): the caller signs afresh on its next tick.
 --
--- KEYS  1 leader, 2 meta, 3 queue, 4 seen, 5 fans, 6 admitted, 7 active, 8 order
+-- KEYS  1 leader, 2 meta, 3 queue, 4 seen, 5 fans, 6 admitted, 7 active, 8 order,
+--       9 live places per address and subnet (waitroom/line/lua/live.lua)
 -- ARGV  1 lease token, 2 cutoff (unix seconds; '' = nobody is abandoned), 3 most to admit,
 --       then per candidate, in line order: fan, pass ('' = none), jti, exp, seq
 -- Reply {outcome, admitted, abandoned, admitted_total, {candidate numbers admitted (1-based)}}
@@ -43,7 +45,7 @@ for i = 4, #ARGV, 5 do
     if cutoff and last and last < cutoff then
       redis.call('ZREM', queue, fan)
       redis.call('ZREM', seen, fan)
-      redis.call('HDEL', fans, fan)
+      live_release(fans, KEYS[9], fan, false)
       abandoned = abandoned + 1
     elseif ARGV[i + 1] == '' or tonumber(ARGV[i + 4]) ~= total + 1 then
       outcome = 'stale'
@@ -52,6 +54,7 @@ for i = 4, #ARGV, 5 do
       redis.call('ZREM', queue, fan)
       redis.call('ZREM', seen, fan)
       -- The fan stays in `fans`: joining again answers "admitted" with this same pass.
+      live_release(fans, KEYS[9], fan, true)
       redis.call('HSET', admitted_h, fan, ARGV[i + 1])
       redis.call('ZADD', active, ARGV[i + 3], ARGV[i + 2])
       redis.call('RPUSH', order, fan)

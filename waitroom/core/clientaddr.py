@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 from collections.abc import Iterable, Sequence
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -153,12 +154,74 @@ def limit_subject(address: IPAddress | None) -> str:
 def client_subject(
     peer: str | None, forwarded_for: Sequence[str], trusted: Sequence[Network]
 ) -> str:
-    """:func:`limit_subject` of :func:`client_address`, with the join path's shortcut.
+    """:func:`limit_subject` of :func:`client_address`, without :mod:`ipaddress` for IPv4.
 
-    Without trusted proxies an IPv4 peer is taken as the socket gave it (the kernel formats
-    it canonically) once it looks like one: parsing it with :mod:`ipaddress` cost 5 us a join
-    on the 2-core box, this check 0.4 us.
+    Every join pays for this, and building :mod:`ipaddress` objects for the peer and each
+    hop cost about 15 us of a join of 125 us on the 2-core box. A dotted quad that the C
+    library's ``inet_pton`` accepts is already canonical (four decimal octets, no leading
+    zeros), so an all-IPv4 chain is walked on integers; anything else (IPv6, a port,
+    brackets, garbage) takes the general path, which gives the same answer (property-tested).
     """
-    if not trusted and peer and peer.count(".") == 3 and peer.replace(".", "").isdigit():
+    peer_int = _v4_int(peer)
+    masks = _v4_masks(trusted) if trusted else ()
+    if peer is None or peer_int is None or masks is None:
+        return limit_subject(client_address(peer, forwarded_for, trusted))
+    if not _v4_trusted(peer_int, masks):
         return peer
-    return limit_subject(client_address(peer, forwarded_for, trusted))
+    subject = peer
+    for hop in reversed(forwarded_hops(forwarded_for)):
+        text = hop.strip()
+        hop_int = _v4_int(text)
+        if hop_int is None:
+            return limit_subject(client_address(peer, forwarded_for, trusted))
+        if not _v4_trusted(hop_int, masks):
+            return text
+        subject = text
+    return subject
+
+
+def _v4_int(text: str | None) -> int | None:
+    """A canonical dotted quad as an integer, else None (never raises)."""
+    if not text or len(text) > 15:
+        return None
+    try:
+        return int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except (OSError, ValueError):
+        return None
+
+
+#: :func:`_v4_masks` of each trusted list seen, by identity (the list is kept, so its id is
+#: not reused): hashing a tuple of networks costs more than the walk it serves.
+_masks_seen: dict[int, tuple[Sequence[Network], tuple[tuple[int, int], ...] | None]] = {}
+
+
+def _v4_masks(trusted: Sequence[Network]) -> tuple[tuple[int, int], ...] | None:
+    """(network, netmask) integers of ``trusted``, all IPv4 networks.
+
+    None when ``trusted`` holds an IPv6 network: an IPv4 address is never in one, but the
+    general path then decides, so the two paths have less room to drift apart.
+    """
+    seen = _masks_seen.get(id(trusted))
+    if seen is not None and seen[0] is trusted:
+        return seen[1]
+    masks: tuple[tuple[int, int], ...] | None = None
+    if not any(isinstance(n, ipaddress.IPv6Network) for n in trusted):
+        masks = tuple((int(n.network_address), int(n.netmask)) for n in trusted)
+    if len(_masks_seen) < 64:
+        _masks_seen[id(trusted)] = (trusted, masks)
+    return masks
+
+
+def _v4_trusted(address: int, masks: tuple[tuple[int, int], ...]) -> bool:
+    # A loop, not any(generator): this runs on every join, and the generator costs more.
+    for network, mask in masks:  # noqa: SIM110
+        if address & mask == network:
+            return True
+    return False
+
+
+def subnet_of_v4(subject: str) -> str | None:
+    """The /24 of an IPv4 subject (``a.b.c.0/24``), or None when it is not a dotted quad."""
+    if _v4_int(subject) is None:
+        return None
+    return subject.rpartition(".")[0] + ".0/24"

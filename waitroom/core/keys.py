@@ -21,8 +21,11 @@ class EventKeys:
                     who joined after opening. Rank in this set = fans ahead.
     - ``prequeue``  ZSET fan -> join seq of lottery fans who joined before the sale opened.
     - ``seq``       counter of join sequence numbers.
-    - ``fans``      HASH fan -> join seq, for every fan waiting or admitted (idempotent join);
-                    removed when the fan leaves or is dropped as abandoned.
+    - ``fans``      HASH fan -> join seq, for every fan waiting or admitted (idempotent join),
+                    followed while the fan waits by the address and subnet it joined from
+                    (``"<seq> a:IP n:CIDR"``); removed when the fan leaves or is dropped as
+                    abandoned.
+    - ``live``      HASH address or subnet -> fans waiting in line from there (the caps).
     - ``seen``      ZSET fan -> unix time the fan was last connected or polling.
     - ``meta``      HASH of the room's live state: mode, opens_at, grace_s, opened, drawn,
                     paused, sold_out, rate, max_active, pass_ttl_s, admitted_total,
@@ -41,9 +44,9 @@ class EventKeys:
                     a client address's other requests (scope ``addr``: polls, challenges,
                     WebSocket tickets and handshakes), and of a queue pass's checkout writes
                     (scope ``checkout``, subject the pass's jti: ``checkout_bucket``).
-    - ``pow:COUNTER``, ``pow-rate``, ``pow-used:CHALLENGE``, ``places:COUNTER``: the
-                    proof-of-work pressure counters, the line's growth, solved challenges
-                    and the per-address caps (:mod:`waitroom.line.challenge`).
+    - ``pow:COUNTER``, ``pow-rate``, ``pow-used:CHALLENGE``: the proof-of-work pressure
+                    counters, the line's growth and solved challenges
+                    (:mod:`waitroom.line.challenge`).
     - ``ws-ticket:TICKET`` STRING fan id a one-time WebSocket ticket stands for (expires
                     in seconds; taken with GETDEL, so it opens one socket at most).
     """
@@ -143,10 +146,11 @@ class EventKeys:
         """HASH smoothed joins per second of the line (``challenge.lua`` samples ``seq``)."""
         return f"{self.base}:pow-rate"
 
-    def places(self, counter: str) -> str:
-        """HASH decayed count of places taken by an address (``a:IP``) or subnet (``n:CIDR``):
-        the hard cap of :data:`waitroom.line.challenge.CAPS`."""
-        return f"{self.base}:places:{counter}"
+    @property
+    def live(self) -> str:
+        """HASH address (``a:IP``) or subnet (``n:CIDR``) -> fans waiting in line from there:
+        the hard caps of :data:`waitroom.line.challenge.CAPS` (``waitroom/line/lua/live.lua``)."""
+        return f"{self.base}:live"
 
     def ws_ticket(self, ticket: str) -> str:
         """STRING: the fan id a one-time WebSocket ticket of this event stands for."""

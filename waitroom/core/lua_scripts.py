@@ -2,7 +2,8 @@
 
 Every script of waitroom is a ``.lua`` file in a package's ``lua`` folder (the line's in
 ``waitroom/line/lua``, admission's in ``admission/lua``, the lease in ``waitroom/core/lua``).
-A line ``--!include NAME.lua`` splices in a shared file of the same folder. Each subsystem
+A line ``--!include NAME.lua`` splices in a shared file of the same folder
+(``--!include PACKAGE:NAME.lua``, of another package's). Each subsystem
 registers its scripts at start-up (``SCRIPT LOAD``), so the hot path only sends ``EVALSHA``;
 a Redis that has forgotten one (a restart, a failover) gets it again on the first
 ``NOSCRIPT`` reply.
@@ -18,13 +19,20 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-_INCLUDE = re.compile(r"^--!include ([a-z_]+\.lua)$", re.MULTILINE)
+_INCLUDE = re.compile(r"^--!include (?:([a-z_.]+):)?([a-z_]+\.lua)$", re.MULTILINE)
 
 
 def _source(package: str, name: str) -> str:
     folder = resources.files(package)
     text = folder.joinpath(name).read_text()
-    return _INCLUDE.sub(lambda m: folder.joinpath(m.group(1)).read_text(), text)
+
+    def splice(match: re.Match[str]) -> str:
+        # "--!include NAME.lua" is a file of the same folder; "PACKAGE:NAME.lua" one of
+        # another package's (a subsystem sharing the line's helpers, for instance).
+        source = resources.files(match.group(1)) if match.group(1) else folder
+        return source.joinpath(match.group(2)).read_text()
+
+    return _INCLUDE.sub(splice, text)
 
 
 class Script:

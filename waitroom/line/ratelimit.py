@@ -12,11 +12,11 @@ costs one token. A full bucket and an absent one are the same, so keys expire on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+import msgspec
 
 
-@dataclass(frozen=True, slots=True)
-class Limit:
+class Limit(msgspec.Struct, frozen=True):
     """``rate`` tokens per second, at most ``burst`` at once."""
 
     rate: float
@@ -42,16 +42,14 @@ ADDRESS_REQUESTS = Limit(rate=50.0, burst=200)
 _SLACK = 1e-6
 
 
-@dataclass(frozen=True, slots=True)
-class BucketState:
+class BucketState(msgspec.Struct, frozen=True):
     """What Redis stores: tokens left after the last write and that write's time."""
 
     tokens: float
     at_ms: int
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     """The outcome of asking a bucket for tokens."""
 
     allowed: bool

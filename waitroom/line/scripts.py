@@ -12,11 +12,12 @@ its limits run in one script.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 
 from waitroom.core import lua_scripts
@@ -65,8 +66,7 @@ def _text(value: Any) -> str | None:
 # --- replies ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class JoinReply:
+class JoinReply(msgspec.Struct, frozen=True):
     """What ``join.lua`` answered (see its header)."""
 
     #: "joined" | "limited" | "challenge_required" | "challenge_replayed" | "capped"
@@ -83,8 +83,7 @@ class JoinReply:
     limit: Decision
 
 
-@dataclass(frozen=True, slots=True)
-class RoomView:
+class RoomView(msgspec.Struct, frozen=True):
     """A room's live state as ``positions.lua`` read it."""
 
     mode: str
@@ -103,8 +102,7 @@ class RoomView:
         return self.mode == "lottery" and not self.drawn and (self.opened or now >= self.opens_at)
 
 
-@dataclass(frozen=True, slots=True)
-class Positions:
+class Positions(msgspec.Struct, frozen=True):
     """``positions.lua``'s answer: the room, one code per fan asked about, and passes."""
 
     room: RoomView
@@ -114,8 +112,7 @@ class Positions:
     passes: list[str]
 
 
-@dataclass(frozen=True, slots=True)
-class OpenReply:
+class OpenReply(msgspec.Struct, frozen=True):
     """``open_room.lua``'s answer."""
 
     outcome: str  # "no_room" | "fifo" | "drawn" | "busy" | "draw"
@@ -123,8 +120,7 @@ class OpenReply:
     prequeue: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class JoinGate:
+class JoinGate(msgspec.Struct, frozen=True):
     """What a new place costs in ``join.lua``: a challenge, and room under the caps."""
 
     #: Counter names of the client's address and subnet (``challenge.networks``).
@@ -135,15 +131,15 @@ class JoinGate:
     challenge_ttl_ms: int = 1
     #: A new place is refused ("challenge_required") without ``challenge``.
     need_challenge: bool = False
-    #: Places per address / subnet (decayed); unbounded unless given (the HTTP join
-    #: gives :data:`waitroom.line.challenge.CAPS`).
+    #: Live places (fans waiting in line) per address / subnet; unbounded unless given (the
+    #: HTTP join gives :data:`waitroom.line.challenge.CAPS`).
     address_cap: int = 2**31 - 1
     subnet_cap: int = 2**31 - 1
-    caps_half_life_s: float = 3600.0
+    #: What a fan refused by a cap is told to wait (``Retry-After``).
+    capped_retry_ms: int = 30_000
 
 
-@dataclass(frozen=True, slots=True)
-class PressureReply:
+class PressureReply(msgspec.Struct, frozen=True):
     """``challenge.lua``'s answer: the counts behind the next challenge, or a refusal."""
 
     outcome: str  # "ok" | "limited" | "no_room"
@@ -165,6 +161,12 @@ async def init_room(redis: Client, ek: EventKeys, fields: dict[str, str], seed: 
     await INIT_ROOM(redis, [ek.meta, ek.seed], args)
 
 
+@functools.lru_cache(maxsize=1024)
+def _join_keys(ek: EventKeys) -> tuple[str, ...]:
+    # The same seven keys on every join of an event: built once, not seven f-strings a join.
+    return (ek.meta, ek.queue, ek.prequeue, ek.seq, ek.fans, ek.seen, ek.admitted)
+
+
 async def join(
     redis: Client,
     ek: EventKeys,
@@ -183,19 +185,12 @@ async def join(
     """
     gate = gate or JoinGate(address=f"a:{ip}", subnet=f"n:{ip}")
     keys = [
-        ek.meta,
-        ek.queue,
-        ek.prequeue,
-        ek.seq,
-        ek.fans,
-        ek.seen,
-        ek.admitted,
+        *_join_keys(ek),
         ek.bucket("ip", ip),
         ek.bucket("fan", fan_id),
         # A key in the event's slot even without a challenge: scripts declare every key.
         ek.challenge_used(gate.challenge or "-"),
-        ek.places(gate.address),
-        ek.places(gate.subnet),
+        ek.live,
     ]
     args: list[str | int | float] = [
         fan_id,
@@ -210,7 +205,9 @@ async def join(
         1 if gate.need_challenge else 0,
         gate.address_cap,
         gate.subnet_cap,
-        int(gate.caps_half_life_s * 1000),
+        gate.address,
+        gate.subnet,
+        gate.capped_retry_ms,
     ]
     reply = await JOIN(redis, keys, args)
     if len(reply) == 1:
@@ -283,7 +280,7 @@ async def charge(redis: Client, ek: EventKeys, ip: str, *, now: float, limit: Li
 
 async def leave(redis: Client, ek: EventKeys, fan_id: str) -> str:
     """Take ``fan_id`` out of the line: "left", "not_in_line", "admitted" or "no_room"."""
-    keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen, ek.admitted]
+    keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen, ek.admitted, ek.live]
     return _text(await LEAVE(redis, keys, [fan_id])) or ""
 
 
@@ -320,7 +317,7 @@ async def positions(
 
 async def sweep(redis: Client, ek: EventKeys, *, now: float, limit: int) -> tuple[int, bool]:
     """Drop up to ``limit`` abandoned fans; (how many were dropped, whether more are due)."""
-    keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen]
+    keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen, ek.live]
     dropped, more = await SWEEP(redis, keys, [repr(now), limit])
     return int(dropped), more == 1
 

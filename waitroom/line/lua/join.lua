@@ -1,16 +1,17 @@
 --!include bucket.lua
---!include decay.lua
+--!include live.lua
 -- Join an event's line, in one round trip: rate limits, idempotency, the proof-of-work
 -- challenge (single use), the caps per address and subnet, and the new place.
 --
 -- KEYS  1 meta, 2 queue, 3 prequeue, 4 seq, 5 fans, 6 seen, 7 admitted,
 --       8 the client IP's bucket, 9 the fan's bucket, 10 the used-challenge marker,
---       11 the address's places counter, 12 the subnet's places counter
+--       11 live places per address and subnet (live.lua)
 -- ARGV  1 fan, 2 now (unix seconds), 3 now_ms, 4 IP rate, 5 IP burst, 6 fan rate, 7 fan burst
 --       (a fan rate of 0 skips the fan's bucket: a visitor created by this very request
 --       has no history to limit), 8 the verified challenge ('' when none), 9 ms until it
 --       expires, 10 whether a new place needs a challenge (1/0), 11 address cap,
---       12 subnet cap, 13 half-life of the places counters in ms
+--       12 subnet cap, 13 the address's counter, 14 the subnet's counter, 15 ms a capped
+--       fan is told to wait
 --
 -- A fan already in line gets its place back without paying again: the challenge and the caps
 -- are only for a new place, and a challenge is spent only when it buys one.
@@ -21,7 +22,7 @@
 --   outcome  'joined' | 'limited' | 'challenge_required' | 'challenge_replayed' | 'capped'
 --   state    'waiting' (rank = fans ahead) | 'prequeue' | 'admitted' (pass) | 'none'
 --            ('none': not in line, because the sale is sold out or the request was refused);
---            for 'capped': 'address' or 'subnet', with retry_ms until the count is below it
+--            for 'capped': 'address' or 'subnet' (its live places are at the cap)
 --   created  1 when this call gave the fan a new place
 --   draw_due 1 when a lottery room has opened but its draw has not been applied yet
 --   limit..  the rate-limit figures of the bucket that decided (the fan's when both pass)
@@ -111,27 +112,23 @@ if need and challenge == '' then
   return refused('challenge_required', 'none', 0)
 end
 -- The caps are looked at before the challenge is spent: a fan told to wait may come back
--- with the same solution while it lasts.
-local half_ms = tonumber(ARGV[13])
-local caps = {tonumber(ARGV[11]), tonumber(ARGV[12])}
-for i, scope in ipairs({'address', 'subnet'}) do
-  local count = decay_read(KEYS[10 + i], now_ms, half_ms)
-  if count + 1 > caps[i] + 1e-6 then
-    -- Until the count has decayed to cap - 1, when one more place fits again.
-    local wait = half_ms * math.log(count / math.max(caps[i] - 1, 0.5)) / math.log(2)
-    return refused('capped', scope, math.max(1000, math.ceil(wait)))
-  end
+-- with the same solution while it lasts. A place frees up whenever a fan of the address
+-- leaves the line or is admitted, which nobody can date: the wait is a fixed hint.
+local address, subnet = ARGV[13], ARGV[14]
+local live_address, live_subnet = live_counts(KEYS[11], address, subnet)
+if live_address >= tonumber(ARGV[11]) then
+  return refused('capped', 'address', tonumber(ARGV[15]))
+end
+if live_subnet >= tonumber(ARGV[12]) then
+  return refused('capped', 'subnet', tonumber(ARGV[15]))
 end
 if challenge ~= '' then
   if not redis.call('SET', KEYS[10], '1', 'NX', 'PX', tonumber(ARGV[9])) then
     return refused('challenge_replayed', 'none', 0)
   end
 end
-decay_add(KEYS[11], now_ms, half_ms, 1)
-decay_add(KEYS[12], now_ms, half_ms, 1)
-
 local seq = redis.call('INCR', KEYS[4])
-redis.call('HSET', KEYS[5], fan, seq)
+live_take(KEYS[5], KEYS[11], fan, seq, address, subnet)
 redis.call('ZADD', KEYS[6], now, fan)
 if mode == 'lottery' and opened ~= '1' then
   redis.call('ZADD', prequeue, seq, fan)
