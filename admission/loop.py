@@ -194,6 +194,8 @@ class PassRow:
     seq: int
     issued_at: float
     expires_at: float
+    #: The signed pass: a room rebuilt after Redis lost it gives the fan this same pass back.
+    token: str
 
 
 class EventAdmission:
@@ -402,7 +404,9 @@ class EventAdmission:
             ADMITTED.labels(self.event_id).inc(reply.admitted)
             for i in reply.picked:
                 c = candidates[i]
-                self._pending.append(PassRow(c.jti, c.fan_id, c.seq, float(issued), float(c.exp)))
+                self._pending.append(
+                    PassRow(c.jti, c.fan_id, c.seq, float(issued), float(c.exp), c.queue_pass)
+                )
             if len(self._pending) > PENDING_MAX:
                 dropped = len(self._pending) - PENDING_MAX
                 del self._pending[:dropped]
@@ -415,26 +419,34 @@ class EventAdmission:
     async def backfill(self) -> int:
         """Record the passes a previous leader admitted but did not live to record.
 
-        ``order`` lists the admitted fans in admission order, so fan number ``seq`` is at index
-        ``seq - 1``, and its pass is in ``admitted``: the passes beyond the last ``seq`` in
-        PostgreSQL are found there. Returns how many were recorded.
+        ``order`` lists the fans admitted since the room was (re)built, in admission order, and
+        ``admitted_total`` is the last pass number; so the passes numbered after PostgreSQL's
+        last one are the last ``admitted_total - last`` entries of ``order``, whatever number
+        the list started from (after Redis lost the room, it starts after PostgreSQL's last
+        pass, not at 1). Each pass's number is read from the pass itself. Returns how many
+        were recorded.
         """
         last = await self.service.db.fetchval(
             "SELECT coalesce(max(seq), 0) FROM queue_passes WHERE event_id = $1", self.event_id
         )
-        raw = await self.service.redis.lrange(self.ek.order, last, last + BACKFILL_MAX - 1)
+        total = await self.service.redis.hget(self.ek.meta, "admitted_total")
+        missing = min(BACKFILL_MAX, int(total or 0) - int(last))
+        if missing <= 0:
+            return 0
+        raw = await self.service.redis.lrange(self.ek.order, -missing, -1)
         if not raw:
             return 0
         passes = await self.service.redis.hmget(self.ek.admitted, raw)
         rows = []
-        for seq, (fan, queue_pass) in enumerate(zip(raw, passes, strict=True), start=last + 1):
-            if queue_pass is None:
-                continue
+        for fan, queue_pass in zip(raw, passes, strict=True):
+            token = _text(queue_pass)
             # Our own signature, read back from our own Redis: nothing to verify here.
-            claims = read_claims(_text(queue_pass) or "")
-            if claims is None:
+            claims = read_claims(token or "")
+            if token is None or claims is None or claims.seq <= last:
                 continue
-            rows.append(PassRow(claims.jti, _text(fan) or "", seq, claims.iat, claims.exp))
+            rows.append(
+                PassRow(claims.jti, _text(fan) or "", claims.seq, claims.iat, claims.exp, token)
+            )
         self._pending[:0] = rows
         await self.flush()
         if rows:
@@ -451,16 +463,19 @@ class EventAdmission:
             return
         try:
             await self.service.db.execute(
-                "INSERT INTO queue_passes (jti, event_id, fan_id, seq, issued_at, expires_at)"
-                " SELECT t.jti, $1, t.fan, t.seq, to_timestamp(t.iat), to_timestamp(t.exp)"
-                " FROM unnest($2::text[], $3::text[], $4::bigint[], $5::float8[], $6::float8[])"
-                " AS t(jti, fan, seq, iat, exp) ON CONFLICT (jti) DO NOTHING",
+                "INSERT INTO queue_passes"
+                " (jti, event_id, fan_id, seq, issued_at, expires_at, token)"
+                " SELECT t.jti, $1, t.fan, t.seq, to_timestamp(t.iat), to_timestamp(t.exp),"
+                " t.token FROM unnest($2::text[], $3::text[], $4::bigint[], $5::float8[],"
+                " $6::float8[], $7::text[]) AS t(jti, fan, seq, iat, exp, token)"
+                " ON CONFLICT (jti) DO NOTHING",
                 self.event_id,
                 [r.jti for r in rows],
                 [r.fan_id for r in rows],
                 [r.seq for r in rows],
                 [r.issued_at for r in rows],
                 [r.expires_at for r in rows],
+                [r.token for r in rows],
             )
         except Exception as exc:
             self._pending[:0] = rows

@@ -34,7 +34,9 @@ import logging
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import msgspec
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -42,8 +44,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
+from admission import recovery
 from waitroom.core import keyfiles
-from waitroom.core.errors import Forbidden, Gone, SettingsError
+from waitroom.core.errors import Forbidden, Gone, SettingsError, Unavailable
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings
 
@@ -246,11 +249,21 @@ class PassKeys:
 class PassGate:
     """The pass check of checkout routes: :meth:`PassKeys.verify` plus revocation."""
 
-    def __init__(self, pass_keys: PassKeys, redis: Redis, keys: Keys, issuer: str) -> None:
+    def __init__(
+        self,
+        pass_keys: PassKeys,
+        redis: Redis,
+        keys: Keys,
+        issuer: str,
+        *,
+        db: asyncpg.Pool[Any] | None = None,
+    ) -> None:
         self.pass_keys = pass_keys
         self.redis = redis
         self.keys = keys
         self.issuer = issuer
+        #: Asked about a pass Redis does not know (it lost the event's data); None: Redis only.
+        self.db = db
 
     async def check(
         self,
@@ -277,19 +290,45 @@ class PassGate:
             )
             revoked = self.keys.revoked_pass(claims.jti)
             markers = (revoked, self.keys.spent_pass(claims.jti)) if unspent else (revoked,)
-            # One round trip for both markers; which one it was is asked only on a refusal.
-            if await self.redis.exists(*markers):
+            # One round trip for both markers and for whether Redis knows the pass at all
+            # (its fan is admitted in the room); which marker it was is asked on a refusal.
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.exists(*markers)
+            pipe.hexists(self.keys.event(event_id).admitted, fan_id)
+            flagged, known = await pipe.execute()
+            if not known and self.db is not None:
+                # Redis lost the event's data and has not been rebuilt yet: the absence of a
+                # marker says nothing, PostgreSQL decides (admission.recovery).
+                await self._check_in_database(claims, event_id, fan_id, unspent=unspent)
+            elif flagged:
                 if await self.redis.exists(revoked):
                     raise _pass_error("pass_revoked", "the queue pass has been revoked")
-                raise _pass_error(
-                    "pass_spent",
-                    "this queue pass was used for a paid order; it cannot reserve again",
-                )
+                raise _spent()
         except (Forbidden, Gone) as exc:
             VERIFICATIONS.labels(exc.code).inc()
             raise
         VERIFICATIONS.labels("ok").inc()
         return claims
+
+    async def _check_in_database(
+        self, claims: PassClaims, event_id: str, fan_id: str, *, unspent: bool
+    ) -> None:
+        assert self.db is not None
+        state = await recovery.pass_state(self.db, claims.jti, event_id=event_id, fan_id=fan_id)
+        if state is None:
+            # Signed by us, known to neither store: issued in the moment before Redis lost its
+            # data, and its record is still on the leader's way to PostgreSQL.
+            raise Unavailable("the queue pass is not on record yet; try again", retry_after=1)
+        if state.revoked:
+            raise _pass_error("pass_revoked", "the queue pass has been revoked")
+        if unspent and state.spent:
+            raise _spent()
+
+
+def _spent() -> Forbidden | Gone:
+    return _pass_error(
+        "pass_spent", "this queue pass was used for a paid order; it cannot reserve again"
+    )
 
 
 # --- key files ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ reach the services through :func:`services`, typed, instead of looking anything 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import asyncpg
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from admission import recovery
 from admission.loop import AdmissionService
 from admission.passes import PassGate, PassKeys
 from inventory.catalogue import EventDirectory, EventInfo, PriceBook
@@ -83,7 +85,14 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
     stack.push_async_callback(mux.aclose)
     events = EventDirectory(db, refresh_s=settings.view_cache_ttl_s)
     lottery_views: ViewCache[bytes] = ViewCache(negative_ttl_s=settings.view_cache_ttl_s)
-    rooms = Rooms(mux, db, keys, known=events.exists, on_drawn=lottery_views.invalidate)
+    rooms = Rooms(
+        mux,
+        db,
+        keys,
+        known=events.exists,
+        on_drawn=lottery_views.invalidate,
+        restore=functools.partial(recovery.restore, db, redis, keys),
+    )
     stack.push_async_callback(rooms.close)
     hub = Hub(rooms, max_per_fan=settings.ws_max_per_fan)
     stack.push_async_callback(hub.close)
@@ -119,7 +128,7 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
             allowed_origins=settings.allowed_origins,
             max_per_address=settings.ws_max_per_address,
         ),
-        passes=PassGate(pass_keys, redis, keys, settings.pass_issuer),
+        passes=PassGate(pass_keys, redis, keys, settings.pass_issuer, db=db),
         prices=PriceBook(db),
         events=events,
         event_views=ViewCache(negative_ttl_s=settings.view_cache_ttl_s),

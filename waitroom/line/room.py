@@ -180,6 +180,7 @@ class Rooms:
         *,
         known: Callable[[str], Awaitable[bool]] | None = None,
         on_drawn: Callable[[str], None] | None = None,
+        restore: Callable[[str], Awaitable[int]] | None = None,
     ) -> None:
         self.redis = redis
         self.db = db
@@ -189,6 +190,10 @@ class Rooms:
         self._known = known
         #: Told when this process applied a lottery draw (the app drops its cached view).
         self._on_drawn = on_drawn
+        #: Rebuilds the event's admission state from PostgreSQL when Redis has none (never
+        #: loaded, or lost) and answers the last pass number (the app passes
+        #: admission.recovery.restore); None: a room starts from nothing.
+        self._restore = restore
         self._unknown: dict[str, float] = {}
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._estimators: dict[str, RateEstimator] = {}
@@ -270,6 +275,14 @@ class Rooms:
                     lot["commitment"],
                     lot["drawn_at"] is not None,
                 )
+        # A meta without its mode was never loaded, or Redis lost it (a leader's lease renewal
+        # or the actor's sold-out flag may have written a field or two since): rebuild the
+        # passes first, so the room is never served half-rebuilt, and go on numbering passes
+        # after the last one PostgreSQL has.
+        ek = self.keys.event(event_id)
+        admitted_total = 0
+        if self._restore is not None and not await scripts.room_loaded(self.redis, ek):
+            admitted_total = await self._restore(event_id)
         fields = {
             "mode": row["queue_mode"],
             "opens_at": repr(row["opens_at"]),
@@ -279,14 +292,14 @@ class Rooms:
             "pass_ttl_s": str(row["pass_ttl_s"]),
             "paused": "1" if row["paused"] else "0",
             "sold_out": "0",
-            "admitted_total": "0",
+            "admitted_total": str(admitted_total),
             "abandoned_total": "0",
             # A room whose draw PostgreSQL already recorded must never be drawn again.
             "opened": "1" if drawn else "0",
             "drawn": "1" if drawn else "0",
             "commitment": commitment,
         }
-        await scripts.init_room(self.redis, self.keys.event(event_id), fields, seed)
+        await scripts.init_room(self.redis, ek, fields, seed)
 
     def _forget(self, event_id: str) -> None:
         """Answer ``event_id`` 404 without asking anyone for the next UNKNOWN_TTL_S."""

@@ -153,6 +153,13 @@ class PressureReply(msgspec.Struct, frozen=True):
 # --- calls --------------------------------------------------------------------------------
 
 
+async def room_loaded(redis: Client, ek: EventKeys) -> bool:
+    """Whether the room's meta was written by :func:`init_room` (it has a ``mode``)."""
+    if isinstance(redis, Multiplexer):
+        return bool(await redis.execute("HEXISTS", ek.meta, "mode"))
+    return bool(await redis.hexists(ek.meta, "mode"))
+
+
 async def init_room(redis: Client, ek: EventKeys, fields: dict[str, str], seed: str | None) -> None:
     """Write a room's initial live state, keeping any field that exists already."""
     args: list[str] = [seed or ""]

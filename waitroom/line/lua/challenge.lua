@@ -12,7 +12,7 @@
 -- Reply {'no_room'} when the room is not in Redis yet; {'limited', retry_ms, burst, left}
 -- when the address's bucket is empty; else {'ok', crowd, address, subnet, join_rate} with the
 -- numbers as strings (Lua numbers would be truncated to integers in a reply).
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'mode') == 0 then
   return {'no_room'}
 end
 local now_ms = tonumber(ARGV[1])

@@ -27,7 +27,8 @@
 --   draw_due 1 when a lottery room has opened but its draw has not been applied yet
 --   limit..  the rate-limit figures of the bucket that decided (the fan's when both pass)
 local meta, queue, prequeue = KEYS[1], KEYS[2], KEYS[3]
-if redis.call('EXISTS', meta) == 0 then
+-- A meta without its mode was never loaded or was lost (see admission/recovery.py).
+if redis.call('HEXISTS', meta, 'mode') == 0 then
   return {'no_room'}
 end
 local fan = ARGV[1]

@@ -7,7 +7,7 @@
 --       | 'admitted' (a fan holding a pass is out of the line; the pass stays valid)
 --       | 'no_room' (the room is not in Redis: the caller checks the event exists)
 local fan = ARGV[1]
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'mode') == 0 then
   return 'no_room'
 end
 if redis.call('HEXISTS', KEYS[6], fan) == 1 then

@@ -18,7 +18,8 @@
 --   passes the passes of the admitted fans, in order
 local meta, queue, prequeue, fans, seen, admitted = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
   KEYS[5], KEYS[6]
-if redis.call('EXISTS', meta) == 0 then
+-- A meta without its mode was never loaded or was lost (see admission/recovery.py).
+if redis.call('HEXISTS', meta, 'mode') == 0 then
   return {}
 end
 local now = ARGV[1]

@@ -1,0 +1,150 @@
+"""Redis is a cache of the passes: rebuild an event's admission state from PostgreSQL.
+
+Redis may lose an event's data (a restart without persistence, a failover to a replica that
+had not caught up). Left alone, that would forget who was admitted (a fan joining again would
+be placed and admitted a second time), which passes count against ``max_active`` (more fans
+than ``max_active`` would shop at once), which passes are revoked or spent (the gate would
+accept them again) and where the admission sequence stands (new passes would be numbered
+from 1 again). PostgreSQL holds all of it: ``queue_passes`` (every pass, with its signed
+token, its number and its revocation) and ``holds`` (a pass whose hold was paid is spent; one
+whose holds were all released has finished its hold cycle).
+
+:func:`restore` writes that state back before a room is served again: the room's loader
+(:class:`waitroom.line.room.Rooms`) calls it when the room's meta has no ``mode`` (the room
+was never loaded, or Redis lost it), before it creates the meta, so nothing is served from a
+half-rebuilt room. Writing is idempotent (two processes loading the same room at once write
+the same values), and it returns the highest pass number ever issued, where the admission
+sequence goes on.
+
+:func:`pass_state` is the gate's fallback for a single pass Redis does not know
+(:class:`admission.passes.PassGate`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+
+from waitroom.core.keys import Keys
+
+#: Redis commands per pipeline while restoring (a room may have had 100,000s of passes).
+BATCH = 2_000
+#: Seconds the revoked and spent markers outlive the pass (the gate's clock leeway).
+MARKER_SLACK_S = 10
+
+_PASSES = """
+SELECT q.jti, q.fan_id, q.seq, q.token, extract(epoch FROM q.expires_at)::float8 AS exp,
+       q.revoked_at IS NOT NULL AS revoked,
+       coalesce(bool_or(h.status = 'paid'), false) AS paid,
+       coalesce(bool_or(h.status = 'held'), false) AS holding,
+       count(h.id) AS holds
+FROM queue_passes q
+LEFT JOIN holds h ON h.event_id = q.event_id AND h.fan_id = q.fan_id AND h.pass_jti = q.jti
+WHERE q.event_id = $1 AND q.expires_at > now()
+GROUP BY q.jti
+"""
+
+
+class RestoredPass(msgspec.Struct, frozen=True):
+    """One unexpired pass as PostgreSQL knows it, and what it means for Redis."""
+
+    jti: str
+    fan_id: str
+    seq: int
+    token: str | None
+    expires_at: float
+    revoked: bool
+    #: Its order was paid: it may not reserve again.
+    spent: bool
+    #: Still counts against ``max_active``: not revoked, not spent, and its hold cycle is not
+    #: over (a hold still held, or none made yet).
+    active: bool
+
+
+def classify(row: asyncpg.Record | dict[str, Any]) -> RestoredPass:
+    """A :class:`RestoredPass` from a row of the restore query (pure)."""
+    revoked, spent = bool(row["revoked"]), bool(row["paid"])
+    cycle_over = int(row["holds"]) > 0 and not bool(row["holding"]) and not spent
+    return RestoredPass(
+        jti=row["jti"],
+        fan_id=row["fan_id"],
+        seq=int(row["seq"]),
+        token=row["token"],
+        expires_at=float(row["exp"]),
+        revoked=revoked,
+        spent=spent,
+        active=not revoked and not spent and not cycle_over,
+    )
+
+
+async def restore(
+    db: asyncpg.Pool[Any], redis: Redis, keys: Keys, event_id: str, *, now: float | None = None
+) -> int:
+    """Write the event's admission state from PostgreSQL into Redis; the last pass number.
+
+    Every unexpired pass: its fan is admitted again (``fans`` and ``admitted``, so joining
+    again answers with the same pass), counted in ``active`` if it still is, and marked
+    revoked or spent if it is. Expired passes need nothing: the gate refuses them by their
+    signature's expiry.
+    """
+    now = time.time() if now is None else now
+    async with db.acquire() as conn:
+        rows = await conn.fetch(_PASSES, event_id)
+        last = await conn.fetchval(
+            "SELECT coalesce(max(seq), 0) FROM queue_passes WHERE event_id = $1", event_id
+        )
+    ek = keys.event(event_id)
+    pipe = redis.pipeline(transaction=False)
+    queued = 0
+    for row in rows:
+        p = classify(row)
+        ttl_ms = int((p.expires_at - now + MARKER_SLACK_S) * 1000)
+        if ttl_ms <= 0:
+            continue
+        # Admitted: in `fans` without an address (not a live place), with its pass.
+        pipe.hset(ek.fans, p.fan_id, str(p.seq))
+        if p.token:
+            pipe.hset(ek.admitted, p.fan_id, p.token)
+        if p.active:
+            pipe.zadd(ek.active, {p.jti: p.expires_at})
+        if p.revoked:
+            pipe.set(keys.revoked_pass(p.jti), event_id, px=ttl_ms)
+        if p.spent:
+            pipe.set(keys.spent_pass(p.jti), "1", px=ttl_ms)
+        queued += 1
+        if queued >= BATCH:
+            await pipe.execute()
+            pipe = redis.pipeline(transaction=False)
+            queued = 0
+    if queued:
+        await pipe.execute()
+    return int(last)
+
+
+class PassState(msgspec.Struct, frozen=True):
+    """What PostgreSQL says of one pass: revoked, spent."""
+
+    revoked: bool
+    spent: bool
+
+
+async def pass_state(
+    db: asyncpg.Pool[Any], jti: str, *, event_id: str, fan_id: str
+) -> PassState | None:
+    """PostgreSQL's record of one pass, or None when it has none (not recorded yet)."""
+    row = await db.fetchrow(
+        "SELECT q.revoked_at IS NOT NULL AS revoked, EXISTS ("
+        "  SELECT 1 FROM holds h WHERE h.event_id = q.event_id AND h.fan_id = q.fan_id"
+        "  AND h.pass_jti = q.jti AND h.status = 'paid') AS spent"
+        " FROM queue_passes q WHERE q.jti = $1 AND q.event_id = $2 AND q.fan_id = $3",
+        jti,
+        event_id,
+        fan_id,
+    )
+    if row is None:
+        return None
+    return PassState(revoked=bool(row["revoked"]), spent=bool(row["spent"]))
