@@ -238,3 +238,27 @@ def test_a_harder_challenge_shows_its_progress_while_the_workers_search(
         expect(page.locator("#position")).to_have_text("You are number 1 in line", timeout=30_000)
         expect(page.locator("#pow")).to_be_hidden()
         expect(page.locator("#pow")).to_have_attribute("data-maxnumber", "400000")
+
+
+def test_a_fan_whose_line_redis_lost_is_put_back_in_place_by_the_page(
+    page: Page, client: httpx.Client, admin: httpx.Client, settings: Settings
+) -> None:
+    from redis import Redis as SyncRedis
+
+    from waitroom.core.keys import Keys
+
+    event_id = create_event(admin, prefix="br")
+    ahead = [join(client, event_id) for _ in range(2)]
+    page.goto(f"/events/{event_id}")
+    expect(page.locator("#position")).to_have_text("You are number 3 in line")
+    expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+
+    # Redis restarts empty: every key of the event is gone.
+    base = Keys(settings.redis_prefix).event(event_id).base
+    with SyncRedis.from_url(settings.redis_url) as sync:
+        sync.delete(*sync.scan_iter(match=f"{base}:*", count=1000))
+    # The page hears "not in line", sends the receipt of its join, and is back at its place
+    # (the two fans ahead of it have not come back yet), never told it lost its place.
+    expect(page.locator("#position")).to_have_text("You are number 1 in line", timeout=10_000)
+    expect(page.locator("#notice")).not_to_contain_text("no longer in line")
+    del ahead

@@ -75,6 +75,7 @@ def test_a_new_fan_gets_a_visitor_token_a_cookie_and_a_place(
             "eta_seconds",
             "queue_pass",
             "visitor_token",
+            "place_receipt",
         }
         assert (body["event_id"], body["status"], body["position"], body["fans_ahead"]) == (
             event_id,

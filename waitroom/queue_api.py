@@ -45,10 +45,10 @@ from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from waitroom.core import clientaddr
-from waitroom.core.errors import Conflict, NotFound, RateLimited, WaitroomError
+from waitroom.core.errors import Conflict, Forbidden, Gone, NotFound, RateLimited, WaitroomError
 from waitroom.core.http import JSONResponse, dependency_error, read_json
 from waitroom.core.openapi import Operation
-from waitroom.line import challenge, messages
+from waitroom.line import challenge, messages, receipts
 from waitroom.line.broadcast import Subscriber, pump
 from waitroom.line.eta import eta_seconds
 from waitroom.line.identity import Identity, missing, visitor_cookie_header
@@ -128,6 +128,9 @@ class QueueStatus(msgspec.Struct, frozen=True):
     queue_pass: str | None
     #: A visitor token issued by this very request (also set as the wr_visitor cookie).
     visitor_token: str | None = None
+    #: Proof of this place in line (join only): if the line is ever lost (Redis restarted
+    #: empty), joining again with it in ``X-Place-Receipt`` puts the fan back exactly here.
+    place_receipt: str | None = None
 
 
 class Left(msgspec.Struct, frozen=True):
@@ -255,6 +258,13 @@ async def _join(request: Request) -> tuple[Response, str]:
         queue_pass=reply.queue_pass,
         visitor_token=issued,
     )
+    if reply.place is not None and reply.state == "waiting":
+        body = msgspec.structs.replace(
+            body,
+            place_receipt=receipts.sign(
+                svc.challenges.receipt_key, event_id, identity.fan_id, reply.place
+            ),
+        )
     headers = {**reply.limit.headers(), **_NO_STORE}
     if issued is not None:
         headers["Set-Cookie"] = visitor_cookie_header(
@@ -283,9 +293,19 @@ def _join_gate(
     elif need and new_visitor:
         # A visitor minted by this request cannot be in line yet: no need to ask Redis.
         raise challenge.required(event_id)
+    receipt = request.headers.get(receipts.HEADER)
+    place: int | None = None
+    if receipt is not None:
+        place = receipts.verify(svc.challenges.receipt_key, receipt, event_id, identity.fan_id)
+        if place is None:
+            raise Forbidden(
+                "the place receipt is not valid for this fan and event",
+                code="receipt_invalid",
+            )
     return JoinGate(
         address=address,
         subnet=subnet,
+        receipt_place=place,
         challenge=verified.id if verified else None,
         challenge_ttl_ms=verified.ttl_ms if verified else 1,
         need_challenge=need,
@@ -301,6 +321,12 @@ def _join_refused(reply: JoinReply, event_id: str) -> WaitroomError:
         return challenge.required(event_id)
     if reply.outcome == "challenge_replayed":
         return challenge.replayed()
+    if reply.outcome == "receipt_stale":
+        return Gone(
+            "the line still holds what it held when this receipt was issued: there is no lost"
+            " place to restore (join without the receipt to take a new place)",
+            code="receipt_not_restorable",
+        )
     if reply.outcome == "capped":
         cap = challenge.CAPS.address if reply.state == "address" else challenge.CAPS.subnet
         return RateLimited(
@@ -634,7 +660,9 @@ OPERATIONS = [
         "Join the line (body optional: {}); 201 new place, 200 same place again. A new place"
         " needs a solved challenge in X-Challenge-Solution (403 challenge_required,"
         " challenge_invalid, challenge_replayed, challenge_wrong_event, challenge_wrong_address;"
-        " 410 challenge_expired; 429 identity_limit)",
+        " 410 challenge_expired; 429 identity_limit). A fan whose place Redis lost (restarted"
+        " empty) sends the place_receipt of its join in X-Place-Receipt to be put back exactly"
+        " there (403 receipt_invalid; 410 receipt_not_restorable when nothing was lost)",
         response=QueueStatus,
         status=201,
         errors=(400, 401, 403, 404, 410, 413, 415, 422, 429, 503),
@@ -649,6 +677,14 @@ OPERATIONS = [
                 " salt, signature} solving a challenge of POST /v1/events/{event_id}/challenge;"
                 " needed when the join creates a place (WAITROOM_CHALLENGE on)",
                 "schema": {"type": "string", "maxLength": challenge.MAX_SOLUTION_CHARS},
+            },
+            {
+                "name": receipts.HEADER,
+                "in": "header",
+                "required": False,
+                "description": "the place_receipt of an earlier join of this fan to this event:"
+                " puts the fan back at that place after the line was lost",
+                "schema": {"type": "string", "maxLength": receipts.MAX_CHARS},
             },
         ),
     ),

@@ -18,9 +18,9 @@ import httpx
 from redis import Redis as SyncRedis
 
 from admission.passes import read_claims
-from tests.admission.support import create_event, wait_for
+from tests.admission.support import create_event, me, wait_for
 from tests.checkout.test_checkout import Fan
-from tests.queue_support import fan_headers
+from tests.queue_support import fan_headers, new_ip
 from tests.test_errors import assert_error
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings
@@ -91,8 +91,8 @@ def test_spent_revoked_and_active_passes_survive_redis_losing_the_event(
         assert sync.hget(keys.meta, "admitted_total") == b"4"
     assert idle.reserve().status_code == 201
 
-    # The waiting fan's place was lost with Redis (place receipts are not built yet): it
-    # joins again, and the passes issued from now on go on after number 4.
+    # The passes issued from now on go on after number 4 (the waiting fan's place is the
+    # receipts' business: see the next test).
     fresh = Fan(client, event_id)
     admission(admin, event_id, paused=False, max_active=10)
     late = fresh.wait_for_pass()
@@ -130,3 +130,58 @@ async def _recorded_numbers(settings: Settings, event_id: str) -> list[int]:
         return [int(r["seq"]) for r in rows]
     finally:
         await conn.close()
+
+
+def _join(client: httpx.Client, event_id: str, token: str | None = None, **headers: str) -> Any:
+    """A join over HTTP (a new visitor without ``token``); the response."""
+    client.cookies.clear()
+    sent = {"X-Forwarded-For": new_ip(), **headers}
+    if token is not None:
+        sent.update(fan_headers(token))
+    response = client.post(f"/v1/events/{event_id}/queue", headers=sent)
+    client.cookies.clear()
+    return response
+
+
+def test_fans_put_back_by_their_receipts_keep_their_order_ahead_of_newcomers(
+    client: httpx.Client, admin: httpx.Client, settings: Settings
+) -> None:
+    event_id = create_event(admin, rate=50, paused=True, prefix="rr")
+    fans = []
+    for _ in range(4):
+        joined = _join(client, event_id)
+        assert joined.status_code == 201, joined.text
+        body = joined.json()
+        assert body["place_receipt"]
+        fans.append((body["visitor_token"], body["place_receipt"], body["position"]))
+    assert [p for _, _, p in fans] == [1, 2, 3, 4]
+    (a, a_receipt, _), (b, b_receipt, _), (c, c_receipt, _), (gone, gone_receipt, _) = fans
+    # While the line is intact a receipt restores nothing: in line, it is the same place...
+    again = _join(client, event_id, a, **{"X-Place-Receipt": a_receipt})
+    assert (again.status_code, again.json()["position"]) == (200, 1)
+    # ...and a fan who left cannot use it to jump back in.
+    left = client.request("DELETE", f"/v1/events/{event_id}/queue/me", headers=fan_headers(gone))
+    assert left.status_code == 200, left.text
+    assert_error(
+        _join(client, event_id, gone, **{"X-Place-Receipt": gone_receipt}),
+        410,
+        "receipt_not_restorable",
+    )
+    # A receipt names its fan and its place: not another fan's, not a better place.
+    assert_error(
+        _join(client, event_id, c, **{"X-Place-Receipt": b_receipt}), 403, "receipt_invalid"
+    )
+    place, mac = a_receipt.split(".")
+    forged = f"{int(place) - 1}.{mac}"
+    assert_error(_join(client, event_id, c, **{"X-Place-Receipt": forged}), 403, "receipt_invalid")
+
+    wipe_event(settings, event_id, [])
+    # A newcomer arrives first after the loss, then the three fans come back in another order.
+    newcomer = _join(client, event_id)
+    assert newcomer.status_code == 201, newcomer.text
+    for token, receipt in ((c, c_receipt), (a, a_receipt), (b, b_receipt)):
+        back = _join(client, event_id, token, **{"X-Place-Receipt": receipt})
+        assert back.status_code == 201, back.text
+    positions = [me(client, event_id, t)["position"] for t in (a, b, c)]
+    assert positions == [1, 2, 3]
+    assert me(client, event_id, newcomer.json()["visitor_token"])["position"] == 4

@@ -46,6 +46,7 @@ from altcha import v1 as altcha
 from waitroom.core import clientaddr, keyfiles
 from waitroom.core.errors import Forbidden, Gone, SettingsError
 from waitroom.core.settings import Settings
+from waitroom.line import receipts
 
 #: How long a challenge may be solved and used: long enough for a slow phone at a raised
 #: difficulty, short enough that a farm cannot stock up on cheap ones before a sale.
@@ -268,6 +269,9 @@ class Challenges:
         self.enabled = enabled
         #: ``WAITROOM_CHALLENGE_FOR_USERS``: host-site users need one too.
         self.for_users = for_users
+        #: The key of place receipts (:mod:`waitroom.line.receipts`), derived from the same
+        #: shared secret: every node verifies what any node signed.
+        self.receipt_key = receipts.receipt_key(secret)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Challenges:

@@ -40,7 +40,7 @@ from prometheus_client import Counter
 from waitroom.core import ids
 from waitroom.core.errors import NotFound, Unavailable
 from waitroom.core.keys import EventKeys, Keys
-from waitroom.line import lottery, scripts
+from waitroom.line import lottery, receipts, scripts
 from waitroom.line.eta import RateEstimator
 from waitroom.line.ratelimit import ADDRESS_REQUESTS, JOIN_PER_FAN, JOIN_PER_IP, Decision
 from waitroom.line.scripts import Client, JoinGate, JoinReply, Positions, PressureReply, RoomView
@@ -281,8 +281,18 @@ class Rooms:
         # after the last one PostgreSQL has.
         ek = self.keys.event(event_id)
         admitted_total = 0
-        if self._restore is not None and not await scripts.room_loaded(self.redis, ek):
-            admitted_total = await self._restore(event_id)
+        seq_base = 0
+        if not await scripts.room_loaded(self.redis, ek):
+            if self._restore is not None:
+                admitted_total = await self._restore(event_id)
+            # A new generation of the line: its join numbers start above every earlier one,
+            # so fans put back by their place receipts stay ahead of newcomers.
+            generation = await self.db.fetchval(
+                "UPDATE room_settings SET line_generation = line_generation + 1"
+                " WHERE event_id = $1 RETURNING line_generation",
+                event_id,
+            )
+            seq_base = receipts.generation_base(int(generation or 0))
         fields = {
             "mode": row["queue_mode"],
             "opens_at": repr(row["opens_at"]),
@@ -298,6 +308,7 @@ class Rooms:
             "opened": "1" if drawn else "0",
             "drawn": "1" if drawn else "0",
             "commitment": commitment,
+            "seq_base": str(seq_base),
         }
         await scripts.init_room(self.redis, ek, fields, seed)
 

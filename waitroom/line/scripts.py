@@ -81,6 +81,10 @@ class JoinReply(msgspec.Struct, frozen=True):
     admitted_total: int
     draw_due: bool
     limit: Decision
+    #: The fan's score in the queue (its join number or drawn place): what its receipt names.
+    place: int | None = None
+    #: A receipt put the fan back where it stood before Redis lost the line.
+    restored: bool = False
 
 
 class RoomView(msgspec.Struct, frozen=True):
@@ -137,6 +141,9 @@ class JoinGate(msgspec.Struct, frozen=True):
     subnet_cap: int = 2**31 - 1
     #: What a fan refused by a cap is told to wait (``Retry-After``).
     capped_retry_ms: int = 30_000
+    #: The place a verified receipt proves (:mod:`waitroom.line.receipts`): a fan not in line
+    #: is put back there if Redis lost the line since, else refused ("receipt_stale").
+    receipt_place: int | None = None
 
 
 class PressureReply(msgspec.Struct, frozen=True):
@@ -165,7 +172,7 @@ async def init_room(redis: Client, ek: EventKeys, fields: dict[str, str], seed: 
     args: list[str] = [seed or ""]
     for name, value in fields.items():
         args += [name, value]
-    await INIT_ROOM(redis, [ek.meta, ek.seed], args)
+    await INIT_ROOM(redis, [ek.meta, ek.seed, ek.seq], args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -215,6 +222,7 @@ async def join(
         gate.address,
         gate.subnet,
         gate.capped_retry_ms,
+        "" if gate.receipt_place is None else gate.receipt_place,
     ]
     reply = await JOIN(redis, keys, args)
     if len(reply) == 1:
@@ -237,6 +245,8 @@ async def join(
             retry_after_ms=retry_ms,
             reset_ms=reset_ms,
         ),
+        place=int(reply[13]) if len(reply) > 13 and reply[13] is not None else None,
+        restored=len(reply) > 14 and reply[14] == 1,
     )
 
 

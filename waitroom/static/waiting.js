@@ -28,6 +28,8 @@ const eventId = eventIdFromPath();
 /** The visitor token this tab was issued: it asks for WebSocket tickets where no cookie is kept. */
 const TOKEN_KEY = "waitroom:visitor";
 const firstKey = `waitroom:first:${eventId}`;
+/** The place receipt of this fan's join: it puts the fan back in place if the line is lost. */
+const receiptKey = `waitroom:receipt:${eventId}`;
 
 /** Consecutive WebSocket attempts that ended before any message, before falling back to polling. */
 const FAILURES_BEFORE_POLLING = 3;
@@ -42,6 +44,7 @@ const state = {
   first: null, // the first (largest) position seen: the progress bar's 0 %
   paused: false,
   replaced: false, // the socket gave way to one of a newer tab (4409): wait for "Watch here"
+  restoreTried: false, // the stored place receipt was tried once since the line was lost
 };
 let socket = null;
 let connecting = false; // asking for a ticket, before the socket exists
@@ -257,10 +260,33 @@ function outOfLine(title, text) {
 }
 
 function notInLine() {
+  // The server may have lost the line (its Redis restarted empty): the receipt of our join
+  // puts us back exactly where we were, once. A line that was not lost answers 410, and a fan
+  // who was dropped for being away joins again at the back, as before.
+  const receipt = store.get(receiptKey);
+  if (receipt && !state.restoreTried) {
+    state.restoreTried = true;
+    restorePlace(receipt);
+    return;
+  }
+  store.remove(receiptKey);
   outOfLine(
     "You are no longer in line",
     "You left the line, or were away for longer than the room allows. Joining again puts you at the back.",
   );
+}
+
+async function restorePlace(receipt) {
+  try {
+    const headers = { "X-Place-Receipt": receipt };
+    const { data } = await api(`${eventApi(eventId)}/queue`, { method: "POST", headers });
+    rememberIdentity(data);
+    clearNotice();
+    applyStatus(data);
+    if (!state.done) connect();
+  } catch {
+    notInLine();
+  }
 }
 
 function sessionLost() {
@@ -268,6 +294,8 @@ function sessionLost() {
 }
 
 function rejoin() {
+  store.remove(receiptKey); // a new place at the back, with a receipt of its own
+  state.restoreTried = false;
   state.done = false;
   state.first = null;
   state.position = null;
@@ -422,6 +450,7 @@ async function join() {
       const headers = solution ? { "X-Challenge-Solution": solution } : {};
       const { data } = await api(`${eventApi(eventId)}/queue`, { method: "POST", headers });
       rememberIdentity(data);
+      if (data.place_receipt) store.set(receiptKey, data.place_receipt);
       return data;
     } catch (caught) {
       let error = caught;

@@ -11,21 +11,25 @@
 --       has no history to limit), 8 the verified challenge ('' when none), 9 ms until it
 --       expires, 10 whether a new place needs a challenge (1/0), 11 address cap,
 --       12 subnet cap, 13 the address's counter, 14 the subnet's counter, 15 ms a capped
---       fan is told to wait
+--       fan is told to wait, 16 the place a verified receipt proves ('' when none)
 --
 -- A fan already in line gets its place back without paying again: the challenge and the caps
 -- are only for a new place, and a challenge is spent only when it buys one.
 --
 -- Reply {'no_room'} when the room is not in Redis yet (the caller loads it and retries), else
 -- {outcome, state, rank, created, pass, paused, sold_out, admitted_total, draw_due,
---  limit, remaining, retry_after_ms, reset_ms}
+--  limit, remaining, retry_after_ms, reset_ms, place, restored}
 --   outcome  'joined' | 'limited' | 'challenge_required' | 'challenge_replayed' | 'capped'
+--            | 'receipt_stale' (a receipt of the current line: nothing was lost to restore)
 --   state    'waiting' (rank = fans ahead) | 'prequeue' | 'admitted' (pass) | 'none'
 --            ('none': not in line, because the sale is sold out or the request was refused);
 --            for 'capped': 'address' or 'subnet' (its live places are at the cap)
 --   created  1 when this call gave the fan a new place
 --   draw_due 1 when a lottery room has opened but its draw has not been applied yet
 --   limit..  the rate-limit figures of the bucket that decided (the fan's when both pass)
+--   place    the fan's score in the queue (its join number, or its drawn place), for its
+--            receipt; false when not in the queue
+--   restored 1 when a receipt put the fan back where it was (Redis had lost the line)
 local meta, queue, prequeue = KEYS[1], KEYS[2], KEYS[3]
 -- A meta without its mode was never loaded or was lost (see admission/recovery.py).
 if redis.call('HEXISTS', meta, 'mode') == 0 then
@@ -72,9 +76,9 @@ if mode == 'lottery' and opened ~= '1' and now >= opens_at then
 end
 local draw_due = (mode == 'lottery' and opened == '1' and drawn ~= '1') and 1 or 0
 
-local function reply(state, rank, created, pass)
+local function reply(state, rank, created, pass, place, restored)
   return {'joined', state, rank, created, pass, paused, sold_out, admitted_total, draw_due,
-          limit, bucket_whole(remaining), 0, reset_ms}
+          limit, bucket_whole(remaining), 0, reset_ms, place or false, restored or 0}
 end
 
 if redis.call('HEXISTS', KEYS[5], fan) == 1 then
@@ -83,10 +87,11 @@ if redis.call('HEXISTS', KEYS[5], fan) == 1 then
     redis.call('ZADD', KEYS[6], now, fan)
     -- As in positions.lua: unplaced pre-queue fans go ahead of FIFO places only.
     local unplaced = redis.call('ZCARD', prequeue)
-    if unplaced > 0 and tonumber(redis.call('ZSCORE', queue, fan)) > 0 then
+    local place = tonumber(redis.call('ZSCORE', queue, fan))
+    if unplaced > 0 and place > 0 then
       rank = rank + unplaced
     end
-    return reply('waiting', rank, 0, false)
+    return reply('waiting', rank, 0, false, string.format('%d', place))
   end
   if redis.call('ZSCORE', prequeue, fan) then
     redis.call('ZADD', KEYS[6], now, fan)
@@ -108,6 +113,25 @@ local function refused(outcome, state, retry_ms)
   return {outcome, state, false, 0, false, paused, sold_out, admitted_total, draw_due,
           limit, bucket_whole(remaining), retry_ms, reset_ms}
 end
+-- A receipt of a place in an earlier generation of the line (one Redis lost): the fan goes
+-- back exactly there, ahead of everyone who joined since, without paying for it again.
+if ARGV[16] ~= '' then
+  local place = tonumber(ARGV[16])
+  local base = tonumber(redis.call('HGET', meta, 'seq_base') or '0') or 0
+  if place >= base then
+    return refused('receipt_stale', 'none', 0)
+  end
+  local text = string.format('%d', place)
+  redis.call('HSET', KEYS[5], fan, text)  -- no address: a restored place is not counted
+  redis.call('ZADD', KEYS[6], now, fan)
+  redis.call('ZADD', queue, text, fan)
+  local rank = redis.call('ZRANK', queue, fan)
+  if place > 0 then
+    rank = rank + redis.call('ZCARD', prequeue)
+  end
+  return reply('waiting', rank, 1, false, text, 1)
+end
+
 local challenge, need = ARGV[8], ARGV[10] == '1'
 if need and challenge == '' then
   return refused('challenge_required', 'none', 0)
@@ -138,4 +162,4 @@ end
 redis.call('ZADD', queue, seq, fan)
 -- Pre-queue fans not yet placed by a draw will all go ahead of this fan.
 local rank = redis.call('ZRANK', queue, fan) + redis.call('ZCARD', prequeue)
-return reply('waiting', rank, 1, false)
+return reply('waiting', rank, 1, false, string.format('%d', seq))
