@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
+import redis.exceptions
 import yaml
+from redis import Redis as SyncRedis
 
-from tests.harness import ROOT
+from tests.harness import ROOT, free_port
 from waitroom.cli import build_parser
 from waitroom.core.settings import load_settings
 from workers import mock_provider
@@ -77,3 +82,40 @@ def test_compose_sets_only_settings_the_loader_knows() -> None:
         for k, v in resolved.items()
     }
     load_settings(resolved)  # raises on an unknown or malformed WAITROOM_* variable
+
+
+def test_compose_runs_redis_durably_with_a_replica_and_the_options_are_real(
+    tmp_path: Path,
+) -> None:
+    services = _compose()["services"]
+    primary, replica = services["redis"]["command"], services["redis-replica"]["command"]
+    for command in (primary, replica):
+
+        def option(name: str, command: list[str] = command) -> str:
+            return command[command.index(name) + 1]
+
+        assert option("--appendonly") == "yes"
+        assert option("--appendfsync") == "everysec"
+        assert option("--maxmemory-policy") == "noeviction"
+    assert replica[replica.index("--replicaof") + 1 :][:2] == ["redis", "6379"]
+    # The machine's redis-server takes the primary's options as written (the same major
+    # version as the image): start it with them on a free port and read them back.
+    port = free_port()
+    argv = ["redis-server", *primary[1:], "--port", str(port), "--dir", str(tmp_path)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = SyncRedis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        client.close()
+    finally:
+        process.kill()
+        process.wait()
