@@ -15,13 +15,19 @@ Lifecycle of an order::
 Each attempt is its own ``payments`` row with the charge key ``"{order_id}:{n}"``: the
 provider charges a key at most once, so a retried *attempt* can never charge twice, while a
 fan's new attempt (after a decline) is a new charge.
+
+An order's history is in ``order_events``, one row per step written in the transaction of
+the step (:func:`record_event`; read with :func:`order_history`): ``payment.started`` here,
+``payment.succeeded`` and ``payment.failed`` by the payment workers, ``payment.reconciled``
+by the reconciler (``workers.reconcile``), which settles payments that ended without knowing
+whether the provider charged, and says what it found and did.
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -37,6 +43,52 @@ class PaymentRefused(Conflict):
 
 #: PostgreSQL channel a new pending payment is announced on, so idle workers wake at once.
 PAYMENTS_CHANNEL = "waitroom_payments"
+
+#: Kinds of ``order_events`` rows.
+PAYMENT_STARTED = "payment.started"
+PAYMENT_SUCCEEDED = "payment.succeeded"
+PAYMENT_FAILED = "payment.failed"
+PAYMENT_RECONCILED = "payment.reconciled"
+
+
+async def record_event(
+    conn: Conn, order_id: str, kind: str, *, payment_id: str | None = None, **detail: Any
+) -> None:
+    """Add a step to the order's history, on ``conn`` (inside the step's own transaction)."""
+    await conn.execute(
+        "INSERT INTO order_events (order_id, payment_id, kind, detail) VALUES ($1, $2, $3, $4)",
+        order_id,
+        payment_id,
+        kind,
+        msgspec.json.encode(detail).decode(),
+    )
+
+
+class OrderEvent(msgspec.Struct, frozen=True):
+    """One step of an order's history."""
+
+    at: datetime
+    kind: str
+    payment_id: str | None
+    detail: dict[str, Any]
+
+
+async def order_history(conn: Conn, order_id: str) -> list[OrderEvent]:
+    """The order's history, oldest first."""
+    rows = await conn.fetch(
+        "SELECT at, kind, payment_id::text, detail::text FROM order_events"
+        " WHERE order_id = $1::uuid ORDER BY id",
+        _uuid(order_id),
+    )
+    return [
+        OrderEvent(
+            at=r["at"],
+            kind=r["kind"],
+            payment_id=r["payment_id"],
+            detail=msgspec.json.decode(r["detail"]),
+        )
+        for r in rows
+    ]
 
 
 async def start_payment(conn: Conn, hold_id: str, fan_id: str, method: str) -> tuple[str, str]:
@@ -128,6 +180,14 @@ async def start_payment(conn: Conn, hold_id: str, fan_id: str, method: str) -> t
         await conn.execute(
             "UPDATE orders SET status = 'awaiting_payment' WHERE id = $1 AND status <> 'awaiting_payment'",
             order["id"],
+        )
+        await record_event(
+            conn,
+            order_id,
+            PAYMENT_STARTED,
+            payment_id=payment_id,
+            attempt=attempt,
+            method=method,
         )
         # Delivered at commit; workers that are idle claim the attempt at once instead of
         # at their next poll.

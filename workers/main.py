@@ -1,11 +1,25 @@
-"""``waitroom workers``: the payment pool, the outbox relay and the safety net in one process.
+"""``waitroom workers``: payments, reconciliation, the outbox and the safety net in one process.
 
 The process's composition root, :func:`open_worker_services`, opens its clients (Redis, a
 PostgreSQL pool, an inventory host, an HTTP client for the provider); :func:`run_workers` runs
-the three loops until SIGTERM or SIGINT, then shuts down gracefully: every loop stops taking new work, payments in flight get ``drain_s`` to finish and are then
-handed back to ``pending`` (their keys make the next claim resume them safely), the relay
-finishes its batch, and the clients close. Nothing is lost: whatever was not finished is
-still in PostgreSQL for the next process.
+the loops until SIGTERM or SIGINT:
+
+- ``payments``: the payment pool (:mod:`workers.payments`), heartbeating its claims and
+  taking over those of stalled workers;
+- ``reconcile``: the reconciler (:mod:`workers.reconcile`), every
+  ``WAITROOM_PAYMENT_RECONCILE_INTERVAL_S``; runs with the payments (``payments=False`` turns
+  both off);
+- ``outbox``: the relay to the Redis stream, and ``outbox-tasks``: the consumer of the
+  outbox's tasks (:func:`workers.outbox.run_handlers`; today ``pass.spent``, which spends the
+  pass of a paid order in Redis); both run with ``relay``;
+- ``safety-net``: lapsed holds of events nobody hosts, and the idempotency records' purge.
+
+It then shuts down gracefully: every loop stops taking new work, payments in flight get
+``drain_s`` to finish and are then handed back to ``pending`` (their keys make the next claim
+resume them safely), the relay finishes its batch, and the clients close. Nothing is lost:
+whatever was not finished is still in PostgreSQL for the next process.
+
+:func:`reconcile_payments` is ``waitroom payments reconcile``: one reconciliation pass.
 """
 
 from __future__ import annotations
@@ -19,12 +33,12 @@ from typing import Any
 
 import httpx
 
-from admission.operators import spend_pass
 from inventory.hosting import InventoryHost
 from waitroom.core.clients import Clients, open_clients
 from waitroom.core.settings import Settings
-from workers.outbox import run_relay
+from workers.outbox import PASS_SPENT, Handler, pass_spent_handler, run_handlers, run_relay
 from workers.payments import PaymentPool
+from workers.reconcile import Reconciler, ReconcileReport
 from workers.safety import run_safety_net
 
 log = logging.getLogger("waitroom.workers")
@@ -42,9 +56,20 @@ class WorkerServices:
     #: The payment provider's HTTP client.
     http: httpx.AsyncClient
 
-    async def on_paid(self, event_id: str, jti: str) -> None:
-        """The fan is done shopping: the pass frees its slot and cannot reserve again."""
-        await spend_pass(self.clients.redis, self.clients.keys, event_id, jti)
+    def outbox_handlers(self) -> dict[str, Handler]:
+        """The outbox tasks this process runs, by topic."""
+        return {PASS_SPENT: pass_spent_handler(self.clients.redis, self.clients.keys)}
+
+    def reconciler(self) -> Reconciler:
+        """A reconciler on this process's clients, with the settings' timeouts."""
+        settings = self.clients.settings
+        return Reconciler(
+            self.clients.db,
+            self.inventory,
+            self.http,
+            timeout_s=settings.payment_timeout_s,
+            heartbeat_timeout_s=settings.payment_heartbeat_timeout_s,
+        )
 
 
 async def open_worker_services(settings: Settings, stack: AsyncExitStack) -> WorkerServices:
@@ -94,13 +119,26 @@ async def run_workers(
                     concurrency=settings.payment_concurrency,
                     timeout_s=settings.payment_timeout_s,
                     drain_s=drain_s,
-                    on_paid=svc.on_paid,
+                    heartbeat_timeout_s=settings.payment_heartbeat_timeout_s,
+                    reconcile_delay_s=settings.payment_reconcile_delay_s,
                 )
                 tasks.append(asyncio.create_task(payment_pool.run(stop), name="payments"))
+                reconciler = svc.reconciler()
+                tasks.append(
+                    asyncio.create_task(
+                        reconciler.run(stop, interval_s=settings.payment_reconcile_interval_s),
+                        name="reconcile",
+                    )
+                )
             c = svc.clients
             if relay:
                 tasks.append(
                     asyncio.create_task(run_relay(c.db, c.redis, c.keys, stop), name="outbox")
+                )
+                tasks.append(
+                    asyncio.create_task(
+                        run_handlers(c.db, svc.outbox_handlers(), stop), name="outbox-tasks"
+                    )
                 )
             if safety_net:
                 tasks.append(
@@ -140,6 +178,16 @@ async def run_workers(
         for sig in handled:
             loop.remove_signal_handler(sig)
         log.info("workers stopped")
+
+
+async def reconcile_payments(settings: Settings) -> ReconcileReport:
+    """One reconciliation pass with the workers' clients (``waitroom payments reconcile``).
+
+    Safe while workers run: reconcilers fence each other (see :mod:`workers.reconcile`).
+    """
+    async with AsyncExitStack() as stack:
+        svc = await open_worker_services(settings, stack)
+        return await svc.reconciler().run_once()
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -11,11 +11,16 @@ API (JSON; errors use waitroom's error body):
   charge with 200 and never charges twice; the same key with a different body is 422
   ``idempotency_key_reused``. A declined charge is recorded too, so its key stays declined.
 - ``GET /v1/charges/{id}`` → the charge.
+- ``GET /v1/charges?idempotency_key=KEY`` → the charge made under ``KEY`` (declined ones
+  included), or 404 ``charge_not_found`` when no request under it has charged (yet: a request
+  still in flight may charge later, so a reconciler asks only once its own requests are long
+  over). What real providers offer to find out what a request whose answer was lost did.
 - ``POST /v1/refunds`` ``{"charge_id"}`` → 201 ``{"id", "charge_id", "amount_minor", "status"}``;
   a charge is refunded at most once (a second refund answers the first with 200).
 - ``GET /v1/stats`` → counts that let tests prove no double charge: ``charges``,
-  ``succeeded``, ``declined``, ``refunds``, ``attempts`` (requests per idempotency key) and
-  ``captured_by_reference`` (succeeded, unrefunded charges per reference).
+  ``succeeded``, ``declined``, ``refunds``, ``attempts`` (requests per idempotency key),
+  ``captured_by_reference`` (succeeded, unrefunded charges per reference),
+  ``refunds_by_reference`` and ``lookups`` (charges looked up by key).
 - ``GET|POST /v1/control`` → read or replace the behaviour (fields of :class:`Control`):
   latency, random decline / error (503) / hang rates, methods that always decline.
 
@@ -134,6 +139,10 @@ class Stats(msgspec.Struct, frozen=True):
     attempts: dict[str, int]
     #: Succeeded, unrefunded charges per reference: more than 1 is a double charge.
     captured_by_reference: dict[str, int]
+    #: Requests of ``GET /v1/charges?idempotency_key=``.
+    lookups: int = 0
+    #: Refunds per reference.
+    refunds_by_reference: dict[str, int] = {}
 
 
 @dataclass
@@ -146,6 +155,7 @@ class Provider:
     by_key: dict[str, tuple[ChargeRequest, str]] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
     refunds: dict[str, Refund] = field(default_factory=dict)  # by charge id
+    lookups: int = 0
 
     def configure(self, control: Control) -> None:
         self.control = control
@@ -153,9 +163,12 @@ class Provider:
 
     def stats(self) -> Stats:
         captured: dict[str, int] = {}
+        refunded: dict[str, int] = {}
         for charge in self.charges.values():
             if charge.status == "succeeded" and not charge.refunded:
                 captured[charge.reference] = captured.get(charge.reference, 0) + 1
+            if charge.refunded:
+                refunded[charge.reference] = refunded.get(charge.reference, 0) + 1
         return Stats(
             charges=len(self.charges),
             succeeded=sum(c.status == "succeeded" for c in self.charges.values()),
@@ -163,6 +176,8 @@ class Provider:
             refunds=len(self.refunds),
             attempts=dict(self.attempts),
             captured_by_reference=captured,
+            lookups=self.lookups,
+            refunds_by_reference=refunded,
         )
 
 
@@ -233,6 +248,26 @@ async def create_charge(request: Request) -> Response:
     return JSONResponse(charge, status_code=201)
 
 
+async def find_charge(request: Request) -> Response:
+    """``GET /v1/charges?idempotency_key=KEY``: the charge a key made, if any."""
+    provider = _provider(request)
+    key = request.query_params.get("idempotency_key", "").strip()
+    if not key or len(key) > 200:
+        raise BadRequest(
+            "give the idempotency_key query parameter (1-200 characters)",
+            code="idempotency_key_missing",
+        )
+    provider.lookups += 1
+    control = provider.control
+    await _pause(control)
+    if provider.rng.random() < control.error_rate:
+        raise _unavailable()
+    known = provider.by_key.get(key)
+    if known is None:
+        raise NotFound("no charge was made with this key", code="charge_not_found")
+    return JSONResponse(provider.charges[known[1]])
+
+
 async def get_charge(request: Request) -> Response:
     """``GET /v1/charges/{id}``."""
     charge = _provider(request).charges.get(request.path_params["charge_id"])
@@ -289,6 +324,7 @@ def create_app(control: Control | None = None) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/charges", create_charge, methods=["POST"]),
+            Route("/v1/charges", find_charge, methods=["GET"]),
             Route("/v1/charges/{charge_id}", get_charge, methods=["GET"]),
             Route("/v1/refunds", create_refund, methods=["POST"]),
             Route("/v1/stats", stats, methods=["GET"]),

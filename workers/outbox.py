@@ -20,6 +20,31 @@ Failures:
   block the rest.
 - Redis being unreachable is nobody's message's fault: the whole batch rolls back with no
   attempt counted and the relay backs off, so an outage never dead-letters anything.
+
+Tasks: the workers act on some messages themselves
+--------------------------------------------------
+
+A row written with ``handle_after`` set (a timestamp, normally ``now()``) is also a task for
+the outbox consumer (:func:`handle_once`, :func:`run_handlers`), which runs the handler of its
+topic. The one topic with a handler is :data:`PASS_SPENT`, written by the payment workers in
+the transaction that marks an order paid: its handler (:func:`pass_spent_handler`) marks the
+queue pass spent and frees its admission slot in Redis (:func:`admission.operators.spend_pass`).
+So whatever happens to Redis or to the process after that commit, the slot is freed once
+Redis answers again, with no operator.
+
+- Claiming a task pushes its ``handle_after`` ``lease_s`` ahead and counts a
+  ``handle_attempts``: a consumer that dies mid-task leaves it to be claimed again after the
+  lease, so handlers run at least once and must be idempotent (spending a pass twice is).
+- Done: ``handled_at`` is set and ``handle_after`` goes back to NULL (off the partial index
+  ``outbox_handle_due``), fenced by the claim's ``handle_attempts``.
+- Failed (Redis down, or anything else): ``handle_after`` moves ahead by a full-jitter
+  backoff (:data:`TASK_BASE_BACKOFF_S` doubling to :data:`TASK_MAX_BACKOFF_S`) and
+  ``handle_error`` says why. A task is never dropped or dead-lettered: what it does must
+  happen, so it is retried until it does, and logged as an error from
+  :data:`TASK_LOUD_AFTER` attempts on, for an operator to look at.
+
+Publishing and handling are independent: the relay publishes task rows like any other
+(consumers of the stream see ``pass.spent`` too), whichever of the two comes first.
 """
 
 from __future__ import annotations
@@ -27,7 +52,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import asyncpg
@@ -36,6 +62,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.typing import EncodableT, FieldT
 
+from admission.operators import spend_pass
 from waitroom.core.keys import Keys
 
 log = logging.getLogger("waitroom.outbox")
@@ -229,3 +256,196 @@ async def run_relay(
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+# --- tasks: messages the workers act on themselves ------------------------------------------
+
+#: Topic of the task written when an order is paid: the pass is spent (see the docstring).
+PASS_SPENT = "pass.spent"
+TASK_BATCH = 100
+#: How long a claimed task is left to its consumer before another may claim it again.
+TASK_LEASE_S = 30.0
+TASK_BASE_BACKOFF_S = 0.25
+TASK_MAX_BACKOFF_S = 10.0
+#: Bound on one handler run; a slower one counts as failed (and is retried).
+TASK_TIMEOUT_S = 10.0
+#: Failures of one task after which each further one is logged as an error.
+TASK_LOUD_AFTER = 10
+
+
+class PassSpent(msgspec.Struct, frozen=True):
+    """Payload of :data:`PASS_SPENT`: the order paid with the pass ``jti`` of ``fan_id``."""
+
+    order_id: str
+    fan_id: str
+    jti: str
+
+
+class OutboxTask(msgspec.Struct, frozen=True):
+    """An outbox row claimed for its handler; ``attempts`` counts this claim."""
+
+    id: int
+    event_id: str
+    topic: str
+    payload: str
+    attempts: int
+
+
+#: Runs one task; raises to have it retried later. Must be idempotent (at least once).
+Handler = Callable[[OutboxTask], Awaitable[object]]
+
+
+def pass_spent_handler(redis: Redis, keys: Keys) -> Handler:
+    """The handler of :data:`PASS_SPENT`: spend the pass in Redis (idempotent)."""
+
+    async def spend(task: OutboxTask) -> None:
+        message = msgspec.json.decode(task.payload, type=PassSpent)
+        await spend_pass(redis, keys, task.event_id, message.jti)
+
+    return spend
+
+
+def task_backoff(
+    attempts: int,
+    rng: random.Random,
+    *,
+    base: float = TASK_BASE_BACKOFF_S,
+    cap: float = TASK_MAX_BACKOFF_S,
+) -> float:
+    """Seconds until a task that failed ``attempts`` times is tried again (full jitter)."""
+    return rng.random() * min(cap, base * 2.0 ** min(max(attempts, 1) - 1, 32))
+
+
+_CLAIM_TASKS = """
+WITH due AS (
+    SELECT id FROM outbox
+     WHERE handle_after <= now() AND topic = ANY($1::text[])
+     ORDER BY handle_after LIMIT $2
+     FOR UPDATE SKIP LOCKED)
+UPDATE outbox o
+   SET handle_after = now() + make_interval(secs => $3), handle_attempts = o.handle_attempts + 1
+  FROM due WHERE o.id = due.id
+RETURNING o.id, o.event_id, o.topic, o.payload::text AS payload, o.handle_attempts AS attempts
+"""
+
+# Both fenced by the claim: a consumer whose lease ran out writes nothing over the next claim.
+_TASKS_DONE = """
+UPDATE outbox o SET handle_after = NULL, handled_at = now(), handle_error = NULL
+  FROM unnest($1::bigint[], $2::integer[]) AS d(id, attempts)
+ WHERE o.id = d.id AND o.handle_attempts = d.attempts AND o.handle_after IS NOT NULL
+"""
+_TASKS_FAILED = """
+UPDATE outbox o
+   SET handle_after = now() + make_interval(secs => d.delay), handle_error = d.error
+  FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::text[])
+       AS d(id, attempts, delay, error)
+ WHERE o.id = d.id AND o.handle_attempts = d.attempts AND o.handle_after IS NOT NULL
+"""
+
+
+async def handle_once(
+    pool: asyncpg.Pool[Any],
+    handlers: Mapping[str, Handler],
+    *,
+    batch: int = TASK_BATCH,
+    lease_s: float = TASK_LEASE_S,
+    timeout_s: float = TASK_TIMEOUT_S,
+    base_backoff_s: float = TASK_BASE_BACKOFF_S,
+    max_backoff_s: float = TASK_MAX_BACKOFF_S,
+    rng: random.Random | None = None,
+) -> tuple[int, int]:
+    """Claim the due tasks of ``handlers``' topics (at most ``batch``), run them at once.
+
+    Returns ``(done, failed)``. Raises only when PostgreSQL cannot be reached to claim; a
+    failure to record the outcomes is logged, and the lease brings those tasks back.
+    """
+    if not handlers:
+        return 0, 0
+    rng = rng or random.Random()
+    records = await pool.fetch(_CLAIM_TASKS, list(handlers), batch, lease_s)
+    if not records:
+        return 0, 0
+    tasks = [OutboxTask(**dict(r)) for r in records]
+
+    async def run(task: OutboxTask) -> None:
+        async with asyncio.timeout(timeout_s):
+            await handlers[task.topic](task)
+
+    results = await asyncio.gather(*(run(t) for t in tasks), return_exceptions=True)
+    done: list[OutboxTask] = []
+    failed: list[tuple[OutboxTask, str]] = []
+    for task, result in zip(tasks, results, strict=True):
+        if isinstance(result, BaseException):
+            failed.append((task, _describe(result)))
+        else:
+            done.append(task)
+    try:
+        if done:
+            await pool.execute(_TASKS_DONE, [t.id for t in done], [t.attempts for t in done])
+        if failed:
+            await pool.execute(
+                _TASKS_FAILED,
+                [t.id for t, _ in failed],
+                [t.attempts for t, _ in failed],
+                [
+                    task_backoff(t.attempts, rng, base=base_backoff_s, cap=max_backoff_s)
+                    for t, _ in failed
+                ],
+                [error[:1000] for _, error in failed],
+            )
+    except Exception as exc:  # the lease brings them back; handlers are idempotent
+        log.warning("could not record outbox task outcomes", extra={"error": repr(exc)})
+    for task, error in failed:
+        level = logging.ERROR if task.attempts >= TASK_LOUD_AFTER else logging.WARNING
+        log.log(
+            level,
+            "outbox task failed; will retry",
+            extra={
+                "outbox_id": task.id,
+                "topic": task.topic,
+                "attempts": task.attempts,
+                "error": error,
+            },
+        )
+    return len(done), len(failed)
+
+
+async def run_handlers(
+    pool: asyncpg.Pool[Any],
+    handlers: Mapping[str, Handler],
+    stop: asyncio.Event,
+    *,
+    interval_s: float = 0.1,
+    lease_s: float = TASK_LEASE_S,
+    base_backoff_s: float = TASK_BASE_BACKOFF_S,
+    max_backoff_s: float = TASK_MAX_BACKOFF_S,
+) -> None:
+    """Run due tasks until ``stop`` is set; outages of PostgreSQL are retried with backoff.
+
+    A full batch is followed by the next at once; otherwise the consumer waits ``interval_s``
+    (the longest a paid order's pass stays unspent while Redis is up).
+    """
+    rng = random.Random()
+    failures = 0
+    while not stop.is_set():
+        try:
+            done, failed = await asyncio.shield(
+                handle_once(
+                    pool,
+                    handlers,
+                    lease_s=lease_s,
+                    base_backoff_s=base_backoff_s,
+                    max_backoff_s=max_backoff_s,
+                    rng=rng,
+                )
+            )
+            failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failures += 1
+            log.warning("outbox consumer failed", extra={"error": repr(exc), "failures": failures})
+            await _wait(stop, min(5.0, 0.1 * 2**failures))
+            continue
+        if done + failed < TASK_BATCH:
+            await _wait(stop, interval_s)

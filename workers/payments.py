@@ -3,15 +3,25 @@
 A payment attempt is a ``payments`` row (see :mod:`inventory.orders`); its state machine is::
 
     pending ──claim──▶ processing ──▶ succeeded   (order paid, tickets issued)
-       ▲                  │       └─▶ failed      (declined, refunded, gave up)
-       └── retry / lease ─┘
+       ▲                  │       └─▶ failed ──reconciled──▶ succeeded
+       └─ retry, hand-back,┘
+          heartbeat lost
 
 Workers (any number, in any number of processes) claim due rows with ``FOR UPDATE SKIP
 LOCKED``; claiming bumps ``attempts``, which doubles as the claim's fencing token: every later
 write of that claim is ``WHERE state = 'processing' AND attempts = <claimed>``, so a worker
-that stalled past its lease (the row went back to pending and someone else claimed it) can
-no longer write. A ``processing`` row not touched for ``lease_s`` belonged to a dead worker and
-goes back to ``pending``.
+that stalled (its row went back to pending and someone else claimed it) can no longer write.
+
+Heartbeats and takeover: while a pool runs attempts, one task of the pool refreshes the
+``updated_at`` of all its claims every ``heartbeat_timeout_s / 4`` (one statement for all of
+them, fenced by ``attempts`` like every other write, so it can never revive a claim that was
+taken over), however long a provider call or an inventory retry takes. A ``processing`` row
+not refreshed for ``heartbeat_timeout_s`` (``WAITROOM_PAYMENT_HEARTBEAT_TIMEOUT_S``, 4 s)
+belonged to a worker that died, hangs, or lost PostgreSQL: :meth:`PaymentPool.recover_stale`,
+run by every pool once per heartbeat interval, hands it back to ``pending``, due now, and the
+next claim takes it over within a few seconds. A stalled worker that comes back is fenced off;
+repeating its steps is safe (below), so a takeover of a worker that was merely slow costs a
+repeated, idempotent request and nothing else.
 
 One attempt, and why it is safe to repeat any prefix of it:
 
@@ -20,15 +30,26 @@ One attempt, and why it is safe to repeat any prefix of it:
    retried with exponential backoff and full jitter (:func:`backoff`) up to ``max_attempts``.
 2. Confirm the hold through the event's inventory actor with ``payment_ref = charge id`` and
    the idempotency key ``charge:{charge id}``: a repeat returns the first answer.
-3. ``Confirmed``: one PostgreSQL transaction marks the order paid, the payment succeeded and
-   issues the tickets, guarded by the order's row lock (an order already paid gets nothing
-   more); then the ``on_paid`` hook frees the fan's admission slot.
+3. ``Confirmed``: one PostgreSQL transaction (:func:`pay_order`) marks the order paid, the
+   payment succeeded, issues the tickets, and writes the outbox message ``tickets.issued``
+   and the task ``pass.spent``, guarded by the order's row lock (an order already paid gets
+   nothing more). The outbox consumer (:mod:`workers.outbox`) then marks the pass spent and
+   frees its admission slot in Redis, retrying until Redis answers: nothing depends on Redis
+   being up at the moment of the commit, and nothing is dropped if it is not.
 4. Refused because the hold lapsed, was cancelled, or was paid by another attempt: the charge
    is refunded (idempotent per charge) and the attempt fails.
 
 Once a charge exists the attempt never gives up on a transient error (inventory or refund
 unavailable): it retries until the inventory answers for good, because a charge must end as
 tickets or as a refund.
+
+What one attempt cannot know: an attempt that gives up after transient errors of the charge
+itself (every request timed out, or answered 5xx) does not know whether the provider charged;
+a charge may have gone through and only its answer been lost. It fails with ``reconcile =
+'due'`` (after ``reconcile_delay_s``, when no request under its key can still be in flight),
+and :mod:`workers.reconcile` asks the provider for the charge by its key and completes the
+order or refunds the charge: the ``failed`` to ``succeeded`` move above is that completion.
+Every step lands in the order's history (``order_events``, :func:`inventory.orders.record_event`).
 """
 
 from __future__ import annotations
@@ -40,7 +61,6 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import asyncpg
@@ -55,30 +75,41 @@ from inventory.ledger import (
     Confirmed,
     Refused,
 )
-from inventory.orders import PAYMENTS_CHANNEL
+from inventory.orders import (
+    PAYMENT_FAILED,
+    PAYMENT_SUCCEEDED,
+    PAYMENTS_CHANNEL,
+    record_event,
+)
+from inventory.store import Conn
 from waitroom.core.errors import Unavailable, WaitroomError
+from workers.outbox import PASS_SPENT, PassSpent
 
 log = logging.getLogger("waitroom.payments")
 
 PaymentState = Literal["pending", "processing", "succeeded", "failed"]
 
-#: The moves a payment may make; succeeded and failed are final.
+#: The moves a payment may make; succeeded is final, and failed only moves on when the
+#: reconciler finds that the provider did charge and completes the order with that charge.
 TRANSITIONS: dict[PaymentState, frozenset[PaymentState]] = {
     "pending": frozenset({"processing"}),
     "processing": frozenset({"pending", "succeeded", "failed"}),
     "succeeded": frozenset(),
-    "failed": frozenset(),
+    "failed": frozenset({"succeeded"}),
 }
 
 MAX_ATTEMPTS = 5
 BASE_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
-LEASE_S = 30.0
+#: A ``processing`` row not heartbeated for this long is taken over (the setting's default).
+HEARTBEAT_TIMEOUT_S = 4.0
+#: Heartbeats per timeout: a claim survives this many missed heartbeats but one.
+HEARTBEATS_PER_TIMEOUT = 4
+#: How long after an ambiguous failure the reconciler may ask the provider (the default of
+#: ``WAITROOM_PAYMENT_RECONCILE_DELAY_S``).
+RECONCILE_DELAY_S = 60.0
 #: Bytes of randomness per ticket code: 144 bits, 24 URL-safe characters.
 TICKET_CODE_BYTES = 18
-
-#: Called after an order is paid with ``(event_id, pass_jti)``: frees the fan's admission slot.
-OnPaid = Callable[[str, str], Awaitable[object]]
 
 
 def can_move(current: PaymentState, new: PaymentState) -> bool:
@@ -162,6 +193,234 @@ def after_transient_error(
     return GiveUp()
 
 
+# --- the provider --------------------------------------------------------------------------
+
+
+class ProviderCharge(msgspec.Struct, frozen=True):
+    """The part of the provider's charge the workers read."""
+
+    id: str
+    status: Literal["succeeded", "declined"]
+    refunded: bool = False
+
+
+class ProviderUnavailable(Exception):
+    """Worth retrying: the provider timed out, answered 5xx or 429, or was unreachable."""
+
+
+class ProviderRefused(Exception):
+    """Not worth retrying: the provider refused the request itself (4xx)."""
+
+
+#: How a refund request ended: given back (or nothing was taken: a declined charge), or
+#: refused for good (a 4xx; an operator has to look).
+RefundResult = Literal["refunded", "refused"]
+
+
+class ProviderClient:
+    """The provider's API as the workers use it; each call is bounded by ``timeout_s`` in all.
+
+    ``http`` is a client whose ``base_url`` is the provider.
+    """
+
+    def __init__(self, http: httpx.AsyncClient, timeout_s: float) -> None:
+        self.http = http
+        self.timeout_s = timeout_s
+
+    async def charge(self, p: Claimed) -> ProviderCharge:
+        """``POST /v1/charges`` under the attempt's charge key (charges at most once)."""
+        response = await self._send(
+            "POST",
+            "/v1/charges",
+            json={
+                "amount_minor": p.amount_minor,
+                "currency": p.currency,
+                "method": p.method,
+                "reference": p.order_id,
+            },
+            headers={"Idempotency-Key": p.charge_key},
+        )
+        if response.status_code not in (200, 201):
+            raise ProviderRefused(f"provider refused the charge: {describe(response)}")
+        return _charge_of(response)
+
+    async def find_charge(self, charge_key: str) -> ProviderCharge | None:
+        """The charge made under ``charge_key``, or None if no request under it charged."""
+        response = await self._send("GET", "/v1/charges", params={"idempotency_key": charge_key})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise ProviderRefused(f"provider refused the lookup: {describe(response)}")
+        return _charge_of(response)
+
+    async def refund(self, charge_id: str) -> tuple[RefundResult, str]:
+        """Give a whole charge back (at most once per charge); ``(result, provider's answer)``."""
+        response = await self._send(
+            "POST",
+            "/v1/refunds",
+            json={"charge_id": charge_id},
+            headers={"Idempotency-Key": f"refund:{charge_id}"},
+        )
+        # 409: the charge was declined after all, nothing to give back.
+        if response.status_code in (200, 201, 409):
+            return "refunded", describe(response)
+        return "refused", describe(response)
+
+    async def _send(self, method: str, path: str, **options: Any) -> httpx.Response:
+        """One request within the timeout; 5xx and 429 are transient."""
+        try:
+            # A total bound, not httpx's per-read one: a provider that trickles bytes must
+            # not hold a worker slot past the attempt's budget either.
+            async with asyncio.timeout(self.timeout_s):
+                response = await self.http.request(method, path, timeout=self.timeout_s, **options)
+        except (TimeoutError, httpx.TimeoutException):
+            raise ProviderUnavailable(f"provider timed out after {self.timeout_s:g}s") from None
+        except httpx.TransportError as exc:
+            raise ProviderUnavailable(f"provider unreachable: {type(exc).__name__}") from None
+        if response.status_code >= 500 or response.status_code == 429:
+            raise ProviderUnavailable(f"provider answered {response.status_code}")
+        return response
+
+
+def _charge_of(response: httpx.Response) -> ProviderCharge:
+    try:
+        return msgspec.json.decode(response.content, type=ProviderCharge)
+    except msgspec.DecodeError:
+        # Odd, but every request of the workers is safe to repeat.
+        raise ProviderUnavailable("provider answered an unreadable charge") from None
+
+
+def describe(response: httpx.Response) -> str:
+    """``"409 charge_declined"``: the status and the error code of a provider's answer."""
+    try:
+        code = response.json()["error"]["code"]
+    except Exception:
+        code = None
+    return f"{response.status_code} {code}" if code else str(response.status_code)
+
+
+# --- the inventory's verdict on a charge, and paying an order ---------------------------------
+
+
+class Paid(msgspec.Struct, frozen=True):
+    """The hold is paid with this charge: the order gets its tickets."""
+
+
+class GiveBack(msgspec.Struct, frozen=True):
+    """The hold will never be paid with this charge: refund it. ``fail_order``: the order
+    fails too (not when another charge paid it)."""
+
+    reason: str
+    fail_order: bool
+
+
+async def confirm_charge(
+    host: InventoryHost,
+    pool: asyncpg.Pool[Any],
+    *,
+    event_id: str,
+    hold_id: str,
+    fan_id: str,
+    charge_id: str,
+) -> Paid | GiveBack:
+    """Confirm the hold with ``charge_id`` through the event's actor; what to do with the charge.
+
+    Idempotent (the confirm's key is ``charge:{charge_id}``, and a hold already paid with
+    this very charge is :class:`Paid` again). Raises :class:`~waitroom.core.errors.Unavailable`
+    while the inventory cannot answer: retry, the charge must end as tickets or as a refund.
+    """
+    command = Confirm(hold_id, fan_id, charge_id, f"charge:{charge_id}")
+    try:
+        result = await host.ask(event_id, command)
+    except Unavailable:
+        raise
+    except WaitroomError as exc:  # e.g. the event is gone: it will never confirm
+        return GiveBack(exc.code, fail_order=True)
+    if isinstance(result, Confirmed):
+        return Paid()
+    if isinstance(result, Refused):
+        if result.code == ALREADY_CONFIRMED:
+            paid_by = await pool.fetchval("SELECT payment_ref FROM holds WHERE id = $1", hold_id)
+            if paid_by == charge_id:  # ours, answered again: finish the job
+                return Paid()
+            return GiveBack("order already paid", fail_order=False)
+        reason = "hold cancelled" if result.code == HOLD_CANCELLED else "hold expired"
+        if result.code not in (HOLD_CANCELLED, "hold_expired", "hold_not_found"):
+            reason = result.code
+        return GiveBack(reason, fail_order=True)
+    raise TypeError(f"unexpected answer to Confirm: {result!r}")
+
+
+class OrderToPay(msgspec.Struct, frozen=True):
+    """What :func:`pay_order` needs of an order, its hold and the payment that pays it."""
+
+    order_id: str
+    payment_id: str
+    charge_id: str
+    hold_id: str
+    event_id: str
+    fan_id: str
+    ticket_type: str
+    quantity: int
+    pass_jti: str | None
+
+
+async def pay_order(
+    conn: Conn, o: OrderToPay, kind: str = PAYMENT_SUCCEEDED, **history: Any
+) -> int:
+    """Order paid, tickets issued, outbox messages and history; return the tickets issued.
+
+    Runs inside the caller's transaction, which holds the order's row lock, has checked it
+    is not paid yet and has just moved the payment to ``succeeded`` (fenced): so at most once
+    per order. The ``pass.spent`` task is written here, in the same transaction: the outbox
+    consumer spends the pass in Redis afterwards, however long Redis takes to answer.
+    """
+    await conn.execute(
+        "UPDATE orders SET status = 'paid', paid_at = now() WHERE id = $1", o.order_id
+    )
+    codes = [secrets.token_urlsafe(TICKET_CODE_BYTES) for _ in range(o.quantity)]
+    await conn.execute(
+        "INSERT INTO tickets (id, order_id, event_id, ticket_type, fan_id, code)"
+        " SELECT unnest($1::uuid[]), $2, $3, $4, $5, unnest($6::text[])",
+        [uuid.uuid4() for _ in codes],
+        o.order_id,
+        o.event_id,
+        o.ticket_type,
+        o.fan_id,
+        codes,
+    )
+    await conn.execute(
+        "INSERT INTO outbox (event_id, topic, payload) VALUES ($1, 'tickets.issued', $2)",
+        o.event_id,
+        msgspec.json.encode(
+            {
+                "order_id": o.order_id,
+                "hold_id": o.hold_id,
+                "fan_id": o.fan_id,
+                "ticket_type": o.ticket_type,
+                "tickets": len(codes),
+            }
+        ).decode(),
+    )
+    if o.pass_jti:
+        await conn.execute(
+            "INSERT INTO outbox (event_id, topic, payload, handle_after) VALUES ($1, $2, $3, now())",
+            o.event_id,
+            PASS_SPENT,
+            msgspec.json.encode(PassSpent(o.order_id, o.fan_id, o.pass_jti)).decode(),
+        )
+    await record_event(
+        conn,
+        o.order_id,
+        kind,
+        payment_id=o.payment_id,
+        charge_id=o.charge_id,
+        tickets=len(codes),
+        **history,
+    )
+    return len(codes)
+
+
 # --- the adapter -------------------------------------------------------------------------
 
 
@@ -187,26 +446,24 @@ class Claimed(msgspec.Struct, frozen=True):
     #: The hold was past its deadline when claimed.
     lapsed: bool
 
-
-class ProviderCharge(msgspec.Struct, frozen=True):
-    """The part of the provider's charge the worker reads."""
-
-    id: str
-    status: Literal["succeeded", "declined"]
+    def to_pay(self, charge_id: str) -> OrderToPay:
+        return OrderToPay(
+            order_id=self.order_id,
+            payment_id=self.id,
+            charge_id=charge_id,
+            hold_id=self.hold_id,
+            event_id=self.event_id,
+            fan_id=self.fan_id,
+            ticket_type=self.ticket_type,
+            quantity=self.quantity,
+            pass_jti=self.pass_jti,
+        )
 
 
 #: How one claim of an attempt ended: ``retry`` went back to pending; ``refunded`` failed
-#: after its charge was given back; ``lost`` found the row claimed by someone else (its lease
-#: lapsed) and wrote nothing.
+#: after its charge was given back; ``lost`` found the row claimed by someone else (its
+#: heartbeat lapsed) and wrote nothing.
 Outcome = Literal["succeeded", "declined", "failed", "refunded", "retry", "lost"]
-
-
-class _Transient(Exception):
-    """Worth retrying: the provider timed out, answered 5xx or 429, or was unreachable."""
-
-
-class _Permanent(Exception):
-    """Not worth retrying: the provider refused the request itself (4xx)."""
 
 
 _CLAIM = f"""
@@ -227,6 +484,14 @@ SELECT c.id::text, c.order_id::text, c.charge_key, c.method, c.attempts,
 # Every write of a claim is fenced by (state, attempts): see the module docstring.
 _FENCE = "id = $1 AND state = 'processing' AND attempts = $2"
 
+# One statement for all of a pool's claims; returns the ones still this pool's.
+_HEARTBEAT = """
+UPDATE payments p SET updated_at = now()
+  FROM unnest($1::uuid[], $2::integer[]) AS c(id, attempts)
+ WHERE p.id = c.id AND p.state = 'processing' AND p.attempts = c.attempts
+RETURNING p.id::text
+"""
+
 
 class PaymentPool:
     """Claims due payment attempts and runs at most ``concurrency`` of them at once."""
@@ -242,31 +507,37 @@ class PaymentPool:
         max_attempts: int = MAX_ATTEMPTS,
         base_backoff_s: float = BASE_BACKOFF_S,
         max_backoff_s: float = MAX_BACKOFF_S,
-        lease_s: float = LEASE_S,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        reconcile_delay_s: float = RECONCILE_DELAY_S,
         poll_s: float = 0.5,
         drain_s: float = 10.0,
-        on_paid: OnPaid | None = None,
         rng: random.Random | None = None,
     ) -> None:
         """``http`` is a client whose ``base_url`` is the provider; ``timeout_s`` bounds each call.
 
-        ``drain_s``: at shutdown, how long in-flight attempts may take to finish before they
-        are cancelled and handed back to ``pending``.
+        ``heartbeat_timeout_s``: a ``processing`` row not heartbeated for this long is taken
+        over (this pool heartbeats its own claims four times as often). ``reconcile_delay_s``:
+        how long after an ambiguous failure it becomes due for the reconciler. ``drain_s``: at
+        shutdown, how long in-flight attempts may take to finish before they are cancelled
+        and handed back to ``pending``.
         """
         self._pool = pool
         self._host = host
-        self._http = http
+        self._provider = ProviderClient(http, timeout_s)
         self._concurrency = concurrency
         self._timeout_s = timeout_s
         self._max_attempts = max_attempts
         self._base = base_backoff_s
         self._cap = max_backoff_s
-        self._lease_s = lease_s
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        self._heartbeat_s = max(0.02, heartbeat_timeout_s / HEARTBEATS_PER_TIMEOUT)
+        self._reconcile_delay_s = reconcile_delay_s
         self._poll_s = poll_s
         self._drain_s = drain_s
-        self._on_paid = on_paid
         self._rng = rng or random.Random()
         self._inflight: dict[asyncio.Task[Outcome], Claimed] = {}
+        #: Claims being processed now (payment id to attempts): what the heartbeat refreshes.
+        self._claims: dict[str, int] = {}
         self._wake = asyncio.Event()
 
     # --- driving -----------------------------------------------------------------------------
@@ -274,45 +545,56 @@ class PaymentPool:
     async def run_once(self, limit: int | None = None) -> dict[str, Outcome]:
         """Claim the attempts due now (at most ``limit``), run them all, return their outcomes."""
         claimed = await self.claim(limit or self._concurrency)
-        outcomes = await asyncio.gather(*(self.process(p) for p in claimed))
+        if not claimed:
+            return {}
+        async with self._heartbeating():
+            outcomes = await asyncio.gather(*(self.process(p) for p in claimed))
         return {p.id: o for p, o in zip(claimed, outcomes, strict=True)}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then drain (see ``drain_s``); never raises on outages.
 
         Only as many attempts are claimed as there are free slots, rather than claiming a
-        batch and queueing it behind a semaphore: a claimed row's lease is ticking, and rows
-        left unclaimed stay available to other workers.
+        batch and queueing it behind a semaphore: rows left unclaimed stay available to other
+        workers. Every heartbeat interval, rows of dead workers are taken back.
         """
         listener = await self._listen()
         stopper = asyncio.create_task(self._wake_when(stop))
         last_recovery = 0.0
         failures = 0
         try:
-            while not stop.is_set():
-                self._wake.clear()
+            async with self._heartbeating():
                 try:
-                    if time.monotonic() - last_recovery >= self._lease_s / 3:
-                        await self.recover_stale()
-                        last_recovery = time.monotonic()
-                    free = self._concurrency - len(self._inflight)
-                    claimed = await self.claim(free) if free > 0 else []
-                    failures = 0
-                except Exception as exc:  # database down: keep trying, never die
-                    failures += 1
-                    log.warning("claiming payments failed", extra={"error": repr(exc)})
-                    claimed = []
-                    await self._sleep(stop, min(5.0, 0.2 * 2**failures))
-                    continue
-                for payment in claimed:
-                    task = asyncio.create_task(self.process(payment), name=f"payment:{payment.id}")
-                    self._inflight[task] = payment
-                    task.add_done_callback(self._finished)
-                if not claimed or len(self._inflight) >= self._concurrency:
-                    await self._sleep(stop, self._poll_s)
+                    while not stop.is_set():
+                        self._wake.clear()
+                        try:
+                            if time.monotonic() - last_recovery >= self._heartbeat_s:
+                                await self.recover_stale()
+                                last_recovery = time.monotonic()
+                            free = self._concurrency - len(self._inflight)
+                            claimed = await self.claim(free) if free > 0 else []
+                            failures = 0
+                        except Exception as exc:  # database down: keep trying, never die
+                            failures += 1
+                            log.warning("claiming payments failed", extra={"error": repr(exc)})
+                            claimed = []
+                            await self._sleep(stop, min(5.0, 0.2 * 2**failures))
+                            continue
+                        for payment in claimed:
+                            task = asyncio.create_task(
+                                self.process(payment), name=f"payment:{payment.id}"
+                            )
+                            self._inflight[task] = payment
+                            task.add_done_callback(self._finished)
+                        if not claimed or len(self._inflight) >= self._concurrency:
+                            # Woken early by a finished attempt or a notification; at the
+                            # latest in time for the next recovery.
+                            await self._sleep(stop, min(self._poll_s, self._heartbeat_s))
+                finally:
+                    # Still heartbeating: attempts finishing during the drain keep their rows.
+                    await self._drain()
         finally:
             stopper.cancel()
-            await self._drain()
             if listener is not None:
                 await self._unlisten(listener)
 
@@ -322,17 +604,39 @@ class PaymentPool:
         return [Claimed(**{**dict(r), "currency": r["currency"].strip()}) for r in rows]
 
     async def recover_stale(self) -> int:
-        """Hand attempts whose worker died (``processing`` past the lease) back; return how many."""
-        rows = await self._pool.fetch(
-            f"UPDATE payments SET {_RETRY}, next_attempt_at = now(),"
-            " last_error = 'worker lease expired', updated_at = now()"
-            " WHERE state = 'processing' AND updated_at < now() - make_interval(secs => $1)"
-            " RETURNING id",
-            self._lease_s,
-        )
-        if rows:
-            log.warning("recovered payments of a dead worker", extra={"count": len(rows)})
-        return len(rows)
+        """Hand back attempts whose worker stopped heartbeating; return how many."""
+        return await recover_stale(self._pool, self._heartbeat_timeout_s)
+
+    @contextlib.asynccontextmanager
+    async def _heartbeating(self) -> Any:
+        """Heartbeat this pool's claims for as long as the block runs."""
+        task = asyncio.create_task(self._heartbeat(), name="payments-heartbeat")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _heartbeat(self) -> None:
+        """Every heartbeat interval: refresh all claims in one statement (fenced by attempts)."""
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            claims = dict(self._claims)
+            if not claims:
+                continue
+            try:
+                rows = await self._pool.fetch(_HEARTBEAT, list(claims), list(claims.values()))
+            except Exception as exc:  # the claims lapse and are taken over: safe, just slower
+                log.warning("payment heartbeat failed", extra={"error": repr(exc)})
+                continue
+            alive = {r["id"] for r in rows}
+            for payment_id, attempts in claims.items():
+                if payment_id in alive or self._claims.get(payment_id) != attempts:
+                    continue  # refreshed, or finished meanwhile
+                # Taken over (or just finished): its writes are fenced off from now on.
+                del self._claims[payment_id]
+                log.info("payment claim no longer ours", extra={"payment": payment_id})
 
     def _finished(self, task: asyncio.Task[Outcome]) -> None:
         self._inflight.pop(task, None)
@@ -369,7 +673,7 @@ class PaymentPool:
                     payment.id,
                     payment.attempts,
                 )
-            except Exception as exc:  # the lease recovers it later
+            except Exception as exc:  # it stops heartbeating: taken over in a few seconds
                 log.warning(
                     "could not hand a payment back",
                     extra={"payment": payment.id, "error": repr(exc)},
@@ -399,7 +703,12 @@ class PaymentPool:
     # --- one attempt ---------------------------------------------------------------------------
 
     async def process(self, payment: Claimed) -> Outcome:
-        """Run one claimed attempt to its outcome for this claim; never raises (but cancels)."""
+        """Run one claimed attempt to its outcome for this claim; never raises (but cancels).
+
+        The claim is heartbeated while this runs, when the pool is driven by :meth:`run` or
+        :meth:`run_once`.
+        """
+        self._claims[payment.id] = payment.attempts
         try:
             return await self._attempt(payment)
         except asyncio.CancelledError:
@@ -410,8 +719,11 @@ class PaymentPool:
                 return await self._retry(
                     payment, f"internal error: {exc!r}"[:200], must_finish=True
                 )
-            except Exception:  # the lease recovers it
+            except Exception:  # it stops heartbeating: taken over in a few seconds
                 return "lost"
+        finally:
+            if self._claims.get(payment.id) == payment.attempts:
+                del self._claims[payment.id]
 
     async def _attempt(self, p: Claimed) -> Outcome:
         if p.attempts == 1:
@@ -425,97 +737,58 @@ class PaymentPool:
             if p.hold_status == "expired" or p.lapsed:
                 return await self._fail(p, "hold expired", fail_order=True)
         try:
-            charge = await self._charge(p)
-        except _Transient as exc:
+            charge = await self._provider.charge(p)
+        except ProviderUnavailable as exc:
             return await self._retry(p, str(exc), must_finish=False)
-        except _Permanent as exc:
-            return await self._fail(p, str(exc), fail_order=True)
+        except ProviderRefused as exc:
+            # A refusal of the request itself charged nothing under this claim; an earlier
+            # claim of the same key may have (its answer lost), which only the provider knows.
+            return await self._fail(p, str(exc), fail_order=True, ambiguous=p.attempts > 1)
         if charge.status == "declined":
             # The hold is left alone: the fan may try again (a new attempt) until its deadline.
             return await self._fail(p, "declined", fail_order=True, outcome="declined")
         return await self._confirm(p, charge.id)
 
     async def _confirm(self, p: Claimed, charge_id: str) -> Outcome:
-        command = Confirm(p.hold_id, p.fan_id, charge_id, f"charge:{charge_id}")
         try:
-            result = await self._host.ask(p.event_id, command)
+            verdict = await confirm_charge(
+                self._host,
+                self._pool,
+                event_id=p.event_id,
+                hold_id=p.hold_id,
+                fan_id=p.fan_id,
+                charge_id=charge_id,
+            )
         except Unavailable as exc:
             return await self._retry(p, f"inventory unavailable: {exc.code}", must_finish=True)
-        except WaitroomError as exc:  # e.g. the event is gone: it will never confirm
-            return await self._refund_and_fail(p, charge_id, exc.code, fail_order=True)
-        if isinstance(result, Confirmed):
+        if isinstance(verdict, Paid):
             return await self._succeed(p, charge_id)
-        if isinstance(result, Refused):
-            if result.code == ALREADY_CONFIRMED:
-                paid_by = await self._pool.fetchval(
-                    "SELECT payment_ref FROM holds WHERE id = $1", p.hold_id
-                )
-                if paid_by == charge_id:  # ours, answered again: finish the job
-                    return await self._succeed(p, charge_id)
-                return await self._refund_and_fail(
-                    p, charge_id, "order already paid", fail_order=False
-                )
-            reason = "hold cancelled" if result.code == HOLD_CANCELLED else "hold expired"
-            if result.code not in (HOLD_CANCELLED, "hold_expired", "hold_not_found"):
-                reason = result.code
-            return await self._refund_and_fail(p, charge_id, reason, fail_order=True)
-        raise TypeError(f"unexpected answer to Confirm: {result!r}")
-
-    async def _charge(self, p: Claimed) -> ProviderCharge:
-        response = await self._call(
-            "/v1/charges",
-            {
-                "amount_minor": p.amount_minor,
-                "currency": p.currency,
-                "method": p.method,
-                "reference": p.order_id,
-            },
-            p.charge_key,
+        return await self._refund_and_fail(
+            p, charge_id, verdict.reason, fail_order=verdict.fail_order
         )
-        if response.status_code not in (200, 201):
-            raise _Permanent(f"provider refused the charge: {_describe(response)}")
-        try:
-            return msgspec.json.decode(response.content, type=ProviderCharge)
-        except msgspec.DecodeError:
-            # Odd, but the key makes asking again safe.
-            raise _Transient("provider answered an unreadable charge") from None
 
     async def _refund_and_fail(
         self, p: Claimed, charge_id: str, reason: str, *, fail_order: bool
     ) -> Outcome:
         try:
-            response = await self._call(
-                "/v1/refunds", {"charge_id": charge_id}, f"refund:{charge_id}"
-            )
-        except _Transient as exc:
+            result, answer = await self._provider.refund(charge_id)
+        except ProviderUnavailable as exc:
             return await self._retry(p, f"{reason}; refund pending: {exc}", must_finish=True)
-        # 409: the charge was declined after all, nothing to give back.
-        if response.status_code not in (200, 201, 409):
+        if result == "refused":
             log.error(
                 "refund refused; needs an operator",
-                extra={"payment": p.id, "charge": charge_id, "answer": _describe(response)},
+                extra={"payment": p.id, "charge": charge_id, "answer": answer},
             )
             return await self._fail(
-                p, f"{reason}; refund refused: {_describe(response)}", fail_order=fail_order
+                p, f"{reason}; refund refused: {answer}", fail_order=fail_order, charge_id=charge_id
             )
-        return await self._fail(p, f"{reason}; refunded", fail_order=fail_order, outcome="refunded")
-
-    async def _call(self, path: str, body: dict[str, Any], key: str) -> httpx.Response:
-        """POST to the provider within one attempt's timeout; 5xx and 429 are transient."""
-        try:
-            # A total bound, not httpx's per-read one: a provider that trickles bytes must
-            # not hold a worker slot past the attempt's budget either.
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._http.post(
-                    path, json=body, headers={"Idempotency-Key": key}, timeout=self._timeout_s
-                )
-        except (TimeoutError, httpx.TimeoutException):
-            raise _Transient(f"provider timed out after {self._timeout_s:g}s") from None
-        except httpx.TransportError as exc:
-            raise _Transient(f"provider unreachable: {type(exc).__name__}") from None
-        if response.status_code >= 500 or response.status_code == 429:
-            raise _Transient(f"provider answered {response.status_code}")
-        return response
+        return await self._fail(
+            p,
+            f"{reason}; refunded",
+            fail_order=fail_order,
+            outcome="refunded",
+            charge_id=charge_id,
+        )
 
     # --- writing outcomes ----------------------------------------------------------------------
 
@@ -538,16 +811,33 @@ class PaymentPool:
                     charge_id,
                 )
                 if done is not None:
+                    await record_event(
+                        conn, p.order_id, PAYMENT_SUCCEEDED, payment_id=p.id, charge_id=charge_id
+                    )
                     return "succeeded"
+                # The order was paid by another payment while this charge went through too:
+                # the reconciler checks the charge and gives it back.
                 failed = await conn.fetchval(
                     f"UPDATE payments SET {_FAIL}, provider_ref = $3,"
-                    f" last_error = 'order already paid', updated_at = now() WHERE {_FENCE}"
-                    " RETURNING id",
+                    " last_error = 'order already paid', updated_at = now(),"
+                    " reconcile = 'due', reconcile_after = now()"
+                    f" WHERE {_FENCE} RETURNING id",
                     p.id,
                     p.attempts,
                     charge_id,
                 )
-                return "failed" if failed is not None else "lost"
+                if failed is None:
+                    return "lost"
+                await record_event(
+                    conn,
+                    p.order_id,
+                    PAYMENT_FAILED,
+                    payment_id=p.id,
+                    reason="order already paid",
+                    charge_id=charge_id,
+                    reconcile=True,
+                )
+                return "failed"
             claimed = await conn.fetchval(
                 f"UPDATE payments SET {_SUCCEED}, provider_ref = $3, last_error = NULL,"
                 f" updated_at = now() WHERE {_FENCE} RETURNING id",
@@ -556,54 +846,39 @@ class PaymentPool:
                 charge_id,
             )
             if claimed is None:
-                # Our lease lapsed and another claim owns the row now; it reaches the same
-                # outcome through the same keys.
+                # This claim was taken over; the new one reaches the same outcome through
+                # the same keys.
                 return "lost"
-            await conn.execute(
-                "UPDATE orders SET status = 'paid', paid_at = now() WHERE id = $1", p.order_id
-            )
-            codes = [secrets.token_urlsafe(TICKET_CODE_BYTES) for _ in range(p.quantity)]
-            await conn.execute(
-                "INSERT INTO tickets (id, order_id, event_id, ticket_type, fan_id, code)"
-                " SELECT unnest($1::uuid[]), $2, $3, $4, $5, unnest($6::text[])",
-                [uuid.uuid4() for _ in codes],
-                p.order_id,
-                p.event_id,
-                p.ticket_type,
-                p.fan_id,
-                codes,
-            )
-            await conn.execute(
-                "INSERT INTO outbox (event_id, topic, payload) VALUES ($1, 'tickets.issued', $2)",
-                p.event_id,
-                msgspec.json.encode(
-                    {
-                        "order_id": p.order_id,
-                        "hold_id": p.hold_id,
-                        "fan_id": p.fan_id,
-                        "ticket_type": p.ticket_type,
-                        "tickets": len(codes),
-                    }
-                ).decode(),
-            )
-        log.info("order paid", extra={"order": p.order_id, "payment": p.id, "tickets": len(codes)})
-        if self._on_paid is not None and p.pass_jti:
-            try:
-                await self._on_paid(p.event_id, p.pass_jti)
-            except Exception as exc:  # the pass stops counting when it expires anyway
-                log.warning("on_paid hook failed", extra={"order": p.order_id, "error": repr(exc)})
+            tickets = await pay_order(conn, p.to_pay(charge_id), attempt=p.attempts)
+        log.info("order paid", extra={"order": p.order_id, "payment": p.id, "tickets": tickets})
         return "succeeded"
 
     async def _fail(
-        self, p: Claimed, reason: str, *, fail_order: bool, outcome: Outcome = "failed"
+        self,
+        p: Claimed,
+        reason: str,
+        *,
+        fail_order: bool,
+        outcome: Outcome = "failed",
+        ambiguous: bool = False,
+        charge_id: str | None = None,
     ) -> Outcome:
+        """The attempt fails; ``ambiguous``: the provider may have charged without our knowing,
+        so the payment is left ``reconcile = 'due'`` for :mod:`workers.reconcile`."""
         async with self._pool.acquire() as conn, conn.transaction():
             done = await conn.fetchval(
-                f"UPDATE payments SET {_FAIL}, last_error = $3, updated_at = now()"
+                f"UPDATE payments SET {_FAIL}, last_error = $3, updated_at = now(),"
+                " provider_ref = coalesce($4, provider_ref),"
+                " reconcile = CASE WHEN $5 THEN 'due' ELSE reconcile END,"
+                " reconcile_after = CASE WHEN $5 THEN now() + make_interval(secs => $6)"
+                "                   ELSE reconcile_after END"
                 f" WHERE {_FENCE} RETURNING id",
                 p.id,
                 p.attempts,
                 reason,
+                charge_id,
+                ambiguous,
+                self._reconcile_delay_s,
             )
             if done is None:
                 return "lost"
@@ -614,7 +889,16 @@ class PaymentPool:
                     " WHERE id = $1 AND status = 'awaiting_payment'",
                     p.order_id,
                 )
-        log.info("payment failed", extra={"payment": p.id, "order": p.order_id, "reason": reason})
+            details: dict[str, Any] = {"reason": reason, "attempts": p.attempts}
+            if charge_id is not None:
+                details["charge_id"] = charge_id
+            if ambiguous:
+                details["reconcile"] = True
+            await record_event(conn, p.order_id, PAYMENT_FAILED, payment_id=p.id, **details)
+        log.info(
+            "payment failed",
+            extra={"payment": p.id, "order": p.order_id, "reason": reason, "reconcile": ambiguous},
+        )
         return outcome
 
     async def _retry(self, p: Claimed, error: str, *, must_finish: bool) -> Outcome:
@@ -629,8 +913,13 @@ class PaymentPool:
             cap=self._cap,
         )
         if isinstance(step, GiveUp):
+            # Only charges give up (once money may have moved, must_finish holds): whether
+            # the provider charged is unknown, so the reconciler finds out.
             return await self._fail(
-                p, f"gave up after {p.attempts} attempts: {error}", fail_order=True
+                p,
+                f"gave up after {p.attempts} attempts: {error}",
+                fail_order=True,
+                ambiguous=True,
             )
         # As a delay from the database's clock: claims compare next_attempt_at with its now().
         done = await self._pool.fetchval(
@@ -648,9 +937,19 @@ class PaymentPool:
         return "retry" if done is not None else "lost"
 
 
-def _describe(response: httpx.Response) -> str:
-    try:
-        code = response.json()["error"]["code"]
-    except Exception:
-        code = None
-    return f"{response.status_code} {code}" if code else str(response.status_code)
+async def recover_stale(pool: asyncpg.Pool[Any], heartbeat_timeout_s: float) -> int:
+    """Hand back ``processing`` attempts not heartbeated for ``heartbeat_timeout_s``; how many.
+
+    Their workers died, hang or lost PostgreSQL; the next claim takes them over, and the old
+    claims are fenced off by ``attempts``.
+    """
+    rows = await pool.fetch(
+        f"UPDATE payments SET {_RETRY}, next_attempt_at = now(),"
+        " last_error = 'worker stopped heartbeating', updated_at = now()"
+        " WHERE state = 'processing' AND updated_at < now() - make_interval(secs => $1)"
+        " RETURNING id",
+        heartbeat_timeout_s,
+    )
+    if rows:
+        log.warning("took over payments of a stalled worker", extra={"count": len(rows)})
+    return len(rows)

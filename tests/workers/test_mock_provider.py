@@ -180,3 +180,33 @@ def test_it_runs_as_its_own_process_with_python_dash_m() -> None:
         proc.communicate(timeout=10)
     # uvicorn shuts down gracefully, then re-raises the signal it caught.
     assert proc.returncode in (0, -signal.SIGTERM), proc.returncode
+
+
+async def test_a_charge_can_be_looked_up_by_its_idempotency_key(
+    http: httpx.AsyncClient, control: Control
+) -> None:
+    key = uuid.uuid4().hex
+    unknown = await http.get("/v1/charges", params={"idempotency_key": key})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "charge_not_found"
+    made = (await charge(http, key)).json()
+    found = await http.get("/v1/charges", params={"idempotency_key": key})
+    assert found.status_code == 200 and found.json() == made
+    refund = await http.post("/v1/refunds", json={"charge_id": made["id"]})
+    assert refund.status_code == 201
+    again = await http.get("/v1/charges", params={"idempotency_key": key})
+    assert again.json()["refunded"] is True
+    declined_key = uuid.uuid4().hex
+    await charge(http, declined_key, "card_declined")
+    declined = await http.get("/v1/charges", params={"idempotency_key": declined_key})
+    assert declined.status_code == 200 and declined.json()["status"] == "declined"
+    # A request refused with 503 before charging leaves nothing to find.
+    errored_key = uuid.uuid4().hex
+    assert (await charge(http, errored_key, "card_errors_once")).status_code == 503
+    gone = await http.get("/v1/charges", params={"idempotency_key": errored_key})
+    assert gone.status_code == 404
+    missing = await http.get("/v1/charges")
+    assert missing.status_code == 400
+    assert missing.json()["error"]["code"] == "idempotency_key_missing"
+    numbers = await stats(http)
+    assert numbers["lookups"] >= 5
+    assert numbers["refunds_by_reference"]["order-1"] >= 1

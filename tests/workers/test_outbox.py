@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -13,7 +14,17 @@ import pytest
 from redis.asyncio import Redis
 
 from waitroom.core.keys import Keys
-from workers.outbox import OutboxRow, relay_once, run_relay
+from workers.outbox import (
+    MAX_ATTEMPTS,
+    PASS_SPENT,
+    OutboxRow,
+    OutboxTask,
+    PassSpent,
+    handle_once,
+    pass_spent_handler,
+    relay_once,
+    run_relay,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -150,3 +161,103 @@ async def test_the_relay_loop_publishes_new_rows_and_stops_when_asked(
     finally:
         stop.set()
         await asyncio.wait_for(loop, 5)
+
+
+# --- tasks: rows the workers act on themselves --------------------------------------------
+
+
+async def add_task(pool: asyncpg.Pool[Any], topic: str) -> int:
+    row_id: int = await pool.fetchval(
+        "INSERT INTO outbox (event_id, topic, payload, handle_after)"
+        " VALUES ($1, $2, '{}', now()) RETURNING id",
+        f"ob-{uuid.uuid4().hex[:8]}",
+        topic,
+    )
+    return row_id
+
+
+async def task_row(pool: asyncpg.Pool[Any], row_id: int) -> asyncpg.Record:
+    row: asyncpg.Record | None = await pool.fetchrow(
+        "SELECT handle_after, handled_at, handle_attempts, handle_error, dead,"
+        " handle_after - now() AS wait FROM outbox WHERE id = $1",
+        row_id,
+    )
+    assert row is not None
+    return row
+
+
+async def test_a_failing_task_is_retried_with_backoff_and_never_given_up(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    topic = f"test.task.{uuid.uuid4().hex[:8]}"
+    row_id = await add_task(pool, topic)
+    seen: list[int] = []
+    failing = True
+
+    async def handler(task: OutboxTask) -> None:
+        seen.append(task.attempts)
+        if failing:
+            raise ConnectionError("Redis is down")
+
+    handlers = {topic: handler}
+    for attempt in range(1, MAX_ATTEMPTS + 4):  # past the relay's dead-letter limit
+        assert await handle_once(pool, handlers, base_backoff_s=30, max_backoff_s=60) == (0, 1)
+        row = await task_row(pool, row_id)
+        assert row["handle_attempts"] == attempt and row["handled_at"] is None
+        assert "Redis is down" in row["handle_error"] and not row["dead"]
+        # Full jitter under a ceiling that doubles: never before now, never past the cap.
+        ceiling = min(60.0, 30.0 * 2 ** (attempt - 1))
+        assert 0 <= row["wait"].total_seconds() <= ceiling
+        assert await handle_once(pool, handlers) == (0, 0)  # not due yet
+        await pool.execute("UPDATE outbox SET handle_after = now() WHERE id = $1", row_id)
+    failing = False
+    assert await handle_once(pool, handlers) == (1, 0)
+    row = await task_row(pool, row_id)
+    assert row["handled_at"] is not None and row["handle_after"] is None
+    assert row["handle_error"] is None
+    assert seen == list(range(1, MAX_ATTEMPTS + 5))
+    assert await handle_once(pool, handlers) == (0, 0)  # done once
+
+
+async def test_a_task_whose_consumer_died_is_run_again_after_the_lease(
+    pool: asyncpg.Pool[Any],
+) -> None:
+    topic = f"test.task.{uuid.uuid4().hex[:8]}"
+    row_id = await add_task(pool, topic)
+    started = asyncio.Event()
+
+    async def hangs(task: OutboxTask) -> None:
+        started.set()
+        await asyncio.sleep(3600)
+
+    dying = asyncio.create_task(handle_once(pool, {topic: hangs}, lease_s=0.3))
+    await asyncio.wait_for(started.wait(), 5)
+    dying.cancel()  # the consumer dies with the task claimed and nothing recorded
+    with contextlib.suppress(asyncio.CancelledError):
+        await dying
+    ran: list[int] = []
+
+    async def works(task: OutboxTask) -> None:
+        ran.append(task.attempts)
+
+    assert await handle_once(pool, {topic: works}) == (0, 0)  # still leased
+    await asyncio.sleep(0.4)
+    assert await handle_once(pool, {topic: works}) == (1, 0)
+    assert ran == [2]
+    assert (await task_row(pool, row_id))["handled_at"] is not None
+
+
+async def test_pass_spent_frees_the_slot_and_marks_the_pass_idempotently(
+    pool: asyncpg.Pool[Any], redis: Redis, keys: Keys
+) -> None:
+    event_id = f"ob-{uuid.uuid4().hex[:8]}"
+    jti = f"jti-{uuid.uuid4().hex}"
+    await redis.zadd(keys.event(event_id).active, {jti: 1e12})
+    payload = msgspec.json.encode(PassSpent("order-1", "fan-1", jti)).decode()
+    handler = pass_spent_handler(redis, keys)
+    task = OutboxTask(id=0, event_id=event_id, topic=PASS_SPENT, payload=payload, attempts=1)
+    for _ in range(2):  # at least once: a second run changes nothing
+        await handler(task)
+        assert await redis.get(keys.spent_pass(jti)) == b"1"
+        assert await redis.zscore(keys.event(event_id).active, jti) is None
+        assert 0 < await redis.ttl(keys.spent_pass(jti)) <= 86_400

@@ -32,11 +32,14 @@ seeds = st.integers(min_value=0, max_value=2**32)
 def test_payments_only_move_forward_and_end_in_succeeded_or_failed() -> None:
     assert can_move("pending", "processing")
     assert can_move("processing", "succeeded") and can_move("processing", "failed")
-    assert can_move("processing", "pending")  # a retry, a hand-back or a dead worker's lease
+    assert can_move("processing", "pending")  # a retry, a hand-back or a lost heartbeat
     assert not can_move("pending", "succeeded")
-    for final in ("succeeded", "failed"):
-        assert TRANSITIONS[final] == frozenset()
-        assert not any(can_move(final, other) for other in TRANSITIONS)
+    assert TRANSITIONS["succeeded"] == frozenset()
+    assert not any(can_move("succeeded", other) for other in TRANSITIONS)
+    # A failed payment moves on only when reconciliation finds the provider did charge and
+    # completes the order with that charge; it never goes back to being worked on.
+    assert TRANSITIONS["failed"] == frozenset({"succeeded"})
+    assert not can_move("failed", "pending") and not can_move("failed", "processing")
 
 
 def test_every_state_change_the_workers_write_is_a_move_the_machine_allows() -> None:

@@ -9,10 +9,11 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
 from inventory.hosting import InventoryHost
-from inventory.orders import get_reservation, start_payment
+from inventory.orders import get_reservation, order_history, start_payment
 from tests.inventory.conftest import held_sold, make_event
 from tests.workers.conftest import (
     Control,
@@ -55,12 +56,7 @@ async def test_a_successful_payment_pays_the_order_once_and_issues_unique_ticket
     event_id = await make_event(pool, quantity=10, per_fan=4)
     hold = await reserve(host, event_id, "fan-a", 3, jti="jti-a")
     order_id, payment_id = await begin(pool, hold.id, "fan-a")
-    paid: list[tuple[str, str]] = []
-
-    async def on_paid(event: str, jti: str) -> None:
-        paid.append((event, jti))
-
-    payments = make_payments(pool, host, http, on_paid=on_paid)
+    payments = make_payments(pool, host, http)
     row = await settle(payments, pool, payment_id)
     assert row["state"] == "succeeded" and row["attempts"] == 1 and row["last_error"] is None
     order = await order_of(pool, order_id)
@@ -73,7 +69,18 @@ async def test_a_successful_payment_pays_the_order_once_and_issues_unique_ticket
     )
     assert await hold_status(pool, hold.id) == "paid"
     assert await held_sold(pool, event_id) == (0, 3, 10)
-    assert paid == [(event_id, "jti-a")]
+    # The pass is spent by the outbox consumer, from a task written with the order paid.
+    (task,) = await pool.fetch(
+        "SELECT payload::text, handle_after, handled_at FROM outbox"
+        " WHERE event_id = $1 AND topic = 'pass.spent'",
+        event_id,
+    )
+    assert task["handle_after"] is not None and task["handled_at"] is None
+    assert msgspec.json.decode(task["payload"]) == {
+        "order_id": order_id,
+        "fan_id": "fan-a",
+        "jti": "jti-a",
+    }
     # Nothing is due any more; running again changes nothing.
     assert payment_id not in await payments.run_once()
     assert len(await tickets_of(pool, order_id)) == 3
@@ -87,6 +94,10 @@ async def test_a_successful_payment_pays_the_order_once_and_issues_unique_ticket
         "SELECT topic FROM outbox WHERE event_id = $1 AND topic = 'tickets.issued'", event_id
     )
     assert len(topics) == 1
+    async with pool.acquire() as conn:
+        history = await order_history(conn, order_id)
+    assert [e.kind for e in history] == ["payment.started", "payment.succeeded"]
+    assert history[1].detail == {"charge_id": row["provider_ref"], "tickets": 3, "attempt": 1}
 
 
 async def test_a_declined_payment_keeps_the_hold_and_a_new_attempt_succeeds(
@@ -163,6 +174,10 @@ async def test_a_provider_that_keeps_failing_fails_the_payment_after_max_attempt
     row = await settle(payments, pool, payment_id)
     assert row["state"] == "failed" and row["attempts"] == 4
     assert row["last_error"] == "gave up after 4 attempts: provider answered 503"
+    # Whether a provider that answered 503 charged anyway only the provider knows: the
+    # reconciler asks it, once no request under the key can still be in flight.
+    assert row["reconcile"] == "due" and row["provider_ref"] is None
+    assert (row["reconcile_after"] - row["updated_at"]).total_seconds() == pytest.approx(60)
     assert (await order_of(pool, order_id))["status"] == "failed"
     assert await hold_status(pool, hold.id) == "held"
     assert (await stats(http))["attempts"][f"{order_id}:1"] == 4
@@ -244,14 +259,14 @@ async def test_a_dead_workers_payment_is_recovered_and_its_stale_claim_cannot_wr
     order_id, payment_id = await begin(pool, hold.id, "fan-i")
     dead = make_payments(pool, host, http)
     (stale,) = [c for c in await dead.claim(100) if c.id == payment_id]
-    # The worker died holding the claim: nobody touches the row for longer than the lease.
+    # The worker died holding the claim: nobody heartbeats the row past the timeout.
     await pool.execute(
         "UPDATE payments SET updated_at = now() - interval '1 minute' WHERE id = $1", payment_id
     )
-    payments = make_payments(pool, host, http, lease_s=30)
+    payments = make_payments(pool, host, http, heartbeat_timeout_s=30)
     assert await payments.recover_stale() >= 1
     row = await payment(pool, payment_id)
-    assert row["state"] == "pending" and row["last_error"] == "worker lease expired"
+    assert row["state"] == "pending" and row["last_error"] == "worker stopped heartbeating"
     row = await settle(payments, pool, payment_id)
     assert row["state"] == "succeeded" and row["attempts"] == 2
     # The stalled worker wakes up and carries on with its old claim: fenced off.

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,10 @@ async def test_the_workers_process_pays_an_order_and_exits_0_on_sigterm(
     # restarted would; the workers process then hosts the actor to confirm the payment.
     owner = InventoryHost(pool, redis, keys, node_id="runner-test", lease_ttl_s=1.5)
     await owner.start()
+    jti = f"jti-{uuid.uuid4().hex}"
+    await redis.zadd(keys.event(event_id).active, {jti: time.time() + 600})
     try:
-        hold = await reserve(owner, event_id, "fan-r", 2)
+        hold = await reserve(owner, event_id, "fan-r", 2, jti=jti)
     finally:
         await owner.stop()
     async with pool.acquire() as conn:
@@ -77,12 +80,25 @@ async def test_the_workers_process_pays_an_order_and_exits_0_on_sigterm(
         assert time.monotonic() < deadline, "the workers never paid the order"
         await asyncio.sleep(0.1)
     assert await pool.fetchval("SELECT count(*) FROM tickets WHERE order_id = $1", order_id) == 2
+    # The outbox consumer spends the pass: its slot is freed and it cannot reserve again.
+    while await redis.get(keys.spent_pass(jti)) != b"1":
+        assert time.monotonic() < deadline, "the workers never spent the pass"
+        await asyncio.sleep(0.05)
+    assert await redis.zscore(keys.event(event_id).active, jti) is None
 
     workers.send_signal(signal.SIGTERM)
     _, stderr = await asyncio.to_thread(workers.communicate, timeout=30)
     assert workers.returncode == 0, stderr
     messages = [entry["msg"] for entry in log_lines(stderr)]
     assert "workers started" in messages
+    started = next(entry for entry in log_lines(stderr) if entry["msg"] == "workers started")
+    assert set(started["loops"]) == {
+        "payments",
+        "reconcile",
+        "outbox",
+        "outbox-tasks",
+        "safety-net",
+    }
     assert "signal received; shutting down" in messages
     assert messages[-1] == "workers stopped"
     assert not any(entry["level"] == "error" for entry in log_lines(stderr)), stderr

@@ -85,6 +85,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     payment_timeout_s: float = 2.0
     #: Payments one workers process handles at once.
     payment_concurrency: int = 32
+    #: A payment being processed whose worker has not heartbeated for this long (a dead,
+    #: hung or cut-off worker) is taken over by another; workers heartbeat 4 times as often.
+    payment_heartbeat_timeout_s: float = 4.0
+    #: How often the workers reconcile payments that ended without knowing whether the
+    #: provider charged (see workers.reconcile); ``waitroom payments reconcile`` runs it once.
+    payment_reconcile_interval_s: float = 30.0
+    #: How long after such a payment failed the reconciler asks the provider about it: longer
+    #: than any request under its key could still be in flight at the provider.
+    payment_reconcile_delay_s: float = 60.0
     #: Origins (``scheme://host[:port]``) whose pages may open the queue WebSocket, besides
     #: the server's own origin (always allowed); ``("*",)`` allows any. A handshake without
     #: an Origin header (not a browser) is allowed: browsers always send one.
@@ -316,6 +325,9 @@ _FIELDS: dict[str, _Field] = {
     "payment_url": _url("http", "https"),
     "payment_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
     "payment_concurrency": _int_range(1, 10_000),
+    "payment_heartbeat_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
+    "payment_reconcile_interval_s": _Field(_positive_float, "a number of seconds above 0"),
+    "payment_reconcile_delay_s": _Field(_positive_float, "a number of seconds above 0"),
     "allowed_origins": _Field(_origins, "'*' or comma-separated origins like https://example.com"),
     "ws_max_per_fan": _int_range(1, 100),
     "ws_max_per_address": _int_range(1, 1_000_000),
