@@ -9,7 +9,10 @@ lists in one pipeline; each process's listener resolves its waiting asks from it
 A command in flight when its owner died gets no answer: the asker's timeout turns it into
 503 ``inventory_timeout`` and the client retries with the same Idempotency-Key, which the new
 owner (who loaded the keys from PostgreSQL) answers with the first result. A new owner serves
-only mail that arrives after it took over (:meth:`Forwarder.tail`).
+only mail that arrives after it took the lease: where the inbox ended is read in the same
+atomic step as the lease claim (:func:`waitroom.core.lease.claim`), so nothing forwarded to
+it by a process that saw it as the owner is skipped, and nothing sent to a previous owner is
+applied twice.
 """
 
 from __future__ import annotations
@@ -159,20 +162,11 @@ class Forwarder:
 
     # --- serving as the owner ----------------------------------------------------------------
 
-    async def tail(self, event_id: str) -> str:
-        """The id after which a new owner serves ``event_id``'s inbox.
-
-        Only mail that arrives from now on is the new owner's: older entries belonged to the
-        previous owner, and their askers retry after a timeout.
-        """
-        last: Any = await self._redis.xrevrange(self._keys.event(event_id).inbox, count=1)
-        return _text(last[0][0]) if last else "0-0"
-
     async def serve(
         self, event_id: str, start_id: str, actor: Callable[[], InventoryActor | None]
     ) -> None:
-        """Apply ``event_id``'s forwarded commands to ``actor()`` and answer them; runs until
-        cancelled."""
+        """Apply ``event_id``'s forwarded commands after ``start_id`` to ``actor()`` and answer
+        them; runs until cancelled."""
         stream = self._keys.event(event_id).inbox
         last_id = start_id
         replying: set[asyncio.Task[None]] = set()

@@ -5,16 +5,21 @@ it hosts, their supervisor, and their ownership leases. To apply a command to an
 inventory it calls :meth:`InventoryHost.ask`, which
 
 - uses the local actor when this process owns the event;
-- otherwise tries to become the owner: a lease in Redis (:mod:`waitroom.core.lease`, renewed
-  every third of its lifetime) decides who hosts the actor, and a new owner takes a fresh
-  fencing epoch in PostgreSQL (:func:`inventory.store.take_ownership`) that every commit
-  checks, so even an owner that lost its lease without noticing can never write again;
+- otherwise tries to become the owner: a lease in Redis (:mod:`waitroom.core.lease`, claimed
+  with this process's id as the token, renewed every third of its lifetime) decides who
+  hosts the actor, and a new owner takes a fresh fencing epoch in PostgreSQL
+  (:func:`inventory.store.take_ownership`) that every commit checks, so even an owner that
+  lost its lease without noticing can never write again;
 - and when another process owns it, forwards the command to the owner
   (:mod:`inventory.forwarding`), which answers within the asker's timeout or not at all (503).
 
-Supervision: a crashed actor is restarted from PostgreSQL, at most ``MAX_RESTARTS`` times per
-``RESTART_WINDOW_S``; after that the process gives the event up so another may host it.
-At shutdown every pending ask gets a clear 503 instead of hanging.
+A process never fences itself off (ADR 0009): within one process an event has at most one
+acquisition in flight and one tenure (:class:`_Tenure`) at a time, and a new epoch is taken
+only by a new tenure, once its lease is held; see :meth:`InventoryHost._try_host`.
+
+Supervision: a crashed actor is restarted from PostgreSQL under the same epoch, at most
+``MAX_RESTARTS`` times per ``RESTART_WINDOW_S``; after that the process gives the event up so
+another may host it. At shutdown every pending ask gets a clear 503 instead of hanging.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +46,7 @@ from inventory.actor import ActorStopped, InventoryActor
 from inventory.forwarding import Forwarder
 from inventory.ledger import Command, Result
 from waitroom.core import lease
+from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
 
 log = logging.getLogger("waitroom.inventory")
@@ -52,11 +59,24 @@ MAX_RESTARTS = 5
 RESTART_WINDOW_S = 30.0
 
 
-@dataclass
-class _Hosted:
-    actor: InventoryActor
+@dataclass(eq=False)
+class _Tenure:
+    """One stretch of this process as an event's owner: from claiming the lease to letting go.
+
+    Tenures of one event in one process never overlap: a tenure is in ``_hosted`` from the
+    moment its actor is ready until it is wholly torn down (actor stopped, tasks done, lease
+    released), and a new one can only start once the old one has ``ended``.
+    """
+
+    epoch: int = 0
+    actor: InventoryActor | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     restarts: deque[float] = field(default_factory=deque)
+    #: The lease was found lost (possibly before the tenure went live).
+    lost: bool = False
+    #: Being torn down: no new commands, and no new tenure until ``ended``.
+    ending: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class InventoryHost:
@@ -80,11 +100,14 @@ class InventoryHost:
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._ask_timeout = ask_timeout_s
         self._publish = publish_availability
-        self._hosted: dict[str, _Hosted] = {}
-        self._starting: dict[str, asyncio.Future[bool]] = {}
+        #: The live tenure of each event this process owns (see _Tenure).
+        self._hosted: dict[str, _Tenure] = {}
+        #: The one acquisition in flight per event (single flight, see _try_host).
+        self._starting: dict[str, asyncio.Task[bool]] = {}
         self._transport = Forwarder(redis, keys, self.node_id)
         self._closed = False
-        #: Short fire-and-forget work (freeing admission slots), kept so it is not collected.
+        #: Short fire-and-forget work (freeing admission slots, stepping down), kept so it is
+        #: not collected.
         self._background: set[asyncio.Task[None]] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -96,19 +119,23 @@ class InventoryHost:
     async def stop(self) -> None:
         """Stop every local actor and listener; pending asks fail with 503, leases are freed."""
         self._closed = True
-        for event_id in list(self._hosted):
-            await self._unhost(event_id, release=True)
+        # An acquisition in flight sees _closed when it is done and lets its lease go itself.
+        await asyncio.gather(*list(self._starting.values()), return_exceptions=True)
+        for event_id, tenure in list(self._hosted.items()):
+            await self._unhost(event_id, tenure, release=True)
         await self._transport.stop(ActorStopped("the server is shutting down"))
 
     def owns(self, event_id: str) -> bool:
         """Whether this process hosts ``event_id``'s actor right now."""
-        hosted = self._hosted.get(event_id)
-        return hosted is not None and hosted.actor.running
+        return self.actor(event_id) is not None
 
     def actor(self, event_id: str) -> InventoryActor | None:
         """The local actor of ``event_id``, if this process hosts it."""
-        hosted = self._hosted.get(event_id)
-        return hosted.actor if hosted is not None and hosted.actor.running else None
+        tenure = self._hosted.get(event_id)
+        if tenure is None:
+            return None
+        actor = tenure.actor
+        return actor if actor is not None and actor.running else None
 
     # --- asking ------------------------------------------------------------------------------
 
@@ -120,62 +147,123 @@ class InventoryHost:
         actor = self.actor(event_id)
         if actor is not None:
             return await actor.ask(command, timeout)
-        owner: Any = await self._redis.get(self._keys.event(event_id).owner)
-        if (owner is None or _text(owner) == self.node_id) and await self._try_host(event_id):
+        if await self._host(event_id, timeout):
             actor = self.actor(event_id)
-            if actor is not None:
-                return await actor.ask(command, timeout)
+            if actor is None:  # ours, but its actor is restarting after a crash
+                raise ActorStopped()
+            return await actor.ask(command, timeout)
         return await self._transport.ask(event_id, command, timeout)
 
     # --- hosting -----------------------------------------------------------------------------
 
-    async def _try_host(self, event_id: str) -> bool:
-        """Become the owner of ``event_id`` if nobody is; True when this process hosts it."""
-        starting = self._starting.get(event_id)
-        if starting is not None:
-            return await asyncio.shield(starting)
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._starting[event_id] = future
+    async def _host(self, event_id: str, timeout: float) -> bool:
+        """Whether this process hosts ``event_id``, becoming its owner if nobody is."""
+        if event_id not in self._hosted and event_id not in self._starting:
+            # A cheap look first: when another process owns the event, just forward to it.
+            owner: Any = await self._redis.get(self._keys.event(event_id).owner)
+            if owner is not None and _text(owner) != self.node_id:
+                return False
         try:
-            hosted = await self._acquire(event_id)
-            future.set_result(hosted)
-            return hosted
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: the other waiters re-raise it themselves
-            raise
-        finally:
+            async with asyncio.timeout(timeout):
+                return await self._try_host(event_id)
+        except TimeoutError:
+            raise Unavailable(
+                "the inventory is changing hands; retry with the same Idempotency-Key",
+                retry_after=1,
+                code="inventory_timeout",
+            ) from None
+
+    async def _try_host(self, event_id: str) -> bool:
+        """Become the owner of ``event_id`` if nobody is; True when this process hosts it.
+
+        No self-fencing (ADR 0009). This used to re-enter the acquisition whenever the caller
+        had seen no local actor before its lease check: an ask that checked while the first
+        acquisition was still under way, and came back after it had finished, found the lease
+        holding this process's own id, took a second epoch and a second actor, which fenced
+        the first actor's next commit (503s), whose supervisor then unhosted the second. Now:
+
+        - everything below, up to starting the acquisition, runs without an await, and the
+          registry is read afresh each time, so a caller that slept on Redis meanwhile sees
+          the tenure that started while it slept, and joins it instead of starting another;
+        - one acquisition per event per process at a time, run as its own task (a caller that
+          goes away does not cancel it for the others), and a tenure goes into ``_hosted``
+          in the same step as the acquisition leaves ``_starting``: there is no gap;
+        - a tenure that is being torn down is waited for, never replaced while its actor may
+          still commit: a new epoch is only taken when ownership really changes hands.
+        """
+        while True:
+            tenure = self._hosted.get(event_id)
+            if tenure is not None:
+                if not tenure.ending:
+                    return True
+                await tenure.ended.wait()
+                continue
+            if self._closed:
+                raise ActorStopped("the server is shutting down")
+            starting = self._starting.get(event_id)
+            if starting is None:
+                starting = asyncio.create_task(self._acquire(event_id), name=f"host:{event_id}")
+                self._starting[event_id] = starting
+                starting.add_done_callback(lambda task: self._started(event_id, task))
+            return await asyncio.shield(starting)
+
+    def _started(self, event_id: str, task: asyncio.Task[bool]) -> None:
+        if self._starting.get(event_id) is task:
             del self._starting[event_id]
+        if not task.cancelled():
+            task.exception()  # retrieved: the waiters re-raise it themselves
 
     async def _acquire(self, event_id: str) -> bool:
         keys = self._keys.event(event_id)
-        got = await lease.acquire(
-            self._redis, keys.owner, self.node_id, lease_ms=self._lease_ttl_ms
+        # The lease, and where the inbox ends, in one atomic step: every command forwarded
+        # after it was sent by a process that could already see this one as the owner, and
+        # is served; the ones before were sent to a previous owner. (Reading it after taking
+        # the epoch, as before, lost what other processes forwarded in between.) A lease
+        # that holds this process's id already is a leftover of an earlier tenure of ours
+        # that is over (nothing of ours hosts the event: _try_host made sure), so it is
+        # taken like a free one.
+        claim = await lease.claim(
+            self._redis, keys.owner, self.node_id, lease_ms=self._lease_ttl_ms, mark=keys.inbox
         )
-        if not got:
-            owner: Any = await self._redis.get(keys.owner)
-            if owner is None or _text(owner) != self.node_id:
-                return False
+        if claim is None:
+            return False
+        tenure = _Tenure()
+        # Renewed from now on, not only once the actor is up: loading a large ledger must not
+        # let the lease lapse under a tenure that is about to take the epoch.
+        keeper = asyncio.create_task(self._keep_lease(event_id, tenure), name=f"lease:{event_id}")
+        tenure.tasks.append(keeper)
         try:
+            # The epoch only once the lease is ours, and once per tenure: restarts reuse it.
             epoch = await store.take_ownership(self._pool, event_id, self.node_id)
-            start_id = await self._transport.tail(event_id)
             actor = await self._new_actor(event_id, epoch)
         except BaseException:
-            await lease.release(self._redis, keys.owner, self.node_id)
+            await self._let_go(event_id, keeper)
             raise
-        hosted = _Hosted(actor)
-        self._hosted[event_id] = hosted
-        hosted.tasks = [
-            asyncio.create_task(self._supervise(event_id, hosted, epoch), name=f"actor:{event_id}"),
-            asyncio.create_task(self._keep_lease(event_id), name=f"lease:{event_id}"),
+        if tenure.lost or self._closed:
+            actor.close()
+            await self._let_go(event_id, keeper)
+            return False
+        tenure.epoch, tenure.actor = epoch, actor
+        tenure.tasks += [
+            asyncio.create_task(self._supervise(event_id, tenure), name=f"actor:{event_id}"),
             asyncio.create_task(
-                self._transport.serve(event_id, start_id, lambda: self.actor(event_id)),
+                self._transport.serve(event_id, claim.mark, lambda: self.actor(event_id)),
                 name=f"inbox:{event_id}",
             ),
         ]
+        self._hosted[event_id] = tenure
+        if self._starting.get(event_id) is asyncio.current_task():
+            del self._starting[event_id]  # in the same step: no gap between the two
         OWNER_CHANGES.inc()
         log.info("hosting inventory", extra={"event": event_id, "epoch": epoch})
         return True
+
+    async def _let_go(self, event_id: str, keeper: asyncio.Task[None]) -> None:
+        """Undo a claim whose tenure never went live."""
+        keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await lease.release(self._redis, self._keys.event(event_id).owner, self.node_id)
 
     async def _new_actor(self, event_id: str, epoch: int) -> InventoryActor:
         publish = self._publisher(event_id) if self._publish else None
@@ -221,10 +309,12 @@ class InventoryHost:
 
         return publish
 
-    async def _supervise(self, event_id: str, hosted: _Hosted, epoch: int) -> None:
+    async def _supervise(self, event_id: str, tenure: _Tenure) -> None:
         while True:
+            actor = tenure.actor
+            assert actor is not None
             try:
-                await hosted.actor.run()
+                await actor.run()
                 return  # closed on purpose
             except store.Fenced:
                 log.warning(
@@ -236,24 +326,25 @@ class InventoryHost:
             except Exception:
                 log.exception("inventory actor crashed", extra={"event": event_id})
             now = time.monotonic()
-            hosted.restarts.append(now)
-            while hosted.restarts and hosted.restarts[0] < now - RESTART_WINDOW_S:
-                hosted.restarts.popleft()
-            if len(hosted.restarts) > MAX_RESTARTS or self._closed:
+            tenure.restarts.append(now)
+            while tenure.restarts and tenure.restarts[0] < now - RESTART_WINDOW_S:
+                tenure.restarts.popleft()
+            if len(tenure.restarts) > MAX_RESTARTS or self._closed:
                 log.error(
                     "giving the inventory up after repeated crashes", extra={"event": event_id}
                 )
                 break
-            await asyncio.sleep(0.1 * len(hosted.restarts))
+            await asyncio.sleep(0.1 * len(tenure.restarts))
+            if tenure.ending:
+                return  # let go meanwhile (lease lost, shutdown): nothing to restart
             try:
-                hosted.actor = await self._new_actor(event_id, epoch)
+                # Same tenure, same epoch: a restart is not a change of hands.
+                tenure.actor = await self._new_actor(event_id, tenure.epoch)
             except Exception:
                 log.exception("inventory actor could not restart", extra={"event": event_id})
-        asyncio.get_running_loop().call_soon(
-            lambda: asyncio.ensure_future(self._unhost(event_id, release=True))
-        )
+        self._later(self._unhost(event_id, tenure, release=True), f"unhost:{event_id}")
 
-    async def _keep_lease(self, event_id: str) -> None:
+    async def _keep_lease(self, event_id: str, tenure: _Tenure) -> None:
         key = self._keys.event(event_id).owner
         interval = self._lease_ttl_ms / 3000
         last_ok = time.monotonic()
@@ -269,33 +360,48 @@ class InventoryHost:
                 renewed = None if time.monotonic() - last_ok < self._lease_ttl_ms / 1000 else False
             if renewed is False:
                 log.warning("inventory lease lost", extra={"event": event_id})
-                asyncio.get_running_loop().call_soon(
-                    lambda: asyncio.ensure_future(self._unhost(event_id, release=False))
-                )
+                tenure.lost = True  # a tenure still starting sees it and never goes live
+                self._later(self._unhost(event_id, tenure, release=False), f"unhost:{event_id}")
                 return
             if renewed:
                 last_ok = time.monotonic()
 
-    async def _unhost(self, event_id: str, *, release: bool) -> None:
-        hosted = self._hosted.pop(event_id, None)
-        if hosted is None:
+    def _later(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _unhost(self, event_id: str, tenure: _Tenure, *, release: bool) -> None:
+        """Tear ``tenure`` down, and only it: a stale supervisor or lease keeper can never
+        touch a later tenure. It leaves ``_hosted`` only once wholly done, so that no new
+        tenure (and epoch) of this process starts while its actor may still commit."""
+        if self._hosted.get(event_id) is not tenure:
+            return  # never went live, or already gone
+        if tenure.ending:
+            await tenure.ended.wait()
             return
-        hosted.actor.close()
-        for task in hosted.tasks:
-            if task is not asyncio.current_task() and task.get_name().startswith("actor:"):
+        tenure.ending = True
+        try:
+            if tenure.actor is not None:
+                tenure.actor.close()
+            me = asyncio.current_task()
+            supervisor = next((t for t in tenure.tasks if t.get_name().startswith("actor:")), None)
+            if supervisor is not None and supervisor is not me:
                 # Let the actor finish its mail (each ask gets an answer), then stop.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(task), 10)
-        for task in hosted.tasks:
-            if task is not asyncio.current_task():
+                    await asyncio.wait_for(asyncio.shield(supervisor), 10)
+            others = [t for t in tenure.tasks if t is not me]
+            for task in others:
                 task.cancel()
-        await asyncio.gather(
-            *(t for t in hosted.tasks if t is not asyncio.current_task()), return_exceptions=True
-        )
-        if release:
-            with contextlib.suppress(Exception):
-                await lease.release(self._redis, self._keys.event(event_id).owner, self.node_id)
-        log.info("stopped hosting inventory", extra={"event": event_id})
+            await asyncio.gather(*others, return_exceptions=True)
+            if release:
+                with contextlib.suppress(Exception):
+                    await lease.release(self._redis, self._keys.event(event_id).owner, self.node_id)
+        finally:
+            if self._hosted.get(event_id) is tenure:
+                del self._hosted[event_id]
+            tenure.ended.set()
+        log.info("stopped hosting inventory", extra={"event": event_id, "epoch": tenure.epoch})
 
 
 def _text(value: bytes | str) -> str:

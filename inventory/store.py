@@ -146,8 +146,11 @@ async def load_ledger(conn: Conn, event_id: str) -> Ledger:
 async def take_ownership(pool: asyncpg.Pool[Any], event_id: str, owner: str) -> int:
     """Become the event's owner in PostgreSQL: a new, higher fencing epoch.
 
-    The UPDATE waits for the row lock any in-flight commit of the previous owner holds, so
-    once this returns, every later commit of that owner sees a newer epoch and is refused.
+    Called once per tenure, only once the caller holds the event's owner lease (a restart of
+    the actor within a tenure keeps its epoch): every call fences off whoever owned the event
+    before, the caller's own earlier actors included (ADR 0009). The UPDATE waits for the row
+    lock any in-flight commit of the previous owner holds, so once this returns, every later
+    commit of that owner sees a newer epoch and is refused.
     """
     epoch: int = await pool.fetchval(
         "INSERT INTO inventory_owners (event_id, epoch, owner) VALUES ($1, 1, $2)"
