@@ -29,6 +29,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
+from waitroom.core.errors import NotFound
 from waitroom.core.keys import Keys
 
 #: Redis commands per pipeline while restoring (a room may have had 100,000s of passes).
@@ -81,25 +82,41 @@ def classify(row: asyncpg.Record | dict[str, Any]) -> RestoredPass:
     )
 
 
-async def restore(
+class Rebuilt(msgspec.Struct, frozen=True):
+    """What :func:`rebuild` wrote."""
+
+    event_id: str
+    #: The highest pass number PostgreSQL has: the admission sequence goes on after it.
+    last_seq: int
+    #: Unexpired passes written back (their fans admitted again), of which how many count
+    #: against ``max_active``, are revoked, are spent.
+    passes: int
+    active: int
+    revoked: int
+    spent: int
+
+
+async def rebuild(
     db: asyncpg.Pool[Any], redis: Redis, keys: Keys, event_id: str, *, now: float | None = None
-) -> int:
-    """Write the event's admission state from PostgreSQL into Redis; the last pass number.
+) -> Rebuilt:
+    """Write the event's admission state from PostgreSQL into Redis (idempotent).
 
     Every unexpired pass: its fan is admitted again (``fans`` and ``admitted``, so joining
     again answers with the same pass), counted in ``active`` if it still is, and marked
     revoked or spent if it is. Expired passes need nothing: the gate refuses them by their
-    signature's expiry.
+    signature's expiry. 404 ``event_not_found`` for an unknown event.
     """
     now = time.time() if now is None else now
     async with db.acquire() as conn:
+        if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM events WHERE id = $1)", event_id):
+            raise NotFound(f"no event {event_id!r}", code="event_not_found")
         rows = await conn.fetch(_PASSES, event_id)
         last = await conn.fetchval(
             "SELECT coalesce(max(seq), 0) FROM queue_passes WHERE event_id = $1", event_id
         )
     ek = keys.event(event_id)
     pipe = redis.pipeline(transaction=False)
-    queued = 0
+    queued = passes = active = revoked = spent = 0
     for row in rows:
         p = classify(row)
         ttl_ms = int((p.expires_at - now + MARKER_SLACK_S) * 1000)
@@ -111,10 +128,14 @@ async def restore(
             pipe.hset(ek.admitted, p.fan_id, p.token)
         if p.active:
             pipe.zadd(ek.active, {p.jti: p.expires_at})
+            active += 1
         if p.revoked:
             pipe.set(keys.revoked_pass(p.jti), event_id, px=ttl_ms)
+            revoked += 1
         if p.spent:
             pipe.set(keys.spent_pass(p.jti), "1", px=ttl_ms)
+            spent += 1
+        passes += 1
         queued += 1
         if queued >= BATCH:
             await pipe.execute()
@@ -122,7 +143,14 @@ async def restore(
             queued = 0
     if queued:
         await pipe.execute()
-    return int(last)
+    return Rebuilt(event_id, int(last), passes, active, revoked, spent)
+
+
+async def restore(
+    db: asyncpg.Pool[Any], redis: Redis, keys: Keys, event_id: str, *, now: float | None = None
+) -> int:
+    """:func:`rebuild`, answering the last pass number (what the room's loader needs)."""
+    return (await rebuild(db, redis, keys, event_id, now=now)).last_seq
 
 
 class PassState(msgspec.Struct, frozen=True):

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from admission import operators
+from admission import operators, recovery
 from admission.passes import PassKeys
 from inventory import catalogue
 from waitroom.core.clients import Clients, open_clients
@@ -138,6 +138,22 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
             safety_net=not args.no_safety_net,
         )
     )
+    return 0
+
+
+async def cmd_payments_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """One reconciliation pass of payments that ended without knowing what the provider did."""
+    from workers.main import reconcile_payments
+
+    report = await reconcile_payments(settings)
+    if args.json:
+        _print_json(report)
+        return 0
+    counts = report.counts()
+    print(f"handed back from stalled workers: {report.recovered}")
+    print(f"reconciled: {len(report.outcomes)}")
+    for outcome in sorted(counts):
+        print(f"  {outcome}: {counts[outcome]}")
     return 0
 
 
@@ -427,6 +443,24 @@ async def cmd_pass_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def cmd_room_restore(args: argparse.Namespace, settings: Settings) -> int:
+    """Write the event's pass state from PostgreSQL into Redis (see docs/durability.md).
+
+    Rooms rebuild themselves when Redis lost them; this is for a partial loss that left the
+    room in place, or to be sure. Harmless to run during a sale.
+    """
+    async with _clients(settings) as c:
+        result = await recovery.rebuild(c.db, c.redis, c.keys, args.event)
+    if args.json:
+        _print_json(result)
+    else:
+        print(
+            f"restored {result.passes} passes of {result.event_id} ({result.active} active,"
+            f" {result.revoked} revoked, {result.spent} spent); last pass #{result.last_seq}"
+        )
+    return 0
+
+
 def _status_text(s: operators.AdmissionStatus) -> str:
     state = "sold out" if s.sold_out else "paused" if s.paused else "admitting"
     lines = [
@@ -552,6 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
     work.add_argument("--no-safety-net", action="store_true", help="do not run the safety net")
     work.set_defaults(handler=cmd_workers, sync=True)
 
+    pay = sub.add_parser("payments", help="payments: reconcile charges in doubt")
+    paysub = pay.add_subparsers(dest="payments_command", required=True, parser_class=_Parser)
+    rec = paysub.add_parser(
+        "reconcile", help="settle payments whose charge is in doubt: tickets or a refund (once)"
+    )
+    rec.add_argument("--json", action="store_true")
+    rec.set_defaults(handler=cmd_payments_reconcile)
+
     mig = sub.add_parser("migrate", help="create the database if needed and apply migrations")
     mig.add_argument("--json", action="store_true")
     mig.set_defaults(handler=cmd_migrate)
@@ -617,6 +659,15 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("jti")
     revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(handler=cmd_pass_revoke)
+
+    room = sub.add_parser("room", help="a room's live state in Redis")
+    rsub = room.add_subparsers(dest="room_command", required=True, parser_class=_Parser)
+    restore = rsub.add_parser(
+        "restore", help="write the event's passes from PostgreSQL into Redis again (idempotent)"
+    )
+    restore.add_argument("event")
+    restore.add_argument("--json", action="store_true")
+    restore.set_defaults(handler=cmd_room_restore)
 
     status = sub.add_parser("status", help="live view of a sale")
     status.add_argument("event")

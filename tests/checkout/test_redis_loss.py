@@ -10,6 +10,7 @@ must count against ``max_active`` again, and new passes must be numbered after t
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from redis import Redis as SyncRedis
 from admission.passes import read_claims
 from tests.admission.support import create_event, me, wait_for
 from tests.checkout.test_checkout import Fan
+from tests.harness import run_cli
 from tests.queue_support import fan_headers, new_ip
 from tests.test_errors import assert_error
 from waitroom.core.keys import Keys
@@ -185,3 +187,34 @@ def test_fans_put_back_by_their_receipts_keep_their_order_ahead_of_newcomers(
     positions = [me(client, event_id, t)["position"] for t in (a, b, c)]
     assert positions == [1, 2, 3]
     assert me(client, event_id, newcomer.json()["visitor_token"])["position"] == 4
+
+
+def test_an_operator_restores_the_passes_of_a_room_that_lost_part_of_its_state(
+    client: httpx.Client, admin: httpx.Client, settings: Settings
+) -> None:
+    event_id = create_event(admin, rate=50, quantity=10, prefix="ro")
+    fans = [Fan(client, event_id) for _ in range(2)]
+    for fan in fans:
+        fan.wait_for_pass()
+    revoked = jti(fans[1].queue_pass)
+    assert admin.post(f"/v1/admin/passes/{revoked}/revoke").status_code == 200
+    time.sleep(0.3)
+    # A partial loss: the room's meta survives, its active passes and a marker do not.
+    keys = Keys(settings.redis_prefix)
+    with SyncRedis.from_url(settings.redis_url) as sync:
+        sync.delete(keys.event(event_id).active, keys.revoked_pass(revoked))
+
+    done = run_cli(settings, "room", "restore", event_id, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["passes"], report["active"], report["revoked"], report["last_seq"]) == (
+        2,
+        1,
+        1,
+        2,
+    )
+    with SyncRedis.from_url(settings.redis_url) as sync:
+        assert sync.zrange(keys.event(event_id).active, 0, -1) == [jti(fans[0].queue_pass).encode()]
+    assert_error(fans[1].reserve(), 403, "pass_revoked")
+    unknown = run_cli(settings, "room", "restore", "evt-nosuchevent")
+    assert unknown.returncode != 0 and "no event 'evt-nosuchevent'" in unknown.stderr
