@@ -18,6 +18,7 @@ at once: the second waits, then finds nothing left to do.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -273,6 +274,20 @@ class PoolTimeout(TimeoutError):
     """
 
 
+class DatabaseUnreachable(ConnectionError):
+    """Opening a pooled connection failed at the socket: refused, reset, no route (503 upstream).
+
+    A ``ConnectionError`` (an ``OSError``), as what it replaces was, that names PostgreSQL,
+    so the 503 says which dependency is down.
+    """
+
+
+#: The shortest bound on one statement: a very short ``WAITROOM_DEPENDENCY_TIMEOUT_S`` (tests
+#: use half a second to wait less for a dead server) must not turn a statement that waits a
+#: moment behind a lock into a failure.
+MIN_STATEMENT_TIMEOUT_S = 2.0
+
+
 class BoundedPool(asyncpg.Pool):
     """An asyncpg pool whose every acquire is bounded, by default by ``acquire_timeout``.
 
@@ -281,11 +296,20 @@ class BoundedPool(asyncpg.Pool):
     would leave all other requests hanging. Here a wait longer than the bound raises
     :class:`PoolTimeout`, which the HTTP layer answers 503 with Retry-After
     (:func:`waitroom.core.http.dependency_error`). The bound covers opening a connection
-    too (asyncpg applies it to the whole acquire).
+    too (asyncpg applies it to the whole acquire); a connection refused or reset while
+    opening raises :class:`DatabaseUnreachable`.
+
+    Releasing a connection whose statement timed out (or whose caller was cancelled) does
+    not hold up the caller: asyncpg waits there, up to the acquire bound, for PostgreSQL to
+    acknowledge the cancellation of the statement, which a server that let the statement
+    time out is unlikely to do promptly. That wait (and the reset, or closing the
+    connection when it does not come) goes on in the background; the caller's error (a 503
+    upstream) goes out at once.
     """
 
     def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
         self.acquire_timeout = acquire_timeout
+        self._releasing: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)
 
     # asyncpg's acquire(), its ``async with`` form and fetch()/execute()... all come here.
@@ -295,6 +319,29 @@ class BoundedPool(asyncpg.Pool):
             return await super()._acquire(bound)  # type: ignore[misc]
         except TimeoutError:
             raise PoolTimeout(f"no PostgreSQL connection came free within {bound:g} s") from None
+        except OSError as exc:
+            raise DatabaseUnreachable(f"could not connect to PostgreSQL: {exc}") from exc
+
+    async def release(self, connection: Any, *, timeout: float | None = None) -> None:
+        if _cancelling(connection):
+            task = asyncio.create_task(super().release(connection, timeout=timeout))
+            self._releasing.add(task)
+            task.add_done_callback(_released)
+            task.add_done_callback(self._releasing.discard)
+            return
+        await super().release(connection, timeout=timeout)
+
+
+def _cancelling(connection: Any) -> bool:
+    """Whether asyncpg is cancelling the statement of ``connection`` (a pool's proxy)."""
+    protocol = getattr(getattr(connection, "_con", None), "_protocol", None)
+    is_cancelling = getattr(protocol, "_is_cancelling", None)
+    return bool(is_cancelling()) if callable(is_cancelling) else False
+
+
+def _released(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("releasing a connection failed", extra={"error": repr(task.exception())})
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool[Any]:
@@ -302,7 +349,9 @@ async def create_pool(settings: Settings) -> asyncpg.Pool[Any]:
 
     Every connection attempt, every wait for a pooled connection (:class:`BoundedPool`) and
     every statement is bounded, so a database that is down, hanging or fully busy turns into
-    an error (503 upstream) rather than a stuck request.
+    an error (503 upstream) rather than a stuck request: connecting and waiting by the
+    dependency timeout, a statement by the dependency timeout too (at least
+    :data:`MIN_STATEMENT_TIMEOUT_S`; a caller with a longer job passes ``timeout=``).
     """
     pool: asyncpg.Pool[Any] = await BoundedPool(
         settings.database_url,
@@ -319,6 +368,6 @@ async def create_pool(settings: Settings) -> asyncpg.Pool[Any]:
         connection_class=asyncpg.Connection,
         record_class=asyncpg.Record,
         timeout=settings.dependency_timeout_s,
-        command_timeout=max(settings.dependency_timeout_s, 5.0),
+        command_timeout=max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S),
     )
     return pool

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from waitroom.core.db import PoolTimeout
+from waitroom.core.db import DatabaseUnreachable, PoolTimeout
 from waitroom.core.errors import (
     BadRequest,
     ErrorBody,
@@ -35,6 +35,7 @@ from waitroom.core.errors import (
     ValidationFailed,
     WaitroomError,
 )
+from waitroom.core.redis import unavailable as redis_unavailable
 
 T = TypeVar("T")
 log = logging.getLogger("waitroom.core.http")
@@ -188,9 +189,56 @@ def _nul_field(value: Any, path: str) -> str | None:
     return None
 
 
+#: PostgreSQL failures that are the database's state, not the request's fault (503):
+#:
+#: - :class:`~waitroom.core.db.DatabaseUnreachable`: the pool could not open a connection;
+#: - ``PostgresConnectionError`` (SQLSTATE class 08): the connection is gone or refused,
+#:   ``ConnectionDoesNotExistError`` when it broke in the middle of a query;
+#: - ``InterfaceError``: asyncpg's own, e.g. "connection is closed", "pool is closing";
+#: - ``OperatorInterventionError`` (class 57): the server is shutting down
+#:   (``AdminShutdownError``, ``CrashShutdownError``), starting up or in recovery
+#:   (``CannotConnectNowError``), or cancelled the statement (``QueryCanceledError``, which
+#:   ``statement_timeout`` raises: a statement that took too long is a slow database);
+#: - ``InsufficientResourcesError`` (class 53): ``TooManyConnectionsError``, disk full, out
+#:   of memory;
+#: - ``ReadOnlySQLTransactionError``: a write reached a hot standby (after a failover the
+#:   address may not name the new primary yet);
+#: - ``PostgresSystemError`` (class 58): an I/O error of the server.
+#:
+#: Serialization failures and deadlocks are not here: they are retried where they matter,
+#: and one that escapes is a bug to see (500). Neither are statement errors (constraint
+#: violations, bad input): those are the caller's to turn into a 4xx.
+_POSTGRES_UNAVAILABLE = (
+    DatabaseUnreachable,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+    asyncpg.exceptions.PostgresSystemError,
+)
+
+
 def dependency_error(exc: BaseException) -> Unavailable | None:
-    """The 503 a failure of Redis or PostgreSQL turns into, or None for other errors."""
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+    """The 503 a failure of Redis or PostgreSQL turns into, or None for other errors.
+
+    Redis: a lost or refused connection, a timeout, and every error reply that says the
+    server cannot serve for now (loading its data, a read-only replica, a master down, a
+    cluster resharding, a long script, out of memory...: see
+    :data:`waitroom.core.redis.UNAVAILABLE_REPLIES`), from redis-py's client and from the
+    Multiplexer alike. PostgreSQL: an exhausted pool (``database_busy``) and the failures of
+    :data:`_POSTGRES_UNAVAILABLE`. Any ``OSError`` or ``TimeoutError`` (a refused connection,
+    a statement past the pool's ``command_timeout``) too. An exception group is a dependency
+    failure when every exception in it is one.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        found = [dependency_error(inner) for inner in exc.exceptions]
+        if found and all(found):
+            return found[0]
+        return None
+    if isinstance(
+        exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+    ) or redis_unavailable(exc):
         return Unavailable("Redis is unavailable", retry_after=2, details={"dependency": "redis"})
     if isinstance(exc, PoolTimeout):
         # Every pooled connection is busy: a short wait usually finds one free.
@@ -200,13 +248,7 @@ def dependency_error(exc: BaseException) -> Unavailable | None:
             retry_after=1,
             details={"dependency": "postgresql"},
         )
-    if isinstance(
-        exc,
-        asyncpg.PostgresConnectionError
-        | asyncpg.InterfaceError
-        | asyncpg.exceptions.TooManyConnectionsError
-        | asyncpg.exceptions.CannotConnectNowError,
-    ):
+    if isinstance(exc, _POSTGRES_UNAVAILABLE):
         return Unavailable(
             "PostgreSQL is unavailable", retry_after=2, details={"dependency": "postgresql"}
         )

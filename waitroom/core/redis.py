@@ -21,8 +21,16 @@ Failure handling, each case tested:
   (the HTTP layer turns both into 503 with Retry-After); it is never retried here, since a
   command may or may not have run; the next command opens a new connection;
 - a caller cancelled while waiting leaves its slot in the queue, so replies stay aligned;
-- error replies raise :class:`~redis.exceptions.ResponseError`, ``NOSCRIPT`` replies
-  :class:`~redis.exceptions.NoScriptError` (the script wrapper then loads the script).
+- error replies raise the exception redis-py's own parser raises for them (its table of
+  error prefixes, :func:`reply_error`): ``NOSCRIPT`` is
+  :class:`~redis.exceptions.NoScriptError` (the script wrapper then loads the script),
+  ``LOADING`` :class:`~redis.exceptions.BusyLoadingError`, ``READONLY``
+  :class:`~redis.exceptions.ReadOnlyError`..., anything else
+  :class:`~redis.exceptions.ResponseError`; so both clients fail alike, and
+  :func:`unavailable` tells which of them mean "Redis cannot serve right now" (503 upstream);
+- a ``READONLY`` reply means the connection reaches a replica (after a failover, the
+  address may name the new primary by now): the connection is given up, failing the
+  commands still waiting on it, and the next command connects again.
 """
 
 from __future__ import annotations
@@ -31,13 +39,17 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import ssl
 from typing import Any
 
 import hiredis
 from redis import exceptions as rx
+from redis._parsers.base import BaseParser
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from waitroom.core.settings import Settings
 
@@ -53,11 +65,93 @@ def _pack(args: tuple[Arg, ...]) -> bytes:
     return packed
 
 
-def _error(reply: Exception) -> rx.ResponseError:
-    message = str(reply)
-    if message.startswith("NOSCRIPT"):
-        return rx.NoScriptError(message)
-    return rx.ResponseError(message)
+def reply_error(message: str) -> rx.RedisError:
+    """The exception redis-py raises for the error reply ``message`` (``"LOADING ..."``).
+
+    redis-py's parser table (``BaseParser.EXCEPTION_CLASSES``) is reused rather than copied,
+    so the Multiplexer raises exactly what redis-py's own client raises for the same reply:
+    :class:`~redis.exceptions.NoScriptError`, :class:`~redis.exceptions.BusyLoadingError`
+    (a ``ConnectionError``), :class:`~redis.exceptions.ReadOnlyError`... and
+    :class:`~redis.exceptions.ResponseError` with the whole message for any other prefix.
+    Like redis-py, a known prefix is taken off the message.
+    """
+    try:
+        error: rx.RedisError = BaseParser.parse_error(message)  # type: ignore[no-untyped-call]
+    except Exception:  # e.g. a MOVED reply that is not "slot host:port": never lose a reply
+        return rx.ResponseError(message)
+    return error
+
+
+#: Error replies that say the server cannot serve commands right now, whatever the command:
+#: a state of the dependency (answered 503 with Retry-After, as a connection failure is),
+#: never a fault of the request or of our code (which stay 500):
+#:
+#: - ``LOADING``: a restarted server is still reading its data set (seconds to minutes);
+#: - ``READONLY``: we reach a replica, typically the old primary after a failover, until the
+#:   address we use names the new primary;
+#: - ``MASTERDOWN``: a replica with ``replica-serve-stale-data no`` lost its primary;
+#: - ``CLUSTERDOWN``, ``TRYAGAIN`` (a slot being resharded), ``MOVED``/``ASK`` (the key's slot
+#:   lives on another node: a cluster we reach without a cluster client, or mid-resharding):
+#:   the topology is changing under us;
+#: - ``BUSY``: a script (or module command) runs past ``busy-reply-threshold``; Redis
+#:   answers nothing else until it ends or is killed;
+#: - ``OOM``: ``maxmemory`` reached with nothing to evict: writes are refused until memory is
+#:   freed, which is an operator's (or the eviction policy's) business, not the client's;
+#: - ``MISCONF``: the last RDB save failed and ``stop-writes-on-bgsave-error`` refuses writes;
+#: - ``NOREPLICAS``: fewer replicas than ``min-replicas-to-write`` are in sync.
+#:
+#: ``NOSCRIPT`` is not here: the script wrapper loads the script and tries again.
+UNAVAILABLE_REPLIES = frozenset(
+    {
+        "LOADING",
+        "READONLY",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "MOVED",
+        "ASK",
+        "BUSY",
+        "OOM",
+        "MISCONF",
+        "NOREPLICAS",
+    }
+)
+
+#: The classes redis-py's parser raises for those of UNAVAILABLE_REPLIES it knows (taking the
+#: prefix off the message); the others arrive as a ResponseError whose message starts with
+#: the prefix. MasterDownError is a ClusterDownError, MovedError an AskError.
+_UNAVAILABLE_CLASSES = (
+    rx.BusyLoadingError,
+    rx.ReadOnlyError,
+    rx.ClusterDownError,
+    rx.TryAgainError,
+    rx.AskError,
+    rx.OutOfMemoryError,
+)
+
+
+_PIPELINE_ERROR = re.compile(r"Command # \d+ \(.*\) of pipeline caused error: \W*", re.DOTALL)
+
+
+def unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` is Redis refusing to serve for now (:data:`UNAVAILABLE_REPLIES`),
+    from redis-py's client or the Multiplexer. Connection failures and timeouts are not
+    covered here: callers test for ``ConnectionError``/``TimeoutError`` themselves."""
+    if isinstance(exc, _UNAVAILABLE_CLASSES):
+        return True
+    if type(exc) is rx.ResponseError:
+        message = str(exc)
+        # redis-py's pipelines rewrite the message of the command that failed:
+        # "Command # 1 (EXISTS k) of pipeline caused error: ('BUSY Redis is busy...',)".
+        annotated = _PIPELINE_ERROR.match(message)
+        if annotated is not None:
+            message = message[annotated.end() :]
+        return message.split(" ", 1)[0] in UNAVAILABLE_REPLIES
+    return False
+
+
+def _error(reply: Exception) -> rx.RedisError:
+    return reply_error(str(reply))
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -119,7 +213,13 @@ class _Connection:
                     if future.done():
                         continue  # its caller was cancelled; the slot kept replies aligned
                     if isinstance(reply, hiredis.ReplyError):
-                        future.set_exception(_error(reply))
+                        error = _error(reply)
+                        future.set_exception(error)
+                        if isinstance(error, rx.ReadOnlyError):
+                            # A replica: after a failover the address may lead to the new
+                            # primary by now, but this connection never will.
+                            self.fail(rx.ConnectionError(f"Redis is a read-only replica: {error}"))
+                            return
                     else:
                         future.set_result(reply)
         except asyncio.CancelledError:
@@ -246,15 +346,33 @@ class Multiplexer:
             self._conn = None
 
 
+#: The longest a blocking command of ours waits for data (``BLPOP``/``XREAD BLOCK`` of
+#: inventory.forwarding, 1 s): redis-py's socket timeout must outlast it.
+LONGEST_BLOCK_S = 1.0
+
+
 def make_redis(settings: Settings) -> Redis:
-    """A Redis client whose pool waits for a free connection instead of failing a burst."""
+    """A Redis client whose pool waits for a free connection instead of failing a burst.
+
+    Every wait is bounded: for a pooled connection and for connecting by the dependency
+    timeout, for a reply by the dependency timeout too, or by a second more than the
+    longest blocking command when that is longer. redis-py retries nothing here, so one
+    command waits at most that long.
+
+    A connection that fails, times out, finds Redis loading (``BusyLoadingError`` is a
+    ``ConnectionError``) or answers ``READONLY`` is closed, and the next command on it
+    connects again: after a failover, the address may lead to the new primary by then (the
+    Multiplexer does the same).
+    """
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
         timeout=settings.dependency_timeout_s,
         socket_connect_timeout=settings.dependency_timeout_s,
-        socket_timeout=max(settings.dependency_timeout_s, 5.0),
+        socket_timeout=max(settings.dependency_timeout_s, LONGEST_BLOCK_S + 1.0),
         health_check_interval=30,
+        # No retries (a command may have run); "supported" errors only close the connection.
+        retry=Retry(NoBackoff(), 0, (rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError)),
     )
     # from_pool hands the pool to the client, so aclose() also closes its connections.
     return Redis.from_pool(pool)
