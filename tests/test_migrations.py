@@ -195,6 +195,24 @@ async def test_migrating_from_several_processes_at_once_applies_each_file_once(
     assert applied == [m.version for m in migrations()]
 
 
+async def test_several_processes_at_once_with_a_concurrent_index_do_not_deadlock(
+    dsn: str,
+) -> None:
+    # A process blocked in pg_advisory_lock would hold a snapshot that CREATE INDEX
+    # CONCURRENTLY (in the process holding the lock) waits for: the lock is polled instead.
+    concurrently = Migration(
+        9003,
+        "concurrent_probe",
+        f"{NO_TRANSACTION}\n"
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS holds_probe_cic ON holds (fan_id);\n",
+    )
+    shipped = [*migrations(), concurrently]
+    results = await asyncio.wait_for(
+        asyncio.gather(*(migrate(dsn, shipped=shipped) for _ in range(4))), 60
+    )
+    assert sorted(v for r in results for v in r) == [m.version for m in shipped]
+
+
 def test_migration_files_are_named_and_numbered_once() -> None:
     shipped = migrations()
     assert [m.version for m in shipped] == sorted({m.version for m in shipped})

@@ -34,6 +34,8 @@ from waitroom.core.settings import Settings
 
 log = logging.getLogger("waitroom.db")
 
+#: Seconds between two tries of the migration lock while another process holds it.
+MIGRATION_LOCK_POLL_S = 0.1
 #: Arbitrary constant naming the advisory lock that serializes migrations.
 MIGRATION_LOCK_ID = 0x77616974726F6F6D  # "waitroom"
 #: First line of a migration that must run outside a transaction.
@@ -180,7 +182,7 @@ async def migrate(
     conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, timeout=timeout)
     applied: list[int] = []
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        await _take_migration_lock(conn)
         try:
             await conn.execute(_CREATE_TABLE)
             await conn.execute(_ADD_CHECKSUM)
@@ -202,6 +204,20 @@ async def migrate(
     finally:
         await conn.close()
     return applied
+
+
+async def _take_migration_lock(conn: asyncpg.Connection[Any]) -> None:
+    """Take the migration lock, polling rather than blocking in ``pg_advisory_lock``.
+
+    A session blocked in ``SELECT pg_advisory_lock(...)`` is inside a statement, with a
+    snapshot, for as long as it waits, and ``CREATE INDEX CONCURRENTLY`` in the process that
+    holds the lock waits for every such snapshot to go: the two would wait for each other
+    forever. Short ``pg_try_advisory_lock`` statements hold no snapshot between tries.
+    """
+    while True:
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_ID):
+            return
+        await asyncio.sleep(MIGRATION_LOCK_POLL_S)
 
 
 async def _apply(conn: asyncpg.Connection[Any], migration: Migration) -> None:
