@@ -310,9 +310,9 @@ class InventoryHost:
         return publish
 
     async def _supervise(self, event_id: str, tenure: _Tenure) -> None:
+        actor = tenure.actor
+        assert actor is not None
         while True:
-            actor = tenure.actor
-            assert actor is not None
             try:
                 await actor.run()
                 return  # closed on purpose
@@ -325,6 +325,26 @@ class InventoryHost:
                 raise
             except Exception:
                 log.exception("inventory actor crashed", extra={"event": event_id})
+            restarted = await self._restart(event_id, tenure)
+            if restarted is None:
+                if tenure.ending:
+                    return  # let go meanwhile (lease lost, shutdown): its own _unhost runs
+                break
+            actor = restarted
+        self._later(self._unhost(event_id, tenure, release=True), f"unhost:{event_id}")
+
+    async def _restart(self, event_id: str, tenure: _Tenure) -> InventoryActor | None:
+        """A new actor for a crashed one, under the same epoch; None to give the event up.
+
+        A load that fails (PostgreSQL restarting, say) is tried again, each try counted
+        against the restart budget. It used to leave the crashed actor in place, whose
+        ``run()`` then returned at once as if closed on purpose: the supervisor ended, the
+        lease was still renewed, and every reservation got 503 until the server restarted.
+        Giving up releases the lease, so the next reservation (here or elsewhere) hosts the
+        event afresh once PostgreSQL answers.
+        """
+        tenure.actor = None  # asks meanwhile get a clear 503, not a closed actor
+        while True:
             now = time.monotonic()
             tenure.restarts.append(now)
             while tenure.restarts and tenure.restarts[0] < now - RESTART_WINDOW_S:
@@ -333,16 +353,23 @@ class InventoryHost:
                 log.error(
                     "giving the inventory up after repeated crashes", extra={"event": event_id}
                 )
-                break
+                return None
             await asyncio.sleep(0.1 * len(tenure.restarts))
             if tenure.ending:
-                return  # let go meanwhile (lease lost, shutdown): nothing to restart
+                return None
             try:
                 # Same tenure, same epoch: a restart is not a change of hands.
-                tenure.actor = await self._new_actor(event_id, tenure.epoch)
+                actor = await self._new_actor(event_id, tenure.epoch)
+            except store.Fenced:
+                return None
             except Exception:
                 log.exception("inventory actor could not restart", extra={"event": event_id})
-        self._later(self._unhost(event_id, tenure, release=True), f"unhost:{event_id}")
+                continue
+            if tenure.ending:
+                actor.close()
+                return None
+            tenure.actor = actor
+            return actor
 
     async def _keep_lease(self, event_id: str, tenure: _Tenure) -> None:
         key = self._keys.event(event_id).owner

@@ -24,6 +24,7 @@ BENCHMARKS = {
     "reserve": "stress.reserve",
     "flash-sale": "stress.flash_sale",
     "bots": "stress.bots",
+    "chaos": "stress.chaos",
 }
 
 

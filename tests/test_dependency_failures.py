@@ -1,7 +1,7 @@
 """Every way Redis or PostgreSQL can fail a request answers 503 with Retry-After, in time.
 
 Real servers throughout: the app runs against a private Redis or PostgreSQL
-(:mod:`tests.private_services`) that each test puts in the state it is about: Redis loading
+(:mod:`stress.private_services`) that each test puts in the state it is about: Redis loading
 its data, a primary demoted to a read-only replica (a failover), a replica whose master is
 down, a script running too long, out of memory, stopped, frozen; PostgreSQL stopped (fast
 and immediate), stopped in the middle of a query, frozen. Every answer must be the
@@ -32,6 +32,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from admission.passes import PassClaims, PassKeys, new_jti
+from stress.private_services import PrivatePostgres, PrivateRedis, process_alive
 from tests.admission.support import create_event, join, wait_for
 from tests.harness import (
     ADMIN_TOKEN,
@@ -41,7 +42,6 @@ from tests.harness import (
     fresh_settings,
     running,
 )
-from tests.private_services import PrivatePostgres, PrivateRedis, process_alive
 from tests.queue_support import fan_headers, new_ip
 from tests.test_errors import assert_error
 from waitroom.core.db import (

@@ -3,7 +3,7 @@
 The Multiplexer parses error replies with redis-py's own table of prefixes, so a reply of a
 server that is loading, a read-only replica, out of memory... raises what redis-py's client
 raises, and :func:`waitroom.core.redis.unavailable` (503 upstream) recognises it from
-either. Each state is a real private Redis (:mod:`tests.private_services`).
+either. Each state is a real private Redis (:mod:`stress.private_services`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 import redis.exceptions as rx
 from redis.asyncio import Redis
 
+from stress.private_services import PrivateRedis
 from tests.admission.support import wait_for
 from tests.harness import base_settings
-from tests.private_services import PrivateRedis
 from waitroom.core.http import dependency_error
 from waitroom.core.redis import Multiplexer, make_redis, unavailable
 

@@ -25,9 +25,9 @@ from redis.asyncio import Redis
 
 from inventory.hosting import InventoryHost
 from inventory.orders import order_history, start_payment
+from stress.private_services import PrivateRedis
 from tests.harness import ROOT, ServerThread
 from tests.inventory.conftest import make_event
-from tests.private_services import PrivateRedis
 from tests.workers.conftest import Control, make_payments, payment, reserve, settle, stats
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings, settings_env

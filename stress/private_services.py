@@ -36,7 +36,7 @@ from types import TracebackType
 
 import redis as redis_sync
 
-from tests.harness import free_port
+from stress.common import free_port
 
 #: Files and folders a Redis server keeps its data in (RDB snapshot, append-only files).
 _REDIS_DATA = ("dump.rdb", "appendonlydir", "appendonly.aof")
