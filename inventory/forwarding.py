@@ -62,6 +62,10 @@ class _Reply(msgspec.Struct, frozen=True):
 _reply_encoder = msgspec.msgpack.Encoder()
 _reply_decoder = msgspec.msgpack.Decoder(_Reply)
 
+class OwnerGone(Exception):
+    """The owner a command was forwarded to no longer holds the event: it will not answer."""
+
+
 #: What an owner has for one forwarded command: the actor's pending answer, or an error.
 _Outcome = Awaitable[Result] | WaitroomError
 
@@ -94,25 +98,52 @@ class Forwarder:
 
     # --- asking ------------------------------------------------------------------------------
 
-    async def ask(self, event_id: str, command: Command, timeout: float) -> Result:
-        """Send ``command`` to ``event_id``'s owner and wait at most ``timeout`` for it."""
+    async def ask(
+        self,
+        event_id: str,
+        command: Command,
+        timeout: float,
+        *,
+        owner_gone: Callable[[], Awaitable[bool]] | None = None,
+        check_every: float = 0.5,
+    ) -> Result:
+        """Send ``command`` to ``event_id``'s owner and wait at most ``timeout`` for it.
+
+        With ``owner_gone``: each ``check_every`` without an answer, it is asked whether the
+        owner this was sent to still holds the event; when not (it died and its lease lapsed,
+        or another took over), :class:`OwnerGone` is raised at once: the new owner serves
+        only mail sent after its claim, so this command will never be answered.
+        """
         request_id = uuid.uuid4().hex
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
+        deadline = time.monotonic() + timeout
         deadline_ms = int((time.time() + timeout) * 1000)
         try:
-            await self._redis.xadd(
-                self._keys.event(event_id).inbox,
-                {
-                    "c": _command_encoder.encode(command),
-                    "r": self._reply_key,
-                    "i": request_id,
-                    "d": str(deadline_ms),
-                },
-                maxlen=STREAM_MAXLEN,
-                approximate=True,
-            )
-            result = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                await self._redis.xadd(
+                    self._keys.event(event_id).inbox,
+                    {
+                        "c": _command_encoder.encode(command),
+                        "r": self._reply_key,
+                        "i": request_id,
+                        "d": str(deadline_ms),
+                    },
+                    maxlen=STREAM_MAXLEN,
+                    approximate=True,
+                )
+                while True:
+                    wait = min(check_every, deadline - time.monotonic())
+                    if owner_gone is None or wait <= 0:
+                        result = await future
+                        break
+                    done, _ = await asyncio.wait({future}, timeout=wait)
+                    if done:
+                        result = future.result()
+                        break
+                    if await owner_gone():
+                        FORWARDED.labels("owner_gone").inc()
+                        raise OwnerGone()
         except TimeoutError:
             FORWARDED.labels("timeout").inc()
             raise Unavailable(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -43,8 +44,8 @@ from redis.asyncio import Redis
 from admission.operators import complete_pass
 from inventory import store
 from inventory.actor import ActorStopped, InventoryActor
-from inventory.forwarding import Forwarder
-from inventory.ledger import Command, Result
+from inventory.forwarding import Forwarder, OwnerGone
+from inventory.ledger import Command, Expire, Result
 from waitroom.core import lease
 from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
@@ -54,7 +55,10 @@ log = logging.getLogger("waitroom.inventory")
 OWNER_CHANGES = Counter(
     "waitroom_inventory_owner_changes_total", "Times this process became an event's owner."
 )
-LEASE_TTL_S = 3.0
+#: Short, because it is how long an event's reservations wait when its owner dies (the
+#: others take over once it lapses, issue 12: within 2 s); renewed every third of it. A
+#: lease lost to a stalled event loop costs a handover, never a double sale (the epoch).
+LEASE_TTL_S = 1.5
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 30.0
 
@@ -140,32 +144,63 @@ class InventoryHost:
     # --- asking ------------------------------------------------------------------------------
 
     async def ask(self, event_id: str, command: Command, timeout: float | None = None) -> Result:
-        """Apply ``command`` to ``event_id``'s inventory wherever its actor runs."""
+        """Apply ``command`` to ``event_id``'s inventory wherever its actor runs.
+
+        A command forwarded to an owner that dies is not left to time out: once the owner's
+        lease lapses (at most ``lease_ttl_s`` after its last renewal) the ask notices, hosts
+        the event here (or forwards to whoever took it) and asks again, within the same
+        ``timeout``. Only commands that are safe to apply twice are asked again (an
+        idempotency key, or expiry); another gets 503 ``inventory_timeout`` at once.
+        """
         if self._closed:
             raise ActorStopped("the server is shutting down")
-        timeout = self._ask_timeout if timeout is None else timeout
-        actor = self.actor(event_id)
-        if actor is not None:
-            return await actor.ask(command, timeout)
-        if await self._host(event_id, timeout):
+        deadline = time.monotonic() + (self._ask_timeout if timeout is None else timeout)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _timed_out()
             actor = self.actor(event_id)
-            if actor is None:  # ours, but its actor is restarting after a crash
-                raise ActorStopped()
-            return await actor.ask(command, timeout)
-        return await self._transport.ask(event_id, command, timeout)
+            if actor is not None:
+                return await actor.ask(command, remaining)
+            owner = await self._host(event_id, remaining)
+            if owner is None:
+                actor = self.actor(event_id)
+                if actor is None:  # ours, but its actor is restarting after a crash
+                    raise ActorStopped()
+                return await actor.ask(command, deadline - time.monotonic())
+            try:
+                return await self._transport.ask(
+                    event_id,
+                    command,
+                    deadline - time.monotonic(),
+                    owner_gone=functools.partial(self._owner_gone, event_id, owner),
+                    check_every=self._lease_ttl_ms / 3000,
+                )
+            except OwnerGone:
+                if not _repeatable(command):
+                    raise _timed_out() from None
+                log.info("inventory owner gone; asking again", extra={"event": event_id})
+
+    async def _owner_gone(self, event_id: str, owner: str) -> bool:
+        """Whether ``owner`` (a node id, or "" for whoever held it) no longer holds the event."""
+        now: Any = await self._redis.get(self._keys.event(event_id).owner)
+        if now is None:
+            return True
+        return bool(owner) and _text(now) != owner
 
     # --- hosting -----------------------------------------------------------------------------
 
-    async def _host(self, event_id: str, timeout: float) -> bool:
-        """Whether this process hosts ``event_id``, becoming its owner if nobody is."""
+    async def _host(self, event_id: str, timeout: float) -> str | None:
+        """None when this process hosts ``event_id`` (becoming its owner if nobody is);
+        otherwise the node id of the owner to forward to ("" when it is not known)."""
         if event_id not in self._hosted and event_id not in self._starting:
             # A cheap look first: when another process owns the event, just forward to it.
             owner: Any = await self._redis.get(self._keys.event(event_id).owner)
             if owner is not None and _text(owner) != self.node_id:
-                return False
+                return _text(owner)
         try:
             async with asyncio.timeout(timeout):
-                return await self._try_host(event_id)
+                return None if await self._try_host(event_id) else ""
         except TimeoutError:
             raise Unavailable(
                 "the inventory is changing hands; retry with the same Idempotency-Key",
@@ -429,6 +464,19 @@ class InventoryHost:
                 del self._hosted[event_id]
             tenure.ended.set()
         log.info("stopped hosting inventory", extra={"event": event_id, "epoch": tenure.epoch})
+
+
+def _repeatable(command: Command) -> bool:
+    """Whether applying ``command`` twice is the same as once (so it may be asked again)."""
+    return isinstance(command, Expire) or command.idempotency_key is not None
+
+
+def _timed_out() -> Unavailable:
+    return Unavailable(
+        "the inventory owner did not answer in time; retry with the same Idempotency-Key",
+        retry_after=1,
+        code="inventory_timeout",
+    )
 
 
 def _text(value: bytes | str) -> str:

@@ -527,9 +527,12 @@ class ActiveSampler:
         self.key = Keys(PREFIX).event(event_id).active
         self.max_active = max_active
         self.samples = self.over = self.peak = 0
+        #: Set to end run() between samples: cancelling it mid-command could leave redis-py a
+        #: connection that its aclose() no longer closes (a ResourceWarning at exit).
+        self.stopped = False
 
     async def run(self) -> None:
-        while True:
+        while not self.stopped:
             with contextlib.suppress(Exception):
                 count = int(await self.redis.zcard(self.key))
                 self.samples += 1
@@ -612,8 +615,10 @@ async def run_fault_sale(
                 raise RuntimeError(f"checking the sale stalled (logs in {run_dir})")
             found = verified
         finally:
+            sampler.stopped = True
+            await asyncio.wait({sampling}, timeout=2)
             for task in (sampling, ticker):
-                if task is not None:
+                if task is not None and not task.done():
                     task.cancel()
                     await asyncio.wait({task}, timeout=2)
             await sale.stalls.bounded("close", sampler.redis.aclose(), 5, None)

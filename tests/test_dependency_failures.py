@@ -686,6 +686,7 @@ _POSTGRES_UNAVAILABLE: list[BaseException] = [
     asyncpg.exceptions.QueryCanceledError("canceling statement due to statement timeout"),
     asyncpg.exceptions.DiskFullError("could not extend file"),
     asyncpg.exceptions.PostgresIOError("could not read block"),
+    asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
 ]
 _OTHER_UNAVAILABLE: list[BaseException] = [
     ConnectionRefusedError(111, "Connection refused"),

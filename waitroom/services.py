@@ -29,6 +29,7 @@ from waitroom import admin_auth
 from waitroom.core.audit import Actor
 from waitroom.core.cache import ViewCache
 from waitroom.core.clients import open_clients
+from waitroom.core.db import MIN_STATEMENT_TIMEOUT_S
 from waitroom.core.keys import Keys
 from waitroom.core.redis import Multiplexer
 from waitroom.core.settings import Settings
@@ -97,7 +98,11 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
     hub = Hub(rooms, max_per_fan=settings.ws_max_per_fan)
     stack.push_async_callback(hub.close)
     pass_keys = PassKeys.from_settings(settings)
-    inventory = InventoryHost(db, redis, keys)
+    # An ask is bounded like a statement (the dependency timeout, at least
+    # MIN_STATEMENT_TIMEOUT_S): the actor's commit is one.
+    inventory = InventoryHost(
+        db, redis, keys, ask_timeout_s=max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S)
+    )
     await inventory.start()
     stack.push_async_callback(inventory.stop)
     admission: AdmissionService | None = None

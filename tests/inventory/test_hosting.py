@@ -20,6 +20,7 @@ from inventory.hosting import InventoryHost
 from inventory.ledger import Refused, Reserve, Reserved
 from tests.harness import ROOT
 from tests.inventory.conftest import held_sold, make_event
+from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings, settings_env
 
@@ -158,3 +159,39 @@ async def test_killing_the_owner_mid_burst_loses_no_acknowledged_hold_and_never_
     )
     assert owner_now >= 2
     assert killed_at is not None
+
+
+async def test_an_ask_forwarded_to_a_killed_owner_is_asked_again_once_its_lease_lapses(
+    pool: asyncpg.Pool[Any],
+    hosts: tuple[InventoryHost, InventoryHost],
+    settings: Settings,
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    """Forwarded asks do not wait out their timeout on a dead owner (issue 12): once its
+    lease (1.5 s) lapses they see it gone and ask again, here, within the same timeout; a
+    command that is not safe to apply twice (no idempotency key) gets its 503 then."""
+    _, b = hosts
+    event_id = await make_event(pool, quantity=10)
+    owner = _node(settings, event_id, 1, "a", 600)  # hosts the event, then idles
+    processes.append(owner)
+    assert next(_lines(owner))["owner"] is True
+    os.kill(owner.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    async def timed(command: Reserve) -> tuple[Any, float]:
+        try:
+            result: Any = await b.ask(event_id, command, timeout=6)
+        except Unavailable as exc:
+            result = exc
+        return result, time.monotonic() - killed_at
+
+    (keyed, keyed_s), (unkeyed, unkeyed_s) = await asyncio.gather(
+        timed(Reserve("y", "ga", 1, "key-y", None)), timed(Reserve("z", "ga", 1, None, None))
+    )
+    assert isinstance(keyed, Reserved), keyed
+    assert keyed_s < 2.5, keyed_s  # lease 1.5 s + one check (0.5 s) + taking over
+    assert isinstance(unkeyed, Unavailable) and unkeyed.code == "inventory_timeout", unkeyed
+    assert unkeyed_s < 2.5, unkeyed_s
+    assert b.owns(event_id)
+    keys = await pool.fetch("SELECT idempotency_key FROM holds WHERE event_id = $1", event_id)
+    assert sorted(r[0] for r in keys if r[0] in ("key-y", None)) == ["key-y"]

@@ -203,7 +203,11 @@ def _nul_field(value: Any, path: str) -> str | None:
 #:   of memory;
 #: - ``ReadOnlySQLTransactionError``: a write reached a hot standby (after a failover the
 #:   address may not name the new primary yet);
-#: - ``PostgresSystemError`` (class 58): an I/O error of the server.
+#: - ``PostgresSystemError`` (class 58): an I/O error of the server;
+#: - ``InternalClientError``: asyncpg's protocol found the connection in a state it did not
+#:   expect ("cannot switch to state ..."), which is how a session the server terminated
+#:   mid-transaction (a PostgreSQL shutdown) can surface (asyncpg #784, SQLAlchemy #13241
+#:   treats it as a disconnect too); the connection is discarded by the pool.
 #:
 #: Serialization failures and deadlocks are not here: they are retried where they matter,
 #: and one that escapes is a bug to see (500). Neither are statement errors (constraint
@@ -216,6 +220,7 @@ _POSTGRES_UNAVAILABLE = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ReadOnlySQLTransactionError,
     asyncpg.exceptions.PostgresSystemError,
+    asyncpg.InternalClientError,
 )
 
 
