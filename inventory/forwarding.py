@@ -62,6 +62,7 @@ class _Reply(msgspec.Struct, frozen=True):
 _reply_encoder = msgspec.msgpack.Encoder()
 _reply_decoder = msgspec.msgpack.Decoder(_Reply)
 
+
 class OwnerGone(Exception):
     """The owner a command was forwarded to no longer holds the event: it will not answer."""
 
