@@ -13,9 +13,12 @@ event's lease (:mod:`admission.leader`); the one process that holds it runs the 
    fans from the head of the line, sign their passes, and admit them with ONE fenced script
    (``admit.lua``); then take from the bucket exactly as many as were admitted.
 
-The passes admitted are recorded in PostgreSQL (``queue_passes``) off the tick's path, so a
-slow database delays revocation by id, never admission. The loop also publishes the observed
-admission rate in the room's meta with each lease renewal, for the operators' status view.
+The passes are recorded in PostgreSQL (``queue_passes``) BEFORE the script issues them, and
+the ones it did not issue are deleted after: PostgreSQL is the truth and Redis a cache of it
+(:mod:`admission.recovery` rebuilds a lost room from it), so no pass can exist that a rebuild
+would not know. The price: while PostgreSQL is down nobody is admitted (nobody could check
+out either). The loop also publishes the observed admission rate in the room's meta with each
+lease renewal, for the operators' status view.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from redis.asyncio import Redis
 
 from admission import bucket as buckets
 from admission import leader
-from admission.passes import PassClaims, PassKeys, new_jti, read_claims
+from admission.passes import PassClaims, PassKeys, new_jti
 from waitroom.core.keys import EventKeys, Keys
 from waitroom.line.room import Rooms
 
@@ -51,10 +54,6 @@ OPEN_SOON_S = 60
 OBSERVE_WINDOW_S = 5.0
 #: Extra fans read beyond the number to admit, to step over abandoned ones in one tick.
 CANDIDATE_SLACK = 8
-#: Most passes a new leader records on behalf of the last one, per takeover.
-BACKFILL_MAX = 100_000
-#: Pass rows waiting for PostgreSQL beyond this many are dropped (logged): memory is bounded.
-PENDING_MAX = 200_000
 _ERROR_LOG_EVERY_S = 10.0
 
 ADMITTED = Counter("waitroom_admitted_total", "Fans admitted (passes issued).", ["event"])
@@ -210,8 +209,6 @@ class EventAdmission:
         self.observer = RateObserver()
         self.task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
-        self._pending: list[PassRow] = []
-        self._flushing: asyncio.Task[None] | None = None
         self._opened_tried = 0.0
         self._error_logged_at = 0.0
 
@@ -248,10 +245,6 @@ class EventAdmission:
         self.observer = RateObserver()
         renewer = asyncio.create_task(self._renew(token), name=f"lease:{self.event_id}")
         try:
-            try:
-                await self.backfill()
-            except Exception as exc:  # PostgreSQL down: the next leader tries again
-                self._log_error("backfilling pass records failed", exc)
             loop = asyncio.get_running_loop()
             next_at = loop.time()
             tick_s = self.service.tick_s
@@ -280,8 +273,6 @@ class EventAdmission:
             await asyncio.gather(renewer, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(leader.release(self.service.redis, self.ek, token), 1.0)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.flush(), 5.0)
             log.info("stopped leading admission", extra={"event_id": self.event_id})
 
     async def _renew(self, token: str) -> None:
@@ -352,8 +343,6 @@ class EventAdmission:
         MAX_ACTIVE.labels(event).set(state.max_active)
         ACTIVE_PASSES.labels(event).set(state.active + admitted)
         RATE_OBSERVED.labels(event).set(self.observer.rate or 0.0)
-        if self._pending and (self._flushing is None or self._flushing.done()):
-            self._flushing = asyncio.create_task(self.flush(), name=f"passes:{event}")
         TICK_SECONDS.observe(time.perf_counter() - started)
         return admitted
 
@@ -393,7 +382,21 @@ class EventAdmission:
             candidates.append(
                 leader.Candidate(fan, keys.sign(claims), claims.jti, claims.exp, claims.seq)
             )
+        rows = [
+            PassRow(c.jti, c.fan_id, c.seq, float(issued), float(c.exp), c.queue_pass)
+            for c in candidates
+            if c.jti
+        ]
+        # Written ahead: PostgreSQL has every pass before Redis (and so the fan) sees it, so
+        # a Redis that loses the room is rebuilt with every pass ever issued (no fan admitted
+        # twice, max_active kept). A PostgreSQL that cannot take them admits nobody: the
+        # tick fails and the next one tries again (nobody could check out meanwhile anyway).
+        await self._record(rows)
         reply = await leader.admit(redis, self.ek, token, candidates, limit=count, cutoff=cutoff)
+        picked = {candidates[i].jti for i in reply.picked}
+        # Passes signed for fans the script did not admit (they left, or the batch stopped):
+        # nobody holds them, and a rebuilt room must not admit their fans.
+        await self._unrecord([r.jti for r in rows if r.jti not in picked])
         if reply.outcome == "fenced":
             log.warning("admission fenced: the lease is gone", extra={"event_id": self.event_id})
             self._lost.set()
@@ -402,84 +405,42 @@ class EventAdmission:
             ABANDONED_SKIPPED.labels(self.event_id).inc(reply.abandoned)
         if reply.admitted:
             ADMITTED.labels(self.event_id).inc(reply.admitted)
-            for i in reply.picked:
-                c = candidates[i]
-                self._pending.append(
-                    PassRow(c.jti, c.fan_id, c.seq, float(issued), float(c.exp), c.queue_pass)
-                )
-            if len(self._pending) > PENDING_MAX:
-                dropped = len(self._pending) - PENDING_MAX
-                del self._pending[:dropped]
-                log.error(
-                    "dropped pass records PostgreSQL did not take",
-                    extra={"event_id": self.event_id, "dropped": dropped},
-                )
         return reply.admitted, reply.admitted_total
 
-    async def backfill(self) -> int:
-        """Record the passes a previous leader admitted but did not live to record.
-
-        ``order`` lists the fans admitted since the room was (re)built, in admission order, and
-        ``admitted_total`` is the last pass number; so the passes numbered after PostgreSQL's
-        last one are the last ``admitted_total - last`` entries of ``order``, whatever number
-        the list started from (after Redis lost the room, it starts after PostgreSQL's last
-        pass, not at 1). Each pass's number is read from the pass itself. Returns how many
-        were recorded.
-        """
-        last = await self.service.db.fetchval(
-            "SELECT coalesce(max(seq), 0) FROM queue_passes WHERE event_id = $1", self.event_id
-        )
-        total = await self.service.redis.hget(self.ek.meta, "admitted_total")
-        missing = min(BACKFILL_MAX, int(total or 0) - int(last))
-        if missing <= 0:
-            return 0
-        raw = await self.service.redis.lrange(self.ek.order, -missing, -1)
-        if not raw:
-            return 0
-        passes = await self.service.redis.hmget(self.ek.admitted, raw)
-        rows = []
-        for fan, queue_pass in zip(raw, passes, strict=True):
-            token = _text(queue_pass)
-            # Our own signature, read back from our own Redis: nothing to verify here.
-            claims = read_claims(token or "")
-            if token is None or claims is None or claims.seq <= last:
-                continue
-            rows.append(
-                PassRow(claims.jti, _text(fan) or "", claims.seq, claims.iat, claims.exp, token)
-            )
-        self._pending[:0] = rows
-        await self.flush()
-        if rows:
-            log.info(
-                "recorded passes of a previous leader",
-                extra={"event_id": self.event_id, "passes": len(rows)},
-            )
-        return len(rows)
-
-    async def flush(self) -> None:
-        """Record the passes admitted so far in PostgreSQL (kept for a retry on failure)."""
-        rows, self._pending = self._pending, []
+    async def _record(self, rows: list[PassRow]) -> None:
+        """Record the passes about to be issued in ``queue_passes`` (raises when it fails)."""
         if not rows:
+            return
+        await self.service.db.execute(
+            "INSERT INTO queue_passes"
+            " (jti, event_id, fan_id, seq, issued_at, expires_at, token)"
+            " SELECT t.jti, $1, t.fan, t.seq, to_timestamp(t.iat), to_timestamp(t.exp),"
+            " t.token FROM unnest($2::text[], $3::text[], $4::bigint[], $5::float8[],"
+            " $6::float8[], $7::text[]) AS t(jti, fan, seq, iat, exp, token)"
+            " ON CONFLICT (jti) DO NOTHING",
+            self.event_id,
+            [r.jti for r in rows],
+            [r.fan_id for r in rows],
+            [r.seq for r in rows],
+            [r.issued_at for r in rows],
+            [r.expires_at for r in rows],
+            [r.token for r in rows],
+        )
+
+    async def _unrecord(self, jtis: list[str]) -> None:
+        """Forget recorded passes that were never issued. A failure is only logged: the row
+        of a pass nobody holds matters only if Redis loses the room, and then merely admits
+        a fan who was at the head of the line already."""
+        if not jtis:
             return
         try:
             await self.service.db.execute(
-                "INSERT INTO queue_passes"
-                " (jti, event_id, fan_id, seq, issued_at, expires_at, token)"
-                " SELECT t.jti, $1, t.fan, t.seq, to_timestamp(t.iat), to_timestamp(t.exp),"
-                " t.token FROM unnest($2::text[], $3::text[], $4::bigint[], $5::float8[],"
-                " $6::float8[], $7::text[]) AS t(jti, fan, seq, iat, exp, token)"
-                " ON CONFLICT (jti) DO NOTHING",
+                "DELETE FROM queue_passes WHERE event_id = $1 AND jti = ANY($2::text[])",
                 self.event_id,
-                [r.jti for r in rows],
-                [r.fan_id for r in rows],
-                [r.seq for r in rows],
-                [r.issued_at for r in rows],
-                [r.expires_at for r in rows],
-                [r.token for r in rows],
+                jtis,
             )
         except Exception as exc:
-            self._pending[:0] = rows
-            self._log_error("recording passes failed", exc)
+            self._log_error("forgetting passes never issued failed", exc)
 
     async def reconcile(self, version: int, rate: float, max_active: int, paused: bool) -> None:
         """Bring the room's meta up to PostgreSQL's admission settings (leader only)."""
@@ -497,8 +458,6 @@ class EventAdmission:
         """Stop following or leading (a lease held is released)."""
         if self.task is not None:
             await cancel_and_wait(self.task)
-        if self._flushing is not None:
-            await asyncio.gather(self._flushing, return_exceptions=True)
         for gauge in (ACTIVE_PASSES, RATE_CONFIGURED, RATE_OBSERVED, MAX_ACTIVE, LEADING):
             with contextlib.suppress(KeyError):
                 gauge.remove(self.event_id)

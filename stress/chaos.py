@@ -33,6 +33,7 @@ _KEPT = (
     "completed",
     "recovery_s",
     "recovery_s_by_route",
+    "hung_by_route",
     "duration_s",
     "sold",
     "fans_unfinished",

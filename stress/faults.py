@@ -541,6 +541,18 @@ class ActiveSampler:
             await asyncio.sleep(0.1)
 
 
+def _hung_by_route(
+    calls: Sequence[tuple[str, int, float, float]], hung_s: float
+) -> dict[str, int]:
+    """The slow requests by "route status" (which route hung, and how it ended)."""
+    found: dict[str, int] = {}
+    for route, status, _, took in calls:
+        if took > hung_s:
+            name = f"{route} {status}"
+            found[name] = found.get(name, 0) + 1
+    return found
+
+
 def _recovery(calls: Sequence[tuple[str, int, float, float]], since: float) -> dict[str, Any]:
     firsts: dict[str, float | None] = {}
     for route in ROUTES:
@@ -669,6 +681,7 @@ def _report(
         "max_active_exceeded": sampler.over + found["excess_admissions_db"],
         "http_500": sum(1 for c in calls if c[1] >= 500 and c[1] != 503),
         "hung_requests": sum(1 for c in calls if c[3] > sale.http.hung_s),
+        "hung_by_route": _hung_by_route(calls, sale.http.hung_s),
         "http_503": sum(1 for c in calls if c[1] == 503),
         "transport_errors": sum(1 for c in calls if c[1] == 0),
         "revoked_accepted": 0,

@@ -20,6 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from waitroom import admission_api as admission_api
 from waitroom import checkout_api, events_api, pages, queue_api
+from waitroom.core.db import MIN_STATEMENT_TIMEOUT_S
+from waitroom.core.deadline import DeadlineMiddleware
 from waitroom.core.errors import (
     MethodNotAllowed,
     NotFound,
@@ -265,8 +267,16 @@ def create_app(
     app.state.openapi = build_document(ops, title="waitroom", version=VERSION)
     # Outermost first: the request id must exist before anything can fail or log.
     app.add_middleware(CatchAllMiddleware)
+    app.add_middleware(DeadlineMiddleware, seconds=request_deadline_s(settings))
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+def request_deadline_s(settings: Settings) -> float:
+    """How long a fan's request may take before it is answered 503 ``request_timeout``: the
+    longest single dependency wait (a statement or an inventory ask) and half a second, so
+    that every request is answered within the dependency timeout and a second (issue 12)."""
+    return max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S) + 0.5
 
 
 def app_from_env() -> Starlette:

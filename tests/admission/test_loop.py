@@ -143,6 +143,46 @@ def test_the_cap_on_active_passes_holds_and_completing_or_revoking_frees_a_slot(
     wait_for(lambda: admitted_total(admin, event_id) == 8)
 
 
+async def _issued_and_recorded(settings: Settings, event_id: str) -> tuple[set[str], set[str]]:
+    """The passes Redis shows as active, then (read after) the passes PostgreSQL has."""
+    r = Redis.from_url(settings.redis_url)
+    try:
+        raw = await r.zrange(Keys(settings.redis_prefix).event(event_id).active, 0, -1)
+    finally:
+        await r.aclose()
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch("SELECT jti FROM queue_passes WHERE event_id = $1", event_id)
+    finally:
+        await conn.close()
+    return {j.decode() if isinstance(j, bytes) else str(j) for j in raw}, {r[0] for r in rows}
+
+
+def test_every_pass_is_in_postgresql_before_redis_issues_it(
+    admin: httpx.Client, client: httpx.Client, settings: Settings
+) -> None:
+    """Write-ahead (issue 12): a room rebuilt from PostgreSQL after Redis lost it must know
+    every pass ever issued, so at no moment may Redis show a pass PostgreSQL lacks."""
+    event_id = create_event(admin, rate=200, max_active=1000, paused=True)
+    for _ in range(150):
+        join(client, event_id)
+    assert (
+        admin.patch(f"/v1/admin/events/{event_id}/admission", json={"paused": False}).status_code
+        == 200
+    )
+    samples = 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        issued, recorded = asyncio.run(_issued_and_recorded(settings, event_id))
+        assert issued <= recorded, f"{len(issued - recorded)} passes issued before recorded"
+        samples += 1
+        if len(issued) == 150:
+            break
+    assert len(issued) == 150 and samples > 3
+    # Only passes that were issued are on record.
+    assert recorded == issued
+
+
 def test_sold_out_stops_admission_and_tells_the_fans(
     admin: httpx.Client, client: httpx.Client, settings: Settings
 ) -> None:
