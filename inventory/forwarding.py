@@ -41,8 +41,12 @@ FORWARDED = Counter(
     ["outcome"],
 )
 
-#: Entries kept in an event's inbox stream (it is a mailbox, not a log).
-STREAM_MAXLEN = 100_000
+#: The most entries an event's inbox stream holds: a hard bound on its memory (~2 MB). The
+#: owner trims what it has read after every batch, so the inbox holds only what is still
+#: unread; a backlog past this means the owner is so far behind that those askers have
+#: given up (their deadline is seconds), and the oldest go first. (It used to keep the last
+#: 100,000 commands forever: 347 MB in Redis after one large sale.)
+STREAM_MAXLEN = 10_000
 #: How long a reply list outlives its last reply (an asker that went away leaves it behind).
 REPLY_TTL_MS = 60_000
 
@@ -230,6 +234,15 @@ class Forwarder:
                     pending.append((reply_to, request_id, exc))
                 except msgspec.DecodeError:
                     log.warning("undecodable forwarded command", extra={"event": event_id})
+            try:
+                # Everything up to here has been read and is answered by this loop (or was
+                # past its deadline): nobody needs it again, since a later owner serves only
+                # what comes after its own claim.
+                await self._redis.xtrim(stream, minid=last_id, approximate=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next batch trims it
+                log.warning("inbox trim failed", extra={"event": event_id, "error": repr(exc)})
             if pending:
                 # Answered off the read loop, so the next batch is read while this one commits.
                 task = asyncio.create_task(self._answer(pending))

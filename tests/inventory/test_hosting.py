@@ -44,7 +44,10 @@ async def hosts(
 
 
 async def test_the_first_asker_hosts_the_actor_and_the_other_forwards_to_it(
-    pool: asyncpg.Pool[Any], hosts: tuple[InventoryHost, InventoryHost]
+    pool: asyncpg.Pool[Any],
+    hosts: tuple[InventoryHost, InventoryHost],
+    redis: Redis,
+    settings: Settings,
 ) -> None:
     a, b = hosts
     event_id = await make_event(pool, quantity=30, per_fan=1)
@@ -57,6 +60,9 @@ async def test_the_first_asker_hosts_the_actor_and_the_other_forwards_to_it(
         )
     )
     assert not b.owns(event_id)  # b forwarded, it never wrote the event's rows
+    # The inbox keeps nothing it has answered (issue 13: it kept 100,000 entries forever).
+    inbox = Keys(settings.redis_prefix).event(event_id).inbox
+    assert await redis.xlen(inbox) <= 1
     reserved = [r for r in results if isinstance(r, Reserved)]
     assert len(reserved) == 29
     assert all(
