@@ -209,6 +209,12 @@ class EventAdmission:
         self.observer = RateObserver()
         self.task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
+        #: Pass rows recorded for a tick that did not issue them, still to delete (a failed
+        #: delete is tried again before anyone else is admitted).
+        self._unissued: list[str] = []
+        #: Whether this tenure has dropped the rows a previous leader recorded but never
+        #: issued (it died between recording and admit.lua).
+        self._cleaned = False
         self._opened_tried = 0.0
         self._error_logged_at = 0.0
 
@@ -241,6 +247,7 @@ class EventAdmission:
         log.info("leading admission", extra={"event_id": self.event_id})
         self.token = token
         self._lost = asyncio.Event()
+        self._cleaned = False
         self.bucket = None
         self.observer = RateObserver()
         renewer = asyncio.create_task(self._renew(token), name=f"lease:{self.event_id}")
@@ -311,6 +318,10 @@ class EventAdmission:
         redis = self.service.redis
         now = time.time()
         state = await read_state(redis, self.ek, now)
+        if self._unissued or (not self._cleaned and state is not None):
+            # Before anyone else is admitted: a row of a pass never issued would make a
+            # room rebuilt from PostgreSQL admit its fan (and count it against max_active).
+            await self._drop_unissued(state)
         if state is None:
             await self.service.rooms.ensure(self.event_id)
             return 0
@@ -428,9 +439,8 @@ class EventAdmission:
         )
 
     async def _unrecord(self, jtis: list[str]) -> None:
-        """Forget recorded passes that were never issued. A failure is only logged: the row
-        of a pass nobody holds matters only if Redis loses the room, and then merely admits
-        a fan who was at the head of the line already."""
+        """Forget recorded passes that were never issued; on failure the next tick tries
+        again before it admits anyone."""
         if not jtis:
             return
         try:
@@ -440,7 +450,38 @@ class EventAdmission:
                 jtis,
             )
         except Exception as exc:
+            self._unissued += jtis
             self._log_error("forgetting passes never issued failed", exc)
+
+    async def _drop_unissued(self, state: RoomState | None) -> None:
+        """Delete the rows of passes that were recorded but never issued (raises on failure).
+
+        This tenure's own leftovers by id. A previous leader's, once per tenure: it may have
+        died between recording a tick's passes and running ``admit.lua``. Passes are issued
+        strictly in number order, each numbered ``admitted_total + 1``, so every recorded
+        pass numbered above the room's ``admitted_total`` was never issued. (A room that
+        Redis lost has no total to compare with: its rebuild counts such rows as issued,
+        the safe side for ``max_active``.)
+        """
+        if self._unissued:
+            await self.service.db.execute(
+                "DELETE FROM queue_passes WHERE event_id = $1 AND jti = ANY($2::text[])",
+                self.event_id,
+                self._unissued,
+            )
+            self._unissued = []
+        if not self._cleaned and state is not None:
+            dropped = await self.service.db.execute(
+                "DELETE FROM queue_passes WHERE event_id = $1 AND seq > $2",
+                self.event_id,
+                state.admitted_total,
+            )
+            self._cleaned = True
+            if dropped != "DELETE 0":
+                log.info(
+                    "dropped the records of passes a previous leader never issued",
+                    extra={"event_id": self.event_id, "rows": dropped},
+                )
 
     async def reconcile(self, version: int, rate: float, max_active: int, paused: bool) -> None:
         """Bring the room's meta up to PostgreSQL's admission settings (leader only)."""

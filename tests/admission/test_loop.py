@@ -183,6 +183,61 @@ def test_every_pass_is_in_postgresql_before_redis_issues_it(
     assert recorded == issued
 
 
+async def _sql(settings: Settings, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await conn.fetch(query, *args)
+    finally:
+        await conn.close()
+
+
+async def _drop_lease(settings: Settings, event_id: str) -> None:
+    r = Redis.from_url(settings.redis_url)
+    try:
+        await r.delete(Keys(settings.redis_prefix).event(event_id).leader)
+    finally:
+        await r.aclose()
+
+
+def test_a_new_leader_drops_the_records_of_passes_a_dead_leader_never_issued(
+    admin: httpx.Client, client: httpx.Client, settings: Settings
+) -> None:
+    """A leader that died between recording a tick's passes and issuing them leaves rows of
+    passes nobody holds; the next leader deletes them before it admits anyone, so that a
+    rebuilt room would not admit their fans (nor count them against max_active)."""
+    event_id = create_event(admin, rate=50, paused=True)
+    fan, token = join(client, event_id)
+    assert me(client, event_id, token)["status"] == "paused"  # the room is loaded
+    now = time.time()
+    asyncio.run(
+        _sql(
+            settings,
+            "INSERT INTO queue_passes (jti, event_id, fan_id, seq, issued_at, expires_at, token)"
+            " VALUES ('never-issued', $1, $2, 1, to_timestamp($3), to_timestamp($4), 'x')",
+            event_id,
+            fan,
+            now,
+            now + 600,
+        )
+    )
+    asyncio.run(_drop_lease(settings, event_id))  # the leader loses its lease: a new tenure
+    wait_for(
+        lambda: (
+            not asyncio.run(_sql(settings, "SELECT 1 FROM queue_passes WHERE jti = 'never-issued'"))
+        ),
+        timeout=15,
+    )
+    assert (
+        admin.patch(f"/v1/admin/events/{event_id}/admission", json={"paused": False}).status_code
+        == 200
+    )
+    wait_for(lambda: me(client, event_id, token)["status"] == "admitted")
+    rows = asyncio.run(
+        _sql(settings, "SELECT fan_id, seq FROM queue_passes WHERE event_id = $1", event_id)
+    )
+    assert [(r["fan_id"], r["seq"]) for r in rows] == [(fan, 1)]
+
+
 def test_sold_out_stops_admission_and_tells_the_fans(
     admin: httpx.Client, client: httpx.Client, settings: Settings
 ) -> None:
