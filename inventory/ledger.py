@@ -69,6 +69,10 @@ _K = TypeVar("_K")
 
 # Refusal codes. They are the ``code`` of the error body the HTTP layer renders.
 SOLD_OUT = "sold_out"
+#: Not enough left right now, but enough is only held by fans checking out: their holds may
+#: lapse and the tickets come back. Fans are told the truth ("try again shortly"), and only
+#: ``sold_out`` when nothing can come back.
+TICKETS_HELD = "tickets_held"
 FAN_LIMIT = "fan_limit"
 UNKNOWN_HOLD = "hold_not_found"
 HOLD_EXPIRED = "hold_expired"
@@ -88,6 +92,7 @@ NOT_YOUR_HOLD = UNKNOWN_HOLD
 #: HTTP status of each refusal code.
 REFUSAL_STATUS: dict[str, int] = {
     SOLD_OUT: 409,
+    TICKETS_HELD: 409,
     FAN_LIMIT: 409,
     UNKNOWN_HOLD: 404,
     HOLD_EXPIRED: 410,
@@ -605,6 +610,14 @@ class Ledger:
             )
         available = self._available[cmd.ticket_type]
         if cmd.quantity > available:
+            held = self._held[cmd.ticket_type]
+            if cmd.quantity <= available + held:
+                return Refused(
+                    TICKETS_HELD,
+                    f"The {cmd.ticket_type!r} tickets left are held by fans checking out; some"
+                    " may come back when their holds lapse. Try again shortly.",
+                    {"ticket_type": cmd.ticket_type, "available": available, "held": held},
+                )
             return Refused(
                 SOLD_OUT,
                 f"Not enough {cmd.ticket_type!r} tickets left.",

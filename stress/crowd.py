@@ -473,6 +473,13 @@ class Sale:
                     continue
                 fan.state = "sold_out"
                 return
+            if response.status_code == 409 and _code(response) == "tickets_held":
+                # Held by others who may not pay: ask again (a new request, a new key) after
+                # Retry-After, until they are paid (sold_out) or come back.
+                retry = float(response.headers.get("retry-after", "5") or 5)
+                await asyncio.sleep(retry * random.uniform(0.5, 1.0))
+                key = uuid.uuid4().hex
+                continue
             self._fail(fan, f"reserve {response.status_code} {_code(response)}")
             return
         await self._pay(fan, headers)

@@ -541,9 +541,7 @@ class ActiveSampler:
             await asyncio.sleep(0.1)
 
 
-def _hung_by_route(
-    calls: Sequence[tuple[str, int, float, float]], hung_s: float
-) -> dict[str, int]:
+def _hung_by_route(calls: Sequence[tuple[str, int, float, float]], hung_s: float) -> dict[str, int]:
     """The slow requests by "route status" (which route hung, and how it ended)."""
     found: dict[str, int] = {}
     for route, status, _, took in calls:

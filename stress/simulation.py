@@ -46,6 +46,13 @@ class Outcome:
     error: str | None = None
 
 
+#: Seconds between two progress lines when stdout is not a terminal (a log, CI, a pipe):
+#: a terminal gets one line redrawn in place twice a second instead.
+LOG_EVERY_S = 5.0
+#: A selling window shorter than this gives no rate (one sale is not a rate).
+MIN_WINDOW_S = 1.0
+
+
 @dataclass
 class Progress:
     """Live counters of a running simulation."""
@@ -60,15 +67,42 @@ class Progress:
     sold_out_fans: int = 0
     errors: int = 0
     started: float = field(default_factory=time.monotonic)
+    #: When the first and the latest tickets were paid (monotonic), None before any.
+    first_sale: float | None = None
+    last_sale: float | None = None
+
+    def sold(self, tickets: int, now: float) -> None:
+        """Count ``tickets`` paid at ``now`` (``time.monotonic()``)."""
+        self.tickets_sold += tickets
+        self.first_sale = now if self.first_sale is None else self.first_sale
+        self.last_sale = now
+
+    @property
+    def selling_window_s(self) -> float:
+        """Seconds from the first sale to the latest: the time tickets were being sold."""
+        if self.first_sale is None or self.last_sale is None:
+            return 0.0
+        return self.last_sale - self.first_sale
+
+    @property
+    def selling_rate(self) -> float | None:
+        """Tickets per second over the selling window, None until it is long enough.
+
+        Averaging over the whole run would count the wait before the first sale and the
+        time after the last (fans told it sold out, payments settling) as slow selling.
+        """
+        window = self.selling_window_s
+        return self.tickets_sold / window if window >= MIN_WINDOW_S else None
 
     def line(self) -> str:
         """One line for a terminal."""
         elapsed = time.monotonic() - self.started
-        rate = self.tickets_sold / elapsed if elapsed > 0 else 0.0
+        rate = self.selling_rate
+        shown = "      -" if rate is None else f"{rate:6.1f}/s"
         return (
             f"{elapsed:6.1f}s  joined {self.joined:>6}/{self.fans}  waiting {self.waiting:>6}  "
             f"admitted {self.admitted:>6}  tickets sold {self.tickets_sold:>6} "
-            f"({rate:6.1f}/s)  sold-out fans {self.sold_out_fans:>6}  errors {self.errors}"
+            f"({shown})  sold-out fans {self.sold_out_fans:>6}  errors {self.errors}"
         )
 
 
@@ -210,18 +244,30 @@ async def _buy(
     progress: Progress,
     ticket_type: str,
 ) -> Outcome:
-    headers = {**auth, "X-Queue-Pass": queue_pass, "Idempotency-Key": uuid.uuid4().hex}
+    headers = {**auth, "X-Queue-Pass": queue_pass}
     quantity = 1 + out.index % 2
-    started = time.perf_counter()
-    response = await _request(
-        http,
-        "POST",
-        f"/v1/events/{event_id}/reservations",
-        json={"ticket_type": ticket_type, "quantity": quantity},
-        headers=headers,
-    )
-    out.reserve_ms = (time.perf_counter() - started) * 1000
-    if response.status_code == 409 and response.json()["error"]["code"] == "sold_out":
+    give_up = time.monotonic() + 180
+    while True:
+        headers["Idempotency-Key"] = uuid.uuid4().hex
+        started = time.perf_counter()
+        response = await _request(
+            http,
+            "POST",
+            f"/v1/events/{event_id}/reservations",
+            json={"ticket_type": ticket_type, "quantity": quantity},
+            headers=headers,
+        )
+        out.reserve_ms = (time.perf_counter() - started) * 1000
+        held = response.status_code == 409 and response.json()["error"]["code"] == "tickets_held"
+        if not held or time.monotonic() > give_up:
+            break
+        # What is left is held by fans still paying: some may come back. A real fan's page
+        # says so and tries again; so does this one (a new request, a new key).
+        await asyncio.sleep(float(response.headers.get("Retry-After", "5")))
+    if response.status_code == 409 and response.json()["error"]["code"] in (
+        "sold_out",
+        "tickets_held",  # still held after three minutes: this fan stops waiting
+    ):
         out.sold_out = True
         progress.sold_out_fans += 1
         return out
@@ -254,7 +300,7 @@ async def _buy(
             out.tickets = len(reservation["tickets"])
             out.paid_after_s = time.monotonic() - out.joined_at
             progress.paid_fans += 1
-            progress.tickets_sold += out.tickets
+            progress.sold(out.tickets, time.monotonic())
             return out
         payment = reservation.get("payment") or {}
         if payment.get("state") == "failed":
@@ -333,6 +379,7 @@ def summarize(outcomes: list[Outcome], progress: Progress) -> dict[str, Any]:
     reserves = [o.reserve_ms for o in outcomes if o.reserve_ms is not None]
     confirms = [o.confirm_ms for o in outcomes if o.confirm_ms is not None]
     paid = [o.paid_after_s for o in outcomes if o.paid_after_s is not None]
+    rate = progress.selling_rate
     return {
         "fans": progress.fans,
         "joined": progress.joined,
@@ -342,6 +389,8 @@ def summarize(outcomes: list[Outcome], progress: Progress) -> dict[str, Any]:
         "sold_out_fans": progress.sold_out_fans,
         "errors": progress.errors,
         "error_samples": [o.error for o in outcomes if o.error][:5],
+        "selling_window_s": round(progress.selling_window_s, 2),
+        "tickets_per_s": None if rate is None else round(rate, 1),
         "join_p50_ms": pct(joins, 50),
         "join_p99_ms": pct(joins, 99),
         "admission_p50_s": pct(admissions, 50),
@@ -393,13 +442,26 @@ def main() -> None:
     parser.add_argument(
         "--verify", action="store_true", help="check the sale in PostgreSQL and Redis afterwards"
     )
+    parser.add_argument(
+        "--log-every",
+        type=float,
+        default=LOG_EVERY_S,
+        help="seconds between progress lines when stdout is not a terminal",
+    )
     args = parser.parse_args()
     live = sys.stdout.isatty()
+    logged = time.monotonic()
 
     def show(progress: Progress) -> None:
+        nonlocal logged
         if live:
             sys.stdout.write("\r" + progress.line())
             sys.stdout.flush()
+        elif time.monotonic() - logged >= args.log_every:
+            # Not a terminal: no line redrawn in place, but a line every few seconds, so a
+            # log shows the sale is moving rather than a minute of silence.
+            logged = time.monotonic()
+            print(progress.line(), flush=True)
 
     outcomes, progress = asyncio.run(
         simulate(args.base_url, args.event, args.fans, ticket_type=args.ticket_type, on_tick=show)
@@ -410,6 +472,11 @@ def main() -> None:
         f"fans {s['fans']}: {s['paid_fans']} bought {s['tickets_bought']} tickets,"
         f" {s['sold_out_fans']} were told it sold out, {s['errors']} errors"
     )
+    if s["tickets_per_s"] is not None:
+        print(
+            f"selling window: {s['tickets_bought']} tickets in {s['selling_window_s']:.1f} s"
+            f" from the first sale to the last ({s['tickets_per_s']}/s)"
+        )
     print(
         f"latency p50/p99: join {s['join_p50_ms']}/{s['join_p99_ms']} ms,"
         f" admission {s['admission_p50_s']}/{s['admission_p99_s']} s,"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -122,6 +123,18 @@ def test_invalid_events_are_refused_naming_the_field(
 ) -> None:
     error = assert_error(admin.post("/v1/admin/events", json=event_body(**change)), 422, code)
     assert error["details"]["field"] == field
+
+
+def test_the_readmes_example_event_is_accepted_whatever_the_date(admin: httpx.Client) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    found = re.search(r"An event body[^\n]*\n\n```json\n(.*?)```", readme, re.DOTALL)
+    assert found is not None, "the README's example event body moved"
+    body = json.loads(found.group(1))
+    # Nothing in it that a date can make stale: a fixed opens_at would lie in the past one day.
+    assert "opens_at" not in body["room"] and "starts_at" not in body
+    body["id"] = f"readme-{uuid.uuid4().hex[:8]}"  # the example's id may exist already
+    created = admin.post("/v1/admin/events", json=body)
+    assert created.status_code == 201, created.text
 
 
 def test_the_show_must_start_after_the_sale_opens() -> None:

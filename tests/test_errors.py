@@ -74,7 +74,7 @@ def test_json_of_the_wrong_shape_is_422_naming_the_field(client: httpx.Client) -
         ({**GOOD_EVENT, "room": {"rate_per_second": 0}}, "room.rate_per_second"),
         ({**GOOD_EVENT, "room": {"queue_mode": "random"}}, "room.queue_mode"),
         ({**GOOD_EVENT, "room": {"opens_at": "2030-01-01T00:00:00"}}, "room.opens_at"),
-        ({**GOOD_EVENT, "unexpected": 1}, None),
+        ({**GOOD_EVENT, "unexpected": 1}, "unexpected"),
         ({**GOOD_EVENT, "id": "Has Spaces"}, "id"),
     ]
     for body, field in cases:
@@ -82,6 +82,26 @@ def test_json_of_the_wrong_shape_is_422_naming_the_field(client: httpx.Client) -
         if field is not None:
             assert error["details"]["field"] == field, error
     assert_error(client.post("/v1/admin/events", json=[1, 2], headers=ADMIN), 422)
+
+
+def test_an_unknown_field_is_422_naming_it_by_its_full_path(client: httpx.Client) -> None:
+    ticket = GOOD_EVENT["ticket_types"][0]
+    cases = [
+        ({**GOOD_EVENT, "rate": 50}, "rate"),
+        ({**GOOD_EVENT, "room": {"rate": 50}}, "room.rate"),
+        (
+            {**GOOD_EVENT, "ticket_types": [ticket, {**ticket, "name": "vip", "qty": 1}]},
+            "ticket_types[1].qty",
+        ),
+    ]
+    for body, field in cases:
+        error = assert_error(client.post("/v1/admin/events", json=body, headers=ADMIN), 422)
+        assert error["code"] == "validation_failed"
+        assert error["details"] == {"field": field}, error
+        assert f"`{field.rsplit('.', 1)[-1]}`" in error["message"]
+    # The same on every route that reads a body: the operators' admission patch.
+    response = client.patch("/v1/admin/events/any-event/admission", json={"rate": 5}, headers=ADMIN)
+    assert assert_error(response, 422)["details"] == {"field": "rate"}
 
 
 def test_a_declared_body_over_the_limit_is_413_without_being_read(server: ServerThread) -> None:

@@ -43,6 +43,7 @@ from admission.operators import complete_pass
 from admission.passes import HEADER, PassClaims
 from inventory.ledger import (
     REFUSAL_STATUS,
+    TICKETS_HELD,
     Cancel,
     Cancelled,
     Refused,
@@ -186,13 +187,21 @@ def refusal_error(refused: Refused) -> WaitroomError:
         error: WaitroomError = ValidationFailed(refused.message, code=refused.code)
         error.details = dict(refused.details)
         return error
-    return kind(refused.message, code=refused.code, details=dict(refused.details))
+    error = kind(refused.message, code=refused.code, details=dict(refused.details))
+    if refused.code == TICKETS_HELD:
+        # Holds lapse within minutes and buyers pay within seconds: worth asking again soon.
+        error.headers["Retry-After"] = str(TICKETS_HELD_RETRY_S)
+    return error
 
 
 def _hold_id(raw: str) -> str:
     # The route's guard checked the form already; checked again because uuid.UUID must not
     # see anything else ("<uuid>\n" passed a `$`-anchored check here and raised: a 500).
     return str(uuid.UUID(ids.RESERVATION_ID.check(raw)))
+
+
+#: Retry-After of a ``tickets_held`` refusal: when trying again may find tickets returned.
+TICKETS_HELD_RETRY_S = 5
 
 
 # --- routes -------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from admission import operators, recovery
 from admission.passes import PassKeys
 from inventory import catalogue
 from waitroom.core.clients import Clients, open_clients
-from waitroom.core.db import ensure_database, migrate
+from waitroom.core.db import RETIRED_VERSIONS, ensure_database, migrate, migrations
 from waitroom.core.errors import ValidationFailed, WaitroomError
 from waitroom.core.http import dependency_error
 from waitroom.core.settings import Settings, check_admin_tokens, load_settings
@@ -166,12 +166,23 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         if created:
             print("created database")
-        print(
-            f"applied migrations: {', '.join(map(str, applied))}"
-            if applied
-            else "schema is up to date"
-        )
+        print(_applied_text(applied) if applied else "schema is up to date")
     return 0
+
+
+def _applied_text(applied: list[int]) -> str:
+    """``applied migrations: 0001_init, 0002_room, 0004_admission`` and why 0003 is missing.
+
+    Bare numbers with a gap looked like a migration lost on the way; the file names, and a
+    word on the numbers no file has, show the gap is the files' own.
+    """
+    names = {m.version: f"{m.version:04d}_{m.name}" for m in migrations()}
+    text = "applied migrations: " + ", ".join(names.get(v, str(v)) for v in applied)
+    for version in range(min(applied), max(applied)):
+        if version not in names:
+            why = RETIRED_VERSIONS.get(version, "no such file")
+            text += f"\n  (no {version:04d}: {why}; versions need not be contiguous)"
+    return text
 
 
 # --- event create / list / show -----------------------------------------------------------
@@ -341,6 +352,29 @@ async def cmd_event_show(args: argparse.Namespace, settings: Settings) -> int:
             ("TICKET TYPE", "PRICE", "PER FAN", "AVAILABLE"),
         ).replace("\n", "\n  ")
     )
+    return 0
+
+
+async def cmd_event_delete(args: argparse.Namespace, settings: Settings) -> int:
+    """Delete an event's rows and Redis keys (refused with paid orders unless --force)."""
+    from waitroom.purge import delete_event
+
+    async with _clients(settings) as c:
+        result = await delete_event(
+            c.db, c.redis, c.keys, args.event, actor=cli_actor(), force=args.force
+        )
+    if args.json:
+        _print_json(result)
+    elif not result.in_database:
+        print(
+            f"event {result.event_id} was not in PostgreSQL; removed {result.redis_keys} Redis keys"
+        )
+    else:
+        print(
+            f"deleted event {result.event_id}: {result.orders} orders ({result.paid_orders} paid,"
+            f" {result.tickets} tickets), {result.holds} holds, {result.passes} passes,"
+            f" {result.redis_keys} Redis keys"
+        )
     return 0
 
 
@@ -598,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--json", action="store_true")
     mig.set_defaults(handler=cmd_migrate)
 
-    event = sub.add_parser("event", help="create, list and show events")
+    event = sub.add_parser("event", help="create, list, show and delete events")
     esub = event.add_subparsers(dest="event_command", required=True, parser_class=_Parser)
     create = esub.add_parser("create", help="create an event from flags or a JSON/TOML file")
     create.add_argument("--file", help="JSON or TOML file with the event (flags override it)")
@@ -630,6 +664,19 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("event")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_event_show)
+    delete = esub.add_parser(
+        "delete",
+        help="delete an event with its orders, holds, passes and Redis keys"
+        " (a test or demo sale; stop the server first)",
+    )
+    delete.add_argument("event")
+    delete.add_argument(
+        "--force",
+        action="store_true",
+        help="delete it even with paid orders or payments in flight (erases sold tickets)",
+    )
+    delete.add_argument("--json", action="store_true")
+    delete.set_defaults(handler=cmd_event_delete)
 
     adm = sub.add_parser("admission", help="tune a live sale: rate, cap, pause, plan")
     asub = adm.add_subparsers(dest="admission_command", required=True, parser_class=_Parser)

@@ -259,4 +259,6 @@ def test_checkout_refuses_bad_input_with_the_documented_errors(
     for bad_id in ("not-a-uuid", str(uuid.uuid4()), "'; DROP TABLE holds; --"):
         response = client.get(f"/v1/reservations/{bad_id}", headers=fan_headers(fan.token))
         assert_error(response, 404, "hold_not_found")
-    assert_error(other.reserve(quantity=3), 409, "sold_out")  # 2 of 3 left
+    held = other.reserve(quantity=3)  # 2 of 3 left, and the third only held
+    assert_error(held, 409, "tickets_held")
+    assert held.headers["retry-after"] == "5"

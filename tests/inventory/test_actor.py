@@ -14,7 +14,7 @@ from inventory.actor import CONNECTION_HOLD_S, ActorStopped, InventoryActor
 from inventory.ledger import (
     MAX_REFUSALS_PER_FAN,
     PASS_USED,
-    SOLD_OUT,
+    TICKETS_HELD,
     Cancel,
     Cancelled,
     Confirm,
@@ -57,7 +57,8 @@ async def test_many_concurrent_asks_never_oversell_and_every_ack_is_durable(
     held_ids = {r.hold.id for r in results if isinstance(r, Reserved)}
     tickets = sum(r.hold.quantity for r in results if isinstance(r, Reserved))
     assert tickets == 50
-    assert all(r.code == SOLD_OUT for r in results if isinstance(r, Refused))
+    # Nothing is paid here: what is left is held, and may come back.
+    assert all(r.code == TICKETS_HELD for r in results if isinstance(r, Refused))
     held, sold, quantity = await held_sold(pool, event_id)
     assert (held, sold) == (50, 0) and held <= quantity
     rows = await pool.fetch("SELECT id::text FROM holds WHERE event_id = $1", event_id)
@@ -92,7 +93,7 @@ async def test_a_failed_commit_answers_503_and_rebuilds_from_postgresql(
             await actor.ask(Reserve("b", "ga", 1, None, None))
         # Nothing of the failed batch stayed in memory: the rebuilt ledger sees no stock.
         after = await actor.ask(Reserve("c", "ga", 1, None, None))
-        assert isinstance(after, Refused) and after.code == SOLD_OUT
+        assert isinstance(after, Refused) and after.code == TICKETS_HELD
         assert actor.ledger.fan_count("b") == 0
     finally:
         await stop_actor(actor, task)
@@ -318,11 +319,11 @@ async def test_a_key_whose_refusal_was_forgotten_can_be_used_again_and_commits(
         assert isinstance(await actor.ask(Reserve("other", "ga", 1, None, None)), Reserved)
         for i in range(MAX_REFUSALS_PER_FAN + 1):
             refused = await actor.ask(Reserve("fan", "ga", 1, f"k{i}", None))
-            assert isinstance(refused, Refused) and refused.code == SOLD_OUT
+            assert isinstance(refused, Refused) and refused.code == TICKETS_HELD
         # The ledger kept the newest refusals only; k0 comes back as a new request, and its
         # record replaces the old row instead of failing the group commit on its key.
         again = await actor.ask(Reserve("fan", "ga", 1, "k0", None))
-        assert isinstance(again, Refused) and again.code == SOLD_OUT
+        assert isinstance(again, Refused) and again.code == TICKETS_HELD
         assert actor.running
         assert actor.ledger.stored_keys("fan") == MAX_REFUSALS_PER_FAN
     finally:

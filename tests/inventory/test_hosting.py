@@ -66,7 +66,7 @@ async def test_the_first_asker_hosts_the_actor_and_the_other_forwards_to_it(
     reserved = [r for r in results if isinstance(r, Reserved)]
     assert len(reserved) == 29
     assert all(
-        isinstance(r, Refused) and r.code == "sold_out" for r in results if r not in reserved
+        isinstance(r, Refused) and r.code == "tickets_held" for r in results if r not in reserved
     )
     assert await held_sold(pool, event_id) == (30, 0, 30)
     owner = await pool.fetchval("SELECT owner FROM inventory_owners WHERE event_id = $1", event_id)
@@ -157,7 +157,7 @@ async def test_killing_the_owner_mid_burst_loses_no_acknowledged_hold_and_never_
         if answer["hold_id"] is not None:
             assert by_key.get(key) == answer["hold_id"]  # acknowledged means durable
         else:
-            assert answer["code"] == "sold_out" and key not in by_key
+            assert answer["code"] == "tickets_held" and key not in by_key
     # Nothing appears that nobody asked for.
     assert set(by_key) <= {f"a{i}" for i in range(400)} | set(answers) | {"a-probe", "b-probe"}
     owner_now = await pool.fetchval(

@@ -29,6 +29,7 @@ from inventory.ledger import (
     PASS_USED,
     REFUSAL_STATUS,
     SOLD_OUT,
+    TICKETS_HELD,
     UNKNOWN_HOLD,
     UNKNOWN_TICKET_TYPE,
     Cancel,
@@ -175,13 +176,25 @@ def test_paid_holds_count_towards_the_limit_and_settled_ones_do_not() -> None:
 
 def test_a_reservation_larger_than_what_is_left_is_refused_as_sold_out() -> None:
     desk = Desk()
-    desk.hold("ann", "VIP", 2)
+    desk.confirm(desk.hold("ann", "VIP", 2))
     refusal = refused(desk.reserve("bob", "VIP", 2), SOLD_OUT)
     assert refusal.details == {"ticket_type": "VIP", "available": 1}
     assert refusal.status == 409
     assert isinstance(desk.reserve("bob", "VIP", 1), Reserved)
-    refused(desk.reserve("cy", "VIP", 1), SOLD_OUT)
     assert desk.ledger.available("VIP") == 0
+
+
+def test_while_held_tickets_may_come_back_the_refusal_says_so_not_sold_out() -> None:
+    desk = Desk()
+    held = desk.hold("ann", "VIP", 2)
+    refusal = refused(desk.reserve("bob", "VIP", 2), TICKETS_HELD)
+    assert refusal.details == {"ticket_type": "VIP", "available": 1, "held": 2}
+    assert refusal.status == 409
+    assert isinstance(desk.reserve("bob", "VIP", 1), Reserved)
+    refused(desk.reserve("cy", "VIP", 1), TICKETS_HELD)
+    desk.confirm(held)
+    refused(desk.reserve("cy", "VIP", 1), TICKETS_HELD)  # bob's one may still lapse
+    refused(desk.reserve("cy", "VIP", 2), SOLD_OUT)  # more than could ever come back
 
 
 @pytest.mark.parametrize("quantity", [0, -1])
@@ -366,7 +379,7 @@ def test_a_reservation_after_a_deadline_sees_the_lapsed_tickets_without_waiting_
 ):
     desk = Desk()
     lapsed = desk.hold("ann", "VIP", 3)
-    refused(desk.reserve("bob", "VIP", 1), SOLD_OUT)
+    refused(desk.reserve("bob", "VIP", 1), TICKETS_HELD)
     desk.now = lapsed.expires_at
     assert isinstance(desk.reserve("bob", "VIP", 3), Reserved)
     assert desk.ledger.hold(lapsed.id) == msgspec.structs.replace(lapsed, status="expired")
@@ -427,7 +440,7 @@ def test_a_retry_of_a_confirm_and_of_a_cancel_returns_the_first_result() -> None
 def test_a_refusal_is_the_first_result_too() -> None:
     desk = Desk()
     hold = desk.hold("ann", "VIP", 3)
-    sold_out = refused(desk.reserve("bob", "VIP", 1, key="k"), SOLD_OUT)
+    sold_out = refused(desk.reserve("bob", "VIP", 1, key="k"), TICKETS_HELD)
     desk.cancel(hold)
     assert desk.reserve("bob", "VIP", 1, key="k") == sold_out
     assert isinstance(desk.reserve("bob", "VIP", 1, key="another"), Reserved)
@@ -592,7 +605,7 @@ def test_restore_reproduces_availability_and_state_exactly() -> None:
     desk.cancel(dropped)
     desk.now += 100
     keyed = desk.reserve("dee", "GA", 3, key="k")
-    refused(desk.reserve("dee", "VIP", 2, key="k2"), SOLD_OUT)
+    refused(desk.reserve("dee", "VIP", 2, key="k2"), TICKETS_HELD)
     changes = desk.ledger.drain_changes()
     idem = {
         (fan, key): (fp, decode_result(encode_result(r))) for fan, key, fp, r in changes.idempotency
@@ -647,6 +660,7 @@ def test_commands_and_results_survive_the_wire() -> None:
         Cancelled(msgspec.structs.replace(hold, status="cancelled")),
         Expired((msgspec.structs.replace(hold, status="expired"),)),
         Refused(SOLD_OUT, "gone", {"available": 0, "ticket_type": "GA"}),
+        Refused(TICKETS_HELD, "held", {"available": 0, "held": 2, "ticket_type": "GA"}),
     ]
     for result in results:
         assert decode_result(encode_result(result)) == result
@@ -655,6 +669,7 @@ def test_commands_and_results_survive_the_wire() -> None:
 def test_every_refusal_code_has_an_http_status() -> None:
     codes = {
         SOLD_OUT: 409,
+        TICKETS_HELD: 409,
         FAN_LIMIT: 409,
         UNKNOWN_HOLD: 404,
         NOT_YOUR_HOLD: 404,
@@ -858,6 +873,13 @@ class LedgerAgainstModel(RuleBasedStateMachine):
                 return (FAN_LIMIT, {"limit": limit, "current": current})
             left = types[cmd.ticket_type].quantity - self.taken(cmd.ticket_type)
             if cmd.quantity > left:
+                held = sum(
+                    h.quantity
+                    for h in self.holds.values()
+                    if h.ticket_type == cmd.ticket_type and h.status == "held"
+                )
+                if cmd.quantity <= left + held:  # enough may still come back
+                    return (TICKETS_HELD, {"available": left, "held": held})
                 return (SOLD_OUT, {"available": left})
             hold = Hold(
                 f"h{self.issued + 1:05d}",

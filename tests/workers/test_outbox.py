@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
@@ -34,11 +34,19 @@ class Crash(Exception):
 
 
 @pytest.fixture
-async def stream_keys(pool: asyncpg.Pool[Any], redis: Redis, keys: Keys) -> Keys:
-    """Keys of streams private to this test, after the rows other tests left are published."""
+async def stream_keys(pool: asyncpg.Pool[Any], redis: Redis, keys: Keys) -> AsyncIterator[Keys]:
+    """Keys of streams private to this test, after the rows other tests left are published.
+
+    Their prefix lies under the run's (``tXXXX:s1234:outbox``), so the run's cleanup finds
+    them even if this fixture cannot delete them (the streams have no TTL).
+    """
     while await relay_once(pool, redis, keys):
         pass
-    return Keys(f"{keys.prefix}-{uuid.uuid4().hex[:8]}")
+    private = Keys(f"{keys.prefix}:s{uuid.uuid4().hex[:8]}")
+    try:
+        yield private
+    finally:
+        await redis.delete(private.outbox, private.outbox_dead)
 
 
 async def add_rows(pool: asyncpg.Pool[Any], event_id: str, n: int) -> list[int]:

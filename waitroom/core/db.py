@@ -41,6 +41,11 @@ MIGRATION_LOCK_ID = 0x77616974726F6F6D  # "waitroom"
 #: First line of a migration that must run outside a transaction.
 NO_TRANSACTION = "-- waitroom: no-transaction"
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+#: Version numbers no migration file has, on purpose, and why: versions need not be
+#: contiguous, but a gap should not look like a file lost on the way.
+RETIRED_VERSIONS: dict[int, str] = {
+    3: "0003_inventory was retired before the first release, 0.1.0",
+}
 #: Statement boundaries of a no-transaction migration: a semicolon ending a line.
 _STATEMENT_END = re.compile(r";\s*$", re.MULTILINE)
 

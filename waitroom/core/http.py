@@ -45,6 +45,11 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 
 _encoder = msgspec.json.Encoder()
 _FIELD_RE = re.compile(r"at `\$(?P<path>[^`]*)`")
+# msgspec names an unknown field in the message only, with the path of the object holding it
+# ("Object contains unknown field `rate` - at `$.room`", no path at the top level).
+_UNKNOWN_FIELD_RE = re.compile(
+    r"^Object contains unknown field `(?P<name>.*?)`(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL
+)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 #: Generated request ids: 64 random bits per process, then a counter (32 hex digits in all).
 #: Unique is all a request id must be; a uuid4 per request costs a getrandom call and an
@@ -151,10 +156,7 @@ def decode_json(body: bytes, type_: type[T]) -> T:
     try:
         value = msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        match = _FIELD_RE.search(message)
-        field = match.group("path").lstrip(".") if match else None
-        raise ValidationFailed(message, field=field or None) from None
+        raise validation_failed(exc) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}") from None
     # PostgreSQL text cannot hold NUL: a "\u0000" in any string would fail deep in a query
@@ -168,6 +170,22 @@ def decode_json(body: bytes, type_: type[T]) -> T:
                 code="nul_character",
             )
     return value
+
+
+def validation_failed(exc: msgspec.ValidationError) -> ValidationFailed:
+    """The 422 of a msgspec validation error, naming the field (``room.rate_per_second``).
+
+    A field the type does not know is named by its full path too (``room.rate``), not by the
+    object that holds it: that object is fine, the extra field is what to remove.
+    """
+    message = str(exc)
+    unknown = _UNKNOWN_FIELD_RE.match(message)
+    if unknown is not None:
+        field = f"{unknown.group('path') or ''}.{unknown.group('name')}".lstrip(".")
+        return ValidationFailed(message, field=field or None)
+    match = _FIELD_RE.search(message)
+    field = match.group("path").lstrip(".") if match else ""
+    return ValidationFailed(message, field=field or None)
 
 
 def _nul_field(value: Any, path: str) -> str | None:

@@ -1,0 +1,76 @@
+"""The demo's simulated sale (``python -m stress.simulation``, as ``scripts/demo`` runs it).
+
+Its figures must read right: the ticket rate is taken over the selling window, not over the
+wait before the first sale or the idle time after the last; and with its output going to a
+log or a pipe rather than a terminal it still says, every few seconds, how the sale goes.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import httpx
+
+from stress.simulation import Progress
+from tests.admission.support import create_event
+from tests.harness import ROOT, ServerThread, WorkersThread
+from waitroom.core.settings import Settings, settings_env
+
+PROGRESS_LINE = re.compile(r"^\s*[\d.]+s  joined .* tickets sold +\d+ \(.+\)  sold-out fans")
+
+
+def test_the_ticket_rate_counts_only_the_time_tickets_were_sold() -> None:
+    progress = Progress(fans=100, started=0.0)
+    assert progress.selling_rate is None
+    progress.sold(2, now=50.0)  # the first sale, 50 s after the start
+    assert progress.selling_rate is None  # one sale is not a rate
+    progress.sold(3, now=52.0)
+    progress.sold(5, now=55.0)
+    assert progress.selling_window_s == 5.0
+    assert progress.selling_rate == 2.0  # 10 tickets in 5 s, not 10 in 55 s
+    assert "tickets sold     10 (   2.0/s)" in progress.line()
+
+
+def test_a_simulated_sale_logs_progress_without_a_terminal_and_reports_its_window(
+    settings: Settings, server: ServerThread, workers: WorkersThread, admin: httpx.Client
+) -> None:
+    # Admitted 4 a second: the sales spread over a few seconds, a window with a rate.
+    event_id = create_event(admin, rate=4, quantity=40, prefix="sim")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stress.simulation",
+            "--base-url",
+            server.url,
+            "--event",
+            event_id,
+            "--fans",
+            "12",
+            "--ticket-type",
+            "ga",
+            "--log-every",
+            "0.2",
+            "--verify",
+        ],
+        env=settings_env(settings),
+        capture_output=True,  # stdout is a pipe, not a terminal
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "\r" not in result.stdout  # no line redrawn in place in a log
+    progress = [line for line in lines if PROGRESS_LINE.match(line)]
+    assert len(progress) >= 2, result.stdout  # periodic lines, then the final one
+    window = [line for line in lines if line.startswith("selling window: ")]
+    assert len(window) == 1, result.stdout
+    assert re.fullmatch(
+        r"selling window: \d+ tickets in [\d.]+ s from the first sale to the last \([\d.]+/s\)",
+        window[0],
+    )
+    assert any(line.startswith("checked in PostgreSQL: sold ") for line in lines)
