@@ -215,6 +215,10 @@ class EventAdmission:
         #: Whether this tenure has dropped the rows a previous leader recorded but never
         #: issued (it died between recording and admit.lua).
         self._cleaned = False
+        #: Whether the line of this sold-out room has been closed (reset when it is not).
+        self._line_closed = False
+        #: The events.status this tenure last wrote (written again only when it changes).
+        self._status: str | None = None
         self._opened_tried = 0.0
         self._error_logged_at = 0.0
 
@@ -248,6 +252,8 @@ class EventAdmission:
         self.token = token
         self._lost = asyncio.Event()
         self._cleaned = False
+        self._line_closed = False
+        self._status = None
         self.bucket = None
         self.observer = RateObserver()
         renewer = asyncio.create_task(self._renew(token), name=f"lease:{self.event_id}")
@@ -325,6 +331,7 @@ class EventAdmission:
         if state is None:
             await self.service.rooms.ensure(self.event_id)
             return 0
+        await self._follow_sale(state)
         if not state.ready():
             if now >= state.opens_at and time.monotonic() - self._opened_tried >= 0.5:
                 self._opened_tried = time.monotonic()
@@ -356,6 +363,24 @@ class EventAdmission:
         RATE_OBSERVED.labels(event).set(self.observer.rate or 0.0)
         TICK_SECONDS.observe(time.perf_counter() - started)
         return admitted
+
+    async def _follow_sale(self, state: RoomState) -> None:
+        """What follows from the room's state besides admitting: the event's status in
+        PostgreSQL ('open' once the room opened, 'sold_out' while nothing is left and
+        nothing held could come back), and a sold-out room's line closed (its waiting fans
+        told and sent away, its passes no longer counted against max_active)."""
+        if state.sold_out and not self._line_closed:
+            self._line_closed = not await self.service.rooms.close_line(self.event_id)
+        elif not state.sold_out:
+            self._line_closed = False
+        status = "sold_out" if state.sold_out else ("open" if state.opened else None)
+        if status is not None and status != self._status:
+            await self.service.db.execute(
+                "UPDATE events SET status = $2 WHERE id = $1 AND status NOT IN ($2, 'closed')",
+                self.event_id,
+                status,
+            )
+            self._status = status
 
     async def _admit(self, token: str, state: RoomState, count: int, now: float) -> tuple[int, int]:
         redis = self.service.redis

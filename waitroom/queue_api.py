@@ -401,7 +401,7 @@ async def my_status(request: Request) -> Response:
         raise _address_limited(decision)
     room, code, queue_pass = await svc.rooms.status(event_id, identity.fan_id, now=now)
     svc.rooms.sweep_soon(event_id, now)
-    if code == GONE:
+    if code == GONE and not room.sold_out:
         raise NotFound(
             "you are not in line for this event: join it first",
             code="not_in_line",
@@ -410,7 +410,7 @@ async def my_status(request: Request) -> Response:
     body = status_body(
         event_id,
         identity.fan_id,
-        code,
+        None if code == GONE else code,  # a sold-out room's line was closed: "sold_out"
         paused=room.paused,
         sold_out=room.sold_out,
         rate=svc.rooms.estimator(event_id).rate,

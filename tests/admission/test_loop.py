@@ -238,29 +238,65 @@ def test_a_new_leader_drops_the_records_of_passes_a_dead_leader_never_issued(
     assert [(r["fan_id"], r["seq"]) for r in rows] == [(fan, 1)]
 
 
-def test_sold_out_stops_admission_and_tells_the_fans(
-    admin: httpx.Client, client: httpx.Client, settings: Settings
+async def _set_sold_out(settings: Settings, event_id: str, value: str) -> None:
+    """What the event's inventory actor publishes (nothing left, nothing held)."""
+    r = Redis.from_url(settings.redis_url)
+    try:
+        await r.hset(Keys(settings.redis_prefix).event(event_id).meta, "sold_out", value)
+    finally:
+        await r.aclose()
+
+
+def _event_status(settings: Settings, event_id: str) -> str:
+    rows = asyncio.run(_sql(settings, "SELECT status FROM events WHERE id = $1", event_id))
+    status: str = rows[0]["status"]
+    return status
+
+
+def test_a_sold_out_sale_stops_admission_closes_its_line_and_tells_the_fans(
+    server: ServerThread, admin: httpx.Client, client: httpx.Client, settings: Settings
 ) -> None:
+    """Issue 15 (8, 10): the event's status follows the sale; once sold out, nobody more is
+    admitted, waiting fans are told (WebSocket message, then a normal close; polls answer
+    sold_out) and leave the line, and passes stop counting against max_active."""
     event_id = create_event(admin, rate=2)
     fans = [join(client, event_id) for _ in range(6)]
     wait_for(lambda: admitted_total(admin, event_id) >= 1)
+    wait_for(lambda: _event_status(settings, event_id) == "open")
+    url = f"{server.ws_url}/v1/events/{event_id}/queue/ws"
 
-    async def set_sold_out(value: str) -> None:
-        r = Redis.from_url(settings.redis_url)
-        try:
-            await r.hset(Keys(settings.redis_prefix).event(event_id).meta, "sold_out", value)
-        finally:
-            await r.aclose()
+    async def told_on_the_socket() -> tuple[int | None, str | None]:
+        auth = {"Authorization": f"Bearer {fans[-1][1]}"}
+        async with connect(url, additional_headers=auth) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "position"
+            await _set_sold_out(settings, event_id, "1")
+            while (message := json.loads(await asyncio.wait_for(ws.recv(), 5)))["type"] != (
+                "sold_out"
+            ):
+                assert message["type"] == "position"
+            await asyncio.wait_for(ws.wait_closed(), 5)
+            return ws.close_code, ws.close_reason
 
-    asyncio.run(set_sold_out("1"))
+    assert asyncio.run(told_on_the_socket()) == (1000, "sold out")
     frozen = admitted_total(admin, event_id)
-    time.sleep(1.5)
+
+    def closed() -> bool:
+        live = admin.get(f"/v1/admin/events/{event_id}/admission").json()
+        return bool(live["fans_waiting"] == 0 and live["active_passes"] == 0)
+
+    wait_for(closed)
+    wait_for(lambda: _event_status(settings, event_id) == "sold_out")
+    time.sleep(0.5)
     assert admitted_total(admin, event_id) == frozen
-    assert me(client, event_id, fans[-1][1])["status"] == "sold_out"
     live = admin.get(f"/v1/admin/events/{event_id}/admission").json()
     assert live["sold_out"] is True
-    asyncio.run(set_sold_out("0"))  # holds came back
-    wait_for(lambda: admitted_total(admin, event_id) > frozen, timeout=5)
+    for _, waiting in fans[frozen:]:
+        assert me(client, event_id, waiting)["status"] == "sold_out"  # not "not in line"
+    # Tickets came back (a refund): the sale is open again, for whoever joins now.
+    asyncio.run(_set_sold_out(settings, event_id, "0"))
+    wait_for(lambda: _event_status(settings, event_id) == "open")
+    _, late = join(client, event_id)
+    wait_for(lambda: me(client, event_id, late)["status"] == "admitted")
 
 
 def test_a_rate_change_reaches_the_leader_within_a_second(

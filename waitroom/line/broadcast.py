@@ -47,6 +47,11 @@ SWEEP_EVERY_TICKS = 5
 HANDOVER_CHUNK = 256
 #: Close code and reason for a fan no longer in line (left elsewhere, or dropped).
 GONE_CLOSE = (4404, "not in line")
+#: Close code and reason once a sold-out room has told a waiting fan so: a normal closure,
+#: the page shows the message it got and does not reconnect.
+SOLD_OUT_CLOSE = (1000, "sold out")
+#: The key of the shared sold-out message in a tick's cache (no fan's code is this low).
+SOLD_OUT_KIND = -1_000
 UNKNOWN_CLOSE = (4404, "unknown event")
 #: Close code and reason of a fan's oldest socket when the fan opens one more than allowed.
 REPLACED_CLOSE = (4409, "replaced by a newer connection of the same fan")
@@ -242,6 +247,15 @@ class Broadcaster:
             subs = self.subscribers.get(fan_id)
             if not subs:
                 continue  # unsubscribed while Redis was answering
+            if room.sold_out and queue_pass is None:
+                # The sale is over for everyone still waiting: tell them, then let the
+                # socket go (the admission leader is closing the line meanwhile).
+                if SOLD_OUT_KIND not in shared:
+                    shared[SOLD_OUT_KIND] = messages.encode(messages.SOLD_OUT)
+                for sub in subs:
+                    sub.offer(shared[SOLD_OUT_KIND] or "", now)
+                    sub.close(SOLD_OUT_CLOSE)
+                continue
             if code == GONE:
                 for sub in subs:
                     sub.close(GONE_CLOSE)

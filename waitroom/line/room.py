@@ -61,6 +61,8 @@ DRAW_BATCH = 5_000
 _HASH_IN_THREAD = 20_000
 #: Least time between two lazy attempts to draw the same room from this process.
 DRAW_RETRY_S = 1.0
+#: Fans sent away per close_line.lua call (one call per admission tick while more remain).
+CLOSE_BATCH = 2_000
 #: Fans looked at per sweep.lua call, and calls per sweep at most.
 SWEEP_BATCH = 1_000
 _SWEEP_ROUNDS = 10
@@ -441,6 +443,17 @@ class Rooms:
         if total:
             ABANDONED.labels(event_id).inc(total)
         return total
+
+    async def close_line(self, event_id: str) -> bool:
+        """In a sold-out room, send the waiting fans away (bounded work: a few thousand per
+        call) and stop counting passes against ``max_active``; whether more remain."""
+        ek = self.check(event_id)
+        removed, more = await scripts.close_line(self.redis, ek, limit=CLOSE_BATCH)
+        if removed:
+            log.info(
+                "closed the line of a sold-out room", extra={"event": event_id, "fans": removed}
+            )
+        return more
 
     def sweep_soon(self, event_id: str, now: float) -> None:
         """Sweep the room in the background unless this process did so recently.

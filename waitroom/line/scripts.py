@@ -49,7 +49,8 @@ OPEN_ROOM = _script("open_room.lua")
 DRAW = _script("draw.lua")
 CHALLENGE = _script("challenge.lua")
 CHARGE = _script("charge.lua")
-ALL = (INIT_ROOM, JOIN, LEAVE, POSITIONS, SWEEP, OPEN_ROOM, DRAW, CHALLENGE, CHARGE)
+CLOSE_LINE = _script("close_line.lua")
+ALL = (INIT_ROOM, JOIN, LEAVE, POSITIONS, SWEEP, OPEN_ROOM, DRAW, CHALLENGE, CHARGE, CLOSE_LINE)
 
 
 async def load_all(redis: Client) -> None:
@@ -337,6 +338,14 @@ async def sweep(redis: Client, ek: EventKeys, *, now: float, limit: int) -> tupl
     keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen, ek.live]
     dropped, more = await SWEEP(redis, keys, [repr(now), limit])
     return int(dropped), more == 1
+
+
+async def close_line(redis: Client, ek: EventKeys, *, limit: int) -> tuple[int, bool]:
+    """In a sold-out room, remove up to ``limit`` waiting fans from the line (and, once it is
+    empty, stop counting passes against max_active); (how many left, whether more remain)."""
+    keys = [ek.meta, ek.queue, ek.prequeue, ek.fans, ek.seen, ek.live, ek.active]
+    removed, more = await CLOSE_LINE(redis, keys, [limit])
+    return int(removed), more == 1
 
 
 async def open_room(
