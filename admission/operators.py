@@ -218,7 +218,7 @@ SPENT_TTL_S = 86_400
 async def spend_pass(redis: Redis, keys: Keys, event_id: str, jti: str) -> None:
     """The pass's order is paid: free its slot and refuse any further reservation with it."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.spent_pass(jti), "1", ex=SPENT_TTL_S)
+        pipe.set(keys.event(event_id).spent_pass(jti), "1", ex=SPENT_TTL_S)
         pipe.zrem(keys.event(event_id).active, jti)
         await pipe.execute()
 
@@ -260,7 +260,7 @@ async def revoke_pass(
     ttl_ms = int((revoked.expires_at.timestamp() - time.time() + 10) * 1000)
     pipe = redis.pipeline(transaction=False)
     if ttl_ms > 0:
-        pipe.set(keys.revoked_pass(jti), revoked.event_id, px=ttl_ms)
+        pipe.set(keys.event(revoked.event_id).revoked_pass(jti), revoked.event_id, px=ttl_ms)
     pipe.zrem(keys.event(revoked.event_id).active, jti)
     await pipe.execute()
     return revoked

@@ -288,8 +288,9 @@ class PassGate:
             claims = self.pass_keys.verify(
                 token.strip(), issuer=self.issuer, event_id=event_id, fan_id=fan_id, now=now
             )
-            revoked = self.keys.revoked_pass(claims.jti)
-            markers = (revoked, self.keys.spent_pass(claims.jti)) if unspent else (revoked,)
+            ek = self.keys.event(event_id)
+            revoked = ek.revoked_pass(claims.jti)
+            markers = (revoked, ek.spent_pass(claims.jti)) if unspent else (revoked,)
             # One round trip for both markers and for whether Redis knows the pass at all
             # (its fan is admitted in the room); which marker it was is asked on a refusal.
             pipe = self.redis.pipeline(transaction=False)

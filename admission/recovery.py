@@ -130,10 +130,10 @@ async def rebuild(
             pipe.zadd(ek.active, {p.jti: p.expires_at})
             active += 1
         if p.revoked:
-            pipe.set(keys.revoked_pass(p.jti), event_id, px=ttl_ms)
+            pipe.set(ek.revoked_pass(p.jti), event_id, px=ttl_ms)
             revoked += 1
         if p.spent:
-            pipe.set(keys.spent_pass(p.jti), "1", px=ttl_ms)
+            pipe.set(ek.spent_pass(p.jti), "1", px=ttl_ms)
             spent += 1
         passes += 1
         queued += 1

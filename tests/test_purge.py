@@ -97,7 +97,7 @@ def sale(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sale]:
                 )
                 # The paid order spends its pass in Redis through the outbox: wait for it, so
                 # that the deletion has that marker to remove too.
-                spent = Keys(settings.redis_prefix).spent_pass(jti)
+                spent = Keys(settings.redis_prefix).event(paid).spent_pass(jti)
                 with redis.Redis.from_url(settings.redis_url) as r:
                     wait_for(lambda: r.exists(spent), timeout=15)
             finally:
@@ -169,7 +169,10 @@ def test_an_event_with_paid_orders_is_refused_unless_forced_then_goes_whole(sale
     assert rows_of(settings, sale.paid) == dict.fromkeys(TABLES, 0)
     assert redis_keys(settings, sale.paid) == []
     with redis.Redis.from_url(settings.redis_url) as r:
-        assert not r.exists(keys.spent_pass(sale.spent_jti), keys.revoked_pass(sale.spent_jti))
+        assert not r.exists(
+            keys.event(sale.paid).spent_pass(sale.spent_jti),
+            keys.event(sale.paid).revoked_pass(sale.spent_jti),
+        )
     # What was done is on the record.
     audited = asyncio.run(
         _fetchval(

@@ -249,12 +249,13 @@ async def _delete_keys(redis: Redis, keys: Keys, event_id: str, jtis: list[str])
             batch = []
     if batch:
         removed += int(await redis.delete(*batch))
-    # The revoked/spent markers of the event's passes are deployment-wide keys, spread over
-    # the slots of a cluster: one DEL each, pipelined.
+    # The revoked/spent markers of the event's passes are the event's keys (its hash tag),
+    # so the scan above found them; the markers of passes of earlier releases, which were
+    # deployment-wide keys, are deleted by name.
     for i in range(0, len(jtis), BATCH):
         async with redis.pipeline(transaction=False) as pipe:
             for jti in jtis[i : i + BATCH]:
-                pipe.delete(keys.revoked_pass(jti))
-                pipe.delete(keys.spent_pass(jti))
+                pipe.delete(f"{keys.prefix}:revoked:{jti}")
+                pipe.delete(f"{keys.prefix}:spent:{jti}")
             removed += sum(int(n) for n in await pipe.execute())
     return removed

@@ -266,6 +266,6 @@ async def test_pass_spent_frees_the_slot_and_marks_the_pass_idempotently(
     task = OutboxTask(id=0, event_id=event_id, topic=PASS_SPENT, payload=payload, attempts=1)
     for _ in range(2):  # at least once: a second run changes nothing
         await handler(task)
-        assert await redis.get(keys.spent_pass(jti)) == b"1"
+        assert await redis.get(keys.event(event_id).spent_pass(jti)) == b"1"
         assert await redis.zscore(keys.event(event_id).active, jti) is None
-        assert 0 < await redis.ttl(keys.spent_pass(jti)) <= 86_400
+        assert 0 < await redis.ttl(keys.event(event_id).spent_pass(jti)) <= 86_400

@@ -121,7 +121,7 @@ async def test_an_order_paid_while_redis_is_down_spends_its_pass_once_redis_is_b
             )
 
         await eventually(handled, 15, "the pass was never spent after Redis came back")
-        assert await redis.get(keys.spent_pass(jti)) == b"1"
+        assert await redis.get(keys.event(event_id).spent_pass(jti)) == b"1"
         assert await redis.zscore(live.active, jti) is None
         task = await pool.fetchrow(task_sql, event_id)
         assert task is not None and task["handle_after"] is None and task["handle_error"] is None

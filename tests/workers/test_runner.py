@@ -81,7 +81,7 @@ async def test_the_workers_process_pays_an_order_and_exits_0_on_sigterm(
         await asyncio.sleep(0.1)
     assert await pool.fetchval("SELECT count(*) FROM tickets WHERE order_id = $1", order_id) == 2
     # The outbox consumer spends the pass: its slot is freed and it cannot reserve again.
-    while await redis.get(keys.spent_pass(jti)) != b"1":
+    while await redis.get(keys.event(event_id).spent_pass(jti)) != b"1":
         assert time.monotonic() < deadline, "the workers never spent the pass"
         await asyncio.sleep(0.05)
     assert await redis.zscore(keys.event(event_id).active, jti) is None

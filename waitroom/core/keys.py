@@ -146,6 +146,17 @@ class EventKeys:
         """HASH smoothed joins per second of the line (``challenge.lua`` samples ``seq``)."""
         return f"{self.base}:pow-rate"
 
+    def revoked_pass(self, jti: str) -> str:
+        """Marker of a revoked queue pass of this event, kept until the pass would have
+        expired. In the event's slot, so that the pass gate reads it with the spent marker
+        and the fan's admission in one step, on Redis Cluster too."""
+        return f"{self.base}:revoked:{jti}"
+
+    def spent_pass(self, jti: str) -> str:
+        """Marker of a queue pass of this event whose order was paid: it may not reserve
+        again (in the event's slot, like :meth:`revoked_pass`)."""
+        return f"{self.base}:spent:{jti}"
+
     @property
     def live(self) -> str:
         """HASH address (``a:IP``) or subnet (``n:CIDR``) -> fans waiting in line from there:
@@ -172,14 +183,6 @@ class Keys:
     def event(self, event_id: str) -> EventKeys:
         """The keys of ``event_id``."""
         return EventKeys(f"{self.prefix}:{{{event_id}}}")
-
-    def revoked_pass(self, jti: str) -> str:
-        """Marker of a revoked queue pass, kept until the pass would have expired."""
-        return f"{self.prefix}:revoked:{jti}"
-
-    def spent_pass(self, jti: str) -> str:
-        """Marker of a queue pass whose order was paid: it may not reserve again."""
-        return f"{self.prefix}:spent:{jti}"
 
     def admin_auth_failures(self, subject: str) -> str:
         """HASH token bucket of failed admin logins from one client address (IPv4, or /64)."""
