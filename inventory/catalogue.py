@@ -251,6 +251,9 @@ class TicketTypeInfo(msgspec.Struct, frozen=True):
     per_fan_limit: int
     quantity: int
     available: int
+    #: Tickets held by fans checking out: not available now, but they come back if those
+    #: holds lapse or are cancelled (``available`` 0 with ``held`` above 0 is not sold out).
+    held: int = 0
 
 
 class RoomSettings(msgspec.Struct, frozen=True):
@@ -466,7 +469,7 @@ async def get_event(pool: asyncpg.Pool[Any], event_id: str) -> EventDetail:
             )
         types = await conn.fetch(
             "SELECT name, price_minor, currency, per_fan_limit, quantity,"
-            " quantity - held - sold AS available"
+            " quantity - held - sold AS available, held"
             " FROM ticket_types WHERE event_id = $1 ORDER BY position",
             event_id,
         )
@@ -486,6 +489,7 @@ async def get_event(pool: asyncpg.Pool[Any], event_id: str) -> EventDetail:
                 per_fan_limit=t["per_fan_limit"],
                 quantity=t["quantity"],
                 available=t["available"],
+                held=t["held"],
             )
             for t in types
         ],

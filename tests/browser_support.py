@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Error, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Error,
+    Page,
+    sync_playwright,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -57,11 +65,38 @@ class PageProblems:
         self.errors.append(f"uncaught: {error.message}")
 
 
+@dataclass(frozen=True)
+class Screen:
+    """A device the pages are tried on."""
+
+    name: str
+    width: int
+    height: int
+    mobile: bool = False
+
+
+DESKTOP = Screen("desktop", 1280, 900)
+#: A small phone (iPhone SE / mini class), with touch and the mobile viewport rules.
+PHONE = Screen("phone", 375, 667, mobile=True)
+SCREENS = (DESKTOP, PHONE)
+
+
 @contextmanager
-def browser_context(browser: Browser, base_url: str) -> Iterator[BrowserContext]:
+def browser_context(
+    browser: Browser, base_url: str, screen: Screen | None = None
+) -> Iterator[BrowserContext]:
     """A fresh context (its own cookies and storage: a new visitor) that fails the test if
     any of its pages threw an uncaught error or broke the Content-Security-Policy."""
-    context = browser.new_context(base_url=base_url, viewport={"width": 900, "height": 900})
+    if screen is None:
+        context = browser.new_context(base_url=base_url, viewport={"width": 900, "height": 900})
+    else:
+        context = browser.new_context(
+            base_url=base_url,
+            viewport={"width": screen.width, "height": screen.height},
+            is_mobile=screen.mobile,
+            has_touch=screen.mobile,
+            device_scale_factor=2 if screen.mobile else 1,
+        )
     context.set_default_timeout(10_000)
     problems = PageProblems()
     context.on("console", problems.on_console)
@@ -71,3 +106,30 @@ def browser_context(browser: Browser, base_url: str) -> Iterator[BrowserContext]
     finally:
         context.close()
     assert not problems.errors, problems.errors
+
+
+def assert_fits(page: Page) -> None:
+    """Nothing on the page is wider than the screen (no sideways scrolling on a phone)."""
+    widths = page.evaluate(
+        "() => [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+    )
+    assert widths[0] <= widths[1], f"the page is {widths[0]} px wide on a {widths[1]} px screen"
+
+
+def visible_text(page: Page) -> str:
+    """The text a sighted fan sees: rendered, and not only for screen readers."""
+    text: str = page.evaluate(
+        """() => {
+          const parts = [];
+          const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+          for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+            const parent = node.parentElement;
+            if (!parent || !node.textContent.trim()) continue;
+            if (parent.closest(".visually-hidden, noscript, script, style")) continue;
+            if (!parent.checkVisibility()) continue;
+            parts.push(node.textContent.trim());
+          }
+          return parts.join("\\n");
+        }"""
+    )
+    return text

@@ -86,8 +86,9 @@ def test_the_page_shows_the_place_in_line_and_follows_fans_ahead_leaving(
 
     paused = admin.patch(f"/v1/admin/events/{event_id}/admission", json={"paused": True})
     assert paused.status_code == 200, paused.text
-    expect(page.locator("#notice-title")).to_have_text("Admission is paused", timeout=5_000)
+    expect(page.locator("#notice-title")).to_have_text("The line is paused", timeout=5_000)
     expect(page.locator("#position")).to_have_text("You are number 1 in line")  # place kept
+    expect(page.locator("#eta")).to_have_text("None while the line is paused")
     page.screenshot(path=tmp_path / "waiting-paused.png", full_page=True)
     resumed = admin.patch(f"/v1/admin/events/{event_id}/admission", json={"paused": False})
     assert resumed.status_code == 200, resumed.text
@@ -180,9 +181,9 @@ def test_before_a_lottery_opens_the_page_shows_the_draw_and_its_commitment(
 
 def test_an_unknown_event_says_so(page: Page) -> None:
     page.goto("/events/no-such-event-here")
-    expect(page.locator("#notice-title")).to_have_text("No such event")
     expect(page.locator("#event-name")).to_have_text("No such event")
-    expect(page.locator("#notice-text")).to_contain_text("no-such-event-here")
+    expect(page.locator("#notice-title")).to_be_hidden()  # said once, in the heading
+    expect(page.locator("#notice-text")).to_contain_text("There is no event at this address")
     expect(page.locator("#line")).to_be_hidden()
     expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
 
@@ -199,7 +200,8 @@ def test_checkout_without_a_pass_points_back_to_the_line(page: Page, admin: http
 
 def test_an_unknown_event_at_checkout_says_so(page: Page) -> None:
     page.goto("/events/no-such-event-here/checkout")
-    expect(page.locator("#message-title")).to_have_text("No such event")
+    expect(page.locator("#event-name")).to_have_text("No such event")
+    expect(page.locator("#message-text")).to_contain_text("There is no event at this address")
     expect(page.locator("#no-pass")).to_be_hidden()
 
 

@@ -63,6 +63,7 @@ def test_an_operator_creates_an_event_and_fans_see_its_public_view(
         "per_fan_limit": 1,
         "quantity": 5,
         "available": 5,
+        "held": 0,
     }
     assert "room" not in public  # operators' settings stay private
 

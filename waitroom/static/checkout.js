@@ -50,10 +50,11 @@ function message(kind, title, text, actions = []) {
   const box = $("message");
   box.dataset.kind = kind;
   setText("message-title", title);
+  $("message-title").hidden = !title;
   setText("message-text", text);
   $("message-actions").replaceChildren(...actions);
   box.hidden = false;
-  speaker.say(`${title}. ${text}`, { urgent: true });
+  speaker.say(title ? `${title}. ${text}` : text, { urgent: true });
 }
 
 function clearMessage() {
@@ -70,14 +71,22 @@ function button(text, onClick, className = "") {
   return element;
 }
 
+/**
+ * Disable the buttons while a request runs; `text` says what runs, under the page. A payment
+ * says so in its own card instead (payment-status), so it is said once, where the fan looks.
+ */
 function setBusy(busy, text = "") {
   for (const id of ["reserve", "pay", "cancel"]) {
     const element = $(id);
     if (element) element.disabled = busy;
   }
   $("main").setAttribute("aria-busy", busy ? "true" : "false");
-  if (text) setText("progress-status", text);
-  else if (!busy) setText("progress-status", "");
+  setText("progress-status", text);
+}
+
+/** "Back to the waiting line" is for fans who still need a turn: not after paying. */
+function showBackToLine(visible) {
+  show("back-to-line", visible);
 }
 
 function passHeaders(key) {
@@ -99,6 +108,18 @@ function handleError(error) {
     message("error", "Your session has expired", error.message, [backToLineLink()]);
   } else if (code === "sold_out") {
     message("error", "Sold out", error.message);
+    refreshEvent();
+  } else if (code === "tickets_held") {
+    // Not sold out: other fans hold the rest and may not pay. Say so, and ask again by
+    // ourselves after the server's Retry-After (a new request each time) until tickets
+    // come back or they are really gone.
+    const seconds = Math.max(1, Math.round(error.retryAfter ?? 5));
+    const now = document.createElement("button");
+    now.type = "button";
+    now.textContent = "Try now";
+    now.addEventListener("click", () => retryHeld(0));
+    message("warning", "All tickets are held right now", `${error.message} Trying again in ${seconds} s…`, [now]);
+    retryHeld(seconds * 1000);
     refreshEvent();
   } else if (code === "fan_limit") {
     message("warning", "Limit reached", error.message);
@@ -132,9 +153,15 @@ function stopEverything() {
 
 // --- the event and the reserve form -----------------------------------------------------------
 
+/** Tickets of `type` a fan may still get: those left, and those only held by others (their
+ * holds may lapse). Zero means sold out. */
+function obtainable(type) {
+  return type.available + (type.held || 0);
+}
+
 function limitOf(type) {
   const limit = Math.min(type.per_fan_limit, state.event.per_fan_limit || type.per_fan_limit);
-  return Math.max(1, type.available > 0 ? Math.min(limit, type.available) : limit);
+  return Math.max(1, obtainable(type) > 0 ? Math.min(limit, obtainable(type)) : limit);
 }
 
 function selectedType() {
@@ -148,13 +175,14 @@ function renderOptions() {
   select.replaceChildren(
     ...state.event.ticket_types.map((t) => {
       const price = formatMoney(t.price_minor, t.currency);
-      const label = t.available > 0 ? `${t.name} · ${price}` : `${t.name} · ${price} (sold out)`;
-      const option = el("option", { text: label, attrs: { value: t.name } });
-      option.disabled = t.available <= 0;
+      const note =
+        t.available > 0 ? "" : obtainable(t) > 0 ? " (held)" : " (sold out)";
+      const option = el("option", { text: `${t.name} · ${price}${note}`, attrs: { value: t.name } });
+      option.disabled = obtainable(t) <= 0;
       return option;
     }),
   );
-  const open = state.event.ticket_types.filter((t) => t.available > 0);
+  const open = state.event.ticket_types.filter((t) => obtainable(t) > 0);
   const keep = open.find((t) => t.name === previous) || open[0];
   if (keep) select.value = keep.name;
   $("reserve").disabled = !keep;
@@ -186,8 +214,7 @@ async function loadEvent() {
     state.event = (await withRetries(() => api(eventApi(eventId)), { attempts: 4 })).data;
   } catch (error) {
     if (error.status === 404) {
-      setText("event-name", "No such event");
-      message("error", "No such event", error.message || "There is no event at this address.");
+      noSuchEvent();
     } else {
       message("error", "Could not load the event", error.message, [
         button("Try again", () => location.reload()),
@@ -197,6 +224,17 @@ async function loadEvent() {
   }
   renderEvent(state.event);
   return true;
+}
+
+const NO_EVENT_TEXT =
+  "There is no event at this address. Check the link you were given, or ask the organiser.";
+
+/** One friendly message: the heading says it, the box says what to do (no raw error). */
+function noSuchEvent() {
+  document.title = "No such event · checkout · waitroom";
+  setText("event-name", "No such event");
+  showBackToLine(false); // there is no line to go back to
+  message("error", "", NO_EVENT_TEXT);
 }
 
 async function refreshEvent() {
@@ -247,6 +285,17 @@ async function reserve(event) {
     setBusy(false);
     handleError(error);
   }
+}
+
+let heldRetry = null;
+
+/** Ask for the tickets again in `ms` (one pending retry at a time). */
+function retryHeld(ms) {
+  if (heldRetry !== null) clearTimeout(heldRetry);
+  heldRetry = setTimeout(() => {
+    heldRetry = null;
+    if (!state.hold && !$("reserve").disabled) $("reserve-form").requestSubmit();
+  }, ms);
 }
 
 // --- the hold, its countdown, paying and cancelling -------------------------------------------
@@ -312,7 +361,7 @@ async function pay(event) {
   clearMessage();
   const key = newKey();
   state.paying = true;
-  setBusy(true, "Processing your payment…");
+  setBusy(true);
   setText("payment-status", "Processing your payment…");
   try {
     const { data } = await withRetries(
@@ -370,10 +419,14 @@ function applyReservation(reservation) {
     const reason = payment.last_error || "the payment did not go through";
     setText("payment-status", "");
     setText("pay", "Try payment again");
+    // The test card that declines is a one-off choice: trying again means the normal card
+    // (the fan may pick the declining one again on purpose).
+    const card = document.querySelector('input[name="payment_method"][value="card"]');
+    if (card) card.checked = true;
     message(
       "error",
       "Payment failed",
-      `Your payment failed (${reason}). Your tickets are still held: choose a payment method and try again.`,
+      `Your payment failed (${reason}). Your tickets are still held, so you can try again.`,
     );
     if (secondsLeft(reservation) <= 0) holdExpired();
     return true;
@@ -395,6 +448,7 @@ function paid(reservation) {
   show("hold-section", false);
   show("reserve-section", false);
   setText("payment-status", "");
+  showBackToLine(false);
   renderTickets(reservation.tickets);
   const n = reservation.tickets.length;
   message(
@@ -442,7 +496,7 @@ async function refreshHold(holdId) {
       if (payment && ["pending", "processing"].includes(payment.state)) {
         state.paying = true;
         state.paymentId = payment.id;
-        setBusy(true, "Processing your payment…");
+        setBusy(true);
         setText("payment-status", "Processing your payment…");
         await followPayment(holdId);
       } else if (payment && payment.state === "failed") {
@@ -520,8 +574,7 @@ async function main() {
     link.href = eventId ? waitingUrl(eventId) : "/";
   }
   if (!eventId) {
-    setText("event-name", "No such event");
-    message("error", "No such event", "This address does not name an event.");
+    noSuchEvent();
     return;
   }
   $("reserve-form").addEventListener("submit", reserve);
@@ -532,6 +585,8 @@ async function main() {
   state.pass = loadPass(eventId);
   if (!(await loadEvent())) return;
   const hadOrders = await loadOrders();
+  // A fan with a paid order has had the turn: the line would only bring them back here.
+  if (hadOrders) showBackToLine(false);
   if (!state.pass) {
     if (!hadOrders) show("no-pass");
     return;

@@ -222,6 +222,109 @@ export function formatWait(seconds) {
   return `about ${hours} h ${minutes % 60} min`;
 }
 
+/** Minutes in words: "45 min", "1 h", "1 h 30 min". */
+function formatMinutes(minutes) {
+  if (minutes < 60) return `${minutes} min`;
+  const rest = minutes % 60;
+  return rest ? `${Math.floor(minutes / 60)} h ${rest} min` : `${Math.floor(minutes / 60)} h`;
+}
+
+/**
+ * A wait between `low` and `high` seconds in words: "less than a minute", "about 3 minutes",
+ * "5–8 minutes", "up to 2 minutes", "1 h 10 min – 1 h 40 min". The longer the wait, the
+ * coarser the steps: nobody can use "1 h 7 min", and a coarse text changes less often.
+ */
+export function formatWaitRange(low, high) {
+  if (low == null || high == null || !Number.isFinite(low) || !Number.isFinite(high)) {
+    return "estimating…";
+  }
+  if (high < 60) return "less than a minute";
+  const top = high / 60;
+  const step = top < 20 ? 1 : top < 60 ? 5 : top < 180 ? 10 : 30;
+  const hi = Math.max(1, Math.round(top / step) * step);
+  const lo = Math.min(hi, Math.round(low / 60 / step) * step);
+  const upper = hi === 1 ? "1 minute" : hi < 90 ? `${hi} minutes` : formatMinutes(hi);
+  if (lo < 1) return `up to ${upper}`;
+  if (lo === hi) return `about ${upper}`;
+  return hi < 90 ? `${lo}–${hi} minutes` : `${formatMinutes(lo)} – ${formatMinutes(hi)}`;
+}
+
+/**
+ * A steady estimate of the wait, from the server's estimates as they come (its
+ * ``eta_seconds``: the fans ahead over the admission rate it observes, which swings when
+ * admission speeds up or slows down).
+ *
+ * - Time passing shortens the wait by itself: between two updates the estimate counts down.
+ * - A new server figure moves the estimate only part of the way, the more the longer it has
+ *   been since the last one (time constant `tauS`), and in proportion (log scale): a jump from
+ *   2 to 12 minutes shows over half a minute or so, not at once, and a blip hardly shows.
+ * - The range around it is as wide as the server's figures have been scattered lately
+ *   (at least ±`minSpread`, on a log scale), so a shaky estimate says so.
+ * - `change` tells when the estimate has moved far (by half, and by a minute or more) from
+ *   where it stood when last told: "longer" or "shorter", so the page can say why.
+ *
+ * Pure: every call takes the time (`nowMs`, milliseconds on any steady clock).
+ */
+export class WaitEstimate {
+  constructor({ tauS = 30, minSpread = 0.2, startSpread = 0.35, maxSpread = 0.7 } = {}) {
+    this.tauS = tauS;
+    this.minSpread = minSpread;
+    this.startSpread = startSpread;
+    this.maxSpread = maxSpread;
+    this.reset();
+  }
+
+  reset() {
+    this.center = null; // seconds
+    this.spread = this.startSpread;
+    this.baseline = null; // the center when a change was last told (counting down too)
+    this.at = 0;
+  }
+
+  /**
+   * Take the server's estimate `seconds` (null when it has none) seen at `nowMs`.
+   * Returns {low, high, center, change}, or null while there is no estimate.
+   */
+  update(seconds, nowMs) {
+    if (seconds == null || !Number.isFinite(seconds)) {
+      this.reset();
+      return null;
+    }
+    const figure = Math.max(0, seconds);
+    if (this.center == null) {
+      this.center = this.baseline = figure;
+      this.at = nowMs;
+      return this.range(null);
+    }
+    const elapsed = Math.max(0, (nowMs - this.at) / 1000);
+    this.at = nowMs;
+    const predicted = Math.max(0, this.center - elapsed);
+    this.baseline = Math.max(0, this.baseline - elapsed);
+    const alpha = 1 - Math.exp(-elapsed / this.tauS);
+    // Log scale with a 30 s offset: proportional for long waits, calm for short ones.
+    const from = Math.log(predicted + 30);
+    const to = Math.log(figure + 30);
+    const scatter = Math.min(this.maxSpread, Math.max(this.minSpread, Math.abs(to - from)));
+    this.spread += alpha * (scatter - this.spread);
+    this.center = Math.max(0, Math.exp(from + alpha * (to - from)) - 30);
+    let change = null;
+    if (this.center > this.baseline * 1.5 && this.center - this.baseline >= 60) change = "longer";
+    if (this.center * 1.5 < this.baseline && this.baseline - this.center >= 60) change = "shorter";
+    if (change) this.baseline = this.center;
+    return this.range(change);
+  }
+
+  range(change) {
+    const factor = Math.exp(this.spread);
+    return {
+      low: this.center / factor,
+      high: this.center * factor,
+      center: this.center,
+      change,
+    };
+  }
+}
+
 /** A countdown as m:ss (or h:mm:ss). */
 export function formatClock(totalSeconds) {
   const s = Math.max(0, Math.floor(totalSeconds));
@@ -278,7 +381,12 @@ export function renderEvent(event) {
         el("span", { text: t.name, className: "tt-name" }),
         el("span", { text: formatMoney(t.price_minor, t.currency), className: "tt-price" }),
         el("span", {
-          text: t.available > 0 ? `${formatCount(t.available)} left` : "sold out",
+          text:
+            t.available > 0
+              ? `${formatCount(t.available)} left`
+              : (t.held || 0) > 0
+                ? "all held: may come back"
+                : "sold out",
           className: t.available > 0 ? "tt-left" : "tt-left tt-none",
         }),
       ]),

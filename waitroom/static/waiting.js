@@ -13,15 +13,18 @@ import {
   eventIdFromPath,
   formatCount,
   formatDateTime,
-  formatWait,
+  formatWaitRange,
   isTransient,
   renderEvent,
   retryDelayMs,
   savePass,
+  serverNow,
   setText,
   show,
   sleep,
   store,
+  WaitEstimate,
+  withRetries,
 } from "./common.js";
 
 const eventId = eventIdFromPath();
@@ -30,19 +33,44 @@ const TOKEN_KEY = "waitroom:visitor";
 const firstKey = `waitroom:first:${eventId}`;
 /** The place receipt of this fan's join: it puts the fan back in place if the line is lost. */
 const receiptKey = `waitroom:receipt:${eventId}`;
+/** Set once the fan left the line from this page: a reload shows that, not a new place. */
+const leftKey = `waitroom:left:${eventId}`;
 
 /** Consecutive WebSocket attempts that ended before any message, before falling back to polling. */
 const FAILURES_BEFORE_POLLING = 3;
 const POLL_MS = 2000;
 /** While paused the server pushes no positions; a slow poll keeps the shown place honest. */
 const PAUSED_REFRESH_MS = 5000;
+/**
+ * A place that has not moved for this long is explained (at least; a slow line gets longer:
+ * see stallMs): a fan who sees the same number for half a minute wonders what is wrong.
+ */
+const STALL_MS = 15000;
+/** How long the reason for a jump of the estimated wait stays on screen. */
+const CHANGE_NOTE_MS = 120000;
+/** How often the page looks again at what it shows (a stalled line, a note to retire). */
+const REVIEW_MS = 2500;
+
+const STALLED_TEXT =
+  "The line has not moved for a while: the sale is limiting how many fans shop at once, so " +
+  "fans go in as others finish. You keep your place.";
+const LONGER_TEXT =
+  "Your estimated wait grew: fans are going in more slowly right now, because the sale is " +
+  "limiting how many fans shop at once. You keep your place.";
+const SHORTER_TEXT = "Your estimated wait got shorter: fans are going in faster now.";
 
 const state = {
   done: false, // admitted, sold out, or out of line: nothing more to watch
   event: null,
   position: null,
+  ahead: null,
   first: null, // the first (largest) position seen: the progress bar's 0 %
+  eta: null, // the server's last estimate (seconds), as sent
+  wait: null, // the page's steady estimate: {low, high, center, change} or null
+  change: null, // {kind: "longer"|"shorter", until}: why the estimate moved, while shown
+  movedAt: 0, // performance.now() when the place last changed
   paused: false,
+  leaving: false, // the fan confirmed leaving; the DELETE is on its way
   replaced: false, // the socket gave way to one of a newer tab (4409): wait for "Watch here"
   restoreTried: false, // the stored place receipt was tried once since the line was lost
 };
@@ -54,6 +82,7 @@ let polling = false;
 let pollTimer = null;
 let pausedTimer = null;
 let spokenPosition = null;
+const estimate = new WaitEstimate();
 
 const speaker = announcer("announcer", 5000);
 
@@ -78,6 +107,7 @@ function notice(kind, title, text, actions = []) {
   const box = $("notice");
   box.dataset.kind = kind;
   setText("notice-title", title);
+  $("notice-title").hidden = !title;
   setText("notice-text", text);
   $("notice-actions").replaceChildren(...actions);
   box.hidden = false;
@@ -97,32 +127,120 @@ function actionButton(text, onClick) {
   return button;
 }
 
+function fansText(count) {
+  if (count == null) return "–";
+  return `${formatCount(count)} ${count === 1 ? "fan" : "fans"}`;
+}
+
+/** Take a place in line from the server (the ETA is ignored while paused: there is none). */
 function showPosition(position, ahead, eta) {
   if (position == null) return;
+  const now = performance.now();
+  if (position !== state.position) state.movedAt = now;
   state.position = position;
+  if (ahead != null) state.ahead = ahead;
   if (state.first == null || position > state.first) {
     state.first = position;
     store.set(firstKey, position);
   }
-  show("lottery", false);
-  show("line");
-  setText("position", `You are number ${formatCount(position)} in line`);
-  setText(
-    "ahead",
-    ahead === 0 ? "No one: you are next" : `${formatCount(ahead)} ${ahead === 1 ? "fan" : "fans"}`,
-  );
-  setText("eta", formatWait(eta));
-  // 0 % where the fan was first seen, 100 % once admitted: the share of the way covered.
-  const percent = Math.round((100 * (state.first - position)) / state.first);
-  setProgress(percent);
-  if (position !== spokenPosition) {
+  if (!state.paused) {
+    state.eta = eta ?? null;
+    state.wait = estimate.update(state.eta, now);
+    if (state.wait && state.wait.change) {
+      state.change = { kind: state.wait.change, until: now + CHANGE_NOTE_MS };
+    }
+  }
+  renderLine();
+  if (position !== spokenPosition && !state.paused) {
     spokenPosition = position;
     // Near the front every move matters; far back, one update every half minute is enough.
-    speaker.say(
-      `You are number ${formatCount(position)} in line. Estimated wait: ${formatWait(eta)}.`,
-      { gapMs: position <= 20 ? 5000 : 30000 },
-    );
+    speaker.say(`You are number ${formatCount(position)} in line. Estimated wait: ${waitText()}.`, {
+      gapMs: position <= 20 ? 5000 : 30000,
+    });
   }
+}
+
+/** 0 % where the fan was first seen, 100 % once admitted: the share of the fan's own way. */
+function progressPercent() {
+  const { first, position } = state;
+  if (!first || position == null || position >= first) return 0;
+  // Any step forward shows: 1 place of 300 is not 0 %.
+  return Math.max(1, Math.round((100 * (first - position)) / first));
+}
+
+function beforeOpening() {
+  const opens = state.event && state.event.opens_at ? Date.parse(state.event.opens_at) : NaN;
+  return Number.isFinite(opens) && serverNow() < opens;
+}
+
+/** How long the place may stay put before the page explains: longer for a slow line. */
+function stallMs() {
+  const perPlace = state.eta != null && state.ahead ? state.eta / state.ahead : 0;
+  return Math.max(STALL_MS, 4000 * perPlace);
+}
+
+function isStalled(now = performance.now()) {
+  return (
+    !state.paused && state.position != null && state.movedAt > 0 && now - state.movedAt >= stallMs()
+  );
+}
+
+function waitText() {
+  if (state.wait) return formatWaitRange(state.wait.low, state.wait.high);
+  return isStalled() && !beforeOpening() ? "unknown while the line is not moving" : "estimating…";
+}
+
+/** Why the wait is what it is, when that is not obvious: before opening, stalled, a jump. */
+function noteText(now) {
+  if (beforeOpening()) {
+    return `The sale opens ${formatDateTime(state.event.opens_at)}: the line starts moving then.`;
+  }
+  if (isStalled(now)) return STALLED_TEXT;
+  if (state.change && state.change.until > now) {
+    return state.change.kind === "longer" ? LONGER_TEXT : SHORTER_TEXT;
+  }
+  return "";
+}
+
+/** Draw the line card from `state`. */
+function renderLine() {
+  const { position, ahead } = state;
+  if (position == null || state.done) return;
+  show("lottery", false);
+  show("line");
+  showLeave(true);
+  $("line").dataset.paused = String(state.paused);
+  setText("position", `You are number ${formatCount(position)} in line`);
+  const percent = progressPercent();
+  $("progress").value = percent;
+  if (state.paused) {
+    // Nobody goes in while paused: no estimate, no "next", no progress to speak of.
+    setText("ahead", ahead === 0 ? "No one" : fansText(ahead));
+    setText("eta", "None while the line is paused");
+    setText("progress-text", "The line is paused: you keep your place.");
+    setNote("");
+    return;
+  }
+  setText("ahead", ahead === 0 ? "No one: you are next" : fansText(ahead));
+  setText("eta", waitText());
+  const moved = state.first - position;
+  setText(
+    "progress-text",
+    moved > 0
+      ? `${percent}% of the way to the front: up ${formatCount(moved)} ` +
+          `${moved === 1 ? "place" : "places"} so far`
+      : `${percent}% of the way to the front`,
+  );
+  setNote(noteText(performance.now()));
+}
+
+function setNote(text) {
+  const note = $("eta-note");
+  if (note.textContent !== text) {
+    note.textContent = text;
+    if (text) speaker.say(text);
+  }
+  note.hidden = !text;
 }
 
 function setProgress(percent) {
@@ -133,12 +251,15 @@ function setProgress(percent) {
 function paused() {
   if (state.paused) return;
   state.paused = true;
+  state.change = null;
   notice(
     "warning",
-    "Admission is paused",
-    "The organiser has paused admission for a moment. You keep your place in line; it resumes by itself.",
+    "The line is paused",
+    "The organiser has paused admission, so nobody goes in for now and there is no wait " +
+      "estimate. You keep your place in line; it resumes by itself.",
   );
-  speaker.say("Admission is paused. You keep your place in line.");
+  renderLine();
+  speaker.say("The line is paused. You keep your place in line.");
   schedulePausedRefresh();
 }
 
@@ -146,6 +267,10 @@ function unpaused() {
   if (!state.paused) return;
   state.paused = false;
   clearTimeout(pausedTimer);
+  // The rate seen before the pause says little about the rate after it: start afresh.
+  estimate.reset();
+  state.wait = null;
+  state.movedAt = performance.now();
   clearNotice();
 }
 
@@ -165,6 +290,7 @@ function schedulePausedRefresh() {
 async function prequeue(commitment) {
   show("line", false);
   show("lottery");
+  showLeave(true);
   const opens = state.event && state.event.opens_at ? formatDateTime(state.event.opens_at) : "";
   setText(
     "lottery-opens",
@@ -193,6 +319,7 @@ async function prequeue(commitment) {
 
 function finish() {
   state.done = true;
+  showLeave(false);
   stopPolling();
   clearTimeout(wsTimer);
   clearTimeout(pausedTimer);
@@ -214,6 +341,7 @@ function admitted(queuePass, expiresAt) {
   setText("position", "It's your turn!");
   setText("ahead", "No one");
   setText("eta", "now");
+  setNote("");
   setProgress(100);
   const url = checkoutUrl(eventId);
   notice("success", "It's your turn", "Taking you to checkout…", [
@@ -234,21 +362,23 @@ function soldOut() {
   speaker.say("Sold out. Every ticket has been sold.", { urgent: true });
 }
 
-function noSuchEvent(message) {
+/** One friendly message: the heading says it, the notice says what to do (no raw error). */
+function noSuchEvent() {
   finish();
   setConnection("closed");
+  document.title = "No such event · waitroom";
   setText("event-name", "No such event");
   setText("event-venue", "");
   show("ticket-types-block", false);
   show("line", false);
   show("lottery", false);
-  notice(
-    "error",
-    "No such event",
-    message || "There is no event at this address. Check the link you were given.",
-  );
-  speaker.say("No such event.", { urgent: true });
+  show("pow", false);
+  notice("error", "", NO_EVENT_TEXT);
+  speaker.say(`No such event. ${NO_EVENT_TEXT}`, { urgent: true });
 }
+
+const NO_EVENT_TEXT =
+  "There is no event at this address. Check the link you were given, or ask the organiser.";
 
 function outOfLine(title, text) {
   finish();
@@ -260,6 +390,7 @@ function outOfLine(title, text) {
 }
 
 function notInLine() {
+  if (state.leaving) return; // of course: the fan just left
   // The server may have lost the line (its Redis restarted empty): the receipt of our join
   // puts us back exactly where we were, once. A line that was not lost answers 410, and a fan
   // who was dropped for being away joins again at the back, as before.
@@ -295,17 +426,136 @@ function sessionLost() {
 
 function rejoin() {
   store.remove(receiptKey); // a new place at the back, with a receipt of its own
+  store.remove(leftKey);
   state.restoreTried = false;
   state.done = false;
   state.first = null;
   state.position = null;
+  state.ahead = null;
+  state.eta = null;
+  state.wait = null;
+  state.change = null;
   state.paused = false;
+  state.leaving = false;
   state.replaced = false;
+  estimate.reset();
   spokenPosition = null;
   wsFailures = 0;
   store.remove(firstKey);
   clearNotice();
   start();
+}
+
+// --- leaving the line -------------------------------------------------------------------
+
+function showLeave(visible) {
+  const shown = visible && !state.done;
+  show("leave", shown);
+  if (!shown) {
+    show("leave-confirm", false);
+    show("leave-button");
+    $("leave-button").setAttribute("aria-expanded", "false");
+  }
+}
+
+function openLeaveConfirm() {
+  if (state.done) return;
+  show("leave-error", false);
+  show("leave-button", false);
+  $("leave-button").setAttribute("aria-expanded", "true");
+  show("leave-confirm");
+  // The safe answer has the focus: Enter right away keeps the place.
+  $("leave-no").focus();
+}
+
+function closeLeaveConfirm() {
+  if (state.leaving) return;
+  show("leave-confirm", false);
+  show("leave-button");
+  $("leave-button").setAttribute("aria-expanded", "false");
+  $("leave-button").focus();
+}
+
+function setLeaveBusy(busy) {
+  $("leave-yes").disabled = busy;
+  $("leave-no").disabled = busy;
+  setText("leave-yes", busy ? "Leaving…" : "Yes, leave the line");
+}
+
+/** DELETE .../queue/me as this fan: the cookie names it, or the tab's token without one. */
+async function leaveRequest() {
+  const path = `${eventApi(eventId)}/queue/me`;
+  const saved = store.get(TOKEN_KEY);
+  if (!saved || !saved.token) return api(path, { method: "DELETE" });
+  const headers = { Authorization: `Bearer ${saved.token}` };
+  try {
+    return await api(path, { method: "DELETE", headers });
+  } catch (error) {
+    if (error.status !== 401) throw error;
+    store.remove(TOKEN_KEY); // the tab's token went bad; the cookie may still name the fan
+    return api(path, { method: "DELETE" });
+  }
+}
+
+/** Leave the line, after the fan confirmed. */
+async function leaveLine() {
+  if (state.leaving || state.done) return;
+  state.leaving = true;
+  setLeaveBusy(true);
+  try {
+    // A retry of a leave that went through answers 404 not_in_line: left all the same.
+    await withRetries(leaveRequest, { attempts: 3 });
+    leftLine();
+  } catch (error) {
+    state.leaving = false;
+    setLeaveBusy(false);
+    if (state.done) return; // admitted meanwhile: on the way to checkout
+    if (error.code === "not_in_line") {
+      leftLine();
+    } else if (error.status === 404) {
+      noSuchEvent();
+    } else if (error.status === 401) {
+      sessionLost();
+    } else if (error.code === "already_admitted") {
+      // Too late to leave: it is the fan's turn, and the pass is there to take.
+      show("leave-confirm", false);
+      try {
+        applyStatus((await api(`${eventApi(eventId)}/queue/me`)).data);
+      } catch {
+        // the WebSocket brings the pass too
+      }
+    } else {
+      setText("leave-error", `Could not leave the line: ${error.message} You are still in line.`);
+      show("leave-error");
+      if (!socket && !polling) connect();
+    }
+  }
+}
+
+function leftLine() {
+  finish();
+  store.remove(receiptKey); // the place was given up: nothing to restore
+  store.remove(firstKey);
+  store.set(leftKey, true);
+  state.leaving = false;
+  showLeft();
+  $("notice").focus();
+}
+
+function showLeft() {
+  state.done = true;
+  setConnection("closed");
+  show("line", false);
+  show("lottery", false);
+  show("pow", false);
+  showLeave(false);
+  notice(
+    "info",
+    "You left the line",
+    "You gave up your place. Joining again puts you at the back of the line.",
+    [actionButton("Join the line again", rejoin)],
+  );
+  speaker.say("You left the line.", { urgent: true });
 }
 
 // --- the server's answers --------------------------------------------------------------
@@ -324,12 +574,12 @@ function applyStatus(body) {
       prequeue(null);
       break;
     case "paused":
-      showPosition(body.position, body.fans_ahead, body.eta_seconds);
       paused();
+      showPosition(body.position, body.fans_ahead, null);
       break;
     default:
-      showPosition(body.position, body.fans_ahead, body.eta_seconds);
       unpaused();
+      showPosition(body.position, body.fans_ahead, body.eta_seconds);
   }
 }
 
@@ -338,8 +588,8 @@ function applyMessage(message) {
   if (state.done) return;
   switch (message.type) {
     case "position":
-      showPosition(message.position, message.fans_ahead, message.eta_seconds);
       unpaused();
+      showPosition(message.position, message.fans_ahead, message.eta_seconds);
       break;
     case "admitted":
       admitted(message.pass, message.expires_at);
@@ -455,7 +705,7 @@ async function join() {
     } catch (caught) {
       let error = caught;
       if (error.status === 404) {
-        noSuchEvent(error.message);
+        noSuchEvent();
         return null;
       }
       if (CHALLENGE_CODES.has(error.code) && solves < MAX_SOLVES) {
@@ -543,7 +793,7 @@ async function connect() {
     connecting = false;
     if (state.done) return;
     if (error.status === 404) {
-      noSuchEvent(error.message);
+      noSuchEvent();
     } else if (error.status === 401) {
       sessionLost();
     } else if (error.status === 429) {
@@ -588,7 +838,8 @@ async function connect() {
   ws.addEventListener("close", (event) => {
     if (socket !== ws) return; // closed on purpose (finish) or replaced
     socket = null;
-    if (state.done) return;
+    // Leaving: the server closes the socket of a fan no longer in line (4404), as it should.
+    if (state.done || state.leaving) return;
     switch (event.code) {
       case 4404:
         if (/event/i.test(event.reason)) noSuchEvent();
@@ -663,13 +914,17 @@ function stopPolling() {
 
 async function poll() {
   if (!polling || state.done) return;
+  if (state.leaving) {
+    pollTimer = setTimeout(poll, POLL_MS);
+    return;
+  }
   let next = POLL_MS;
   try {
     applyStatus((await api(`${eventApi(eventId)}/queue/me`)).data);
   } catch (error) {
     if (error.status === 404) {
       if (error.code === "not_in_line") notInLine();
-      else noSuchEvent(error.message);
+      else noSuchEvent();
       return;
     }
     if (error.status === 401) {
@@ -691,7 +946,7 @@ async function loadEvent() {
       return true;
     } catch (error) {
       if (error.status === 404) {
-        noSuchEvent(error.message);
+        noSuchEvent();
         return false;
       }
       if (!isTransient(error)) return true; // the line may still work; the header stays plain
@@ -712,14 +967,29 @@ async function start() {
 
 async function main() {
   if (!eventId) {
-    noSuchEvent("This address does not name an event.");
+    noSuchEvent();
     return;
   }
+  $("leave-button").addEventListener("click", openLeaveConfirm);
+  $("leave-no").addEventListener("click", closeLeaveConfirm);
+  $("leave-yes").addEventListener("click", leaveLine);
+  $("leave-confirm").addEventListener("keydown", (event) => {
+    if (event.key === "Escape") closeLeaveConfirm();
+  });
   const first = Number(store.get(firstKey));
   if (Number.isInteger(first) && first > 0) state.first = first;
   if (!(await loadEvent())) return;
+  if (store.get(leftKey)) {
+    showLeft(); // left from this tab: a reload must not quietly take a new place
+    return;
+  }
   await start();
 }
+
+// A place that stops moving, a note that has said its piece: look again now and then.
+setInterval(() => {
+  if (!state.done && !state.leaving) renderLine();
+}, REVIEW_MS);
 
 // A laptop waking up or a network coming back: reconnect now rather than after the backoff.
 window.addEventListener("online", () => {
