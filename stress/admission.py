@@ -42,6 +42,7 @@ from admission.passes import PassGate, PassKeys
 from inventory import catalogue
 from stress.common import free_port, fresh_database, fresh_prefix
 from waitroom.core.keys import EventKeys, Keys
+from waitroom.core.redis import redis_from_url
 from waitroom.core.settings import Settings, load_settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -244,7 +245,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         keys = Keys(prefix)
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        redis = Redis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         log = Path(run_dir) / "server.log"
         proc: asyncio.subprocess.Process | None = None
         try:

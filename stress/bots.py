@@ -70,6 +70,7 @@ from stress.common import free_port, fresh_database, fresh_prefix, percentile
 from stress.pow import Solver, find_number, payload, solve
 from stress.server import server_process
 from waitroom.core.keys import EventKeys, Keys
+from waitroom.core.redis import redis_from_url
 from waitroom.core.settings import load_settings
 from waitroom.line.challenge import HEADER, Challenges
 
@@ -390,7 +391,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             admission_loop=True,
         )
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
-        redis = Redis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         keys = Keys(prefix)
         try:
             spec = catalogue.EventCreate(

@@ -9,9 +9,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
-from redis.asyncio import Redis
-
 from waitroom.core.db import drop_database, ensure_database, migrate
+from waitroom.core.redis import redis_from_url
 from waitroom.core.settings import Settings
 
 
@@ -46,7 +45,7 @@ async def fresh_prefix(settings: Settings) -> AsyncIterator[str]:
     try:
         yield prefix
     finally:
-        client = Redis.from_url(settings.redis_url)
+        client = redis_from_url(settings.redis_url)
         try:
             batch: list[bytes] = []
             async for key in client.scan_iter(match=f"{prefix}:*", count=2000):

@@ -28,6 +28,7 @@ from stress.common import fresh_database, fresh_prefix
 from stress.simulation import Progress, simulate, summarize
 from stress.stack import running_stack
 from waitroom.core.keys import Keys
+from waitroom.core.redis import redis_from_url
 from waitroom.core.settings import load_settings
 
 PER_FAN_LIMIT = 4
@@ -121,7 +122,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             challenge=args.challenge,
         )
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        redis = Redis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         keys = Keys(prefix)
         try:
             event_id = await create_sale(pool, args.tickets, args.rate, args.max_active)

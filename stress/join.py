@@ -54,7 +54,7 @@ from stress.join_app import TRIVIAL_PATH
 from stress.loadgen import LoadResult, run_load
 from stress.server import server_process, stopped_cleanly
 from waitroom.core.keys import EventKeys, Keys
-from waitroom.core.redis import Multiplexer
+from waitroom.core.redis import Multiplexer, redis_from_url
 from waitroom.core.settings import load_settings
 
 TARGET_RATIO = 0.5
@@ -188,7 +188,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         keys = Keys(prefix)
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
         mux = Multiplexer(settings.redis_url, timeout=30)
-        redis = Redis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         sides: dict[str, dict[str, Any]] = {}
         checks: dict[str, Any] = {}
         try:

@@ -407,17 +407,17 @@ def summarize(outcomes: list[Outcome], progress: Progress) -> dict[str, Any]:
 async def _verify(event_id: str) -> dict[str, int]:
     """The finished sale checked from PostgreSQL and Redis (settings from the environment)."""
     import asyncpg
-    from redis.asyncio import Redis
 
     from stress.flash_sale import check
     from waitroom.core.keys import Keys
+    from waitroom.core.redis import redis_from_url
     from waitroom.core.settings import load_settings
 
     settings = load_settings()
     pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
         settings.database_url, min_size=1, max_size=2
     )
-    redis = Redis.from_url(settings.redis_url)
+    redis = redis_from_url(settings.redis_url)
     try:
         for _ in range(60):  # the last payments may still be settling
             row = await pool.fetchrow(

@@ -59,6 +59,7 @@ from stress.server import (
 )
 from stress.wsclient import Report
 from waitroom.core.keys import Keys
+from waitroom.core.redis import redis_from_url
 from waitroom.core.settings import load_settings
 
 TARGET_GAP_S = 2.0
@@ -177,7 +178,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         keys = Keys(prefix)
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-        redis = Redis.from_url(settings.redis_url)
+        redis = redis_from_url(settings.redis_url)
         clients = _Clients([])
         worker_starts: dict[int, int | None] = {}
         try:

@@ -13,7 +13,14 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.harness import ADMIN_TOKEN, ServerThread, cleanup, fresh_settings, running
+from tests.harness import (
+    ADMIN_TOKEN,
+    ServerThread,
+    async_redis,
+    cleanup,
+    fresh_settings,
+    running,
+)
 from waitroom.core.settings import Settings
 
 
@@ -46,7 +53,7 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool[Any]]:
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
     """A Redis client on the run's Redis."""
-    client = Redis.from_url(settings.redis_url)
+    client = async_redis(settings.redis_url)
     try:
         yield client
     finally:

@@ -18,16 +18,19 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis
+import redis.cluster
 import uvicorn
+from redis.asyncio import Redis as AsyncRedis
 from starlette.applications import Starlette
 
 from waitroom.app import create_app
 from waitroom.core.db import drop_database, ensure_database, migrate
+from waitroom.core.redis import cluster_seeds, is_cluster_url, redis_from_url
 from waitroom.core.settings import Settings, load_settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +88,7 @@ async def _create(dsn: str) -> None:
 def cleanup(settings: Settings) -> None:
     """Drop the run's database and delete its Redis keys."""
     asyncio.run(drop_database(settings.database_url))
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_redis(settings.redis_url)
     try:
         keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
         for i in range(0, len(keys), 500):
@@ -155,6 +158,21 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def sync_redis(url: str) -> redis.Redis:
+    """A synchronous client for ``url``: redis-py's cluster client for a cluster URL (the
+    suite also runs against a Redis Cluster, ``WAITROOM_REDIS_URL=redis+cluster://...``)."""
+    if is_cluster_url(url):
+        seeds, _ = cluster_seeds(url)
+        nodes = [redis.cluster.ClusterNode(host, port) for host, port in seeds]  # type: ignore[no-untyped-call]
+        return cast(redis.Redis, redis.cluster.RedisCluster(startup_nodes=nodes))
+    return redis.Redis.from_url(url)
+
+
+def async_redis(url: str) -> AsyncRedis:
+    """An asyncio client for ``url``, a cluster's when it names one (see :func:`sync_redis`)."""
+    return redis_from_url(url)
 
 
 def run_cli(

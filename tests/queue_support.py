@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 from redis.asyncio import Redis
 
+from tests.harness import async_redis
 from waitroom.core.keys import EventKeys, Keys
 from waitroom.core.settings import Settings
 from waitroom.line import scripts
@@ -45,7 +46,7 @@ def room_fields(
 @asynccontextmanager
 async def redis_client(settings: Settings) -> AsyncIterator[Redis]:
     """An async Redis client for the run's Redis, closed afterwards."""
-    client = Redis.from_url(settings.redis_url)
+    client = async_redis(settings.redis_url)
     try:
         yield client
     finally:

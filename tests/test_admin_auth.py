@@ -14,9 +14,8 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
-from redis.asyncio import Redis
 
-from tests.harness import ADMIN_TOKEN, ServerThread, running
+from tests.harness import ADMIN_TOKEN, ServerThread, async_redis, running
 from tests.test_errors import assert_error
 from waitroom.admin_auth import FAILURES_SCRIPT, OperatorTokens
 from waitroom.core.keys import Keys
@@ -184,7 +183,7 @@ def test_failures_lua_charges_failures_only_and_refuses_everything_when_empty(
     settings: Settings,
 ) -> None:
     async def run() -> list[list[int]]:
-        redis = Redis.from_url(settings.redis_url)
+        redis = async_redis(settings.redis_url)
         key = Keys(settings.redis_prefix).admin_auth_failures("lua-" + secrets.token_hex(4))
         t0 = 1_800_000_000_000
         replies = []

@@ -346,6 +346,7 @@ async def test_a_connection_whose_client_left_sends_nothing_more() -> None:
     assert sent == []
 
 
+@pytest.mark.not_on_cluster  # MONITOR: one server's view of every command
 async def test_a_tick_asks_redis_once_for_every_local_fan(
     rooms: Rooms, r: Redis, http: httpx.AsyncClient
 ) -> None:

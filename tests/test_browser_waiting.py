@@ -18,7 +18,7 @@ from playwright.sync_api import Browser, Page, WebSocketRoute, expect
 
 from tests.admission.support import join
 from tests.browser_support import browser_context, chromium
-from tests.harness import ADMIN_TOKEN, ServerThread, running
+from tests.harness import ADMIN_TOKEN, ServerThread, running, sync_redis
 from tests.queue_support import create_event, fan_headers
 from waitroom.core.settings import Settings
 
@@ -245,7 +245,6 @@ def test_a_harder_challenge_shows_its_progress_while_the_workers_search(
 def test_a_fan_whose_line_redis_lost_is_put_back_in_place_by_the_page(
     page: Page, client: httpx.Client, admin: httpx.Client, settings: Settings
 ) -> None:
-    from redis import Redis as SyncRedis
 
     from waitroom.core.keys import Keys
 
@@ -257,7 +256,7 @@ def test_a_fan_whose_line_redis_lost_is_put_back_in_place_by_the_page(
 
     # Redis restarts empty: every key of the event is gone.
     base = Keys(settings.redis_prefix).event(event_id).base
-    with SyncRedis.from_url(settings.redis_url) as sync:
+    with sync_redis(settings.redis_url) as sync:
         sync.delete(*sync.scan_iter(match=f"{base}:*", count=1000))
     # The page hears "not in line", sends the receipt of its join, and is back at its place
     # (the two fans ahead of it have not come back yet), never told it lost its place.

@@ -26,7 +26,6 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
-import redis
 import redis.exceptions as rx
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
@@ -41,6 +40,7 @@ from tests.harness import (
     free_port,
     fresh_settings,
     running,
+    sync_redis,
 )
 from tests.queue_support import fan_headers, new_ip
 from tests.test_errors import assert_error
@@ -240,7 +240,7 @@ def on_private_postgres(
         try:
             yield pg, settings
         finally:
-            client = redis.Redis.from_url(settings.redis_url)
+            client = sync_redis(settings.redis_url)
             try:
                 keys = list(client.scan_iter(match=f"{settings.redis_prefix}:*", count=1000))
                 if keys:
@@ -671,6 +671,9 @@ _REDIS_UNAVAILABLE: list[BaseException] = [
         "Command # 1 (EXISTS k) of pipeline caused error: ('BUSY Redis is busy running a script',)"
     ),
     rx.AuthenticationError("invalid username-password pair"),
+    rx.ClusterError("TTL exhausted."),
+    rx.SlotNotCoveredError("Slot 3999 is not covered by the cluster."),
+    rx.MaxConnectionsError("Too many connections"),
 ]
 _POSTGRES_UNAVAILABLE: list[BaseException] = [
     DatabaseUnreachable("could not connect to PostgreSQL: [Errno 111] Connection refused"),

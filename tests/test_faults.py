@@ -36,7 +36,7 @@ SPEC = SaleSpec()
 #: keep being admitted and reserving all through it, as they do in a big sale.
 SPECS = {"postgres_restart": dataclasses.replace(SPEC, max_active=40)}
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150), pytest.mark.not_on_cluster]
 
 
 @pytest.mark.parametrize("kind", FAULTS)

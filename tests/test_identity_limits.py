@@ -14,12 +14,11 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from admission import leader
 from admission.leader import Candidate
-from tests.harness import ADMIN_TOKEN, ServerThread, running
+from tests.harness import ADMIN_TOKEN, ServerThread, running, sync_redis
 from tests.queue_support import create_event, fan_headers, fresh_room_keys, make_room, new_ip
 from tests.test_errors import assert_error
 from waitroom.core.keys import EventKeys, Keys
@@ -248,7 +247,7 @@ def test_polls_are_charged_to_the_address_and_refused_beyond_its_bucket(
     url = f"/v1/events/{event_id}/queue/me"
     bucket = Keys(settings.redis_prefix).event(event_id).bucket("addr", ip)
     rate = ADDRESS_REQUESTS.rate
-    with SyncRedis.from_url(settings.redis_url) as sync:
+    with sync_redis(settings.redis_url) as sync:
 
         def level() -> tuple[float, int]:
             tokens, at = sync.hmget(bucket, "t", "ms")
@@ -280,7 +279,7 @@ def test_a_full_address_is_told_to_wait_with_retry_after(
     address, _ = challenge.networks(ip)
     # The address has its whole cap of places waiting in line (as 256 paid joins would).
     live = Keys(settings.redis_prefix).event(event_id).live
-    with SyncRedis.from_url(settings.redis_url) as sync:
+    with sync_redis(settings.redis_url) as sync:
         sync.hset(live, address, challenge.CAPS.address)
     error = assert_error(paid_join(fan, event_id, ip), 429, "identity_limit")
     assert error["details"]["scope"] == "address"

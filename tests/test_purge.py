@@ -19,7 +19,6 @@ import asyncpg
 import httpx
 import msgspec
 import pytest
-import redis
 
 from tests.admission.support import create_event, join, wait_for
 from tests.checkout.test_checkout import Fan
@@ -31,6 +30,7 @@ from tests.harness import (
     fresh_settings,
     run_cli,
     running,
+    sync_redis,
 )
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings
@@ -98,7 +98,7 @@ def sale(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sale]:
                 # The paid order spends its pass in Redis through the outbox: wait for it, so
                 # that the deletion has that marker to remove too.
                 spent = Keys(settings.redis_prefix).event(paid).spent_pass(jti)
-                with redis.Redis.from_url(settings.redis_url) as r:
+                with sync_redis(settings.redis_url) as r:
                     wait_for(lambda: r.exists(spent), timeout=15)
             finally:
                 workers.stop()
@@ -136,7 +136,7 @@ def redis_keys(settings: Settings, event_id: str, *, lasting: bool = False) -> l
     """The event's keys in Redis; with ``lasting``, only those without a TTL (rate-limit
     buckets and the like expire on their own while a test runs)."""
     base = Keys(settings.redis_prefix).event(event_id).base
-    with redis.Redis.from_url(settings.redis_url) as r:
+    with sync_redis(settings.redis_url) as r:
         found = r.scan_iter(match=base + ":*", count=1000)
         return sorted(k for k in found if not lasting or r.ttl(k) == -1)
 
@@ -168,7 +168,7 @@ def test_an_event_with_paid_orders_is_refused_unless_forced_then_goes_whole(sale
     assert report["passes"] >= 1 and report["redis_keys"] > 0
     assert rows_of(settings, sale.paid) == dict.fromkeys(TABLES, 0)
     assert redis_keys(settings, sale.paid) == []
-    with redis.Redis.from_url(settings.redis_url) as r:
+    with sync_redis(settings.redis_url) as r:
         assert not r.exists(
             keys.event(sale.paid).spent_pass(sale.spent_jti),
             keys.event(sale.paid).revoked_pass(sale.spent_jti),
@@ -204,7 +204,7 @@ def test_an_event_without_orders_is_deleted_and_a_second_time_is_not_found(sale:
 def test_an_event_a_running_process_serves_is_refused(sale: Sale) -> None:
     settings = sale.settings
     owner = Keys(settings.redis_prefix).event(sale.kept).owner
-    with redis.Redis.from_url(settings.redis_url) as r:
+    with sync_redis(settings.redis_url) as r:
         r.set(owner, "node-7", px=30_000)  # an inventory owner alive elsewhere
         try:
             refused = run_cli(settings, "event", "delete", sale.kept, "--force")
@@ -222,7 +222,7 @@ def test_keys_left_in_redis_are_removed_and_a_pattern_is_no_event_id(sale: Sale)
     settings = sale.settings
     keys = Keys(settings.redis_prefix)
     leftover = keys.event("gone-1").meta
-    with redis.Redis.from_url(settings.redis_url) as r:
+    with sync_redis(settings.redis_url) as r:
         r.hset(leftover, "opened", "1")
         kept_keys = redis_keys(settings, sale.kept, lasting=True)
         # "*" would match every event's keys in a SCAN pattern: it names no event.

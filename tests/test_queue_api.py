@@ -18,7 +18,7 @@ import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.harness import ADMIN_TOKEN, ServerThread, running
+from tests.harness import ADMIN_TOKEN, ServerThread, running, sync_redis
 from tests.queue_support import create_event, fan_headers, new_ip
 from tests.test_errors import assert_error
 from waitroom.core.keys import Keys
@@ -30,7 +30,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 @pytest.fixture
 def rds(settings: Settings) -> Iterator[redis.Redis]:
     """A plain Redis client, to play the admission loop's part in the room's data."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = sync_redis(settings.redis_url)
     try:
         yield client
     finally:

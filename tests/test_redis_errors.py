@@ -25,7 +25,7 @@ from tests.harness import base_settings
 from waitroom.core.http import dependency_error
 from waitroom.core.redis import Multiplexer, make_redis, unavailable
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.not_on_cluster]
 
 WRITE_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1])"
 READ_SCRIPT = "return redis.call('GET', KEYS[1])"

@@ -16,7 +16,8 @@ from waitroom.core.lua_scripts import Script
 from waitroom.core.redis import Multiplexer
 from waitroom.core.settings import Settings
 
-pytestmark = pytest.mark.anyio
+#: The single-node Multiplexer (tests/test_redis_cluster.py has the cluster's).
+pytestmark = [pytest.mark.anyio, pytest.mark.not_on_cluster]
 
 
 @pytest.fixture

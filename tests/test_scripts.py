@@ -1,15 +1,21 @@
-"""Every Lua script of the waiting room, on real Redis, edge cases included."""
+"""Every Lua script of the waiting room, on real Redis, edge cases included; and the private
+Redis Cluster that ``scripts/services --cluster`` starts for them (at the end)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
 from hypothesis import strategies as st
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from tests.queue_support import fresh_room_keys, make_room, redis_client
@@ -481,3 +487,95 @@ def test_any_interleaving_of_joins_leaves_and_admissions_keeps_fifo_ranks(
     settings: Settings, ops: list[tuple[str, str]]
 ) -> None:
     asyncio.run(_replay(settings, ops))
+
+
+# --- scripts/services --cluster (the local Redis Cluster the scripts also run on) ---------
+
+SERVICES = Path(__file__).resolve().parent.parent / "scripts" / "services"
+
+
+def _services(run_dir: Path, *args: str) -> str:
+    # SERVICES_RUN_DIR keeps the test's servers and .run/env away from the checkout's own.
+    env = {k: v for k, v in os.environ.items() if k != "WAITROOM_REDIS_URL"}
+    env["SERVICES_RUN_DIR"] = str(run_dir)
+    done = subprocess.run(
+        [str(SERVICES), *args], env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _machine_redis_answers() -> bool:
+    client = SyncRedis(host="127.0.0.1", port=6379, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
+def _node_pids(cluster: Path) -> list[int]:
+    return [int(f.read_text().split()[0]) for f in sorted(cluster.glob("node-*/redis.pid"))]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.not_on_cluster  # it starts a cluster of its own
+def test_services_cluster_starts_three_primaries_and_three_replicas_then_stops_them(
+    tmp_path: Path,
+) -> None:
+    machine_redis = _machine_redis_answers()
+    run_dir = tmp_path / "run"
+    cluster = run_dir / "redis-cluster"
+    try:
+        _services(run_dir, "--cluster")
+        env = (run_dir / "env").read_text()
+        found = re.search(r"^export WAITROOM_REDIS_URL=redis\+cluster://(\S+)$", env, re.M)
+        assert found, env
+        seeds = found.group(1).split(",")
+        assert len(seeds) == 3 and all(seed.startswith("127.0.0.1:") for seed in seeds)
+        ports = {int(seed.rsplit(":", 1)[1]) for seed in seeds}
+        assert 6379 not in ports
+
+        roles: dict[str, int] = {"master": 0, "slave": 0}
+        for conf in sorted(cluster.glob("node-*/redis.conf")):
+            text = conf.read_text()
+            assert "cluster-enabled yes" in text and "appendonly yes" in text
+            assert "appendfsync everysec" in text
+            port_line = re.search(r"^port (\d+)$", text, re.M)
+            assert port_line is not None
+            port = int(port_line.group(1))
+            with SyncRedis(host="127.0.0.1", port=port, socket_timeout=5) as node:
+                info: Any = node.execute_command("CLUSTER INFO")
+                assert info["cluster_state"] == "ok"
+                assert int(info["cluster_known_nodes"]) == 6
+                role = node.info("replication")["role"]
+                roles[role] += 1
+                if role == "master":
+                    assert port in ports  # the URL names the primaries
+                    assert node.info("replication")["connected_slaves"] == 1
+        assert roles == {"master": 3, "slave": 3}
+
+        # A second start reuses the running cluster.
+        pids = _node_pids(cluster)
+        assert len(pids) == 6
+        assert "reusing the private Redis Cluster" in _services(run_dir, "--cluster")
+        assert _node_pids(cluster) == pids
+
+        _services(run_dir, "stop", "--cluster")
+        assert not [pid for pid in pids if _alive(pid)]
+        env_file = run_dir / "env"
+        assert "WAITROOM_REDIS_URL" not in (env_file.read_text() if env_file.exists() else "")
+    finally:
+        # Whatever this run dir still runs (nodes of a failed start, a private PostgreSQL
+        # if none answered): plain `stop` stops every private server, cluster included.
+        _services(run_dir, "stop")
+    assert _machine_redis_answers() == machine_redis

@@ -17,10 +17,9 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from redis.asyncio import Redis
 
 from tests.admission.support import create_event, join, wait_for
-from tests.harness import ADMIN_TOKEN, ROOT, free_port
+from tests.harness import ADMIN_TOKEN, ROOT, async_redis, free_port
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings, settings_env
 
@@ -72,7 +71,7 @@ def leads(url: str, event_id: str) -> bool:
 async def redis_state(settings: Settings, event_id: str) -> tuple[int, list[str]]:
     """(admitted_total, order) of the event, straight from Redis."""
     ek = Keys(settings.redis_prefix).event(event_id)
-    r = Redis.from_url(settings.redis_url)
+    r = async_redis(settings.redis_url)
     try:
         total = int(await r.hget(ek.meta, "admitted_total") or 0)
         order = [f.decode() if isinstance(f, bytes) else f for f in await r.lrange(ek.order, 0, -1)]

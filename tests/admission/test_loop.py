@@ -11,13 +11,12 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from admission.operators import complete_pass
 from admission.passes import PassKeys
 from tests.admission.support import create_event, join, me, wait_for
-from tests.harness import ServerThread
+from tests.harness import ServerThread, async_redis
 from tests.queue_support import fan_headers
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings
@@ -31,7 +30,7 @@ def admitted_total(admin: httpx.Client, event_id: str) -> int:
 
 
 async def order_of(settings: Settings, event_id: str) -> list[str]:
-    r = Redis.from_url(settings.redis_url)
+    r = async_redis(settings.redis_url)
     try:
         raw = await r.lrange(Keys(settings.redis_prefix).event(event_id).order, 0, -1)
     finally:
@@ -120,7 +119,7 @@ def test_the_cap_on_active_passes_holds_and_completing_or_revoking_frees_a_slot(
     ).jti
 
     async def complete() -> bool:
-        r = Redis.from_url(settings.redis_url)
+        r = async_redis(settings.redis_url)
         try:
             return await complete_pass(r, Keys(settings.redis_prefix), event_id, jti)
         finally:
@@ -145,7 +144,7 @@ def test_the_cap_on_active_passes_holds_and_completing_or_revoking_frees_a_slot(
 
 async def _issued_and_recorded(settings: Settings, event_id: str) -> tuple[set[str], set[str]]:
     """The passes Redis shows as active, then (read after) the passes PostgreSQL has."""
-    r = Redis.from_url(settings.redis_url)
+    r = async_redis(settings.redis_url)
     try:
         raw = await r.zrange(Keys(settings.redis_prefix).event(event_id).active, 0, -1)
     finally:
@@ -192,7 +191,7 @@ async def _sql(settings: Settings, query: str, *args: Any) -> Any:
 
 
 async def _drop_lease(settings: Settings, event_id: str) -> None:
-    r = Redis.from_url(settings.redis_url)
+    r = async_redis(settings.redis_url)
     try:
         await r.delete(Keys(settings.redis_prefix).event(event_id).leader)
     finally:
@@ -240,7 +239,7 @@ def test_a_new_leader_drops_the_records_of_passes_a_dead_leader_never_issued(
 
 async def _set_sold_out(settings: Settings, event_id: str, value: str) -> None:
     """What the event's inventory actor publishes (nothing left, nothing held)."""
-    r = Redis.from_url(settings.redis_url)
+    r = async_redis(settings.redis_url)
     try:
         await r.hset(Keys(settings.redis_prefix).event(event_id).meta, "sold_out", value)
     finally:

@@ -16,12 +16,11 @@ from typing import Any
 
 import asyncpg
 import httpx
-from redis import Redis as SyncRedis
 
 from admission.passes import read_claims
 from tests.admission.support import create_event, me, wait_for
 from tests.checkout.test_checkout import Fan
-from tests.harness import run_cli
+from tests.harness import run_cli, sync_redis
 from tests.queue_support import fan_headers, new_ip
 from tests.test_errors import assert_error
 from waitroom.core.keys import Keys
@@ -33,7 +32,7 @@ def wipe_event(settings: Settings, event_id: str, jtis: list[str]) -> int:
     tag), as Redis restarted empty would. ``jtis``: the passes (their markers go with the
     event's keys)."""
     keys = Keys(settings.redis_prefix)
-    with SyncRedis.from_url(settings.redis_url) as sync:
+    with sync_redis(settings.redis_url) as sync:
         names = list(sync.scan_iter(match=f"{keys.event(event_id).base}:*", count=1000))
         return int(sync.delete(*names)) if names else 0
 
@@ -88,7 +87,7 @@ def test_spent_revoked_and_active_passes_survive_redis_losing_the_event(
     # The two passes still shopping count against max_active again (the paid and the revoked
     # one do not), and the idle fan can still reserve.
     keys = Keys(settings.redis_prefix).event(event_id)
-    with SyncRedis.from_url(settings.redis_url) as sync:
+    with sync_redis(settings.redis_url) as sync:
         active = {m.decode() for m in sync.zrange(keys.active, 0, -1)}
         assert active == {jti(holding.queue_pass), jti(idle.queue_pass)}
         assert sync.hget(keys.meta, "admitted_total") == b"4"
@@ -202,7 +201,7 @@ def test_an_operator_restores_the_passes_of_a_room_that_lost_part_of_its_state(
     time.sleep(0.3)
     # A partial loss: the room's meta survives, its active passes and a marker do not.
     keys = Keys(settings.redis_prefix)
-    with SyncRedis.from_url(settings.redis_url) as sync:
+    with sync_redis(settings.redis_url) as sync:
         sync.delete(keys.event(event_id).active, keys.event(event_id).revoked_pass(revoked))
 
     done = run_cli(settings, "room", "restore", event_id, "--json")
@@ -214,7 +213,7 @@ def test_an_operator_restores_the_passes_of_a_room_that_lost_part_of_its_state(
         1,
         2,
     )
-    with SyncRedis.from_url(settings.redis_url) as sync:
+    with sync_redis(settings.redis_url) as sync:
         assert sync.zrange(keys.event(event_id).active, 0, -1) == [jti(fans[0].queue_pass).encode()]
     assert_error(fans[1].reserve(), 403, "pass_revoked")
     unknown = run_cli(settings, "room", "restore", "evt-nosuchevent")

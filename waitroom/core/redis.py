@@ -41,15 +41,17 @@ import contextlib
 import logging
 import re
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis import exceptions as rx
 from redis._parsers.base import BaseParser
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 
 from waitroom.core.settings import Settings
 
@@ -127,6 +129,10 @@ _UNAVAILABLE_CLASSES = (
     rx.TryAgainError,
     rx.AskError,
     rx.OutOfMemoryError,
+    # redis-py's cluster client: redirections past its limit (a slot moving, or its ASK
+    # handling losing the race on a warm pool, ADR 0010), and a slot no node serves.
+    rx.ClusterError,
+    rx.SlotNotCoveredError,
 )
 
 
@@ -257,40 +263,35 @@ class _Connection:
             await self._writer.wait_closed()
 
 
-class Multiplexer:
-    """A Redis client for many concurrent callers over one pipelined connection.
+class _Node:
+    """One Redis server's pipelined connection: opened lazily, opened again after a failure."""
 
-    Quacks like the parts of ``redis.asyncio.Redis`` that :mod:`waitroom.line.scripts` uses
-    (``evalsha``, ``script_load``). Connects lazily: a Redis that is down at start-up only
-    fails the commands sent while it is down.
-    """
-
-    def __init__(self, url: str, *, timeout: float) -> None:
-        self._params = parse_url(url)
+    def __init__(self, params: dict[str, Any], timeout: float) -> None:
+        self._params = params
         self._timeout = timeout
         self._conn: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
-        self._closed = False
+        self.closed = False
 
-    async def execute(self, *args: Arg) -> Any:
-        """Send one command; its reply (bytes, int, None, or nested lists of them)."""
-        packed = _pack(args)
+    async def send(self, packed: bytes) -> Any:
+        """Send one packed command; its reply."""
         conn = self._conn
         if conn is None or conn.failure is not None:
             conn = await self._connection()
         return await conn.send(packed)
 
-    async def evalsha(self, sha: str, numkeys: int, *args: Arg) -> Any:
-        """``EVALSHA``: run a loaded script."""
-        return await self.execute("EVALSHA", sha, numkeys, *args)
-
-    async def script_load(self, source: str) -> str:
-        """``SCRIPT LOAD``: the script's SHA1."""
-        sha: bytes = await self.execute("SCRIPT", "LOAD", source)
-        return sha.decode()
+    async def send_asking(self, packed: bytes) -> Any:
+        """``ASKING`` and then the command, adjacent on the connection (no await between:
+        nobody else's command can come between them)."""
+        conn = self._conn
+        if conn is None or conn.failure is not None:
+            conn = await self._connection()
+        asking = conn.send(_pack(("ASKING",)))
+        asking.add_done_callback(_retrieve)
+        return await conn.send(packed)
 
     async def _connection(self) -> _Connection:
-        if self._closed:
+        if self.closed:
             raise rx.ConnectionError("the Redis client is closed")
         connecting = self._connecting
         if connecting is None or connecting.done():
@@ -336,14 +337,176 @@ class Multiplexer:
         return conn
 
     async def aclose(self) -> None:
-        """Close the connection, failing any command still waiting."""
-        self._closed = True
+        self.closed = True
         if self._connecting is not None and not self._connecting.done():
             self._connecting.cancel()
             await asyncio.wait([self._connecting])
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
+
+
+#: The URL schemes of a Redis Cluster: ``redis+cluster://host:port,host:port`` (any of the
+#: nodes; the rest are found from them), ``rediss+cluster://`` for TLS.
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+#: Redirections followed for one command before giving up (503): a slot moving twice.
+MAX_REDIRECTS = 3
+
+
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (see :data:`CLUSTER_SCHEMES`)."""
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+def cluster_seeds(url: str) -> tuple[list[tuple[str, int]], str]:
+    """The ``(host, port)`` nodes of a cluster URL, and a plain URL with its credentials
+    and TLS scheme (without a database: a cluster has only database 0)."""
+    scheme, rest = url.split("://", 1)
+    userinfo, _, hosts = rest.rpartition("@")
+    hosts = hosts.split("/", 1)[0].split("?", 1)[0]
+    seeds: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host:
+            host, port = port, "6379"
+        seeds.append((host.strip("[]"), int(port)))
+    plain = "rediss" if scheme.lower().startswith("rediss") else "redis"
+    auth = f"{userinfo}@" if userinfo else ""
+    return seeds, f"{plain}://{auth}{seeds[0][0]}:{seeds[0][1]}/0"
+
+
+def _key_of(args: tuple[Arg, ...]) -> Arg | None:
+    """The key a command routes by: the first key of an ``EVALSHA``/``EVAL``, else the first
+    argument (every other command the hot path sends names its key first)."""
+    name = str(args[0]).upper() if not isinstance(args[0], bytes) else args[0].decode().upper()
+    if name in ("EVALSHA", "EVAL"):
+        return args[3] if int(args[2]) > 0 else None
+    return args[1] if len(args) > 1 else None
+
+
+class Multiplexer:
+    """A Redis client for many concurrent callers over one pipelined connection per server.
+
+    Quacks like the parts of ``redis.asyncio.Redis`` that :mod:`waitroom.line.scripts` uses
+    (``evalsha``, ``script_load``). Connects lazily: a Redis that is down at start-up only
+    fails the commands sent while it is down.
+
+    Given a cluster URL (:data:`CLUSTER_SCHEMES`), it keeps one such connection per primary
+    and sends each command to the primary of its key's hash slot (waitroom's keys carry the
+    event in a hash tag, so one script's keys share a slot): the slot table comes from
+    ``CLUSTER SLOTS``, a ``MOVED`` reply updates the slot and sends the command again where
+    it now lives (it did not run), an ``ASK`` sends it once to the importing node after
+    ``ASKING``, and a connection that fails makes the next command read the table again
+    (a replica may have been promoted). Scripts are loaded on every primary. ADR 0010 says
+    why this rather than a cluster client library.
+    """
+
+    def __init__(self, url: str, *, timeout: float) -> None:
+        self._timeout = timeout
+        self._closed = False
+        self._cluster = is_cluster_url(url)
+        self._slots: list[tuple[str, int] | None] = []
+        self._refreshing: asyncio.Future[None] | None = None
+        self._stale = True
+        if self._cluster:
+            self._seeds, plain = cluster_seeds(url)
+            self._params: dict[str, Any] = dict(parse_url(plain))
+            self._nodes: dict[tuple[str, int], _Node] = {}
+            self._single: _Node | None = None
+        else:
+            self._seeds, self._params, self._nodes = [], dict(parse_url(url)), {}
+            self._single = _Node(self._params, timeout)
+
+    async def execute(self, *args: Arg) -> Any:
+        """Send one command; its reply (bytes, int, None, or nested lists of them)."""
+        packed = _pack(args)
+        if self._single is not None:
+            return await self._single.send(packed)
+        key = _key_of(args)
+        if key is None:
+            raise rx.RedisClusterException(f"{args[0]!r} names no key to route it by")
+        slot = key_slot(key if isinstance(key, bytes) else str(key).encode())
+        for _ in range(MAX_REDIRECTS):
+            node = await self._node_of(slot)
+            try:
+                return await node.send(packed)
+            except rx.MovedError as moved:
+                # Not run: the slot lives elsewhere now. Note it, read the whole table
+                # again soon, and send it there.
+                self._slots[moved.slot_id] = (moved.host, int(moved.port))
+                self._stale = True
+            except rx.AskError as ask:
+                # The slot is migrating and this key has moved already: this once, there.
+                return await self._node((ask.host, int(ask.port))).send_asking(packed)
+            except (rx.ConnectionError, rx.TimeoutError):
+                self._stale = True  # a failover may have promoted a replica
+                raise
+        raise rx.TryAgainError(f"slot {slot} kept moving")
+
+    async def evalsha(self, sha: str, numkeys: int, *args: Arg) -> Any:
+        """``EVALSHA``: run a loaded script."""
+        return await self.execute("EVALSHA", sha, numkeys, *args)
+
+    async def script_load(self, source: str) -> str:
+        """``SCRIPT LOAD``: the script's SHA1 (on every primary of a cluster)."""
+        packed = _pack(("SCRIPT", "LOAD", source))
+        if self._single is not None:
+            sha: bytes = await self._single.send(packed)
+            return sha.decode()
+        await self._refresh()
+        primaries = {node for node in self._slots if node is not None}
+        shas = await asyncio.gather(*(self._node(n).send(packed) for n in primaries))
+        return bytes(shas[0]).decode()
+
+    def _node(self, address: tuple[str, int]) -> _Node:
+        node = self._nodes.get(address)
+        if node is None:
+            if self._closed:
+                raise rx.ConnectionError("the Redis client is closed")
+            params = {**self._params, "host": address[0], "port": address[1]}
+            node = self._nodes[address] = _Node(params, self._timeout)
+        return node
+
+    async def _node_of(self, slot: int) -> _Node:
+        if self._stale or not self._slots:
+            await self._refresh()
+        address = self._slots[slot]
+        if address is None:
+            raise rx.ClusterDownError(f"no node serves slot {slot}")
+        return self._node(address)
+
+    async def _refresh(self) -> None:
+        """Read the slot table (one reader at a time; the others wait for it)."""
+        refreshing = self._refreshing
+        if refreshing is None or refreshing.done():
+            refreshing = self._refreshing = asyncio.ensure_future(self._read_slots())
+            refreshing.add_done_callback(_retrieve)
+        await asyncio.shield(refreshing)
+
+    async def _read_slots(self) -> None:
+        known = list(dict.fromkeys([*self._seeds, *(n for n in self._slots if n)]))
+        failure: Exception | None = None
+        for address in known:
+            try:
+                reply = await self._node(address).send(_pack(("CLUSTER", "SLOTS")))
+            except rx.RedisError as exc:
+                failure = exc
+                continue
+            slots: list[tuple[str, int] | None] = [None] * 16384
+            for start, end, primary, *_ in reply:
+                host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
+                slots[int(start) : int(end) + 1] = [(host or address[0], int(primary[1]))] * (
+                    int(end) - int(start) + 1
+                )
+            self._slots, self._stale = slots, False
+            return
+        raise rx.ConnectionError(f"no node of the Redis Cluster answered: {failure}")
+
+    async def aclose(self) -> None:
+        """Close the connections, failing any command still waiting."""
+        self._closed = True
+        nodes = [*self._nodes.values(), *([self._single] if self._single else [])]
+        await asyncio.gather(*(node.aclose() for node in nodes))
 
 
 #: The longest a blocking command of ours waits for data (``BLPOP``/``XREAD BLOCK`` of
@@ -364,6 +527,8 @@ def make_redis(settings: Settings) -> Redis:
     connects again: after a failover, the address may lead to the new primary by then (the
     Multiplexer does the same).
     """
+    if is_cluster_url(settings.redis_url):
+        return _make_cluster(settings)
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=settings.redis_max_connections,
@@ -376,3 +541,53 @@ def make_redis(settings: Settings) -> Redis:
     )
     # from_pool hands the pool to the client, so aclose() also closes its connections.
     return Redis.from_pool(pool)
+
+
+#: redis-py's cluster client per node: this many times ``WAITROOM_REDIS_MAX_CONNECTIONS``.
+CLUSTER_CONNECTIONS_FACTOR = 4
+
+
+def redis_from_url(url: str) -> Redis:
+    """A plain redis-py client for ``url`` (tools and benchmarks; the server uses
+    :func:`make_redis`), redis-py's cluster client when ``url`` names a cluster."""
+    if not is_cluster_url(url):
+        return Redis.from_url(url)
+    seeds, plain = cluster_seeds(url)
+    params: Any = parse_url(plain)
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+        username=params.get("username"),
+        password=params.get("password"),
+        ssl=params.get("connection_class") is SSLConnection,
+    )
+    return cast(Redis, client)
+
+
+def _make_cluster(settings: Settings) -> Redis:
+    """redis-py's cluster client for a cluster URL, bounded like the single-node client.
+
+    It follows ``MOVED``/``ASK``, reads the slot table again after a connection error (a
+    replica promoted), sends ``SCRIPT LOAD`` to every primary and splits a pipeline by node
+    (a transaction must stay in one slot: waitroom's are in one event's). Typed as
+    :class:`~redis.asyncio.Redis` for the code that uses it: it speaks the same commands.
+    """
+    seeds, plain = cluster_seeds(settings.redis_url)
+    params: Any = parse_url(plain)
+    client = RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
+        username=params.get("username"),
+        password=params.get("password"),
+        ssl=params.get("connection_class") is SSLConnection,
+        # Per node, and a node with all of them busy refuses the next command
+        # (MaxConnectionsError, a 503) where the single-node pool would wait: so more of
+        # them than the single-node pool has (a burst of forwarded asks, ADR 0010).
+        max_connections=settings.redis_max_connections * CLUSTER_CONNECTIONS_FACTOR,
+        socket_connect_timeout=settings.dependency_timeout_s,
+        socket_timeout=max(settings.dependency_timeout_s, LONGEST_BLOCK_S + 1.0),
+        health_check_interval=30,
+        # Redirections are followed (they did not run); a failed connection is not retried
+        # (the command may have run): the caller's 503, and the next command reconnects.
+        retry=Retry(NoBackoff(), 0),
+        require_full_coverage=False,
+    )
+    return cast(Redis, client)

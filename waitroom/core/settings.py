@@ -294,7 +294,7 @@ def _origins(raw: str) -> tuple[str, ...]:
 
 _TEXT = _Field(_text, "a non-empty value")
 _FIELDS: dict[str, _Field] = {
-    "redis_url": _url("redis", "rediss", "unix"),
+    "redis_url": _url("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"),
     "redis_prefix": _Field(_prefix, "up to 64 letters, digits, '-', '_' or '.'"),
     "database_url": _url("postgresql", "postgres"),
     "admin_token": _TEXT,
