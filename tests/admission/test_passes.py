@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import threading
@@ -20,8 +21,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from admission.passes import (
+    FAST_CHECKS,
     LEEWAY_S,
     PassClaims,
+    PassGate,
     PassKeys,
     load_or_generate,
     new_jti,
@@ -29,10 +32,12 @@ from admission.passes import (
     thumbprint,
 )
 from tests.admission.support import create_event, join, me, wait_for
-from tests.harness import ADMIN_TOKEN, ServerThread, running
+from tests.harness import ADMIN_TOKEN, ServerThread, async_redis, running
 from tests.queue_support import fan_headers
 from waitroom.checkout_api import require_pass
+from waitroom.core.errors import Forbidden, Gone
 from waitroom.core.http import JSONResponse
+from waitroom.core.keys import Keys
 from waitroom.core.openapi import Operation
 from waitroom.core.settings import Settings
 from waitroom.services import services
@@ -366,3 +371,51 @@ def test_the_jwks_publishes_the_key_that_signs_passes(
         "alg": "EdDSA",
         "use": "sig",
     }
+
+
+# --- the gate's membership check (issue 14, ADR 0011) -------------------------------------
+
+
+def test_the_gate_takes_the_pass_the_event_issued_without_a_signature_and_checks_the_rest(
+    settings: Settings,
+) -> None:
+    """The pass stored for the fan in the room's ``admitted`` is accepted by equality: this
+    gate cannot even verify its signature (it trusts none of the signing key's public keys).
+    Its claims are still checked; any other pass goes through the signature and is refused."""
+    issuer = PassKeys(Ed25519PrivateKey.generate())
+    blind = PassKeys(Ed25519PrivateKey.generate())  # verifies nothing the issuer signs
+    keys = Keys(f"{settings.redis_prefix}-gate-{new_jti()}")
+    event_id, fan_id = "gate-evt", "fan-1"
+    now = int(time.time())
+
+    def issue(**changes: Any) -> str:
+        claims = PassClaims("waitroom", fan_id, event_id, new_jti(), now, now, now + 600, 1)
+        return issuer.sign(msgspec.structs.replace(claims, **changes))
+
+    async def check(token: str, stored: str | None) -> str:
+        redis = async_redis(settings.redis_url)
+        try:
+            admitted = keys.event(event_id).admitted
+            if stored is not None:
+                await redis.hset(admitted, fan_id, stored)
+            gate = PassGate(blind, redis, keys, "waitroom")
+            before = FAST_CHECKS._value.get()
+            try:
+                await gate.check(token, event_id=event_id, fan_id=fan_id, now=time.time())
+            except (Forbidden, Gone) as exc:
+                return f"{exc.status} {exc.code}"
+            return "fast" if FAST_CHECKS._value.get() == before + 1 else "verified"
+        finally:
+            await redis.delete(keys.event(event_id).admitted)
+            await redis.aclose()
+
+    good = issue()
+    assert asyncio.run(check(good, stored=good)) == "fast"
+    # Not the stored pass: the signature decides, and this gate trusts no key of the issuer.
+    assert asyncio.run(check(issue(), stored=good)) == "403 pass_invalid"
+    assert asyncio.run(check(good, stored=None)) == "403 pass_invalid"
+    # The stored pass, but no longer (or not yet) good: its claims are checked all the same.
+    expired = issue(iat=now - 1000, nbf=now - 1000, exp=now - 100)
+    assert asyncio.run(check(expired, stored=expired)) == "410 pass_expired"
+    early = issue(nbf=now + 600)
+    assert asyncio.run(check(early, stored=early)) == "403 pass_invalid"
