@@ -552,6 +552,13 @@ def redis_from_url(url: str) -> Redis:
     :func:`make_redis`), redis-py's cluster client when ``url`` names a cluster."""
     if not is_cluster_url(url):
         return Redis.from_url(url)
+    return _cluster_client(url)
+
+
+def _cluster_client(url: str, **options: Any) -> Redis:
+    """redis-py's cluster client for the cluster URL ``url`` (its nodes, credentials and
+    TLS), with ``options``. Typed as :class:`~redis.asyncio.Redis` for the code that uses
+    it: it speaks the same commands."""
     seeds, plain = cluster_seeds(url)
     params: Any = parse_url(plain)
     client = RedisCluster(
@@ -559,6 +566,7 @@ def redis_from_url(url: str) -> Redis:
         username=params.get("username"),
         password=params.get("password"),
         ssl=params.get("connection_class") is SSLConnection,
+        **options,
     )
     return cast(Redis, client)
 
@@ -568,16 +576,10 @@ def _make_cluster(settings: Settings) -> Redis:
 
     It follows ``MOVED``/``ASK``, reads the slot table again after a connection error (a
     replica promoted), sends ``SCRIPT LOAD`` to every primary and splits a pipeline by node
-    (a transaction must stay in one slot: waitroom's are in one event's). Typed as
-    :class:`~redis.asyncio.Redis` for the code that uses it: it speaks the same commands.
+    (a transaction must stay in one slot: waitroom's are in one event's).
     """
-    seeds, plain = cluster_seeds(settings.redis_url)
-    params: Any = parse_url(plain)
-    client = RedisCluster(
-        startup_nodes=[ClusterNode(host, port) for host, port in seeds],
-        username=params.get("username"),
-        password=params.get("password"),
-        ssl=params.get("connection_class") is SSLConnection,
+    return _cluster_client(
+        settings.redis_url,
         # Per node, and a node with all of them busy refuses the next command
         # (MaxConnectionsError, a 503) where the single-node pool would wait: so more of
         # them than the single-node pool has (a burst of forwarded asks, ADR 0010).
@@ -590,4 +592,3 @@ def _make_cluster(settings: Settings) -> Redis:
         retry=Retry(NoBackoff(), 0),
         require_full_coverage=False,
     )
-    return cast(Redis, client)
