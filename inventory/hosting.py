@@ -106,6 +106,8 @@ class InventoryHost:
         self._publish = publish_availability
         #: The live tenure of each event this process owns (see _Tenure).
         self._hosted: dict[str, _Tenure] = {}
+        #: The owner another process is, as last seen, and when (see _host).
+        self._owners: dict[str, tuple[str, float]] = {}
         #: The one acquisition in flight per event (single flight, see _try_host).
         self._starting: dict[str, asyncio.Task[bool]] = {}
         self._transport = Forwarder(redis, keys, self.node_id)
@@ -177,6 +179,7 @@ class InventoryHost:
                     check_every=self._lease_ttl_ms / 3000,
                 )
             except OwnerGone:
+                self._owners.pop(event_id, None)
                 if not _repeatable(command):
                     raise _timed_out() from None
                 log.info("inventory owner gone; asking again", extra={"event": event_id})
@@ -188,6 +191,16 @@ class InventoryHost:
             return True
         return bool(owner) and _text(now) != owner
 
+    async def _look_up_owner(self, event_id: str) -> str | None:
+        """The owner's node id from Redis (None: nobody), remembered for the next asks."""
+        raw: Any = await self._redis.get(self._keys.event(event_id).owner)
+        owner = None if raw is None else _text(raw)
+        if owner is not None and owner != self.node_id:
+            self._owners[event_id] = (owner, time.monotonic())
+        else:
+            self._owners.pop(event_id, None)
+        return owner
+
     # --- hosting -----------------------------------------------------------------------------
 
     async def _host(self, event_id: str, timeout: float) -> str | None:
@@ -195,9 +208,15 @@ class InventoryHost:
         otherwise the node id of the owner to forward to ("" when it is not known)."""
         if event_id not in self._hosted and event_id not in self._starting:
             # A cheap look first: when another process owns the event, just forward to it.
-            owner: Any = await self._redis.get(self._keys.event(event_id).owner)
-            if owner is not None and _text(owner) != self.node_id:
-                return _text(owner)
+            # The owner seen is remembered for a third of the lease (the renewal interval):
+            # under load most asks skip this round trip, and an owner that died is noticed
+            # by the ask itself (OwnerGone), which forgets it.
+            known = self._owners.get(event_id)
+            if known is not None and time.monotonic() - known[1] < self._lease_ttl_ms / 3000:
+                return known[0]
+            owner = await self._look_up_owner(event_id)
+            if owner is not None and owner != self.node_id:
+                return owner
         try:
             async with asyncio.timeout(timeout):
                 return None if await self._try_host(event_id) else ""

@@ -16,6 +16,7 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
+from inventory.forwarding import FORWARD_BATCHES
 from inventory.hosting import InventoryHost
 from inventory.ledger import Refused, Reserve, Reserved
 from tests.harness import ROOT
@@ -201,3 +202,23 @@ async def test_an_ask_forwarded_to_a_killed_owner_is_asked_again_once_its_lease_
     assert b.owns(event_id)
     keys = await pool.fetch("SELECT idempotency_key FROM holds WHERE event_id = $1", event_id)
     assert sorted(r[0] for r in keys if r[0] in ("key-y", None)) == ["key-y"]
+
+
+async def test_asks_of_one_turn_of_the_event_loop_go_to_the_owner_in_one_inbox_entry(
+    pool: asyncpg.Pool[Any], hosts: tuple[InventoryHost, InventoryHost]
+) -> None:
+    """Issue 14, item 3: forwarding is batched. 60 reservations asked at once through the
+    process that does not own the event take a handful of XADDs, not 100, and every one is
+    answered on its own."""
+    a, b = hosts
+    event_id = await make_event(pool, quantity=200, per_fan=1)
+    assert isinstance(await a.ask(event_id, Reserve("owner", "ga", 1, "k-owner", None)), Reserved)
+    before = FORWARD_BATCHES._value.get()
+    results = await asyncio.gather(
+        *(b.ask(event_id, Reserve(f"fan{i}", "ga", 1, f"k{i}", None)) for i in range(60))
+    )
+    entries = FORWARD_BATCHES._value.get() - before
+    assert all(isinstance(r, Reserved) for r in results)
+    assert len({r.hold.id for r in results if isinstance(r, Reserved)}) == 60
+    assert 1 <= entries <= 5, entries
+    assert await held_sold(pool, event_id) == (61, 0, 200)
