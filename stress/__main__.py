@@ -25,6 +25,7 @@ BENCHMARKS = {
     "flash-sale": "stress.flash_sale",
     "bots": "stress.bots",
     "chaos": "stress.chaos",
+    "checkout": "stress.checkout",
     "cluster_clients": "stress.cluster_clients",
 }
 

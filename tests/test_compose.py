@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -12,8 +15,10 @@ import redis.exceptions
 import yaml
 from redis import Redis as SyncRedis
 
+from stress.nodes import haproxy_binary
 from tests.harness import ROOT, free_port
 from waitroom.cli import build_parser
+from waitroom.core.redis import cluster_seeds, is_cluster_url
 from waitroom.core.settings import load_settings
 from workers import mock_provider
 
@@ -119,3 +124,191 @@ def test_compose_runs_redis_durably_with_a_replica_and_the_options_are_real(
     finally:
         process.kill()
         process.wait()
+
+
+# --- the scaled profile ------------------------------------------------------------------------
+
+SCALED = {
+    "api-1", "api-2", "api-3", "haproxy", "migrate-scaled", "workers-scaled",
+    "redis-node-1", "redis-node-2", "redis-node-3", "redis-node-4", "redis-node-5",
+    "redis-node-6", "redis-cluster-create", "postgres-primary", "postgres-replica",
+}  # fmt: skip
+
+
+def _unescaped(text: str) -> str:
+    """A compose string as the container gets it (``$$`` is compose's escaped ``$``)."""
+    return text.replace("$$", "$")
+
+
+def _published(service: dict[str, Any]) -> list[str]:
+    return [str(p) for p in service.get("ports", [])]
+
+
+def test_the_scaled_profile_has_its_services_and_leaves_the_default_stack_alone() -> None:
+    services = _compose()["services"]
+    assert set(services) >= SCALED
+    for name, service in services.items():
+        if name in SCALED:
+            assert service.get("profiles") == ["scaled"], name
+        else:
+            assert "profiles" not in service, f"{name} must run without a profile"
+    # Published ports: the single stack's API on 8000, the scaled one's HAProxy on 8080,
+    # nothing published twice, and the replicas only behind HAProxy.
+    published = [p for s in services.values() for p in _published(s)]
+    assert len(published) == len(set(published))
+    assert _published(services["haproxy"]) == ["127.0.0.1:8080:8000"]
+    assert _published(services["api"]) == ["127.0.0.1:8000:8000"]
+    for name in ("api-1", "api-2", "api-3"):
+        assert _published(services[name]) == []
+
+
+def test_the_scaled_api_runs_three_replicas_on_the_redis_cluster() -> None:
+    services = _compose()["services"]
+    replicas = [services[f"api-{n}"] for n in (1, 2, 3)]
+    assert all(r == replicas[0] for r in replicas)
+    api = replicas[0]
+    assert api["command"] == ["waitroom", "serve"]
+    assert api["depends_on"] == {"migrate-scaled": {"condition": "service_completed_successfully"}}
+    env = {k: str(v) for k, v in api["environment"].items()}
+    assert env["WAITROOM_HOST"] == "0.0.0.0" and env["WAITROOM_PORT"] == "8000"
+    url = env["WAITROOM_REDIS_URL"]
+    assert is_cluster_url(url)
+    seeds, _ = cluster_seeds(url)
+    assert seeds == [(f"redis-node-{n}", 6379) for n in range(1, 7)]
+    assert "@postgres-primary:5432/" in env["WAITROOM_DATABASE_URL"]
+    # The migrations and the workers see the same settings as the replicas.
+    for name in ("migrate-scaled", "workers-scaled"):
+        other = {k: str(v) for k, v in services[name]["environment"].items()}
+        assert {
+            k: v for k, v in env.items() if k not in ("WAITROOM_HOST", "WAITROOM_PORT")
+        } == other
+    # Every replica has the same run directory (its generated secrets) as the others.
+    volumes = {tuple(services[n]["volumes"]) for n in ("api-1", "migrate-scaled", "workers-scaled")}
+    assert volumes == {("waitroom-scaled-state:/var/lib/waitroom",)}
+
+
+def test_the_scaled_settings_are_real_and_trust_only_haproxy() -> None:
+    compose = _compose()
+    env = compose["x-waitroom-scaled-env"]
+
+    def resolved(value: object) -> str:
+        text = str(value).replace("${POSTGRES_PASSWORD:-waitroom}", "pw")
+        return re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", text)
+
+    settings = load_settings({k: resolved(v) for k, v in env.items()})
+    lb = compose["services"]["haproxy"]["networks"]["scaled"]["ipv4_address"]
+    address = ipaddress.ip_address(resolved(lb))
+    assert settings.trusted_proxies == (f"{address}/32",)
+    subnet = compose["networks"]["scaled"]["ipam"]["config"][0]["subnet"]
+    assert address in ipaddress.ip_network(resolved(subnet))
+
+
+def test_haproxy_fronts_the_three_replicas_with_the_repositorys_config(tmp_path: Path) -> None:
+    services = _compose()["services"]
+    haproxy = services["haproxy"]
+    assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in haproxy["volumes"]
+    env = {k: str(v) for k, v in haproxy["environment"].items()}
+    assert env["WAITROOM_LB_BIND"] == "0.0.0.0:8000"
+    assert [env[f"WAITROOM_NODE{n}"] for n in (1, 2, 3)] == [f"api-{n}:8000" for n in (1, 2, 3)]
+    assert set(haproxy["depends_on"]) == {"api-1", "api-2", "api-3"}
+    config = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    for n in (1, 2, 3):  # each node in both backends
+        assert config.count(f"${{WAITROOM_NODE{n}-") == 2
+    # The machine's HAProxy takes the file with the compose environment (the replicas'
+    # names do not resolve here: those servers start without an address, as allowed).
+    checked = subprocess.run(
+        [haproxy_binary(), "-c", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
+        env={**os.environ, **env, "WAITROOM_LB_BIND": f"127.0.0.1:{free_port()}"},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_redis_cluster_has_six_durable_nodes_and_their_options_are_real(
+    tmp_path: Path,
+) -> None:
+    services = _compose()["services"]
+    commands = [services[f"redis-node-{n}"]["command"] for n in range(1, 7)]
+    for n, command in enumerate(commands, 1):
+
+        def option(name: str, command: list[str] = command) -> str:
+            return str(command[command.index(name) + 1])
+
+        assert option("--cluster-enabled") == "yes"
+        assert option("--cluster-announce-hostname") == f"redis-node-{n}"
+        assert option("--appendonly") == "yes"
+        assert option("--appendfsync") == "everysec"
+        assert option("--maxmemory-policy") == "noeviction"
+        assert services[f"redis-node-{n}"]["volumes"] == [f"redis-node-{n}-data:/data"]
+    # The machine's redis-server (Redis 7, as the image) takes a node's options as written
+    # (on free ports: the cluster bus's default, port + 10000, may be past 65535).
+    port = free_port()
+    argv = [
+        "redis-server", *commands[0][1:], "--port", str(port), "--cluster-port",
+        str(free_port()), "--dir", str(tmp_path),
+    ]  # fmt: skip
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = SyncRedis(port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        assert client.config_get("cluster-announce-hostname") == {
+            "cluster-announce-hostname": "redis-node-1"
+        }
+        assert client.config_get("cluster-preferred-endpoint-type") == {
+            "cluster-preferred-endpoint-type": "hostname"
+        }
+        client.close()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_the_one_shot_cluster_creation_forms_three_primaries_with_a_replica_each() -> None:
+    create = _compose()["services"]["redis-cluster-create"]
+    assert create["restart"] == "no"
+    assert set(create["depends_on"]) == {f"redis-node-{n}" for n in range(1, 7)}
+    assert all(d == {"condition": "service_healthy"} for d in create["depends_on"].values())
+    shell, flags, script = create["command"]
+    assert (shell, flags) == ("sh", "-ec")
+    assert "redis-cli --cluster create $$addresses --cluster-replicas 1 --cluster-yes" in script
+    assert all(f"redis-node-{n}" in script for n in range(1, 7))
+    _sh_parses(_unescaped(script))
+    migrate = _compose()["services"]["migrate-scaled"]
+    assert migrate["depends_on"]["redis-cluster-create"] == {
+        "condition": "service_completed_successfully"
+    }
+
+
+def test_postgresql_streams_to_a_replica() -> None:
+    compose = _compose()
+    services = compose["services"]
+    primary, replica = services["postgres-primary"], services["postgres-replica"]
+    assert primary["image"].startswith("postgres:16") and replica["image"] == primary["image"]
+    assert "wal_level=replica" in primary["command"]
+    init = primary["configs"][0]
+    assert init["target"].startswith("/docker-entrypoint-initdb.d/")
+    script = compose["configs"][init["source"]]["content"]
+    assert "CREATE ROLE replicator WITH REPLICATION" in script
+    assert "host replication replicator all scram-sha-256" in script
+    _sh_parses(_unescaped(script))
+    assert replica["command"][:2] == ["sh", "-ec"]
+    clone = replica["command"][2]
+    assert "pg_basebackup --host postgres-primary --username replicator" in clone
+    assert "--write-recovery-conf" in clone
+    _sh_parses(_unescaped(clone))
+    assert replica["depends_on"] == {"postgres-primary": {"condition": "service_healthy"}}
+    assert {"postgres-primary-data", "postgres-replica-data"} <= set(compose["volumes"])
+
+
+def _sh_parses(script: str) -> None:
+    checked = subprocess.run(
+        ["sh", "-n"], input=script, capture_output=True, text=True, timeout=10, check=False
+    )
+    assert checked.returncode == 0, checked.stderr

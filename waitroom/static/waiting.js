@@ -39,6 +39,13 @@ const leftKey = `waitroom:left:${eventId}`;
 /** Consecutive WebSocket attempts that ended before any message, before falling back to polling. */
 const FAILURES_BEFORE_POLLING = 3;
 const POLL_MS = 2000;
+/**
+ * A node that is stopping (SIGTERM: a deploy, a scale-in) closes its sockets with 1012 and the
+ * page reconnects through the load balancer to another node, within this many ms (at random):
+ * a node's whole crowd, arriving on the others in the same instant, would be a flash sale of
+ * its own. The place is kept: it lives in Redis, not in the node.
+ */
+const RESTART_SPREAD_MS = 4000;
 /** While paused the server pushes no positions; a slow poll keeps the shown place honest. */
 const PAUSED_REFRESH_MS = 5000;
 /**
@@ -851,6 +858,10 @@ async function connect() {
       case 4429:
         tooManyConnections(null);
         return;
+      case 1001: // going away
+      case 1012: // service restart: the node is draining
+        restarting();
+        return;
       case 4403:
         // This page's origin may not open the socket (a proxy or configuration problem):
         // retrying will not change that, polling still works.
@@ -885,7 +896,14 @@ function tooManyConnections(retryAfter) {
   wsTimer = setTimeout(connect, Math.max(ms, POLL_MS));
 }
 
-/** A WebSocket ended (1006, 1012 restart, 1013 try later...): back off, then try again. */
+/** The node closed the socket because it is stopping: reconnect soon (RESTART_SPREAD_MS). */
+function restarting() {
+  wsFailures = 0;
+  if (!polling) setConnection("reconnecting");
+  wsTimer = setTimeout(connect, Math.random() * RESTART_SPREAD_MS);
+}
+
+/** A WebSocket ended (1006, 1011, 1013 try later...): back off, then try again. */
 function failed(wasLive) {
   if (state.done) return;
   wsFailures = wasLive ? 1 : wsFailures + 1;
