@@ -82,7 +82,7 @@ from redis.asyncio import Redis
 from admission import operators
 from inventory import catalogue
 from stress.common import free_port, fresh_database, fresh_prefix, percentile
-from stress.loadgen import LoadResult, Summary, _Client, _ip, _Load, run_load
+from stress.loadgen import LoadResult, Summary, _Client, _ip, _Load, go, run_load, wait_ready
 from stress.server import (
     machine_busy_seconds,
     server_process,
@@ -810,22 +810,13 @@ class _Bench:
                         stdout=asyncio.subprocess.PIPE,
                     )
                 )
-            for proc in procs:
-                assert proc.stdout is not None
-                line = await asyncio.wait_for(proc.stdout.readline(), 60)
-                if line.strip() != b"ready":
-                    raise RuntimeError(f"a reservation generator did not start: {line!r}")
+            await wait_ready(procs, "a reservation generator", 60)
             inodes = _socket_inodes(self.port)
             split = {
                 "owner": _connections_of(self.owner_pid, inodes),
                 "other": _connections_of(self.other_pid, inodes),
             }
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.write(b"go\n")
-            for proc in procs:
-                assert proc.stdin is not None
-                await proc.stdin.drain()
+            await go(procs)
             await asyncio.sleep(warmup)
             groups = await self.groups()
             groups["generators"] = [p.pid for p in procs]

@@ -272,17 +272,8 @@ async def run_load(
                     stdout=asyncio.subprocess.PIPE,
                 )
             )
-        for proc in procs:
-            assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
-            if line.strip() != b"ready":
-                raise RuntimeError(f"a load generator did not start: {line!r}")
-        for proc in procs:  # every child starts within a few hundred microseconds
-            assert proc.stdin is not None
-            proc.stdin.write(b"go\n")
-        for proc in procs:
-            assert proc.stdin is not None
-            await proc.stdin.drain()
+        await wait_ready(procs, "a load generator", 30)
+        await go(procs)
         # Where the CPU went during the measured window (roughly: the children time it
         # from their own 'go').
         await asyncio.sleep(warmup)
@@ -322,3 +313,22 @@ async def run_load(
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+async def wait_ready(procs: list[asyncio.subprocess.Process], what: str, timeout: float) -> None:
+    """Wait until every generator child has printed ``ready`` (connected, waiting to go)."""
+    for proc in procs:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"{what} did not start: {line!r}")
+
+
+async def go(procs: list[asyncio.subprocess.Process]) -> None:
+    """Tell every ready child to start: all within a few hundred microseconds."""
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(b"go\n")
+    for proc in procs:
+        assert proc.stdin is not None
+        await proc.stdin.drain()

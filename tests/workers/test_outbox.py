@@ -37,7 +37,7 @@ class Crash(Exception):
 async def stream_keys(pool: asyncpg.Pool[Any], redis: Redis, keys: Keys) -> AsyncIterator[Keys]:
     """Keys of streams private to this test, after the rows other tests left are published.
 
-    Their prefix lies under the run's (``tXXXX:s1234:outbox``), so the run's cleanup finds
+    Their prefix lies under the run's (``<run prefix>:s<n>:outbox``), so the run's cleanup finds
     them even if this fixture cannot delete them (the streams have no TTL).
     """
     while await relay_once(pool, redis, keys):
