@@ -594,7 +594,12 @@ class AdmissionService:
         )
         wanted = {row["id"]: row for row in rows}
         for event_id in [e for e in self.events if e not in wanted]:
-            await self.events.pop(event_id).stop()
+            # Stopped before it is forgotten: whoever sees the event gone also sees its
+            # lease released.
+            try:
+                await self.events[event_id].stop()
+            finally:
+                self.events.pop(event_id, None)
         for event_id, row in wanted.items():
             runner = self.events.get(event_id)
             if runner is None:

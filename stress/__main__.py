@@ -27,6 +27,7 @@ BENCHMARKS = {
     "chaos": "stress.chaos",
     "checkout": "stress.checkout",
     "cluster_clients": "stress.cluster_clients",
+    "cluster": "stress.cluster",
 }
 
 

@@ -145,6 +145,10 @@ class Nodes:
     haproxy: asyncio.subprocess.Process
     workers: asyncio.subprocess.Process
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    #: Every load balancer's URL (``url`` is the first): several HAProxy processes in front
+    #: of the same nodes, as DNS round-robin over several balancers would spread a crowd,
+    #: for more connections than one process may have files.
+    urls: list[str] = field(default_factory=list)
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -190,20 +194,23 @@ class Nodes:
     async def wait_in_rotation(
         self, names: Sequence[str] | None = None, timeout: float = 20.0
     ) -> None:
-        """Until requests through HAProxy have been answered by every node in ``names``
-        (default: every live node)."""
+        """Until requests through every HAProxy have been answered by every node in
+        ``names`` (default: every live node)."""
         wanted = set(names or [n.name for n in self.nodes if n.alive])
-        seen: set[str] = set()
         deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(base_url=self.url, timeout=2) as http:
-            while not wanted <= seen:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"HAProxy did not route to {sorted(wanted - seen)}")
-                with contextlib.suppress(httpx.HTTPError):
-                    response = await http.get("/healthz")
-                    seen.add(response.headers.get(NODE_HEADER, ""))
-                    continue
-                await asyncio.sleep(0.1)
+        for url in self.urls or [self.url]:
+            seen: set[str] = set()
+            async with httpx.AsyncClient(base_url=url, timeout=2) as http:
+                while not wanted <= seen:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"HAProxy at {url} did not route to {sorted(wanted - seen)}"
+                        )
+                    with contextlib.suppress(httpx.HTTPError):
+                        response = await http.get("/healthz")
+                        seen.add(response.headers.get(NODE_HEADER, ""))
+                        continue
+                    await asyncio.sleep(0.1)
 
     async def owner(self, event_id: str) -> Node | None:
         """The node holding the event's inventory lease in Redis (its value names the pid
@@ -296,10 +303,11 @@ def _prepare(run_dir: Path) -> None:
 
 
 def _write_config(
-    template: Path, run_dir: Path, bind: str, servers: Sequence[tuple[str, str]]
+    template: Path, config: Path, bind: str, servers: Sequence[tuple[str, str]], maxconn: int
 ) -> Path:
-    config = run_dir / "haproxy.cfg"
-    config.write_text(render_haproxy(template.read_text(), bind=bind, servers=servers))
+    config.write_text(
+        render_haproxy(template.read_text(), bind=bind, servers=servers, maxconn=maxconn)
+    )
     return config
 
 
@@ -311,9 +319,14 @@ async def running_nodes(
     count: int = 3,
     redis_url: str | None = None,
     template: Path = HAPROXY_CONFIG,
+    balancers: int = 1,
+    maxconn: int = TEST_MAXCONN,
 ) -> AsyncIterator[Nodes]:
     """``count`` nodes, the workers and the mock provider behind HAProxy, on ``redis_url``
     (default: the settings') and a fresh database; see the module's docstring.
+
+    ``balancers`` HAProxy processes, each with ``maxconn`` connections, front the same
+    nodes (:attr:`Nodes.urls`).
 
     ``settings`` gives the database server and every other setting (admission loops,
     challenges, timeouts); the database, the key prefix, the run directory, the ports, the
@@ -330,7 +343,8 @@ async def running_nodes(
         trusted_proxies=("127.0.0.1/32",),
     )
     async with fresh_database(base) as dsn, fresh_prefix(base) as prefix:
-        provider_port, lb_port = free_port(), free_port()
+        provider_port = free_port()
+        lb_ports = [free_port() for _ in range(balancers)]
         provider_url = f"http://127.0.0.1:{provider_port}"
         shared = msgspec.structs.replace(
             base, database_url=dsn, redis_prefix=prefix, payment_url=provider_url
@@ -359,19 +373,25 @@ async def running_nodes(
                 env, run_dir, "workers", sys.executable, "-m", "waitroom", "workers"
             )
             processes.append(workers)
-            config = _write_config(
-                template,
-                run_dir,
-                f"127.0.0.1:{lb_port}",
-                [(n.name, f"127.0.0.1:{n.port}") for n in members],
-            )
-            haproxy.append(
-                await _spawn(env, run_dir, "haproxy", haproxy_binary(), "-db", "-f", str(config))
-            )
+            for i, lb_port in enumerate(lb_ports):
+                config = _write_config(
+                    template,
+                    run_dir / f"haproxy-{i}.cfg",
+                    f"127.0.0.1:{lb_port}",
+                    [(n.name, f"127.0.0.1:{n.port}") for n in members],
+                    maxconn,
+                )
+                haproxy.append(
+                    await _spawn(
+                        env, run_dir, f"haproxy-{i}", haproxy_binary(), "-db", "-f", str(config)
+                    )
+                )
+            urls = [f"http://127.0.0.1:{port}" for port in lb_ports]
             nodes = Nodes(
                 settings=shared,
                 run_dir=run_dir,
-                url=f"http://127.0.0.1:{lb_port}",
+                url=urls[0],
+                urls=urls,
                 provider_url=provider_url,
                 nodes=members,
                 haproxy=haproxy[0],

@@ -30,7 +30,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -486,3 +486,34 @@ class PrivatePostgres:
 
 def _quote(arg: str) -> str:
     return "'" + arg.replace("'", "'\\''") + "'"
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def private_cluster(run_dir: Path, timeout: float = 180.0) -> Iterator[str]:
+    """A private 6-node Redis Cluster (3 primaries, 3 replicas) under ``run_dir``, started
+    by ``scripts/services --cluster`` and stopped by it afterwards; yields its URL
+    (``redis+cluster://...``)."""
+    env = {**os.environ, "SERVICES_RUN_DIR": str(run_dir)}
+    env.pop("WAITROOM_REDIS_URL", None)  # the cluster's own URL, not the configured one
+    started = subprocess.run(
+        [str(ROOT / "scripts/services"), "--cluster"],
+        env=env, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    try:
+        if started.returncode != 0:
+            raise RuntimeError(
+                f"scripts/services --cluster failed: {started.stderr}{started.stdout}"
+            )
+        yield next(
+            line.split("=", 1)[1]
+            for line in (run_dir / "env").read_text().splitlines()
+            if line.startswith("export WAITROOM_REDIS_URL=")
+        )
+    finally:
+        subprocess.run(
+            [str(ROOT / "scripts/services"), "stop", "--cluster"],
+            env=env, capture_output=True, timeout=120, check=False,
+        )  # fmt: skip

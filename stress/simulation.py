@@ -321,8 +321,13 @@ async def simulate(
     http_connections: int = 256,
     ticket_type: str = "ga",
     on_tick: Callable[[Progress], None] | None = None,
+    first: int = 0,
 ) -> tuple[list[Outcome], Progress]:
-    """Run ``fans`` simulated fans against the server at ``base_url``; their outcomes."""
+    """Run ``fans`` simulated fans against the server at ``base_url``; their outcomes.
+
+    ``first`` numbers the first fan (each fan's client address comes from its number), so
+    that several processes, each simulating its own share of a crowd, never share one.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -356,7 +361,7 @@ async def simulate(
             outcomes = await asyncio.gather(
                 *(
                     run_fan(i, http, ws_base, event_id, progress, gate, ticket_type, solver)
-                    for i in range(fans)
+                    for i in range(first, first + fans)
                 )
             )
         finally:

@@ -24,10 +24,8 @@ Each test leaves the three nodes running for the next.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import secrets
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -43,8 +41,9 @@ from playwright.async_api import ConsoleMessage, async_playwright, expect
 from playwright.async_api import WebSocket as PageSocket
 
 from stress.nodes import NODE_HEADER, Node, Nodes, running_nodes
+from stress.private_services import private_cluster
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS
-from tests.harness import ROOT, async_redis, base_settings
+from tests.harness import async_redis, base_settings
 from waitroom.core.keys import Keys
 
 pytestmark = [
@@ -67,26 +66,8 @@ RECONNECT_CODES = (1012, 1001)
 @pytest.fixture(scope="module")
 def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private Redis Cluster (3 primaries, 3 replicas) for the module: its URL."""
-    run_dir = tmp_path_factory.mktemp("nodes-cluster")
-    env = {**os.environ, "SERVICES_RUN_DIR": str(run_dir)}
-    env.pop("WAITROOM_REDIS_URL", None)
-    started = subprocess.run(
-        [str(ROOT / "scripts/services"), "--cluster"],
-        env=env, capture_output=True, text=True, timeout=180, check=False,
-    )  # fmt: skip
-    assert started.returncode == 0, started.stderr + started.stdout
-    url = next(
-        line.split("=", 1)[1]
-        for line in (run_dir / "env").read_text().splitlines()
-        if line.startswith("export WAITROOM_REDIS_URL=")
-    )
-    try:
+    with private_cluster(tmp_path_factory.mktemp("nodes-cluster")) as url:
         yield url
-    finally:
-        subprocess.run(
-            [str(ROOT / "scripts/services"), "stop", "--cluster"],
-            env=env, capture_output=True, timeout=120, check=False,
-        )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
