@@ -369,6 +369,8 @@ async def _generators(
         for proc in procs:
             assert proc.stdout is not None
             line = await asyncio.wait_for(proc.stdout.readline(), 900)
+            if not line.strip():
+                raise RuntimeError(f"a fan generator exited with {await proc.wait()}")
             reports.append(msgspec.json.decode(line, type=Report))
             await proc.wait()
     finally:

@@ -197,6 +197,10 @@ async def run_fan(
         progress.waiting += 1
         try:
             queue_pass = await _wait_for_pass(ws_base, event_id, auth)
+        except RuntimeError as exc:  # this fan's socket kept failing: its outcome, not a crash
+            out.error = str(exc)
+            progress.errors += 1
+            return out
         finally:
             progress.waiting -= 1
     if queue_pass is None:
@@ -229,6 +233,11 @@ async def _wait_for_pass(ws_base: str, event_id: str, auth: dict[str, str]) -> s
                         return passed
                     if message["type"] == "sold_out":
                         return None
+        except websockets.exceptions.ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 4404:  # not in line: final
+                raise RuntimeError(f"the WebSocket said: {exc.rcvd.reason}") from None
+            last = exc
+            await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
         except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
             last = exc
             await asyncio.sleep(min(0.2 * 2**attempt, 5.0))

@@ -23,6 +23,7 @@ from tests.queue_support import create_event, fan_headers, new_ip, redis_client
 from waitroom.core.db import create_pool
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings
+from waitroom.line import scripts as line_scripts
 from waitroom.line.broadcast import Broadcaster, Hub, Subscriber, pump
 from waitroom.line.room import Rooms
 
@@ -170,6 +171,28 @@ async def test_a_fan_who_leaves_from_elsewhere_is_closed_4404(
             await asyncio.wait_for(ws.recv(), 5)
     assert caught.value.rcvd is not None
     assert (caught.value.rcvd.code, caught.value.rcvd.reason) == (4404, "not in line")
+
+
+async def test_a_fan_sent_away_by_the_sell_out_is_told_sold_out_not_4404(
+    server: ServerThread, http: httpx.AsyncClient, r: Redis, settings: Settings
+) -> None:
+    # A fan who joined, and whose line was closed by the sell-out before its socket opened
+    # (close_line.lua, as the admission leader runs it), hears "sold out", as a poll does;
+    # one who never joined is still told "not in line".
+    event_id = await new_event(http)
+    ek = Keys(settings.redis_prefix).event(event_id)
+    token, _ = await new_fan(http, event_id)
+    await r.hset(ek.meta, "sold_out", "1")
+    assert await line_scripts.close_line(r, ek, limit=100) == (1, False)
+    async with fan_ws(server, event_id, token) as ws:
+        assert await receive(ws) == {"type": "sold_out"}
+        with pytest.raises(ConnectionClosed) as caught:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert caught.value.rcvd is not None
+    assert (caught.value.rcvd.code, caught.value.rcvd.reason) == (1000, "sold out")
+    stranger = await new_event(http)
+    closed = await closed_with(ws_url(server, stranger), additional_headers=bearer(token))
+    assert closed == (4404, "not in line")
 
 
 async def test_paused_sold_out_and_admitted_arrive_over_the_socket(

@@ -49,7 +49,7 @@ from waitroom.core.errors import Conflict, Forbidden, Gone, NotFound, RateLimite
 from waitroom.core.http import JSONResponse, dependency_error, read_json
 from waitroom.core.openapi import Operation
 from waitroom.line import challenge, messages, receipts
-from waitroom.line.broadcast import Subscriber, pump
+from waitroom.line.broadcast import SOLD_OUT_CLOSE, Subscriber, pump
 from waitroom.line.eta import eta_seconds
 from waitroom.line.identity import Identity, missing, visitor_cookie_header
 from waitroom.line.ratelimit import Decision
@@ -94,8 +94,16 @@ _OUTCOMES = (
 )
 #: One child per outcome, made once: labels() on every join is measurable work.
 _JOIN_OUTCOME = {outcome: JOINS.labels(outcome) for outcome in _OUTCOMES}
+#: Per event, for the joining rate of each sale; only joins that created a place (their
+#: event exists), so a scan of made-up event ids adds no series.
+FANS_JOINED = Counter(
+    "waitroom_fans_joined_total", "Fans who took a new place in the event's line.", ["event"]
+)
+_fans_joined: dict[str, Counter] = {}
 WS_CONNECTIONS = Gauge(
-    "waitroom_websocket_connections", "Queue WebSocket connections open in this process."
+    "waitroom_websocket_connections",
+    "Queue WebSocket connections open (summed over the server's worker processes).",
+    multiprocess_mode="livesum",
 )
 WS_CLOSES = Counter(
     "waitroom_websocket_server_closes_total",
@@ -220,7 +228,16 @@ async def join_queue(request: Request) -> Response:
         raise
     finally:
         _JOIN_OUTCOME[outcome].inc()
+        if outcome == "created":
+            _count_joined(request.path_params["event_id"])
         JOIN_SECONDS.observe(time.perf_counter() - started)
+
+
+def _count_joined(event_id: str) -> None:
+    child = _fans_joined.get(event_id)
+    if child is None:
+        child = _fans_joined[event_id] = FANS_JOINED.labels(event_id)
+    child.inc()
 
 
 async def _join(request: Request) -> tuple[Response, str]:
@@ -616,12 +633,19 @@ async def queue_ws(websocket: WebSocket) -> None:
                 return
             await _refuse(websocket, 1013, "service unavailable, try again later")
             return
-        if code == GONE:
+        if code == GONE and not room.sold_out:
             await _refuse(websocket, 4404, "not in line")
             return
         try:
             await websocket.accept()
         except OSError:  # the client left during the handshake
+            return
+        if code == GONE:
+            # Sent away when the room sold out (its line was closed while this fan was
+            # connecting): told so, as a poll would be, not that it never joined.
+            await websocket.send_text(messages.encode(messages.SOLD_OUT))
+            WS_CLOSES.labels(str(SOLD_OUT_CLOSE[0])).inc()
+            await websocket.close(*SOLD_OUT_CLOSE)
             return
         try:
             sub = svc.hub.subscribe(event_id, fan_id)
