@@ -21,11 +21,15 @@ import time
 from pathlib import Path
 
 import msgspec
+import uvloop
 
+from stress.common import percentile
 from stress.simulation import Outcome, Progress, simulate
 
 #: Seconds between two samples of this process's CPU use (for its busiest second).
 SAMPLE_S = 1.0
+#: The event loop's lag is how late a timer of this many seconds fires.
+LAG_PROBE_S = 0.05
 
 
 class Report(msgspec.Struct):
@@ -37,6 +41,15 @@ class Report(msgspec.Struct):
     #: CPU over the run, and over its busiest sampled second, in percent of one core.
     cpu_pct: float
     cpu_pct_peak: float
+    #: Time this process was ready to run but waited for a core (the kernel's run-queue
+    #: wait, /proc/self/schedstat), in percent of the run: a crowded machine's delay,
+    #: which the fans' latencies include and the server's do not.
+    runqueue_wait_pct: float
+    #: How late a 50 ms timer of the event loop fired, p50/p99/max (ms): the delay every
+    #: answer waited before this process could look at it.
+    loop_lag_p50_ms: float
+    loop_lag_p99_ms: float
+    loop_lag_max_ms: float
     joined: int
     admitted: int
     paid_fans: int
@@ -48,12 +61,23 @@ class Report(msgspec.Struct):
     last_sale: float | None
 
 
+def _runqueue_wait_s() -> float:
+    """Seconds this process's threads have waited on a run queue (0 where not known)."""
+    try:
+        return int(Path("/proc/self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 class _CpuSampler:
-    """This process's busiest second of CPU, sampled while the fans run."""
+    """This process's busiest second of CPU, and its event loop's lag, sampled while the
+    fans run."""
 
     def __init__(self) -> None:
         self.peak = 0.0
+        self.lags: list[float] = []
         self._task: asyncio.Task[None] | None = None
+        self._lag_task: asyncio.Task[None] | None = None
 
     async def _sample(self) -> None:
         cpu, wall = time.process_time(), time.monotonic()
@@ -64,13 +88,21 @@ class _CpuSampler:
                 self.peak = max(self.peak, (now_cpu - cpu) / (now_wall - wall))
             cpu, wall = now_cpu, now_wall
 
+    async def _lag(self) -> None:
+        while True:
+            due = time.monotonic() + LAG_PROBE_S
+            await asyncio.sleep(LAG_PROBE_S)
+            self.lags.append(max(0.0, time.monotonic() - due))
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._sample())
+        self._lag_task = asyncio.create_task(self._lag())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._lag_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
 
 async def _run(args: argparse.Namespace) -> tuple[list[Outcome], Report]:
@@ -80,7 +112,7 @@ async def _run(args: argparse.Namespace) -> tuple[list[Outcome], Report]:
         raise SystemExit(f"expected 'go', got {line!r}")
     sampler = _CpuSampler()
     sampler.start()
-    cpu, started = time.process_time(), time.monotonic()
+    cpu, started, waited = time.process_time(), time.monotonic(), _runqueue_wait_s()
     try:
         outcomes, progress = await simulate(
             args.base_url,
@@ -92,16 +124,24 @@ async def _run(args: argparse.Namespace) -> tuple[list[Outcome], Report]:
     finally:
         await sampler.stop()
     wall, used = time.monotonic() - started, time.process_time() - cpu
-    return outcomes, _report(args.fans, wall, used, sampler.peak, progress)
+    waited = _runqueue_wait_s() - waited
+    return outcomes, _report(args.fans, wall, used, waited, sampler, progress)
 
 
-def _report(fans: int, wall: float, cpu: float, peak: float, progress: Progress) -> Report:
+def _report(
+    fans: int, wall: float, cpu: float, waited: float, sampler: _CpuSampler, progress: Progress
+) -> Report:
+    lags = [lag * 1000 for lag in sampler.lags] or [0.0]
     return Report(
         fans=fans,
         wall_s=round(wall, 2),
         cpu_s=round(cpu, 2),
         cpu_pct=round(100 * cpu / max(wall, 1e-9), 1),
-        cpu_pct_peak=round(100 * peak, 1),
+        cpu_pct_peak=round(100 * sampler.peak, 1),
+        runqueue_wait_pct=round(100 * waited / max(wall, 1e-9), 1),
+        loop_lag_p50_ms=round(percentile(lags, 50), 1),
+        loop_lag_p99_ms=round(percentile(lags, 99), 1),
+        loop_lag_max_ms=round(max(lags), 1),
         joined=progress.joined,
         admitted=progress.admitted,
         paid_fans=progress.paid_fans,
@@ -122,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--join-concurrency", type=int, default=50)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    outcomes, report = asyncio.run(_run(args))
+    # uvloop, as every other process of the benchmarks (and the server) runs.
+    outcomes, report = uvloop.run(_run(args))
     args.out.write_bytes(msgspec.json.encode(outcomes))
     print(msgspec.json.encode(report).decode(), flush=True)
     return 0

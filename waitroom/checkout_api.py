@@ -16,7 +16,8 @@ Against abuse (a pass is a scarce slot of the sale, not a licence to hold ticket
   fan's admission never takes the shoppers above ``max_active``. The rule lives in the
   pure ledger (:mod:`inventory.ledger`);
 - every write (reserve, confirm, cancel) is charged to a token bucket of its pass
-  (:func:`charge_write`): 429 ``checkout_rate_limited`` with ``Retry-After`` past it;
+  (:func:`require_pass` with ``write``): 429 ``checkout_rate_limited`` with
+  ``Retry-After`` past it;
 - idempotency records are bounded: refusals per fan in the ledger, and by age in
   PostgreSQL (:mod:`workers.safety`).
 
@@ -64,13 +65,11 @@ from waitroom.core.errors import (
     Forbidden,
     Gone,
     NotFound,
-    RateLimited,
     ValidationFailed,
     WaitroomError,
 )
 from waitroom.core.http import JSONResponse, read_json
 from waitroom.core.openapi import Operation
-from waitroom.line import buckets
 from waitroom.line.identity import missing
 from waitroom.line.ratelimit import Limit
 from waitroom.services import services
@@ -111,55 +110,43 @@ def _fan(request: Request) -> str:
 
 
 async def require_pass(
-    request: Request, event_id: str, fan_id: str, *, unspent: bool = False
+    request: Request,
+    event_id: str,
+    fan_id: str,
+    *,
+    unspent: bool = False,
+    write: bool = False,
 ) -> PassClaims:
     """The claims of the pass in ``X-Queue-Pass``, checked for ``event_id`` and ``fan_id``.
 
     The one call checkout routes make before anything else (see
-    :meth:`~admission.passes.PassGate.check` for what is refused, and how).
+    :meth:`~admission.passes.PassGate.check` for what is refused, and how). With ``write``,
+    the request counts as one checkout write of the pass: a token bucket per pass
+    (``WAITROOM_CHECKOUT_RATE_PER_S``, ``_BURST``: 0.5/s, 20 at once by default) in Redis,
+    shared by every process, 429 with ``Retry-After`` past it. An honest fan makes a handful
+    of writes (reserve, maybe a retry or a declined card, confirm, perhaps a cancel); the
+    limit is there for a script hammering reserve or spraying idempotency keys, each of
+    which would cost the actor a command and PostgreSQL a row. Charged only once the pass
+    is known good, so requests without a good pass cannot empty anyone's bucket.
     """
-    return await services(request).passes.check(
+    svc = services(request)
+    limit = None
+    if write:
+        shape = (svc.settings.checkout_rate_per_s, svc.settings.checkout_burst)
+        limit = _limits.get(shape)
+        if limit is None:
+            limit = _limits[shape] = Limit(*shape)
+    return await svc.passes.check(
         request.headers.get(HEADER),
         event_id=event_id,
         fan_id=fan_id,
         now=time.time(),
         unspent=unspent,
+        charge=limit,
     )
 
 
 _limits: dict[tuple[float, int], Limit] = {}
-
-
-async def charge_write(request: Request, event_id: str, claims: PassClaims) -> None:
-    """Count one checkout write of the pass: 429 with ``Retry-After`` past its limit.
-
-    A token bucket per pass (``WAITROOM_CHECKOUT_RATE_PER_S``, ``_BURST``: 0.5/s, 20 at
-    once by default) in Redis, shared by every process. An honest fan makes a handful of
-    writes (reserve, maybe a retry or a declined card, confirm, perhaps a cancel); the
-    limit is there for a script hammering reserve or spraying idempotency keys, each of
-    which would cost the actor a command and PostgreSQL a row. Charged after the pass is
-    checked, so requests without a good pass cannot fill anyone's bucket.
-    """
-    svc = services(request)
-    settings = svc.settings
-    shape = (settings.checkout_rate_per_s, settings.checkout_burst)
-    limit = _limits.get(shape)
-    if limit is None:
-        limit = _limits[shape] = Limit(*shape)
-    decision = await buckets.take(
-        svc.mux,
-        svc.keys.event(event_id).checkout_bucket(claims.jti),
-        limit,
-        int(time.time() * 1000),
-    )
-    if not decision.allowed:
-        raise RateLimited(
-            "too many checkout requests with this queue pass; wait for Retry-After seconds",
-            code="checkout_rate_limited",
-            retry_after=decision.retry_after_ms / 1000,
-            headers=decision.headers(),
-            details={"limit": decision.limit, "scope": "pass"},
-        )
 
 
 def _idempotency_key(request: Request) -> str | None:
@@ -212,8 +199,7 @@ async def reserve(request: Request) -> Response:
     event_id: str = request.path_params["event_id"]
     fan_id = _fan(request)
     key = _idempotency_key(request)
-    claims = await require_pass(request, event_id, fan_id, unspent=True)
-    await charge_write(request, event_id, claims)
+    claims = await require_pass(request, event_id, fan_id, unspent=True, write=True)
     body = await read_json(request, ReserveRequest)
     result = await services(request).inventory.ask(
         event_id, Reserve(fan_id, body.ticket_type, body.quantity, key, claims.jti)
@@ -254,8 +240,7 @@ async def confirm(request: Request) -> Response:
     pool = services(request).db
     async with pool.acquire() as conn:
         current = await get_reservation(conn, hold_id, fan_id)
-    claims = await require_pass(request, current.event_id, fan_id)
-    await charge_write(request, current.event_id, claims)
+    await require_pass(request, current.event_id, fan_id, write=True)
     body = await read_json(request, ConfirmRequest)
     if current.order_status == "paid":
         raise Conflict("this reservation is paid already", code="hold_already_confirmed")
@@ -282,8 +267,7 @@ async def cancel(request: Request) -> Response:
     svc = services(request)
     async with svc.db.acquire() as conn:
         current = await get_reservation(conn, hold_id, fan_id)
-    claims = await require_pass(request, current.event_id, fan_id)
-    await charge_write(request, current.event_id, claims)
+    claims = await require_pass(request, current.event_id, fan_id, write=True)
     result = await svc.inventory.ask(current.event_id, Cancel(hold_id, fan_id, key))
     if isinstance(result, Refused):
         raise refusal_error(result)

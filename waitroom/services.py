@@ -133,7 +133,7 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
             allowed_origins=settings.allowed_origins,
             max_per_address=settings.ws_max_per_address,
         ),
-        passes=PassGate(pass_keys, redis, keys, settings.pass_issuer, db=db),
+        passes=PassGate(pass_keys, redis, keys, settings.pass_issuer, db=db, mux=mux),
         prices=PriceBook(db),
         events=events,
         event_views=ViewCache(negative_ttl_s=settings.view_cache_ttl_s),

@@ -35,11 +35,12 @@ from tests.admission.support import create_event, join, me, wait_for
 from tests.harness import ADMIN_TOKEN, ServerThread, async_redis, running
 from tests.queue_support import fan_headers
 from waitroom.checkout_api import require_pass
-from waitroom.core.errors import Forbidden, Gone
+from waitroom.core.errors import Forbidden, Gone, WaitroomError
 from waitroom.core.http import JSONResponse
 from waitroom.core.keys import Keys
 from waitroom.core.openapi import Operation
 from waitroom.core.settings import Settings
+from waitroom.line.ratelimit import Limit
 from waitroom.services import services
 
 NOW = 1_800_000_000
@@ -419,3 +420,55 @@ def test_the_gate_takes_the_pass_the_event_issued_without_a_signature_and_checks
     assert asyncio.run(check(expired, stored=expired)) == "410 pass_expired"
     early = issue(nbf=now + 600)
     assert asyncio.run(check(early, stored=early)) == "403 pass_invalid"
+
+
+def test_a_checkout_write_is_charged_once_the_pass_is_known_good(settings: Settings) -> None:
+    """The stored pass is charged in the gate's one round trip, a pass checked by its
+    signature after the check, a forged one never (its bucket is not even created)."""
+    issuer = PassKeys(Ed25519PrivateKey.generate())
+    forger = PassKeys(Ed25519PrivateKey.generate())
+    keys = Keys(f"{settings.redis_prefix}-charge-{new_jti()}")
+    event_id, fan_id = "charge-evt", "fan-1"
+    ek = keys.event(event_id)
+    limit = Limit(rate=0.001, burst=2)  # two writes, then nothing for a long time
+    now = int(time.time())
+
+    def issue(by: PassKeys = issuer) -> tuple[str, str]:
+        jti = new_jti()
+        return by.sign(PassClaims("waitroom", fan_id, event_id, jti, now, now, now + 600, 1)), jti
+
+    async def writes(token: str, stored: str | None, times: int) -> list[str]:
+        redis = async_redis(settings.redis_url)
+        try:
+            if stored is not None:
+                await redis.hset(ek.admitted, fan_id, stored)
+            gate = PassGate(issuer, redis, keys, "waitroom")
+            answers = []
+            for _ in range(times):
+                try:
+                    await gate.check(
+                        token, event_id=event_id, fan_id=fan_id, now=time.time(), charge=limit
+                    )
+                    answers.append("ok")
+                except WaitroomError as exc:
+                    answers.append(f"{exc.status} {exc.code}")
+            return answers
+        finally:
+            await redis.delete(ek.admitted)
+            await redis.aclose()
+
+    stored, _ = issue()
+    assert asyncio.run(writes(stored, stored, 3)) == ["ok", "ok", "429 checkout_rate_limited"]
+    signed, _ = issue()  # good, but not the stored one: the signature decides, then the bucket
+    assert asyncio.run(writes(signed, stored, 3)) == ["ok", "ok", "429 checkout_rate_limited"]
+    forged, forged_jti = issue(forger)
+    assert asyncio.run(writes(forged, stored, 3)) == ["403 pass_invalid"] * 3
+
+    async def bucket_exists(jti: str) -> int:
+        redis = async_redis(settings.redis_url)
+        try:
+            return int(await redis.exists(ek.checkout_bucket(jti)))
+        finally:
+            await redis.aclose()
+
+    assert asyncio.run(bucket_exists(forged_jti)) == 0
