@@ -51,6 +51,8 @@ class Outcome:
 LOG_EVERY_S = 5.0
 #: A selling window shorter than this gives no rate (one sale is not a rate).
 MIN_WINDOW_S = 1.0
+#: Seconds between two polls of a reservation whose payment is under way.
+PAYMENT_POLL_S = 0.5
 
 
 @dataclass
@@ -302,7 +304,8 @@ async def _buy(
         return out
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
+        # As often as the checkout page polls (PAYMENT_POLL_MS in static/checkout.js).
+        await asyncio.sleep(PAYMENT_POLL_S)
         polled = await _request(http, "GET", f"/v1/reservations/{hold_id}", headers=auth)
         reservation = polled.json()
         if reservation.get("order_status") == "paid":

@@ -24,7 +24,14 @@ from waitroom.core.db import create_pool
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings
 from waitroom.line import scripts as line_scripts
-from waitroom.line.broadcast import Broadcaster, Hub, Subscriber, pump
+from waitroom.line.broadcast import (
+    FAR_EVERY_S,
+    NEAR_FRONT_PLACES,
+    Broadcaster,
+    Hub,
+    Subscriber,
+    pump,
+)
 from waitroom.line.room import Rooms
 
 pytestmark = pytest.mark.anyio
@@ -407,6 +414,33 @@ async def test_a_tick_asks_redis_once_for_every_local_fan(
     # ...until a keep-alive is due.
     await broadcaster.tick(now + 16)
     assert all(sub.pending is not None for sub in subs)
+
+
+async def test_fans_far_back_get_a_new_position_every_few_seconds_not_every_tick(
+    rooms: Rooms, http: httpx.AsyncClient
+) -> None:
+    event_id = await new_event(http)
+    count = NEAR_FRONT_PLACES + 100
+    fans = [f"v_{i:032x}" for i in range(count)]
+    now = time.time()
+    for i, fan in enumerate(fans):
+        await rooms.join(event_id, fan, now=now, ip=f"10.8.{i >> 8}.{i & 255}", known_fan=False)
+    broadcaster = Broadcaster(Hub(rooms), event_id)  # ticked by hand
+    subs = {fan: Subscriber(event_id, fan) for fan in fans[1:]}
+    for sub in subs.values():
+        broadcaster.add(sub)
+    await broadcaster.tick(now)
+    assert all(sub.pending is not None for sub in subs.values())  # the first figure: at once
+    for sub in subs.values():
+        sub.pending = None
+    await rooms.leave(event_id, fans[0])  # everyone moves up one place
+    await broadcaster.tick(now + 1)
+    moved = [json.loads(sub.pending)["position"] for sub in subs.values() if sub.pending]
+    # Near the front, every step; further back (the rate is unknown: by place), not yet.
+    assert moved == list(range(1, NEAR_FRONT_PLACES + 1))
+    await broadcaster.tick(now + 1 + FAR_EVERY_S)
+    assert all(sub.pending is not None for sub in subs.values())
+    assert json.loads(subs[fans[-1]].pending or "{}")["position"] == count - 1
 
 
 async def test_broadcasters_stop_when_their_last_subscriber_leaves(

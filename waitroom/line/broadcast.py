@@ -41,6 +41,15 @@ log = logging.getLogger("waitroom.line.broadcast")
 TICK_S = 1.0
 #: Seconds after which an unchanged message is sent again, so idle clients see life.
 KEEPALIVE_S = 15.0
+#: A fan this close to the front (by their ETA, or by place while the rate is unknown)
+#: sees every step of the line; the rest of a long line, whose wait is minutes, see a new
+#: figure every FAR_EVERY_S. Position messages are most of what a crowd's sockets carry:
+#: 10,000 fans at one a second are 10,000 sends a second (and as many reads in the
+#: browsers) for figures nobody watches to the second when the wait is ten minutes.
+#: Changes of state (admitted, paused, sold out) always go out at the next tick.
+NEAR_FRONT_S = 30.0
+NEAR_FRONT_PLACES = 500
+FAR_EVERY_S = 5.0
 #: Sweep abandoned fans every this many ticks.
 SWEEP_EVERY_TICKS = 5
 #: Connections woken per event-loop turn during a tick's hand-over (see Broadcaster.tick).
@@ -233,6 +242,8 @@ class Broadcaster:
         individual = not (room.sold_out or room.paused)
         passes = iter(result.passes)
         keepalive_before = now - KEEPALIVE_S
+        far_before = now - FAR_EVERY_S
+        near_front = max(NEAR_FRONT_PLACES, int((rate or 0.0) * NEAR_FRONT_S))
         woken = 0
         for fan_id, code in zip(fans, result.codes, strict=True):
             if woken >= HANDOVER_CHUNK:
@@ -260,11 +271,13 @@ class Broadcaster:
                 for sub in subs:
                     sub.close(GONE_CLOSE)
                 continue
+            far = False
             if queue_pass is not None:
                 text: str | None = self._admitted(queue_pass)
             elif code >= 0 and individual:
                 message = messages.message_for(code, room, rate)
                 text = messages.encode(message) if message is not None else None
+                far = code >= near_front and isinstance(message, messages.Position)
             else:
                 kind = min(code, 0)  # every placed fan gets the same paused/sold-out message
                 if kind not in shared:
@@ -274,7 +287,10 @@ class Broadcaster:
             if text is None:
                 continue
             for sub in subs:
-                if text != sub.latest or sub.offered_at < keepalive_before:
+                if sub.offered_at < keepalive_before or (
+                    text != sub.latest
+                    and (not far or sub.offered_at < far_before or not _is_position(sub.latest))
+                ):
                     sub.offer(text, now)
                     woken += 1
         self._ticks += 1
@@ -353,3 +369,9 @@ class Hub:
                 tasks.append(broadcaster.task)
         if tasks:
             await asyncio.wait(tasks)
+
+
+def _is_position(text: str | None) -> bool:
+    """Whether ``text`` (a subscriber's latest message) is a position update: a fan far back
+    whose last message said something else (paused, a first message) hears at once."""
+    return text is not None and text.startswith('{"type":"position"')
