@@ -17,15 +17,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
-import httpx
 import msgspec
 import websockets
 from websockets.asyncio.client import connect
 
 from stress.common import percentile
+from stress.fanclient import Answer, FanClient, TransportError
 from stress.pow import Solver
 
 
@@ -121,8 +120,8 @@ def _ip(i: int) -> str:
 
 
 async def _join(
-    http: httpx.AsyncClient, event_id: str, ip: str, solver: Solver | None
-) -> tuple[httpx.Response, float]:
+    http: FanClient, event_id: str, ip: str, solver: Solver | None
+) -> tuple[Answer, float]:
     """Join as a new fan; when the server asks for proof-of-work, solve it and join again.
 
     Returns the last answer and how long its request took (the join itself, without the
@@ -148,13 +147,13 @@ async def _join(
     return response, took
 
 
-async def _request(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> httpx.Response:
+async def _request(http: FanClient, method: str, url: str, **kwargs: Any) -> Answer:
     """One request, retried on 429/503 after the server's Retry-After, and on a dropped
     connection (bounded). Retrying writes is safe: each carries an Idempotency-Key."""
     for attempt in range(20):
         try:
             response = await http.request(method, url, **kwargs)
-        except httpx.TransportError:
+        except TransportError:
             if attempt == 19:
                 raise
             await asyncio.sleep(0.1 * (attempt + 1))
@@ -167,7 +166,7 @@ async def _request(http: httpx.AsyncClient, method: str, url: str, **kwargs: Any
 
 async def run_fan(
     i: int,
-    http: httpx.AsyncClient,
+    http: FanClient,
     ws_base: str,
     event_id: str,
     progress: Progress,
@@ -248,7 +247,7 @@ async def _wait_for_pass(ws_base: str, event_id: str, auth: dict[str, str]) -> s
 
 async def _buy(
     out: Outcome,
-    http: httpx.AsyncClient,
+    http: FanClient,
     event_id: str,
     auth: dict[str, str],
     queue_pass: str,
@@ -347,19 +346,14 @@ async def simulate(
     ws_base = base_url.replace("http://", "ws://", 1)
     gate = asyncio.Semaphore(join_concurrency)
     # Idle connections are dropped before the server's keep-alive timeout (5 s) closes them,
-    # so a request never races a server-side close.
-    limits = httpx.Limits(
-        max_connections=http_connections,
-        max_keepalive_connections=http_connections,
-        keepalive_expiry=3.0,
-    )
-    # One client serves every simulated fan, so it must keep no cookies: a shared jar would
-    # hand the first fan's visitor cookie to everyone after it (one fan, not thousands).
-    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    # so a request never races a server-side close. The client keeps no cookies: it serves
+    # every simulated fan, and a shared jar would hand the first fan's visitor cookie to
+    # everyone after it (one fan, not thousands).
+    client = FanClient(base_url, max_connections=http_connections, keepalive_expiry=3.0, timeout=60)
     # Fans solve the server's proof-of-work in one worker process: the event loop keeps
     # serving the others' WebSockets meanwhile.
     solver = Solver(processes=1)
-    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits, cookies=jar) as http:
+    async with client as http:
         ticker: asyncio.Task[None] | None = None
         if on_tick is not None:
 
