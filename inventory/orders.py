@@ -250,12 +250,23 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
     same transaction) or ``payment.state == "failed"`` (``payment.last_error``: ``declined``,
     ``hold expired; refunded``...). 404 ``hold_not_found`` for anyone else's hold.
     """
+    # One statement, one round trip: checkout pages poll this every half second while a
+    # payment runs, and a pooled connection held across three statements is held three
+    # turns of a busy event loop.
     row = await conn.fetchrow(
         "SELECT h.id::text, h.event_id, h.ticket_type, h.quantity, h.status, h.expires_at,"
         " h.expires_at <= now() AS lapsed, t.price_minor, t.currency,"
-        " o.id::text AS order_id, o.status AS order_status"
+        " o.id::text AS order_id, o.status AS order_status,"
+        " p.id::text AS pay_id, p.state AS pay_state, p.method AS pay_method,"
+        " p.attempts AS pay_attempts, p.last_error AS pay_error,"
+        " ARRAY(SELECT k.code FROM tickets k WHERE k.order_id = o.id ORDER BY k.code)"
+        "  AS codes,"
+        " ARRAY(SELECT k.ticket_type FROM tickets k WHERE k.order_id = o.id ORDER BY k.code)"
+        "  AS code_types"
         " FROM holds h JOIN ticket_types t ON t.event_id = h.event_id AND t.name = h.ticket_type"
         " LEFT JOIN orders o ON o.hold_id = h.id"
+        " LEFT JOIN LATERAL (SELECT id, state, method, attempts, last_error FROM payments"
+        "  WHERE order_id = o.id ORDER BY created_at DESC, id LIMIT 1) p ON true"
         " WHERE h.id = $1::uuid AND h.fan_id = $2",
         _uuid(hold_id),
         fan_id,
@@ -263,24 +274,17 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
     if row is None:
         raise NotFound("no such reservation", code="hold_not_found")
     payment = None
-    tickets: list[TicketInfo] = []
-    if row["order_id"] is not None:
-        pay = await conn.fetchrow(
-            "SELECT id::text, state, method, attempts, last_error FROM payments"
-            " WHERE order_id = $1 ORDER BY created_at DESC, id LIMIT 1",
-            row["order_id"],
+    if row["pay_id"] is not None:
+        payment = PaymentInfo(
+            row["pay_id"],
+            row["pay_state"],
+            row["pay_method"],
+            row["pay_attempts"],
+            row["pay_error"],
         )
-        if pay is not None:
-            payment = PaymentInfo(
-                pay["id"], pay["state"], pay["method"], pay["attempts"], pay["last_error"]
-            )
-        tickets = [
-            TicketInfo(t["code"], t["ticket_type"])
-            for t in await conn.fetch(
-                "SELECT code, ticket_type FROM tickets WHERE order_id = $1 ORDER BY code",
-                row["order_id"],
-            )
-        ]
+    tickets = [
+        TicketInfo(code, kind) for code, kind in zip(row["codes"], row["code_types"], strict=True)
+    ]
     status = row["status"]
     if status == "held" and row["lapsed"]:
         status = "expired"  # past its deadline; the actor's timer settles the row shortly

@@ -11,9 +11,12 @@ What it measures, in order:
 1. **Joins, cluster against single Redis**: closed-loop joins through the load balancer
    (:func:`stress.loadgen.run_load`, every request a new fan) on each set of nodes, in
    rounds ABBA; ``join_rps_cluster / join_rps_single`` (target >= 0.8).
-2. **The flash sale** on the cluster: ``--fans`` fans for ``--tickets`` tickets, driven by
-   ``--generators`` processes (:mod:`stress.fan_generator`), each reporting its CPU (mean
-   and busiest second, in percent of a core: the load must not be what is slow). Per step
+2. **The flash sale** on the cluster: ``--fans`` fans for ``--tickets`` tickets, arriving
+   evenly over ``--arrival-s`` seconds (30 by default: a crowd of 10,000 in half a minute;
+   0 sends them all at once, as fast as 200 joins at a time go, a burst whose capacity item
+   1 measures), driven by ``--generators`` processes (:mod:`stress.fan_generator`), each
+   reporting its CPU (mean and busiest second, in percent of a core), its run-queue wait
+   and its event loop's lag: the load must not be what is slow. Per step
    (join, admitted, reserve, confirm, paid), the fans' p50/p99 and the server's p50/p99 from
    the nodes' own Prometheus histograms (their bucket counts summed over the nodes,
    differenced over the sale, interpolated as PromQL's ``histogram_quantile`` does): join,
@@ -92,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generators", type=int, default=4, help="fan processes in the sale")
     parser.add_argument("--rate", type=float, default=250.0, help="admissions per second")
     parser.add_argument("--max-active", type=int, default=1000)
+    parser.add_argument(
+        "--arrival-s",
+        type=float,
+        default=30.0,
+        help="the crowd arrives evenly over this many seconds (0: all at once)",
+    )
     parser.add_argument("--join-seconds", type=float, default=4.0, help="per join round")
     parser.add_argument("--join-rounds", type=int, default=2, help="rounds per side (ABBA)")
     parser.add_argument("--join-connections", type=int, default=64)
@@ -405,6 +414,7 @@ async def _generators(
                     f"--fans={share}",
                     f"--first={first}",
                     f"--join-concurrency={max(1, 200 // count)}",
+                    f"--arrival-s={args.arrival_s}",
                     f"--out={out}",
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
@@ -684,6 +694,7 @@ def summarize(
             "generators": args.generators,
             "rate_per_second": args.rate,
             "max_active": args.max_active,
+            "arrival_s": args.arrival_s,
             "per_fan_limit": PER_FAN_LIMIT,
             "join_seconds": args.join_seconds,
             "join_rounds": args.join_rounds,

@@ -120,6 +120,7 @@ async def _run(args: argparse.Namespace) -> tuple[list[Outcome], Report]:
             args.fans,
             first=args.first,
             join_concurrency=args.join_concurrency,
+            arrival_s=args.arrival_s,
         )
     finally:
         await sampler.stop()
@@ -160,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fans", type=int, required=True)
     parser.add_argument("--first", type=int, default=0, help="the number of the first fan")
     parser.add_argument("--join-concurrency", type=int, default=50)
+    parser.add_argument(
+        "--arrival-s", type=float, default=0.0, help="spread the fans' arrivals over this long"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     # uvloop, as every other process of the benchmarks (and the server) runs.

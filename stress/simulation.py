@@ -173,10 +173,13 @@ async def run_fan(
     join_gate: asyncio.Semaphore,
     ticket_type: str = "ga",
     solver: Solver | None = None,
+    arrives_at: float = 0.0,
 ) -> Outcome:
-    """One fan, from joining to paid tickets (or sold out); ``solver`` pays proof-of-work."""
+    """One fan, from joining to paid tickets (or sold out); ``solver`` pays proof-of-work.
+    The fan arrives at ``arrives_at`` (``time.monotonic()``; at once when it is past)."""
     out = Outcome(i)
     ip = _ip(i)
+    await asyncio.sleep(max(0.0, arrives_at - time.monotonic()))
     async with join_gate:
         out.joined_at = time.monotonic()
         response, took = await _join(http, event_id, ip, solver)
@@ -333,11 +336,14 @@ async def simulate(
     ticket_type: str = "ga",
     on_tick: Callable[[Progress], None] | None = None,
     first: int = 0,
+    arrival_s: float = 0.0,
 ) -> tuple[list[Outcome], Progress]:
     """Run ``fans`` simulated fans against the server at ``base_url``; their outcomes.
 
     ``first`` numbers the first fan (each fan's client address comes from its number), so
     that several processes, each simulating its own share of a crowd, never share one.
+    ``arrival_s`` spreads the fans' arrivals evenly over that many seconds (0: all at once,
+    as many joining at a time as ``join_concurrency`` lets).
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -363,10 +369,21 @@ async def simulate(
                     await asyncio.sleep(0.5)
 
             ticker = asyncio.create_task(tick())
+        started = time.monotonic()
         try:
             outcomes = await asyncio.gather(
                 *(
-                    run_fan(i, http, ws_base, event_id, progress, gate, ticket_type, solver)
+                    run_fan(
+                        i,
+                        http,
+                        ws_base,
+                        event_id,
+                        progress,
+                        gate,
+                        ticket_type,
+                        solver,
+                        arrives_at=started + (i - first) * arrival_s / max(fans, 1),
+                    )
                     for i in range(first, first + fans)
                 )
             )
