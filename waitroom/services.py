@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
@@ -29,7 +30,7 @@ from waitroom import admin_auth
 from waitroom.core.audit import Actor
 from waitroom.core.cache import ViewCache
 from waitroom.core.clients import open_clients
-from waitroom.core.db import MIN_STATEMENT_TIMEOUT_S
+from waitroom.core.db import MIN_STATEMENT_TIMEOUT_S, create_pool
 from waitroom.core.keys import Keys
 from waitroom.core.redis import Multiplexer
 from waitroom.core.settings import Settings
@@ -100,8 +101,18 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
     pass_keys = PassKeys.from_settings(settings)
     # An ask is bounded like a statement (the dependency timeout, at least
     # MIN_STATEMENT_TIMEOUT_S): the actor's commit is one.
+    # The actors commit through a pool of their own (a bulkhead): a crowd polling its
+    # payments can fill the shared pool, and every reservation would then queue for a
+    # connection behind the polls.
+    actor_db = await create_pool(
+        msgspec.structs.replace(settings, db_pool_min=0, db_pool_max=settings.db_actor_pool_max)
+    )
+    stack.push_async_callback(actor_db.close)
     inventory = InventoryHost(
-        db, redis, keys, ask_timeout_s=max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S)
+        actor_db,
+        redis,
+        keys,
+        ask_timeout_s=max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S),
     )
     await inventory.start()
     stack.push_async_callback(inventory.stop)

@@ -61,6 +61,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     dependency_timeout_s: float = 2.0
     db_pool_min: int = 1
     db_pool_max: int = 10
+    #: The inventory actors' own PostgreSQL pool in a server process (their group commits):
+    #: a bulkhead, so request handlers filling the shared pool never hold up reservations.
+    db_actor_pool_max: int = 4
     redis_max_connections: int = 256
     #: Where development keys and private services live.
     run_dir: str = ".run"
@@ -311,6 +314,7 @@ _FIELDS: dict[str, _Field] = {
     "dependency_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
     "db_pool_min": _int_range(0, 1000),
     "db_pool_max": _int_range(1, 1000),
+    "db_actor_pool_max": _int_range(1, 1000),
     "redis_max_connections": _int_range(1, 100_000),
     "run_dir": _TEXT,
     "pass_signing_key": _TEXT,
