@@ -10,10 +10,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from tests.harness import base_settings, with_database
-from waitroom.core.db import drop_database, ensure_database, migrate, migrations
+from waitroom.core.db import create_pool, drop_database, ensure_database, migrate, migrations
 from waitroom.core.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -218,3 +219,24 @@ async def test_ticket_codes_are_unique(conn: Db) -> None:
     await conn.execute(insert, order_id, event_id)
     with pytest.raises(asyncpg.UniqueViolationError):
         await conn.execute(insert, order_id, event_id)
+
+
+async def test_a_pooled_connection_goes_back_without_a_reset_but_never_mid_transaction(
+    empty_dsn: str,
+) -> None:
+    """The pool gives a connection back without asyncpg's reset statement (a round trip per
+    checkout; waitroom keeps no session state), but a transaction left open is rolled back."""
+    settings = msgspec.structs.replace(base_settings(), database_url=empty_dsn, db_pool_max=1)
+    pool = await create_pool(settings)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("SET application_name = 'lean-release'")
+            await conn.execute("CREATE TABLE probe (n int)")
+            await conn.execute("BEGIN")
+            await conn.execute("INSERT INTO probe VALUES (1)")
+        async with pool.acquire() as conn:  # the same one: the pool holds one
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT count(*) FROM probe") == 0
+            assert await conn.fetchval("SHOW application_name") == "lean-release"
+    finally:
+        await pool.close()
