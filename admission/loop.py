@@ -40,6 +40,8 @@ from admission import bucket as buckets
 from admission import leader
 from admission.passes import PassClaims, PassKeys, new_jti
 from waitroom.core.keys import EventKeys, Keys
+from waitroom.core.metrics import forget
+from waitroom.line.broadcast import FANS_WAITING
 from waitroom.line.room import Rooms
 
 log = logging.getLogger("waitroom.admission")
@@ -62,24 +64,65 @@ ABANDONED_SKIPPED = Counter(
     "Abandoned fans the admission loop found at the head of the line and dropped.",
     ["event"],
 )
+# The leader's view of its event: reported by the leading process only, and forgotten when
+# it stops leading (waitroom.core.metrics.forget), so a former leader never shows stale figures.
 ACTIVE_PASSES = Gauge(
-    "waitroom_active_passes", "Passes counting against max_active (leader's view).", ["event"]
+    "waitroom_active_passes",
+    "Passes counting against max_active: fans shopping now (leader's view).",
+    ["event"],
+    multiprocess_mode="livemax",
 )
 RATE_CONFIGURED = Gauge(
-    "waitroom_admission_rate_configured", "Configured admissions per second.", ["event"]
+    "waitroom_admission_rate_configured",
+    "Configured admissions per second.",
+    ["event"],
+    multiprocess_mode="livemax",
 )
 RATE_OBSERVED = Gauge(
     "waitroom_admission_rate_observed",
     f"Admissions per second over the last {OBSERVE_WINDOW_S:g} s (leader's view).",
     ["event"],
+    multiprocess_mode="livemax",
 )
-MAX_ACTIVE = Gauge("waitroom_admission_max_active", "Configured max_active.", ["event"])
+MAX_ACTIVE = Gauge(
+    "waitroom_admission_max_active",
+    "Configured max_active.",
+    ["event"],
+    multiprocess_mode="livemax",
+)
+PAUSED = Gauge(
+    "waitroom_admission_paused",
+    "1 while an operator has paused the event's admissions (leader's view).",
+    ["event"],
+    multiprocess_mode="livemax",
+)
+LAST_FAN_ETA = Gauge(
+    "waitroom_line_last_fan_eta_seconds",
+    "Wait of the last fan in line at the observed admission rate (leader's view; absent while"
+    " that rate is unknown or nobody waits).",
+    ["event"],
+    multiprocess_mode="livemax",
+)
+_LEADER_VIEW = (
+    ACTIVE_PASSES,
+    RATE_CONFIGURED,
+    RATE_OBSERVED,
+    MAX_ACTIVE,
+    PAUSED,
+    LAST_FAN_ETA,
+    FANS_WAITING,
+)
 LEADER_CHANGES = Counter(
     "waitroom_admission_leader_changes_total",
     "Times a process of this deployment took the lead of an event's admission loop.",
     ["event"],
 )
-LEADING = Gauge("waitroom_admission_leading", "1 while this process leads the event.", ["event"])
+LEADING = Gauge(
+    "waitroom_admission_leading",
+    "1 while a process of this server leads the event's admission.",
+    ["event"],
+    multiprocess_mode="livesum",
+)
 TICK_SECONDS = Histogram(
     "waitroom_admission_tick_seconds",
     "Time of one admission tick.",
@@ -123,9 +166,11 @@ class RoomState:
     opened: bool
     drawn: bool
     active: int
+    #: Fans placed in the line (the queue's size).
+    waiting: int = 0
 
     @classmethod
-    def parse(cls, meta: list[Any], active: int) -> RoomState | None:
+    def parse(cls, meta: list[Any], active: int, waiting: int = 0) -> RoomState | None:
         """From ``HMGET meta`` of :data:`_META_FIELDS`; None without a room."""
         values = dict(zip(_META_FIELDS, (_text(v) for v in meta), strict=True))
         if values["mode"] is None:
@@ -143,6 +188,7 @@ class RoomState:
             opened=values["opened"] == "1",
             drawn=values["drawn"] == "1",
             active=active,
+            waiting=waiting,
         )
 
     def ready(self) -> bool:
@@ -156,8 +202,9 @@ async def read_state(redis: Redis, ek: EventKeys, now: float) -> RoomState | Non
     pipe.hmget(ek.meta, list(_META_FIELDS))
     pipe.zremrangebyscore(ek.active, "-inf", now)
     pipe.zcard(ek.active)
-    meta, _, active = await pipe.execute()
-    return RoomState.parse(meta, int(active))
+    pipe.zcard(ek.queue)
+    meta, _, active, waiting = await pipe.execute()
+    return RoomState.parse(meta, int(active), int(waiting))
 
 
 class RateObserver:
@@ -282,6 +329,8 @@ class EventAdmission:
         finally:
             self.token = None
             LEADING.labels(self.event_id).set(0)
+            for gauge in _LEADER_VIEW:
+                forget(gauge, self.event_id)
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             with contextlib.suppress(Exception):
@@ -361,6 +410,13 @@ class EventAdmission:
         MAX_ACTIVE.labels(event).set(state.max_active)
         ACTIVE_PASSES.labels(event).set(state.active + admitted)
         RATE_OBSERVED.labels(event).set(self.observer.rate or 0.0)
+        PAUSED.labels(event).set(1 if state.paused else 0)
+        waiting = max(0, state.waiting - admitted)
+        FANS_WAITING.labels(event).set(waiting)
+        if self.observer.rate and waiting:
+            LAST_FAN_ETA.labels(event).set(waiting / self.observer.rate)
+        else:
+            forget(LAST_FAN_ETA, event)
         TICK_SECONDS.observe(time.perf_counter() - started)
         return admitted
 
@@ -524,9 +580,8 @@ class EventAdmission:
         """Stop following or leading (a lease held is released)."""
         if self.task is not None:
             await cancel_and_wait(self.task)
-        for gauge in (ACTIVE_PASSES, RATE_CONFIGURED, RATE_OBSERVED, MAX_ACTIVE, LEADING):
-            with contextlib.suppress(KeyError):
-                gauge.remove(self.event_id)
+        for gauge in (*_LEADER_VIEW, LEADING):
+            forget(gauge, self.event_id)
 
     def _log_error(self, message: str, exc: BaseException) -> None:
         if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:

@@ -38,6 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from inventory import store
 from inventory.ledger import Changes, Command, Expire, Expired, Ledger, Refused, Result
 from waitroom.core.errors import Unavailable
+from waitroom.core.metrics import forget
 
 log = logging.getLogger("waitroom.inventory")
 
@@ -56,13 +57,31 @@ COMMIT_LATENCY = Histogram(
     "Latency of one group-commit transaction.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+# The owning actor's view: forgotten when the actor stops, so a former owner never shows
+# stale figures (waitroom.core.metrics.forget).
 MAILBOX_DEPTH = Gauge(
-    "waitroom_inventory_mailbox_depth", "Commands waiting in an actor's mailbox.", ["event"]
+    "waitroom_inventory_mailbox_depth",
+    "Commands waiting in an actor's mailbox.",
+    ["event"],
+    multiprocess_mode="livemax",
 )
 AVAILABLE = Gauge(
     "waitroom_inventory_tickets_available",
     "Tickets available per ticket type, as the owning actor sees them.",
     ["event", "ticket_type"],
+    multiprocess_mode="livemax",
+)
+HELD = Gauge(
+    "waitroom_inventory_tickets_held",
+    "Tickets in holds not yet paid nor expired per ticket type, as the owning actor sees them.",
+    ["event", "ticket_type"],
+    multiprocess_mode="livemax",
+)
+SOLD = Gauge(
+    "waitroom_inventory_tickets_sold",
+    "Tickets paid per ticket type, as the owning actor sees them.",
+    ["event", "ticket_type"],
+    multiprocess_mode="livemax",
 )
 
 #: Longest a busy actor keeps one pooled connection before it queues for one again.
@@ -250,6 +269,7 @@ class InventoryActor:
             self._fail_pending()
             self._publish_task.cancel()
             await asyncio.gather(self._publish_task, return_exceptions=True)
+            self._forget_gauges()
         crash = None if committer.cancelled() else committer.exception()
         if crash is not None:
             raise crash  # Fenced, or a rebuild that failed: the supervisor decides
@@ -501,9 +521,8 @@ class InventoryActor:
             await self._publish_wanted.wait()
             self._publish_wanted.clear()
             current = (self.ledger.availability(), self.ledger.sold_out())
+            self._set_stock_gauges(current[0])
             if current != self._published:
-                for name, left in current[0].items():
-                    AVAILABLE.labels(self.event_id, name).set(left)
                 if self._publish is not None:
                     try:
                         await self._publish(*current)
@@ -514,6 +533,24 @@ class InventoryActor:
                         continue
                 self._published = current
             await asyncio.sleep(0.05)
+
+    def _set_stock_gauges(self, available: dict[str, int]) -> None:
+        # Every time, not only when availability changes: a payment moves tickets from held
+        # to sold and leaves availability as it was.
+        held = self.ledger.held()
+        for ticket_type in self.ledger.rules.ticket_types:
+            name = ticket_type.name
+            AVAILABLE.labels(self.event_id, name).set(available[name])
+            HELD.labels(self.event_id, name).set(held[name])
+            SOLD.labels(self.event_id, name).set(
+                ticket_type.quantity - available[name] - held[name]
+            )
+
+    def _forget_gauges(self) -> None:
+        forget(MAILBOX_DEPTH, self.event_id)
+        for ticket_type in self.ledger.rules.ticket_types:
+            for gauge in (AVAILABLE, HELD, SOLD):
+                forget(gauge, self.event_id, ticket_type.name)
 
     def close(self) -> None:
         """Stop taking commands; the loop finishes what it has and returns."""

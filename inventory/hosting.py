@@ -53,7 +53,9 @@ from waitroom.core.keys import Keys
 log = logging.getLogger("waitroom.inventory")
 
 OWNER_CHANGES = Counter(
-    "waitroom_inventory_owner_changes_total", "Times this process became an event's owner."
+    "waitroom_inventory_owner_changes_total",
+    "Times a process of this server became an event's inventory owner.",
+    ["event"],
 )
 #: Short, because it is how long an event's reservations wait when its owner dies (the
 #: others take over once it lapses, issue 12: within 2 s); renewed every third of it. A
@@ -308,7 +310,7 @@ class InventoryHost:
         self._hosted[event_id] = tenure
         if self._starting.get(event_id) is asyncio.current_task():
             del self._starting[event_id]  # in the same step: no gap between the two
-        OWNER_CHANGES.inc()
+        OWNER_CHANGES.labels(event_id).inc()
         log.info("hosting inventory", extra={"event": event_id, "epoch": epoch})
         return True
 

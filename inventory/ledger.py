@@ -430,6 +430,10 @@ class Ledger:
         """Tickets available per ticket type, in the rules' order."""
         return dict(self._available)
 
+    def held(self) -> dict[str, int]:
+        """Tickets in ``held`` holds per ticket type (taken, but they may come back)."""
+        return dict(self._held)
+
     def hold(self, hold_id: str) -> Hold | None:
         """The hold with this id, or ``None``."""
         return self._holds.get(hold_id)

@@ -514,7 +514,7 @@ class _Round:
     connections_by_worker: dict[str, int] = field(default_factory=dict)
 
 
-#: Read from each worker's /metrics around a reservation round: commands forwarded to the
+#: Read from the server's /metrics around a reservation round: commands forwarded to the
 #: owner, and the owner's group commits (how many, how big, how long).
 _WORKER_METRICS = (
     "waitroom_inventory_forwarded_total",
@@ -736,22 +736,15 @@ class _Bench:
             return 0
         return int(info.get("entries-added", info.get(b"entries-added", 0)))
 
-    async def worker_metrics(self) -> dict[str, dict[str, float]] | None:
-        """:data:`_WORKER_METRICS` of each worker, told apart by
-        ``waitroom_inventory_owner_changes_total`` (the owner took the event once, the other
-        never); None if both could not be reached."""
-        seen: dict[str, dict[str, float]] = {}
+    async def worker_metrics(self) -> dict[str, float] | None:
+        """:data:`_WORKER_METRICS` of the server, None if it could not be reached. /metrics
+        answers the totals of both worker processes (issue 16): only the non-owner forwards,
+        only the owner commits, so the totals are each worker's own figures."""
         for _ in range(60):
             status, body = await _http(self.port, "GET", "/metrics")
-            if status != 200:
-                continue
-            text = body.decode()
-            changes = _metric(text, "waitroom_inventory_owner_changes_total") or 0.0
-            seen["owner" if changes > 0 else "other"] = {
-                name: _metric(text, name) or 0.0 for name in _WORKER_METRICS
-            }
-            if len(seen) == 2:
-                return seen
+            if status == 200:
+                text = body.decode()
+                return {name: _metric(text, name) or 0.0 for name in _WORKER_METRICS}
         return None
 
     # --- rounds -----------------------------------------------------------------------------
@@ -867,18 +860,11 @@ class _Bench:
             "inbox_entries": after_inbox - before_inbox,
         }
         if before_metrics is not None and after_metrics is not None:
-            delta = {
-                worker: {k: v - before_metrics[worker][k] for k, v in values.items()}
-                for worker, values in after_metrics.items()
-            }
-            forwarded["by_worker"] = {
-                w: delta[w]["waitroom_inventory_forwarded_total"] for w in delta
-            }
-            forwarded["metric"] = sum(forwarded["by_worker"].values())
-            owner = delta["owner"]
-            forwarded["commits"] = owner["waitroom_inventory_batch_size_count"]
-            forwarded["committed"] = owner["waitroom_inventory_batch_size_sum"]
-            forwarded["commit_s"] = owner["waitroom_inventory_commit_seconds_sum"]
+            delta = {k: v - before_metrics[k] for k, v in after_metrics.items()}
+            forwarded["metric"] = delta["waitroom_inventory_forwarded_total"]
+            forwarded["commits"] = delta["waitroom_inventory_batch_size_count"]
+            forwarded["committed"] = delta["waitroom_inventory_batch_size_sum"]
+            forwarded["commit_s"] = delta["waitroom_inventory_commit_seconds_sum"]
         unused = [
             f
             for summary, chunk in zip(summaries, slices, strict=True)

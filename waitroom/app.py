@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from waitroom import admission_api as admission_api
-from waitroom import checkout_api, events_api, pages, queue_api
+from waitroom import checkout_api, console, events_api, pages, queue_api
 from waitroom.core.db import MIN_STATEMENT_TIMEOUT_S
 from waitroom.core.deadline import DeadlineMiddleware
 from waitroom.core.errors import (
@@ -36,6 +36,7 @@ from waitroom.core.http import (
     internal_error_body,
 )
 from waitroom.core.logs import configure_logging
+from waitroom.core.metrics import DEPENDENCY_ERRORS, exposition, process_started, process_stopped
 from waitroom.core.openapi import Operation, build_document, guarded
 from waitroom.core.runtime import tune_gc
 from waitroom.core.settings import Settings, load_settings
@@ -112,10 +113,11 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics of this process (an operator's token unless they are public)."""
+    """Prometheus metrics of this server: of every worker process under ``serve --workers N``
+    (an operator's token unless they are public)."""
     if not services(request).settings.public_metrics:
         await require_admin(request)
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def openapi(request: Request) -> Response:
@@ -160,6 +162,7 @@ def operations() -> list[Operation]:
         *SERVICE_OPERATIONS,
         *events_api.OPERATIONS,
         *admission_api.OPERATIONS,
+        *console.OPERATIONS,
         *checkout_api.OPERATIONS,
     ]
 
@@ -208,6 +211,7 @@ class CatchAllMiddleware:
             unavailable = dependency_error(exc)
             if unavailable is not None:
                 log.warning("dependency unavailable", extra={"error": repr(exc)})
+                DEPENDENCY_ERRORS.labels(unavailable.details.get("dependency", "other")).inc()
                 response: Response = error_response(unavailable)
             else:
                 log.exception("unexpected error", extra={"path": scope.get("path")})
@@ -254,7 +258,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        process_started()
         async with AsyncExitStack() as stack:
+            stack.callback(process_stopped)  # the last thing this worker does
             app.state.services = await open_services(settings, stack)
             yield
 

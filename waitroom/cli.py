@@ -28,6 +28,7 @@ from waitroom.core.clients import Clients, open_clients
 from waitroom.core.db import RETIRED_VERSIONS, ensure_database, migrate, migrations
 from waitroom.core.errors import ValidationFailed, WaitroomError
 from waitroom.core.http import dependency_error
+from waitroom.core.metrics import multiprocess_dir
 from waitroom.core.settings import Settings, check_admin_tokens, load_settings
 from waitroom.line.identity import Identities
 
@@ -111,12 +112,15 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     Identities.from_settings(settings)
     # Refused here, as one line, rather than by every worker's lifespan after uvicorn forked.
     asyncio.run(_check_schema(settings))
-    run_server(
-        "waitroom.app:app_from_env",
-        host=host,
-        port=settings.port if args.port is None else args.port,
-        workers=args.workers,
-    )
+    # Several workers count into one directory of files, so that /metrics answers every
+    # worker's totals whichever worker takes the scrape (see waitroom.core.metrics).
+    with multiprocess_dir(args.workers):
+        run_server(
+            "waitroom.app:app_from_env",
+            host=host,
+            port=settings.port if args.port is None else args.port,
+            workers=args.workers,
+        )
     return 0
 
 
@@ -130,6 +134,8 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
     tune_gc()
     if args.concurrency is not None:
         settings = msgspec.structs.replace(settings, payment_concurrency=args.concurrency)
+    if args.metrics_port is not None:
+        settings = msgspec.structs.replace(settings, workers_metrics_port=args.metrics_port)
     asyncio.run(
         run_workers(
             settings,
@@ -571,6 +577,13 @@ def cmd_token_issue(args: argparse.Namespace, settings: Settings) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 
+def _port(raw: str) -> int:
+    value = _positive_int(raw)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a TCP port (1 to 65535)")
+    return value
+
+
 def _positive_int(raw: str) -> int:
     try:
         value = int(raw)
@@ -614,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=_positive_int,
         help="payments at once (default WAITROOM_PAYMENT_CONCURRENCY)",
+    )
+    work.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve /metrics on this port of WAITROOM_HOST (default WAITROOM_WORKERS_METRICS_PORT;"
+        " none when unset)",
     )
     work.add_argument("--no-payments", action="store_true", help="do not run the payment pool")
     work.add_argument("--no-relay", action="store_true", help="do not run the outbox relay")

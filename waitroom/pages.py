@@ -1,7 +1,10 @@
-"""The fans' web pages: the waiting room and the checkout, as static files the app serves.
+"""The web pages: the waiting room and the checkout, and the operators' console, as static
+files the app serves.
 
 - ``GET /events/{event_id}``: the waiting page (``static/waiting.html``);
 - ``GET /events/{event_id}/checkout``: the checkout page (``static/checkout.html``);
+- ``GET /admin``: the operators' live console (``static/console.html``; its API is
+  :mod:`waitroom.console`, and it keeps the operator's token in ``sessionStorage``);
 - ``GET /static/{name}``: their CSS, JavaScript and icon.
 
 Both pages are the same file for every event: the JavaScript reads the event id from the URL
@@ -119,7 +122,13 @@ async def static_file(request: Request) -> Response:
     return _serve(request, name, ASSET_CACHE)
 
 
+async def console_page(request: Request) -> Response:
+    """The operators' live console (the page asks for the token; the API checks it)."""
+    return _serve(request, "console.html", PAGE_CACHE)
+
+
 ROUTES: list[BaseRoute] = [
+    Route("/admin", console_page, methods=["GET"], name="console_page"),
     Route("/events/{event_id}", waiting_page, methods=["GET"], name="waiting_page"),
     Route("/events/{event_id}/checkout", checkout_page, methods=["GET"], name="checkout_page"),
     Route("/static/{name}", static_file, methods=["GET"], name="static_file"),

@@ -111,6 +111,8 @@ WS_CLOSES = Counter(
     " many from an address, 4401 identity, 4409 replaced, 1008 data frame...).",
     ["code"],
 )
+for _code in ("1008", "1011", "1012", "1013", "4401", "4403", "4404", "4409", "4429"):
+    WS_CLOSES.labels(_code)  # at zero: a rate over them reads 0 before the first close
 
 _NO_STORE = {"Cache-Control": "no-store"}
 #: WebSocket close reasons are limited to 123 bytes by the protocol.

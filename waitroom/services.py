@@ -32,6 +32,7 @@ from waitroom.core.cache import ViewCache
 from waitroom.core.clients import open_clients
 from waitroom.core.db import MIN_STATEMENT_TIMEOUT_S, create_pool
 from waitroom.core.keys import Keys
+from waitroom.core.metrics import monitoring
 from waitroom.core.redis import Multiplexer
 from waitroom.core.settings import Settings
 from waitroom.line import scripts
@@ -79,6 +80,7 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
     """Build every service of a server process; ``stack`` stops them in reverse order."""
     clients = await open_clients(settings, stack)
     keys, redis, db = clients.keys, clients.redis, clients.db
+    await stack.enter_async_context(monitoring(redis, db, timeout_s=settings.dependency_timeout_s))
     try:
         await asyncio.wait_for(scripts.load_all(redis), settings.dependency_timeout_s)
     except Exception as exc:  # Redis may come up later; scripts then load on first use

@@ -12,7 +12,12 @@ the loops until SIGTERM or SIGINT:
 - ``outbox``: the relay to the Redis stream, and ``outbox-tasks``: the consumer of the
   outbox's tasks (:func:`workers.outbox.run_handlers`; today ``pass.spent``, which spends the
   pass of a paid order in Redis); both run with ``relay``;
-- ``safety-net``: lapsed holds of events nobody hosts, and the idempotency records' purge.
+- ``safety-net``: lapsed holds of events nobody hosts, and the idempotency records' purge;
+- ``backlog``: what waits for the workers in PostgreSQL, as gauges (:mod:`workers.backlog`).
+
+With ``WAITROOM_WORKERS_METRICS_PORT`` (or ``waitroom workers --metrics-port``) set, the process
+serves ``GET /metrics`` on that port of ``WAITROOM_HOST``: its payments, inventory actors and
+backlog, as the server's ``/metrics`` does (an operator's token unless metrics are public).
 
 It then shuts down gracefully: every loop stops taking new work, payments in flight get
 ``drain_s`` to finish and are then handed back to ``pending`` (their keys make the next claim
@@ -35,7 +40,9 @@ import httpx
 
 from inventory.hosting import InventoryHost
 from waitroom.core.clients import Clients, open_clients
+from waitroom.core.metrics import MetricsListener, monitoring
 from waitroom.core.settings import Settings
+from workers.backlog import run_backlog
 from workers.outbox import PASS_SPENT, Handler, pass_spent_handler, run_handlers, run_relay
 from workers.payments import PaymentPool
 from workers.reconcile import Reconciler, ReconcileReport
@@ -111,6 +118,17 @@ async def run_workers(
     try:
         async with AsyncExitStack() as stack:
             svc = await open_worker_services(settings, stack)
+            await stack.enter_async_context(
+                monitoring(
+                    svc.clients.redis, svc.clients.db, timeout_s=settings.dependency_timeout_s
+                )
+            )
+            if settings.workers_metrics_port is not None:
+                listener = MetricsListener(settings, settings.workers_metrics_port)
+                await listener.start()
+                # Stopped after the loops (the stack closes after them): a scrape while
+                # payments drain still answers.
+                stack.push_async_callback(listener.stop)
             if payments:
                 payment_pool = PaymentPool(
                     svc.clients.db,
@@ -153,6 +171,7 @@ async def run_workers(
                         name="safety-net",
                     )
                 )
+            tasks.append(asyncio.create_task(run_backlog(svc.clients.db, stop), name="backlog"))
             log.info(
                 "workers started",
                 extra={

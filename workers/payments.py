@@ -66,6 +66,7 @@ from typing import Any, Literal
 import asyncpg
 import httpx
 import msgspec
+from prometheus_client import Counter, Histogram
 
 from inventory.hosting import InventoryHost
 from inventory.ledger import (
@@ -193,6 +194,47 @@ def after_transient_error(
     return GiveUp()
 
 
+# --- metrics -------------------------------------------------------------------------------
+
+PAYMENT_ATTEMPTS = Counter(
+    "waitroom_payment_attempts_total",
+    "Payment attempts this process finished, by outcome: succeeded, declined (the card),"
+    " failed (the hold lapsed, a refusal, a charge in doubt), refunded, retry (backing off),"
+    " lost (the process could not record the outcome; another takes the payment over).",
+    ["outcome"],
+)
+PROVIDER_LATENCY = Histogram(
+    "waitroom_payment_provider_request_duration_seconds",
+    "Requests to the payment provider by operation (charge, lookup, refund), answered or not.",
+    ["operation"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+)
+PROVIDER_ERRORS = Counter(
+    "waitroom_payment_provider_errors_total",
+    "Requests to the payment provider that failed in a way worth retrying, by operation and"
+    " kind (timeout, unreachable, server_error for a 5xx, throttled for a 429, unreadable).",
+    ["operation", "kind"],
+)
+_OPERATIONS = {
+    ("POST", "/v1/charges"): "charge",
+    ("GET", "/v1/charges"): "lookup",
+    ("POST", "/v1/refunds"): "refund",
+}
+
+
+def _operation(method: str, path: str) -> str:
+    return _OPERATIONS.get((method, path), "other")
+
+
+# Every child made at zero: rates over them read 0, not "no data", before the first one.
+for _outcome in ("succeeded", "declined", "failed", "refunded", "retry", "lost"):
+    PAYMENT_ATTEMPTS.labels(_outcome)
+for _op in _OPERATIONS.values():
+    PROVIDER_LATENCY.labels(_op)
+    for _kind in ("timeout", "unreachable", "server_error", "throttled", "unreadable"):
+        PROVIDER_ERRORS.labels(_op, _kind)
+
+
 # --- the provider --------------------------------------------------------------------------
 
 
@@ -268,16 +310,24 @@ class ProviderClient:
 
     async def _send(self, method: str, path: str, **options: Any) -> httpx.Response:
         """One request within the timeout; 5xx and 429 are transient."""
+        operation = _operation(method, path)
+        started = time.perf_counter()
         try:
             # A total bound, not httpx's per-read one: a provider that trickles bytes must
             # not hold a worker slot past the attempt's budget either.
             async with asyncio.timeout(self.timeout_s):
                 response = await self.http.request(method, path, timeout=self.timeout_s, **options)
         except (TimeoutError, httpx.TimeoutException):
+            PROVIDER_ERRORS.labels(operation, "timeout").inc()
             raise ProviderUnavailable(f"provider timed out after {self.timeout_s:g}s") from None
         except httpx.TransportError as exc:
+            PROVIDER_ERRORS.labels(operation, "unreachable").inc()
             raise ProviderUnavailable(f"provider unreachable: {type(exc).__name__}") from None
+        finally:
+            PROVIDER_LATENCY.labels(operation).observe(time.perf_counter() - started)
         if response.status_code >= 500 or response.status_code == 429:
+            kind = "throttled" if response.status_code == 429 else "server_error"
+            PROVIDER_ERRORS.labels(operation, kind).inc()
             raise ProviderUnavailable(f"provider answered {response.status_code}")
         return response
 
@@ -287,6 +337,8 @@ def _charge_of(response: httpx.Response) -> ProviderCharge:
         return msgspec.json.decode(response.content, type=ProviderCharge)
     except msgspec.DecodeError:
         # Odd, but every request of the workers is safe to repeat.
+        request = response.request
+        PROVIDER_ERRORS.labels(_operation(request.method, request.url.path), "unreadable").inc()
         raise ProviderUnavailable("provider answered an unreadable charge") from None
 
 
@@ -709,19 +761,24 @@ class PaymentPool:
         :meth:`run_once`.
         """
         self._claims[payment.id] = payment.attempts
+        outcome: Outcome | None = None
         try:
-            return await self._attempt(payment)
+            outcome = await self._attempt(payment)
+            return outcome
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a database hiccup mid-attempt: retry it, lose nothing
             log.exception("payment attempt crashed", extra={"payment": payment.id})
             try:
-                return await self._retry(
+                outcome = await self._retry(
                     payment, f"internal error: {exc!r}"[:200], must_finish=True
                 )
             except Exception:  # it stops heartbeating: taken over in a few seconds
-                return "lost"
+                outcome = "lost"
+            return outcome
         finally:
+            if outcome is not None:
+                PAYMENT_ATTEMPTS.labels(outcome).inc()
             if self._claims.get(payment.id) == payment.attempts:
                 del self._claims[payment.id]
 

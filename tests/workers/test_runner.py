@@ -98,6 +98,7 @@ async def test_the_workers_process_pays_an_order_and_exits_0_on_sigterm(
         "outbox",
         "outbox-tasks",
         "safety-net",
+        "backlog",
     }
     assert "signal received; shutting down" in messages
     assert messages[-1] == "workers stopped"

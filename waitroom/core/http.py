@@ -69,6 +69,16 @@ HTTP_LATENCY = Histogram(
     ["route", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+REFUSALS = Counter(
+    "waitroom_refusals_total",
+    "Requests refused by a rate limit (429) or a proof-of-work check (challenge_*), by error"
+    " code: abuse, or a limit set too low for the crowd.",
+    ["code"],
+)
+for _code in ("rate_limited", "identity_limit", "challenge_required", "challenge_invalid"):
+    REFUSALS.labels(_code)  # at zero, so a rate over them reads 0 before the first one
+#: Methods counted by name; any other is counted as ``OTHER`` (the client chooses it).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 #: The metric children of each (route template, method, status) seen: ``labels()`` takes
@@ -82,6 +92,7 @@ def _request_metrics(template: str, method: str, status: int) -> tuple[Counter, 
     key = (template, method, status)
     pair = _children.get(key)
     if pair is None:
+        method = method if method in _METHODS else "OTHER"
         pair = (
             HTTP_REQUESTS.labels(template, method, str(status)),
             HTTP_LATENCY.labels(template, method),
@@ -102,6 +113,8 @@ class JSONResponse(Response):
 
 def error_response(error: WaitroomError) -> JSONResponse:
     """The documented error body for ``error``, with its status and headers."""
+    if error.status == 429 or error.code.startswith("challenge_"):
+        REFUSALS.labels(error.code).inc()
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 

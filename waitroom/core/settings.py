@@ -88,6 +88,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     payment_timeout_s: float = 2.0
     #: Payments one workers process handles at once.
     payment_concurrency: int = 32
+    #: Port of ``waitroom workers``' own ``/metrics`` (on ``host``); None: no listener.
+    workers_metrics_port: int | None = None
     #: A payment being processed whose worker has not heartbeated for this long (a dead,
     #: hung or cut-off worker) is taken over by another; workers heartbeat 4 times as often.
     payment_heartbeat_timeout_s: float = 4.0
@@ -329,6 +331,7 @@ _FIELDS: dict[str, _Field] = {
     "payment_url": _url("http", "https"),
     "payment_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
     "payment_concurrency": _int_range(1, 10_000),
+    "workers_metrics_port": _int_range(1, 65535),
     "payment_heartbeat_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
     "payment_reconcile_interval_s": _Field(_positive_float, "a number of seconds above 0"),
     "payment_reconcile_delay_s": _Field(_positive_float, "a number of seconds above 0"),

@@ -22,7 +22,6 @@ ticks, and stop themselves at the first tick that finds no subscriber left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +30,7 @@ from typing import Any
 from prometheus_client import Gauge, Histogram
 
 from waitroom.core.errors import NotFound
+from waitroom.core.metrics import forget
 from waitroom.line import messages
 from waitroom.line.room import Rooms
 from waitroom.line.scripts import ADMITTED, GONE
@@ -71,9 +71,21 @@ _ERROR_LOG_EVERY_S = 10.0
 
 FANS_WAITING = Gauge(
     "waitroom_fans_waiting",
-    "Fans in line (placed or in the lottery pre-queue), as of this process's last tick.",
+    "Fans in line, as of the last look of a process that watches it: the admission leader"
+    " (every tick) or a broadcaster of WebSocket fans (placed or in the lottery pre-queue).",
     ["event"],
+    multiprocess_mode="livemax",
 )
+#: One send in this many is timed: a tick hands over a message to every fan that needs one,
+#: tens of thousands a second, and timing each would cost more than it tells.
+SEND_LAG_SAMPLE = 16
+SEND_LAG = Histogram(
+    "waitroom_websocket_send_lag_seconds",
+    f"Time from the start of the broadcaster tick that made a message to its write to the"
+    f" fan's socket (one send in {SEND_LAG_SAMPLE}): how stale a position is when it leaves.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+_sends = 0
 TICK_SECONDS = Histogram(
     "waitroom_broadcast_tick_seconds",
     "Time of one broadcaster tick: the Redis call for all local fans plus the hand-over.",
@@ -155,11 +167,16 @@ async def pump(sub: Subscriber, send: Callable[[str], Awaitable[None]]) -> tuple
     client left. While ``send`` is blocked on a slow client, newer messages replace the
     pending one: the client gets the latest state, never a backlog.
     """
+    global _sends
     while True:
         await sub.wait()
         text, sub.pending = sub.pending, None
         if text is not None:
+            offered_at = sub.offered_at
             await send(text)
+            _sends += 1
+            if _sends % SEND_LAG_SAMPLE == 0:
+                SEND_LAG.observe(max(0.0, time.time() - offered_at))
         if sub.closed:
             return sub.close_with
 
@@ -208,8 +225,7 @@ class Broadcaster:
                 # Decided and done without awaiting, so a subscriber arriving now finds
                 # either this broadcaster still registered, or none and starts a new one.
                 self.hub.forget(self)
-                with contextlib.suppress(KeyError):
-                    FANS_WAITING.remove(self.event_id)
+                forget(FANS_WAITING, self.event_id)
                 return
             try:
                 await self.tick(time.time())

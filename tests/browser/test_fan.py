@@ -12,28 +12,22 @@ from __future__ import annotations
 import itertools
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import msgspec
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.admission.support import join, me, wait_for
 from tests.browser_support import (
-    SCREENS,
     Screen,
     assert_fits,
     browser_context,
-    chromium,
     visible_text,
 )
-from tests.harness import ServerThread, WorkersThread, cleanup, fresh_settings
+from tests.harness import ServerThread
 from tests.queue_support import fan_headers
-from waitroom.core.settings import Settings
-from workers import mock_provider
 
 pytestmark = pytest.mark.browser
 
@@ -44,61 +38,6 @@ WAIT_TEXT = re.compile(
     r"^(less than a minute|up to \d+ minutes?|about \d+ minutes?|\d+\u2013\d+ minutes"
     r"|unknown while the line is not moving)$"
 )
-
-
-@pytest.fixture(scope="module")
-def provider() -> Iterator[ServerThread]:
-    """The mock payment provider, its own HTTP server."""
-    server = ServerThread(mock_provider.create_app()).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def settings(
-    tmp_path_factory: pytest.TempPathFactory, provider: ServerThread
-) -> Iterator[Settings]:
-    """This module's own database with admission loops on (other modules' fans stay out)."""
-    value = fresh_settings(
-        tmp_path_factory.mktemp("fan-run"), admission_loop=True, payment_url=provider.url
-    )
-    value = msgspec.structs.replace(value, payment_timeout_s=1.0)
-    try:
-        yield value
-    finally:
-        cleanup(value)
-
-
-@pytest.fixture(scope="module")
-def workers(settings: Settings, server: ServerThread) -> Iterator[WorkersThread]:
-    """The payment workers, outbox relay and safety net."""
-    thread = WorkersThread(settings).start()
-    try:
-        yield thread
-    finally:
-        thread.stop()
-
-
-@pytest.fixture(scope="module")
-def browser(workers: WorkersThread) -> Iterator[Browser]:
-    # After the server fixtures and before their teardown: Playwright's sync API keeps an
-    # event loop running in this thread, where the harness's asyncio.run() cannot work.
-    with chromium() as value:
-        yield value
-
-
-@pytest.fixture(params=SCREENS, ids=lambda screen: screen.name)
-def screen(request: pytest.FixtureRequest) -> Screen:
-    value: Screen = request.param
-    return value
-
-
-@pytest.fixture
-def page(browser: Browser, server: ServerThread, screen: Screen) -> Iterator[Page]:
-    with browser_context(browser, server.url, screen) as context:
-        yield context.new_page()
 
 
 def create_sale(
