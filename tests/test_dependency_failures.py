@@ -538,8 +538,10 @@ async def _sleepers(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
         count: int = await conn.fetchval(
+            # Running, not merely the last statement of an idle session (a pooled
+            # connection keeps showing its last statement until it runs another).
             "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"
-            " AND pid <> pg_backend_pid()"
+            " AND state = 'active' AND pid <> pg_backend_pid()"
         )
         return count
     finally:
