@@ -1,0 +1,123 @@
+"""``python -m stress cluster`` at a tiny size, and the pieces it computes its figures with.
+
+The benchmark runs as an operator runs it (a private Redis Cluster from ``scripts/services
+--cluster``, three nodes behind two HAProxy processes, the workers and the mock provider,
+fan generators as child processes), with 300 fans for 60 tickets. Its speed is not judged
+here: only that the JSON line is complete and true to the invariants. The quantile and the
+balancer-log parsing are checked against figures worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from stress.cluster import balancer_steps, histogram_quantile, parse_buckets
+from tests.harness import ROOT
+from waitroom.core.settings import Settings, settings_env
+
+STEPS = ("join", "admitted", "reserve", "confirm", "paid")
+
+
+def test_the_quantile_interpolates_inside_the_bucket_as_promql_does() -> None:
+    # 100 observations: 50 at or under 10 ms, 90 at or under 50 ms, all at or under 100 ms.
+    buckets = {0.01: 50.0, 0.05: 90.0, 0.1: 100.0, math.inf: 100.0}
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.01)
+    assert histogram_quantile(0.7, buckets) == pytest.approx(0.03)  # halfway from 10 to 50
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.095)
+    assert histogram_quantile(0.99, {0.01: 0.0, math.inf: 0.0}) is None
+    # Past the last finite bound: that bound, as PromQL answers.
+    assert histogram_quantile(0.99, {0.01: 10.0, math.inf: 20.0}) == pytest.approx(0.01)
+
+
+def test_bucket_counts_are_summed_over_the_nodes() -> None:
+    page = (
+        "# TYPE waitroom_http_request_duration_seconds histogram\n"
+        'waitroom_http_request_duration_seconds_bucket{{route="/r",method="POST",le="0.01"}} {a}\n'
+        'waitroom_http_request_duration_seconds_bucket{{route="/r",method="POST",le="+Inf"}} {b}\n'
+        'waitroom_http_request_duration_seconds_count{{route="/r",method="POST"}} {b}\n'
+        'waitroom_http_request_duration_seconds_sum{{route="/r",method="POST"}} 1.0\n'
+    )
+    parsed = parse_buckets(
+        [page.format(a=3, b=4), page.format(a=5, b=9)], ["waitroom_http_request_duration_seconds"]
+    )
+    key = ("waitroom_http_request_duration_seconds", (("method", "POST"), ("route", "/r")))
+    assert parsed == {key: {0.01: 8.0, math.inf: 13.0}}
+
+
+def test_the_balancer_times_come_from_haproxy_log_lines_of_the_sale_only() -> None:
+    def line(timers: str, status: int, request: str) -> str:
+        return (
+            "127.0.0.1:40000 [03/Dec/2026:05:31:16.817] fans waitroom/node1"
+            f' {timers} {status} 989 - - ---- 1/1/1/1/0 0/0 "{request} HTTP/1.1"'
+        )
+
+    log = "\n".join(
+        [
+            line("0/0/1/9/10", 201, "POST /v1/events/evt-a/queue"),
+            line("0/0/1/29/30", 201, "POST /v1/events/evt-a/queue"),
+            line("0/0/1/9/999", 201, "POST /v1/events/evt-other/queue"),  # another event
+            line("0/0/0/40/+40", 201, "POST /v1/events/evt-a/reservations"),
+            line("0/0/0/7/8", 202, "POST /v1/reservations/0f1e/confirm"),
+            line("0/0/0/2/3", 200, "GET /v1/reservations/0f1e"),
+            "[WARNING] (11469) : Server waitroom/node3 is DOWN",
+        ]
+    )
+    steps = balancer_steps([log], "evt-a")
+    assert {step: value["count"] for step, value in steps.items()} == {
+        "join": 2.0,
+        "reserve": 1.0,
+        "confirm": 1.0,
+        "paid": 1.0,
+    }
+    assert steps["reserve"]["p99_ms"] == 40.0 and steps["confirm"]["p50_ms"] == 8.0
+    assert 10.0 <= steps["join"]["p50_ms"] <= 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.not_on_cluster  # it starts a Redis Cluster of its own
+def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
+    settings: Settings,
+) -> None:
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "stress", "cluster", "--json",
+            "--fans=300", "--tickets=60", "--generators=2", "--arrival-s=3",
+            "--join-seconds=1", "--join-rounds=1", "--join-connections=16",
+            "--failover-tickets=40",
+        ],
+        env=settings_env(settings), capture_output=True, text=True, timeout=380,
+        check=False, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    shown = json.dumps(report, indent=1)[:6000]
+    assert report["benchmark"] == "cluster" and report["ok"] is True, shown
+    assert (report["fans"], report["tickets"], report["sold"]) == (300, 60, 60), shown
+    assert report["oversold"] == 0 and report["order_violations"] == 0, shown
+    for figure in (
+        "server_join_p99_ms",
+        "server_reserve_p99_ms",
+        "fan_join_p99_ms",
+        "fan_reserve_p99_ms",
+        "join_rps_cluster",
+        "join_rps_single",
+        "failover_s",
+    ):
+        assert isinstance(report[figure], float) and report[figure] > 0, (figure, shown)
+    assert set(report["steps"]) == set(STEPS), shown
+    for step in ("join", "reserve", "confirm"):
+        assert {"fan_p99_ms", "lb_p99_ms", "server_p99_ms"} <= set(report["steps"][step]), shown
+    # The waits for admission and payment are the fans', in seconds.
+    assert {"fan_p99_s", "lb_p99_ms", "server_p99_ms"} <= set(report["steps"]["paid"]), shown
+    assert {"fan_p99_s", "server_p99_ms"} <= set(report["steps"]["admitted"]), shown
+    generators = report["sale"]["generators"]
+    assert len(generators) == 2 and all(g["cpu_pct"] >= 0 for g in generators), shown
+    assert report["failover"]["reserved"] == report["failover"]["fans"], shown
+    assert report["failover"]["new_owner"] not in (None, report["failover"]["killed"]), shown
