@@ -39,6 +39,7 @@ from redis.asyncio import Redis
 from admission import bucket as buckets
 from admission import leader
 from admission.passes import PassClaims, PassKeys, new_jti
+from waitroom.core import tracing
 from waitroom.core.keys import EventKeys, Keys
 from waitroom.core.metrics import forget
 from waitroom.line.broadcast import FANS_WAITING
@@ -401,7 +402,10 @@ class EventAdmission:
         admitted = 0
         total = state.admitted_total
         if count > 0:
-            admitted, total = await self._admit(token, state, count, now)
+            # A span only for ticks that admit someone: 20 idle ticks a second are no trace.
+            with tracing.span("admission.admit", event=self.event_id, wanted=count) as span:
+                admitted, total = await self._admit(token, state, count, now)
+                span.set_attribute("admitted", admitted)
             current = buckets.take(current, admitted)
         self.bucket = current
         self.observer.observe(mono, total)

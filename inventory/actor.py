@@ -33,10 +33,12 @@ import anyio
 import asyncpg
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from asyncpg.pool import PoolConnectionProxy
+from opentelemetry.trace import Link
 from prometheus_client import Counter, Gauge, Histogram
 
 from inventory import store
 from inventory.ledger import Changes, Command, Expire, Expired, Ledger, Refused, Result
+from waitroom.core import tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.metrics import forget
 
@@ -139,6 +141,9 @@ class InventoryActor:
         # Applied to the ledger but not yet committed: the callers and what they will hear.
         self._futures: list[asyncio.Future[Result]] = []
         self._results: list[Result] = []
+        # With tracing on, links to the spans of the asks since the last commit: the commit
+        # runs in the actor's task, outside every asker's trace (bounded as OTel bounds links).
+        self._links: list[Link] = []
         self._committer_waiting: asyncio.Future[None] | None = None
         self._wanted = False  # the committer has something to look at
         self._conn: PoolConnectionProxy[Any] | None = None
@@ -163,11 +168,16 @@ class InventoryActor:
 
     # --- callers ---------------------------------------------------------------------------
 
-    def submit(self, command: Command) -> Awaitable[Result]:
-        """Queue ``command`` and return a future of its result (resolved after commit)."""
+    def submit(self, command: Command, link: Link | None = None) -> Awaitable[Result]:
+        """Queue ``command`` and return a future of its result (resolved after commit);
+        with tracing on, the commit links ``link`` (a forwarded asker's span) or the
+        current span."""
         if self._closed:
             raise ActorStopped()
         future: asyncio.Future[Result] = self._loop.create_future()
+        link = link or tracing.current_link()
+        if link is not None and len(self._links) < 128:
+            self._links.append(link)
         try:
             self._send.send_nowait((command, future))
         except anyio.WouldBlock:
@@ -355,6 +365,7 @@ class InventoryActor:
                     # Nothing to write (refusals, replays), and every earlier change is
                     # already committed: these answers are as durable as they will ever be.
                     self._reply(futures, results)
+                    self._links.clear()  # nothing committed: no commit span to link
                     if self._mail_done and not self._futures:
                         return
                     if not self._wanted:
@@ -430,8 +441,12 @@ class InventoryActor:
     ) -> bool:
         """Commit one batch and answer its callers; False when the commit failed."""
         started = time.perf_counter()
+        links, self._links = self._links, []
         try:
-            await store.commit(await self._connection(), self.event_id, self.epoch, changes)
+            with tracing.span(
+                "inventory.commit", links=links, event=self.event_id, batch=len(futures)
+            ):
+                await store.commit(await self._connection(), self.event_id, self.epoch, changes)
         except store.Fenced:
             self._fail(futures, ActorStopped("this process no longer owns the inventory"))
             self._fail(self._futures, ActorStopped("this process no longer owns the inventory"))

@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 
 from inventory.actor import ActorStopped, InventoryActor
 from inventory.ledger import Command, Result, decode_result, encode_result
+from waitroom.core import tracing
 from waitroom.core.errors import Unavailable, WaitroomError
 from waitroom.core.keys import Keys
 
@@ -73,11 +74,13 @@ _reply_decoder = msgspec.msgpack.Decoder(_Reply)
 
 class _Forwarded(msgspec.Struct, array_like=True, frozen=True):
     """One command in a batch entry of the inbox (``b``): the asker's reply goes to the
-    entry's reply list (``r``) under ``request_id``; past ``deadline_ms`` nobody waits."""
+    entry's reply list (``r``) under ``request_id``; past ``deadline_ms`` nobody waits.
+    With tracing on, ``traceparent`` names the asker's span, which the owner's commit links."""
 
     command: bytes
     request_id: str
     deadline_ms: int
+    traceparent: str = ""
 
 
 _batch_encoder = msgspec.msgpack.Encoder()
@@ -148,7 +151,13 @@ class Forwarder:
         try:
             async with asyncio.timeout(timeout):
                 await self._send(
-                    event_id, _Forwarded(_command_encoder.encode(command), request_id, deadline_ms)
+                    event_id,
+                    _Forwarded(
+                        _command_encoder.encode(command),
+                        request_id,
+                        deadline_ms,
+                        tracing.traceparent(),
+                    ),
                 )
                 while True:
                     wait = min(check_every, deadline - time.monotonic())
@@ -286,7 +295,8 @@ class Forwarder:
                         if local is None:
                             raise ActorStopped()
                         command = _command_decoder.decode(forwarded.command)
-                        pending.append((reply_to, request_id, local.submit(command)))
+                        link = tracing.link_from(forwarded.traceparent)
+                        pending.append((reply_to, request_id, local.submit(command, link)))
                     except WaitroomError as exc:
                         pending.append((reply_to, request_id, exc))
                     except msgspec.DecodeError:

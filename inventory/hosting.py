@@ -46,7 +46,7 @@ from inventory import store
 from inventory.actor import ActorStopped, InventoryActor
 from inventory.forwarding import Forwarder, OwnerGone
 from inventory.ledger import Command, Expire, Result
-from waitroom.core import lease
+from waitroom.core import lease, tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
 
@@ -148,6 +148,11 @@ class InventoryHost:
     # --- asking ------------------------------------------------------------------------------
 
     async def ask(self, event_id: str, command: Command, timeout: float | None = None) -> Result:
+        """Apply ``command`` to ``event_id``'s inventory wherever its actor runs (see _ask)."""
+        with tracing.span("inventory.ask", event=event_id, command=type(command).__name__):
+            return await self._ask(event_id, command, timeout)
+
+    async def _ask(self, event_id: str, command: Command, timeout: float | None) -> Result:
         """Apply ``command`` to ``event_id``'s inventory wherever its actor runs.
 
         A command forwarded to an owner that dies is not left to time out: once the owner's
@@ -258,7 +263,10 @@ class InventoryHost:
                 raise ActorStopped("the server is shutting down")
             starting = self._starting.get(event_id)
             if starting is None:
-                starting = asyncio.create_task(self._acquire(event_id), name=f"host:{event_id}")
+                # Outside the asker's span: the actor's tasks started from here outlive it.
+                starting = asyncio.create_task(
+                    self._acquire(event_id), name=f"host:{event_id}", context=tracing.detached()
+                )
                 self._starting[event_id] = starting
                 starting.add_done_callback(lambda task: self._started(event_id, task))
             return await asyncio.shield(starting)

@@ -206,10 +206,13 @@ class PaymentInfo(msgspec.Struct, frozen=True):
 
 
 class TicketInfo(msgspec.Struct, frozen=True):
-    """An issued ticket; ``code`` is what the fan shows at the door."""
+    """An issued ticket; ``code`` is what the fan shows at the door, ``token`` its signed form
+    (the QR code's content; the checkout signs it, see :mod:`inventory.tickets`)."""
 
     code: str
     ticket_type: str
+    issued_at: datetime | None = None
+    token: str | None = None
 
 
 class Reservation(msgspec.Struct, frozen=True):
@@ -262,7 +265,9 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
         " ARRAY(SELECT k.code FROM tickets k WHERE k.order_id = o.id ORDER BY k.code)"
         "  AS codes,"
         " ARRAY(SELECT k.ticket_type FROM tickets k WHERE k.order_id = o.id ORDER BY k.code)"
-        "  AS code_types"
+        "  AS code_types,"
+        " ARRAY(SELECT k.issued_at FROM tickets k WHERE k.order_id = o.id ORDER BY k.code)"
+        "  AS code_times"
         " FROM holds h JOIN ticket_types t ON t.event_id = h.event_id AND t.name = h.ticket_type"
         " LEFT JOIN orders o ON o.hold_id = h.id"
         " LEFT JOIN LATERAL (SELECT id, state, method, attempts, last_error FROM payments"
@@ -283,7 +288,8 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
             row["pay_error"],
         )
     tickets = [
-        TicketInfo(code, kind) for code, kind in zip(row["codes"], row["code_types"], strict=True)
+        TicketInfo(code, kind, at)
+        for code, kind, at in zip(row["codes"], row["code_types"], row["code_times"], strict=True)
     ]
     status = row["status"]
     if status == "held" and row["lapsed"]:
@@ -320,11 +326,13 @@ async def list_orders(
         return []
     by_order: dict[str, list[TicketInfo]] = {}
     for t in await conn.fetch(
-        "SELECT order_id::text, code, ticket_type FROM tickets"
+        "SELECT order_id::text, code, ticket_type, issued_at FROM tickets"
         " WHERE order_id = ANY($1::uuid[]) ORDER BY order_id, code",
         [r["id"] for r in rows],
     ):
-        by_order.setdefault(t["order_id"], []).append(TicketInfo(t["code"], t["ticket_type"]))
+        by_order.setdefault(t["order_id"], []).append(
+            TicketInfo(t["code"], t["ticket_type"], t["issued_at"])
+        )
     return [
         Order(
             id=r["id"],

@@ -28,6 +28,7 @@ BENCHMARKS = {
     "checkout": "stress.checkout",
     "cluster_clients": "stress.cluster_clients",
     "cluster": "stress.cluster",
+    "tracing": "stress.tracing",
 }
 
 

@@ -23,6 +23,7 @@ from waitroom.core.logs import configure_logging
 from waitroom.core.openapi import Operation
 from waitroom.core.runtime import tune_gc
 from waitroom.core.settings import load_settings
+from waitroom.core.tracing import configure_tracing
 
 TRIVIAL_PATH = "/stress/trivial"
 _OK = {"ok": True}
@@ -40,6 +41,7 @@ def app_from_env() -> Starlette:
     """App factory, as :func:`waitroom.app.app_from_env`, with the trivial route added."""
     settings = load_settings()
     configure_logging(settings.log_level)
+    configure_tracing("waitroom-api")  # as the real app factory: on with the OTLP endpoint
     tune_gc()
     app = create_app(settings, extra_operations=[TRIVIAL])
     # Extra routes come last, and starlette tries routes in order: the trivial route would

@@ -312,3 +312,76 @@ def _sh_parses(script: str) -> None:
         ["sh", "-n"], input=script, capture_output=True, text=True, timeout=10, check=False
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def _mounted(service: dict[str, Any], target: str) -> Path:
+    """The repository file that ``service`` mounts at ``target``."""
+    for volume in service["volumes"]:
+        source, _, rest = volume.partition(":")
+        if rest.split(":")[0] == target:
+            assert source.startswith("./"), f"{target} is not mounted from the repository"
+            path: Path = ROOT / source
+            return path
+    raise AssertionError(f"nothing is mounted at {target}")
+
+
+def test_traces_go_from_the_api_and_workers_through_the_collector_to_jaeger() -> None:
+    compose = _compose()
+    services = compose["services"]
+    collector = services["otel-collector"]
+    assert collector["image"].startswith("otel/opentelemetry-collector-contrib:")
+    config_at = collector["command"][0].removeprefix("--config=")
+    config = yaml.safe_load(_mounted(collector, config_at).read_text())
+    http = config["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    for name, service_name in (("api", "waitroom-api"), ("workers", "waitroom-workers")):
+        env = services[name]["environment"]
+        endpoint = re.sub(r"\$\{[A-Z_]+-([^}]*)\}", r"\1", env["OTEL_EXPORTER_OTLP_ENDPOINT"])
+        assert endpoint == f"http://otel-collector:{http.rsplit(':', 1)[1]}"
+        assert env["OTEL_SERVICE_NAME"] == service_name
+        assert "otel-collector" in services[name]["depends_on"]
+    # Every pipeline names receivers, processors and exporters that are configured, and the
+    # exporters point at services of the stack on the ports those listen on.
+    pipelines = config["service"]["pipelines"]
+    assert set(pipelines) == {"traces", "logs"}
+    for pipeline in pipelines.values():
+        for kind in ("receivers", "processors", "exporters"):
+            assert set(pipeline[kind]) <= set(config[kind]), (kind, pipeline)
+    exporters = config["exporters"]
+    assert pipelines["traces"]["exporters"] == ["otlp/jaeger"]
+    assert exporters["otlp/jaeger"]["endpoint"] == "jaeger:4317"
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert _published(services["jaeger"]) == ["127.0.0.1:16686:16686"]
+
+
+def test_the_containers_logs_are_shipped_to_loki_with_their_trace_ids() -> None:
+    compose = _compose()
+    services = compose["services"]
+    collector = services["otel-collector"]
+    config = yaml.safe_load(_mounted(collector, "/etc/otelcol-contrib/config.yaml").read_text())
+    logs = config["service"]["pipelines"]["logs"]
+    assert "filelog" in logs["receivers"] and logs["exporters"] == ["otlphttp/loki"]
+    filelog = config["receivers"]["filelog"]
+    (pattern,) = filelog["include"]
+    assert any(
+        v.startswith(f"{pattern.split('/*')[0]}:") and v.endswith(":ro")
+        for v in collector["volumes"]
+    )
+    # Our JSON line's trace and span ids become the log record's (the names logs.py writes).
+    (trace,) = [op for op in filelog["operators"] if op["type"] == "trace_parser"]
+    assert trace["trace_id"]["parse_from"] == "attributes.trace_id"
+    assert trace["span_id"]["parse_from"] == "attributes.span_id"
+    loki = services["loki"]
+    loki_config = yaml.safe_load(_mounted(loki, "/etc/loki/loki.yml").read_text())
+    port = loki_config["server"]["http_listen_port"]
+    assert config["exporters"]["otlphttp/loki"]["endpoint"] == f"http://loki:{port}/otlp"
+    assert loki_config["limits_config"]["allow_structured_metadata"] is True
+    assert "loki-data" in compose["volumes"]
+    # Grafana has both as data sources, a log line's trace_id linking to Jaeger.
+    sources = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/tracing.yml").read_text()
+    )["datasources"]
+    by_type = {s["type"]: s for s in sources}
+    assert by_type["loki"]["url"] == f"http://loki:{port}"
+    assert by_type["jaeger"]["url"] == "http://jaeger:16686"
+    (derived,) = by_type["loki"]["jsonData"]["derivedFields"]
+    assert derived["datasourceUid"] == by_type["jaeger"]["uid"]

@@ -20,6 +20,8 @@ ASSETS = {
     "pow-worker.js": JS,
     "checkout.js": JS,
     "console.js": JS,
+    "checkin.js": JS,
+    "checkin.css": "text/css; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
     "favicon.svg": "image/svg+xml",
@@ -54,6 +56,7 @@ def assert_locked_down(response: httpx.Response) -> None:
         ("/events/evt-1/checkout", "checkout.js"),
         ("/events/no-such-event/checkout", "checkout.js"),
         ("/admin", "console.js"),
+        ("/checkin", "checkin.js"),
     ],
 )
 def test_the_pages_are_the_same_html_for_any_event_with_strict_headers(
@@ -72,6 +75,8 @@ def test_the_pages_are_the_same_html_for_any_event_with_strict_headers(
 def path_file(path: str) -> str:
     if path == "/admin":
         return "console.html"
+    if path == "/checkin":
+        return "checkin.html"
     return "checkout.html" if path.endswith("/checkout") else "waiting.html"
 
 
@@ -123,12 +128,12 @@ def test_unknown_or_escaping_paths_are_a_404_error_body(client: httpx.Client, pa
 
 def test_every_file_in_the_folder_is_one_the_app_serves() -> None:
     on_disk = {p.name for p in STATIC.iterdir() if p.is_file()}
-    assert on_disk == {*ASSETS, "waiting.html", "checkout.html", "console.html"}
+    assert on_disk == {*ASSETS, "waiting.html", "checkout.html", "console.html", "checkin.html"}
     assert set(pages.assets()) == on_disk
 
 
 def test_every_asset_the_pages_name_is_served(client: httpx.Client) -> None:
-    for page in ("waiting.html", "checkout.html", "console.html"):
+    for page in ("waiting.html", "checkout.html", "console.html", "checkin.html"):
         html = (STATIC / page).read_text()
         referenced = re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
         assert len(referenced) >= 3, referenced
@@ -172,7 +177,7 @@ def test_no_file_loads_anything_from_another_origin(name: str) -> None:
         assert all(target.startswith("./") for target in imports), imports
 
 
-@pytest.mark.parametrize("name", ["waiting.html", "checkout.html", "console.html"])
+@pytest.mark.parametrize("name", ["waiting.html", "checkout.html", "console.html", "checkin.html"])
 def test_the_pages_have_no_inline_script_or_style(name: str) -> None:
     html = (STATIC / name).read_text()
     scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, flags=re.S)

@@ -105,3 +105,19 @@ def test_the_console_script_stops_on_a_bad_value_without_a_traceback() -> None:
         "waitroom: WAITROOM_PORT: expected an integer from 0 to 65535, got 'not-a-port'"
     ]
     assert "Traceback" not in done.stderr
+
+
+def test_door_staff_tokens_are_named_pairs_held_to_the_admin_tokens_rules() -> None:
+    strong = "f3a9c1d27e6b4a08f3a9c1d27e6b4a08"
+    settings = load_settings({"WAITROOM_STAFF_TOKENS": f"north:{strong}, south:{strong[::-1]}"})
+    assert settings.staff_tokens == (f"north:{strong}", f"south:{strong[::-1]}")
+    with pytest.raises(SettingsError, match="WAITROOM_STAFF_TOKENS"):
+        load_settings({"WAITROOM_STAFF_TOKENS": "no-name-here"})
+    with pytest.raises(SettingsError, match="WAITROOM_STAFF_TOKENS: 'north' is named twice"):
+        load_settings({"WAITROOM_STAFF_TOKENS": f"north:{strong},north:{strong[::-1]}"})
+    # An operator's token is not also a door's: the record must say which it was.
+    with pytest.raises(SettingsError, match="WAITROOM_STAFF_TOKENS"):
+        load_settings({"WAITROOM_ADMIN_TOKEN": strong, "WAITROOM_STAFF_TOKENS": f"n:{strong}"})
+    # Weak tokens are refused beyond loopback, as operators' are.
+    with pytest.raises(SettingsError, match="WAITROOM_STAFF_TOKENS: staff 'north'"):
+        load_settings({"WAITROOM_HOST": "0.0.0.0", "WAITROOM_STAFF_TOKENS": "north:short"})

@@ -37,7 +37,7 @@ from waitroom.core.errors import RateLimited, Unauthorized
 from waitroom.core.http import dependency_error, request_id_var
 from waitroom.core.keys import Keys
 from waitroom.core.lua_scripts import Script
-from waitroom.core.settings import Settings, operators
+from waitroom.core.settings import Settings, operators, staff
 from waitroom.line.ratelimit import Limit
 
 log = logging.getLogger("waitroom.admin")
@@ -88,6 +88,16 @@ def operator_tokens(settings: Settings) -> OperatorTokens:
     return _tokens_of(settings.admin_token, settings.admin_tokens)
 
 
+@functools.lru_cache(maxsize=4)
+def _staff_of(staff_tokens: tuple[str, ...]) -> OperatorTokens:
+    return OperatorTokens(staff(Settings(staff_tokens=staff_tokens)))
+
+
+def staff_tokens(settings: Settings) -> OperatorTokens:
+    """The door staff's tokens (``WAITROOM_STAFF_TOKENS``), built once per process."""
+    return _staff_of(settings.staff_tokens)
+
+
 def client_address(conn: HTTPConnection, settings: Settings) -> clientaddr.IPAddress | None:
     """The client address of ``conn`` under ``settings``' trusted proxies."""
     trusted = clientaddr.trusted_networks(settings.trusted_proxies)
@@ -99,10 +109,17 @@ def client_address(conn: HTTPConnection, settings: Settings) -> clientaddr.IPAdd
 THROTTLE_TIMEOUT_S = 0.5
 
 
-async def authenticate(conn: HTTPConnection, settings: Settings, redis: Redis, keys: Keys) -> Actor:
-    """The operator behind ``conn``'s bearer token, or 401 / 429 (see the module's doc)."""
+async def authenticate(
+    conn: HTTPConnection, settings: Settings, redis: Redis, keys: Keys, *, door: bool = False
+) -> Actor:
+    """The operator behind ``conn``'s bearer token, or 401 / 429 (see the module's doc).
+
+    With ``door`` (check-in), a door staff's token is taken too (the actor ``staff:NAME``);
+    failures count in the same throttle.
+    """
     tokens = operator_tokens(settings)
-    if not tokens:
+    door_tokens = staff_tokens(settings) if door else OperatorTokens({})
+    if not tokens and not door_tokens:
         raise Unauthorized(
             "the admin API is disabled: set WAITROOM_ADMIN_TOKEN or WAITROOM_ADMIN_TOKENS",
             code="admin_disabled",
@@ -110,6 +127,10 @@ async def authenticate(conn: HTTPConnection, settings: Settings, redis: Redis, k
     address = client_address(conn, settings)
     scheme, _, given = conn.headers.get("authorization", "").partition(" ")
     name = tokens.match(given.strip()) if scheme.lower() == "bearer" else None
+    prefix = "admin"
+    if name is None and door_tokens and scheme.lower() == "bearer":
+        name = door_tokens.match(given.strip())
+        prefix = "staff"
     subject = clientaddr.limit_subject(address)
     limit = failures_limit(settings)
     shown = str(address) if address is not None else clientaddr.UNKNOWN
@@ -157,7 +178,7 @@ async def authenticate(conn: HTTPConnection, settings: Settings, redis: Redis, k
             headers=dict(_CHALLENGE),
         )
     return Actor(
-        name=f"admin:{name}",
+        name=f"{prefix}:{name}",
         client_address=str(address) if address else None,
         request_id=request_id_var.get(),
     )

@@ -19,7 +19,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from waitroom import admission_api as admission_api
-from waitroom import checkout_api, console, events_api, pages, queue_api
+from waitroom import checkout_api, console, events_api, pages, queue_api, tickets_api, venue_api
 from waitroom.core.db import MIN_STATEMENT_TIMEOUT_S
 from waitroom.core.deadline import DeadlineMiddleware
 from waitroom.core.errors import (
@@ -40,6 +40,7 @@ from waitroom.core.metrics import DEPENDENCY_ERRORS, exposition, process_started
 from waitroom.core.openapi import Operation, build_document, guarded
 from waitroom.core.runtime import tune_gc
 from waitroom.core.settings import Settings, load_settings
+from waitroom.core.tracing import configure_tracing, flush_tracing
 from waitroom.services import open_services, require_admin, services
 
 log = logging.getLogger("waitroom.app")
@@ -164,6 +165,8 @@ def operations() -> list[Operation]:
         *admission_api.OPERATIONS,
         *console.OPERATIONS,
         *checkout_api.OPERATIONS,
+        *tickets_api.OPERATIONS,
+        *venue_api.OPERATIONS,
     ]
 
 
@@ -261,6 +264,7 @@ def create_app(
         process_started()
         async with AsyncExitStack() as stack:
             stack.callback(process_stopped)  # the last thing this worker does
+            stack.callback(flush_tracing)  # spans still batched (nothing with tracing off)
             app.state.services = await open_services(settings, stack)
             yield
 
@@ -289,5 +293,6 @@ def app_from_env() -> Starlette:
     """App factory for ``uvicorn --factory`` and multi-worker serving: settings from the env."""
     settings = load_settings()
     configure_logging(settings.log_level)
+    configure_tracing("waitroom-api")  # on only with OTEL_EXPORTER_OTLP_ENDPOINT set
     tune_gc()
     return create_app(settings)

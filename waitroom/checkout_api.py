@@ -55,10 +55,12 @@ from inventory.orders import (
     Order,
     PaymentRefused,
     Reservation,
+    TicketInfo,
     get_reservation,
     list_orders,
     start_payment,
 )
+from inventory.tickets import claims_of, sign_ticket
 from waitroom.core import ids
 from waitroom.core.errors import (
     Conflict,
@@ -187,6 +189,41 @@ def _hold_id(raw: str) -> str:
     return str(uuid.UUID(ids.RESERVATION_ID.check(raw)))
 
 
+def _signed(
+    request: Request, event_id: str, order_id: str | None, tickets: list[TicketInfo]
+) -> list[TicketInfo]:
+    """``tickets`` with their signed form (what their QR codes hold; ``inventory.tickets``)."""
+    if not tickets or order_id is None:
+        return tickets
+    svc = services(request)
+    return [
+        msgspec.structs.replace(
+            t,
+            token=sign_ticket(
+                svc.passes.pass_keys,
+                claims_of(
+                    issuer=svc.settings.pass_issuer,
+                    code=t.code,
+                    event_id=event_id,
+                    ticket_type=t.ticket_type,
+                    order_id=order_id,
+                    issued_at=t.issued_at,
+                ),
+            ),
+        )
+        if t.issued_at is not None
+        else t
+        for t in tickets
+    ]
+
+
+def _with_tokens(request: Request, reservation: Reservation) -> Reservation:
+    if not reservation.tickets:
+        return reservation
+    tickets = _signed(request, reservation.event_id, reservation.order_id, reservation.tickets)
+    return msgspec.structs.replace(reservation, tickets=tickets)
+
+
 #: Retry-After of a ``tickets_held`` refusal: when trying again may find tickets returned.
 TICKETS_HELD_RETRY_S = 5
 
@@ -229,7 +266,8 @@ async def show_reservation(request: Request) -> Response:
     fan_id = _fan(request)
     hold_id = _hold_id(request.path_params["reservation_id"])
     async with services(request).db.acquire() as conn:
-        return JSONResponse(await get_reservation(conn, hold_id, fan_id))
+        reservation = await get_reservation(conn, hold_id, fan_id)
+    return JSONResponse(_with_tokens(request, reservation))
 
 
 async def confirm(request: Request) -> Response:
@@ -256,7 +294,8 @@ async def confirm(request: Request) -> Response:
             # confirm never starts a second charge.
             if exc.code != "payment_in_progress":
                 raise
-        return JSONResponse(await get_reservation(conn, hold_id, fan_id), status_code=202)
+        reservation = await get_reservation(conn, hold_id, fan_id)
+    return JSONResponse(_with_tokens(request, reservation), status_code=202)
 
 
 async def cancel(request: Request) -> Response:
@@ -287,7 +326,13 @@ async def my_orders(request: Request) -> Response:
     """The fan's orders, newest first, with their ticket codes."""
     fan_id = _fan(request)
     async with services(request).db.acquire() as conn:
-        return JSONResponse(await list_orders(conn, fan_id))
+        orders = await list_orders(conn, fan_id)
+    return JSONResponse(
+        [
+            msgspec.structs.replace(o, tickets=_signed(request, o.event_id, o.id, o.tickets))
+            for o in orders
+        ]
+    )
 
 
 _PASS_ERRORS = (401, 403, 404, 409, 410, 429, 503)

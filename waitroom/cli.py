@@ -23,11 +23,11 @@ import msgspec
 
 from admission import operators, recovery
 from admission.passes import PassKeys
-from inventory import catalogue
+from inventory import catalogue, tickets, venue
 from waitroom.core.clients import Clients, open_clients
 from waitroom.core.db import RETIRED_VERSIONS, ensure_database, migrate, migrations
 from waitroom.core.errors import ValidationFailed, WaitroomError
-from waitroom.core.http import dependency_error
+from waitroom.core.http import decode_json, dependency_error
 from waitroom.core.metrics import multiprocess_dir
 from waitroom.core.settings import Settings, check_admin_tokens, load_settings
 from waitroom.line.identity import Identities
@@ -128,9 +128,11 @@ def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
     """Run the payment pool, the outbox relay and the safety net until SIGTERM or SIGINT."""
     from waitroom.core.logs import configure_logging
     from waitroom.core.runtime import tune_gc
+    from waitroom.core.tracing import configure_tracing
     from workers.main import run_workers
 
     configure_logging(settings.log_level)
+    configure_tracing("waitroom-workers")  # on only with OTEL_EXPORTER_OTLP_ENDPOINT set
     tune_gc()
     if args.concurrency is not None:
         settings = msgspec.structs.replace(settings, payment_concurrency=args.concurrency)
@@ -384,6 +386,57 @@ async def cmd_event_delete(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# --- venue import / export ----------------------------------------------------------------
+
+
+def _read_seat_map(path: str) -> venue.SeatMap:
+    try:
+        body = Path(path).read_bytes()
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror}") from None
+    return decode_json(body, venue.SeatMap)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    try:
+        Path(path).write_bytes(data)
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {exc.strerror}") from None
+
+
+async def cmd_venue_import(args: argparse.Namespace, settings: Settings) -> int:
+    """Import an event's seat map from a JSON file (docs/seatmap.md), replacing its map."""
+    seat_map = _read_seat_map(args.file)
+    async with _clients(settings) as c:
+        summary = await venue.import_seat_map(c.db, args.event, seat_map, actor=cli_actor())
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(
+        f"imported the seat map of {summary.event_id}: {summary.seats} seats in"
+        f" {summary.seated_sections} seated and {summary.general_admission_sections}"
+        " general-admission sections"
+    )
+    for level in summary.levels:
+        print(
+            f"  {level.level} ({level.ticket_type}): {level.open} open,"
+            f" {level.held_back} held back, {level.killed} killed"
+        )
+    return 0
+
+
+async def cmd_venue_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Print an event's seat map as JSON (or write it to ``--output``)."""
+    async with _clients(settings) as c:
+        seat_map = await venue.export_seat_map(c.db, args.event)
+    data = venue.encode(seat_map)
+    if args.output:
+        _write_file(args.output, data + b"\n")
+    else:
+        sys.stdout.write(data.decode() + "\n")
+    return 0
+
+
 # --- admission / pass / status / token -----------------------------------------------------
 
 
@@ -480,6 +533,48 @@ async def cmd_pass_revoke(args: argparse.Namespace, settings: Settings) -> int:
         print(
             f"revoked pass {result.jti} of fan {result.fan_id} ({result.event_id}, #{result.seq})"
         )
+    return 0
+
+
+async def cmd_checkin(args: argparse.Namespace, settings: Settings) -> int:
+    """Check a ticket in (its code or its signed form), as the door's ``POST /v1/checkin``."""
+    keys = PassKeys.from_settings(settings)
+    code, claims = tickets.read_ticket(
+        keys, args.ticket, issuer=settings.pass_issuer, event_id=args.event
+    )
+    async with _clients(settings) as c, c.db.acquire() as conn:
+        try:
+            result = await tickets.check_in(
+                conn,
+                code,
+                by=cli_actor(),
+                gate=args.gate,
+                event_id=args.event,
+                signed=claims is not None,
+            )
+        except WaitroomError as exc:
+            # The refusal's details (when and where it was first used) on the one line.
+            shown = ", ".join(f"{k}: {v}" for k, v in exc.details.items() if v is not None)
+            raise CLIError(f"{exc.code}: {exc}" + (f" ({shown})" if shown else "")) from None
+    if args.json:
+        _print_json(result)
+    else:
+        where = f" at {result.gate}" if result.gate else ""
+        print(
+            f"checked in ticket {result.code} ({result.event_id}, {result.ticket_type})"
+            f"{where} at {result.used_at.isoformat()}"
+        )
+    return 0
+
+
+async def cmd_ticket_void(args: argparse.Namespace, settings: Settings) -> int:
+    """Void a ticket: check-in refuses it from now on."""
+    async with _clients(settings) as c, c.db.acquire() as conn:
+        result = await tickets.void_ticket(conn, args.code, actor=cli_actor(), reason=args.reason)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"voided ticket {result.code} ({result.event_id}) at {result.voided_at.isoformat()}")
     return 0
 
 
@@ -697,6 +792,20 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--json", action="store_true")
     delete.set_defaults(handler=cmd_event_delete)
 
+    ven = sub.add_parser("venue", help="an event's seat map: import and export (JSON)")
+    vsub = ven.add_subparsers(dest="venue_command", required=True, parser_class=_Parser)
+    vimport = vsub.add_parser(
+        "import", help="import an event's seat map from a JSON file (see docs/seatmap.md)"
+    )
+    vimport.add_argument("event")
+    vimport.add_argument("file")
+    vimport.add_argument("--json", action="store_true")
+    vimport.set_defaults(handler=cmd_venue_import)
+    vexport = vsub.add_parser("export", help="print an event's seat map as JSON")
+    vexport.add_argument("event")
+    vexport.add_argument("--output", "-o", help="write it to this file instead")
+    vexport.set_defaults(handler=cmd_venue_export)
+
     adm = sub.add_parser("admission", help="tune a live sale: rate, cap, pause, plan")
     asub = adm.add_subparsers(dest="admission_command", required=True, parser_class=_Parser)
     aset = asub.add_parser("set", help="set the admission rate and/or max active shoppers")
@@ -725,6 +834,21 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("jti")
     revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(handler=cmd_pass_revoke)
+
+    chk = sub.add_parser("checkin", help="check a ticket in at the door (its code or QR text)")
+    chk.add_argument("ticket", metavar="CODE", help="the ticket's code or its signed form")
+    chk.add_argument("--gate", help="the gate or device name recorded with the check-in")
+    chk.add_argument("--event", help="refuse tickets of any other event")
+    chk.add_argument("--json", action="store_true")
+    chk.set_defaults(handler=cmd_checkin)
+
+    tic = sub.add_parser("ticket", help="tickets")
+    ticsub = tic.add_subparsers(dest="ticket_command", required=True, parser_class=_Parser)
+    tvoid = ticsub.add_parser("void", help="void a ticket: check-in refuses it")
+    tvoid.add_argument("code")
+    tvoid.add_argument("--reason")
+    tvoid.add_argument("--json", action="store_true")
+    tvoid.set_defaults(handler=cmd_ticket_void)
 
     room = sub.add_parser("room", help="a room's live state in Redis")
     rsub = room.add_subparsers(dest="room_command", required=True, parser_class=_Parser)

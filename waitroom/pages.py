@@ -3,6 +3,8 @@ files the app serves.
 
 - ``GET /events/{event_id}``: the waiting page (``static/waiting.html``);
 - ``GET /events/{event_id}/checkout``: the checkout page (``static/checkout.html``);
+- ``GET /checkin``: the door staff's check-in page (``static/checkin.html``; type or paste a
+  ticket, ``POST /v1/checkin``);
 - ``GET /admin``: the operators' live console (``static/console.html``; its API is
   :mod:`waitroom.console`, and it keeps the operator's token in ``sessionStorage``);
 - ``GET /static/{name}``: their CSS, JavaScript and icon.
@@ -122,6 +124,11 @@ async def static_file(request: Request) -> Response:
     return _serve(request, name, ASSET_CACHE)
 
 
+async def checkin_page(request: Request) -> Response:
+    """The door staff's check-in page (it asks for the staff token; the API checks it)."""
+    return _serve(request, "checkin.html", PAGE_CACHE)
+
+
 async def console_page(request: Request) -> Response:
     """The operators' live console (the page asks for the token; the API checks it)."""
     return _serve(request, "console.html", PAGE_CACHE)
@@ -129,6 +136,7 @@ async def console_page(request: Request) -> Response:
 
 ROUTES: list[BaseRoute] = [
     Route("/admin", console_page, methods=["GET"], name="console_page"),
+    Route("/checkin", checkin_page, methods=["GET"], name="checkin_page"),
     Route("/events/{event_id}", waiting_page, methods=["GET"], name="waiting_page"),
     Route("/events/{event_id}/checkout", checkout_page, methods=["GET"], name="checkout_page"),
     Route("/static/{name}", static_file, methods=["GET"], name="static_file"),

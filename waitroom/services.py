@@ -171,3 +171,10 @@ async def require_admin(conn: HTTPConnection) -> Actor:
     """
     svc = services(conn)
     return await admin_auth.authenticate(conn, svc.settings, svc.redis, svc.keys)
+
+
+async def require_staff(conn: HTTPConnection) -> Actor:
+    """Check a door staff's or an operator's bearer token (check-in): ``staff:NAME`` or
+    ``admin:NAME``; the refusals of :func:`require_admin`."""
+    svc = services(conn)
+    return await admin_auth.authenticate(conn, svc.settings, svc.redis, svc.keys, door=True)

@@ -83,6 +83,7 @@ from inventory.orders import (
     record_event,
 )
 from inventory.store import Conn
+from waitroom.core import tracing
 from waitroom.core.errors import Unavailable, WaitroomError
 from workers.outbox import PASS_SPENT, PassSpent
 
@@ -763,7 +764,11 @@ class PaymentPool:
         self._claims[payment.id] = payment.attempts
         outcome: Outcome | None = None
         try:
-            outcome = await self._attempt(payment)
+            with tracing.span(
+                "payment.attempt", payment=payment.id, attempt=payment.attempts
+            ) as span:
+                outcome = await self._attempt(payment)
+                span.set_attribute("outcome", outcome)
             return outcome
         except asyncio.CancelledError:
             raise

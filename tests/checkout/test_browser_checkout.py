@@ -128,6 +128,12 @@ def test_a_fan_goes_from_the_waiting_page_to_tickets(
     expect(page.locator("#hold-section")).to_be_hidden()
     codes = tickets.all_inner_texts()
     assert len(set(codes)) == 2 and all(len(code) >= 16 for code in codes)
+    # Each ticket shows its QR code (the signed ticket, loaded with the visitor cookie).
+    qr = page.locator("#tickets img.ticket-qr")
+    expect(qr).to_have_count(2)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img.ticket-qr')].every((i) => i.naturalWidth > 0)"
+    )
     page.screenshot(path=tmp_path / "checkout-paid.png", full_page=True)
 
     counts = stats(admin, event_id)

@@ -19,8 +19,10 @@ from redis.asyncio import Redis
 from inventory.forwarding import FORWARD_BATCHES
 from inventory.hosting import InventoryHost
 from inventory.ledger import Refused, Reserve, Reserved
+from tests.checkout.test_tracing import Receiver, wait_for_spans
 from tests.harness import ROOT
 from tests.inventory.conftest import held_sold, make_event
+from waitroom.core import tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings, settings_env
@@ -222,3 +224,30 @@ async def test_asks_of_one_turn_of_the_event_loop_go_to_the_owner_in_one_inbox_e
     assert len({r.hold.id for r in results if isinstance(r, Reserved)}) == 60
     assert 1 <= entries <= 5, entries
     assert await held_sold(pool, event_id) == (61, 0, 200)
+
+
+async def test_a_forwarded_ask_carries_its_span_to_the_owners_commit(
+    pool: asyncpg.Pool[Any], hosts: tuple[InventoryHost, InventoryHost]
+) -> None:
+    receiver = Receiver()
+    try:
+        assert tracing.configure_tracing("waitroom-test", {tracing.ENDPOINT_VARIABLE: receiver.url})
+        a, b = hosts
+        event_id = await make_event(pool, quantity=5, per_fan=1)
+        assert isinstance(await a.ask(event_id, Reserve("first", "ga", 1, None, None)), Reserved)
+        with tracing.span("asker"):
+            assert isinstance(await b.ask(event_id, Reserve("fan", "ga", 1, "k", None)), Reserved)
+        assert not b.owns(event_id)
+        wait_for_spans(receiver, "asker", "inventory.ask", "inventory.commit")
+        (asker,) = receiver.named("asker")
+        (forwarded,) = [s for s in receiver.named("inventory.ask") if s.parent_id == asker.span_id]
+        # The commit ran in the owner's actor: linked to the asker's span over the inbox.
+        commits = [
+            s
+            for s in receiver.named("inventory.commit")
+            if (forwarded.trace_id, forwarded.span_id) in s.links
+        ]
+        assert len(commits) == 1
+    finally:
+        tracing.shutdown_tracing()
+        receiver.close()

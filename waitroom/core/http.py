@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from waitroom.core import tracing
 from waitroom.core.db import DatabaseUnreachable, PoolTimeout
 from waitroom.core.errors import (
     BadRequest,
@@ -347,6 +348,10 @@ class RequestContextMiddleware:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
+        # One server span per request (the null span with tracing off), named for the route
+        # template once routing has matched it; the logs below are written inside it.
+        span = tracing.server_span(scope["method"], scope["headers"])
+        current = span.__enter__()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
@@ -354,6 +359,10 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope["method"]
+            if current is not tracing.NULL_SPAN:
+                current.update_name(f"{method} {template}")
+                current.set_attribute("http.route", template)
+                current.set_attribute("http.response.status_code", status)
             requests, latency = _request_metrics(template, method, status)
             requests.inc()
             latency.observe(elapsed)
@@ -369,4 +378,5 @@ class RequestContextMiddleware:
                         "ms": round(elapsed * 1000, 2),
                     },
                 )
+            span.__exit__(None, None, None)
             request_id_var.reset(token)

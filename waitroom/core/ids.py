@@ -105,10 +105,20 @@ PASS_JTI = IdForm(
     noun="queue pass",
 )
 
+#: A ticket's ``code`` (``secrets.token_urlsafe(18)`` when issued here: 24 characters).
+TICKET_CODE = IdForm(
+    name="ticket_code",
+    pattern=r"^[A-Za-z0-9_-]{16,64}" + END,
+    max_length=64,
+    description="a ticket's code: 16 to 64 URL-safe base64 letters, digits, '-' and '_'",
+    code="ticket_not_found",
+    noun="ticket",
+)
+
 #: Every path parameter the API has, by name. A route with a parameter not listed here is
 #: refused when the app is built (:func:`forms_of`), so a new route cannot skip the check.
 PATH_PARAMS: Mapping[str, IdForm] = {
-    form.name: form for form in (EVENT_ID, RESERVATION_ID, PASS_JTI)
+    form.name: form for form in (EVENT_ID, RESERVATION_ID, PASS_JTI, TICKET_CODE)
 }
 
 _TEMPLATE_PARAM = re.compile(r"{([^}:]+)(?::[^}]*)?}")

@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line, carrying the request id of the request."""
+"""Structured logs: one JSON object per line, carrying the request id of the request and,
+with tracing on, the trace and span ids of the span it was written in (null outside any)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import msgspec
 
+from waitroom.core import tracing
 from waitroom.core.http import request_id_var
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is data.
@@ -17,7 +19,8 @@ _encoder = msgspec.json.Encoder(enc_hook=repr)  # a stray object in extra= must 
 
 
 class JSONFormatter(logging.Formatter):
-    """Formats a record as ``{"ts", "level", "logger", "msg", "request_id", ...extra}``."""
+    """Formats a record as ``{"ts", "level", "logger", "msg", "request_id", "trace_id",
+    "span_id", ...extra}``; the ids are null with tracing off or outside any span."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -27,7 +30,12 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
             "request_id": request_id_var.get(),
+            "trace_id": None,
+            "span_id": None,
         }
+        ids = tracing.current_ids() if tracing.enabled() else None
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value

@@ -38,6 +38,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_token: str | None = None
     #: Named operators' tokens, each ``name:token``; the audit log says ``admin:NAME``.
     admin_tokens: tuple[str, ...] = ()
+    #: Door staff's tokens, each ``name:token``: they check tickets in (``POST /v1/checkin``)
+    #: and nothing else; the operators' tokens check in too.
+    staff_tokens: tuple[str, ...] = ()
     #: Failed admin logins one client address may make per 5 minutes (a token bucket of
     #: this many, refilled over 5 minutes); then 429 until it refills.
     admin_auth_failures: int = 10
@@ -304,6 +307,7 @@ _FIELDS: dict[str, _Field] = {
     "database_url": _url("postgresql", "postgres"),
     "admin_token": _TEXT,
     "admin_tokens": _Field(_operator_tokens, "comma-separated name:token pairs"),
+    "staff_tokens": _Field(_operator_tokens, "comma-separated name:token pairs"),
     "admin_auth_failures": _int_range(1, 1_000_000),
     "env": _Field(_env, "one of " + ", ".join(ENVIRONMENTS)),
     "trusted_proxies": _Field(_networks, "comma-separated CIDR networks like 10.0.0.0/8"),
@@ -443,6 +447,21 @@ def operators(settings: Settings) -> dict[str, str]:
     return found
 
 
+def staff(settings: Settings) -> dict[str, str]:
+    """Door staff's name -> token (``WAITROOM_STAFF_TOKENS``); ``SettingsError`` on a name or
+    a token given twice, or a token that is an operator's too."""
+    found: dict[str, str] = {}
+    variable = f"{PREFIX}STAFF_TOKENS"
+    admins = set(operators(settings).values())
+    for name, token in (entry.split(":", 1) for entry in settings.staff_tokens):
+        if name in found or token in found.values() or token in admins:
+            raise SettingsError(
+                f"{variable}: {name!r} is named twice or shares a token", variable=variable
+            )
+        found[name] = token
+    return found
+
+
 def check_admin_tokens(settings: Settings, host: str) -> None:
     """Refuse weak admin tokens unless a development server listens on loopback only.
 
@@ -451,15 +470,20 @@ def check_admin_tokens(settings: Settings, host: str) -> None:
     listener is refused one: a reverse proxy on the same host makes it public.
     """
     named = operators(settings)
+    door = staff(settings)
     if settings.env != "production" and is_loopback(host):
         return
     if settings.env == "production":
         where, fix = "in production", ""
     else:
         where, fix = f"on a server listening on {host}", ", or listen on 127.0.0.1"
-    for name, token in named.items():
+    checked = [(name, token, False) for name, token in named.items()]
+    checked += [(name, token, True) for name, token in door.items()]
+    for name, token, is_staff in checked:
         variable = f"{PREFIX}ADMIN_TOKEN" if name == "admin" else f"{PREFIX}ADMIN_TOKENS"
         who = "the admin token" if name == "admin" else f"operator {name!r}'s token"
+        if is_staff:
+            variable, who = f"{PREFIX}STAFF_TOKENS", f"staff {name!r}'s token"
         if token.strip().lower() in KNOWN_ADMIN_TOKENS:
             problem = "is a published example value"
         elif len(token) < MIN_ADMIN_TOKEN_CHARS:

@@ -528,6 +528,16 @@ function renderTickets(tickets) {
       el("li", { className: "ticket" }, [
         el("span", { text: ticket.ticket_type, className: "ticket-type" }),
         el("code", { text: ticket.code, className: "ticket-code" }),
+        // The signed ticket as a QR code, for the door (the visitor cookie says whose it is).
+        el("img", {
+          className: "ticket-qr",
+          attrs: {
+            src: `/v1/tickets/${encodeURIComponent(ticket.code)}/qr.svg`,
+            alt: `QR code of ticket ${ticket.code}`,
+            width: "192",
+            height: "192",
+          },
+        }),
       ]),
     );
   }
