@@ -522,16 +522,13 @@ async def list_events(pool: asyncpg.Pool[Any], *, limit: int = 100) -> list[Even
     ]
 
 
-async def event_stats(pool: asyncpg.Pool[Any], event_id: str) -> EventStats:
-    """Ticket counts of an event from PostgreSQL, the source of truth."""
-    detail = await get_event(pool, event_id)
-    async with pool.acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT name, quantity, held, sold FROM ticket_types WHERE event_id = $1"
-            " ORDER BY position",
-            event_id,
-        )
-    types = [
+async def ticket_type_stats(pool: asyncpg.Pool[Any], event_id: str) -> list[TicketTypeStats]:
+    """Each ticket type's counts from PostgreSQL, in the event's order (none when unknown)."""
+    rows = await pool.fetch(
+        "SELECT name, quantity, held, sold FROM ticket_types WHERE event_id = $1 ORDER BY position",
+        event_id,
+    )
+    return [
         TicketTypeStats(
             name=r["name"],
             quantity=r["quantity"],
@@ -541,6 +538,12 @@ async def event_stats(pool: asyncpg.Pool[Any], event_id: str) -> EventStats:
         )
         for r in rows
     ]
+
+
+async def event_stats(pool: asyncpg.Pool[Any], event_id: str) -> EventStats:
+    """Ticket counts of an event from PostgreSQL, the source of truth."""
+    detail = await get_event(pool, event_id)
+    types = await ticket_type_stats(pool, event_id)
     return EventStats(
         event_id=event_id,
         status=detail.status,

@@ -54,7 +54,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from admission import operators
-from inventory.catalogue import TicketTypeStats
+from inventory.catalogue import TicketTypeStats, ticket_type_stats
 from waitroom.core.errors import NotFound, RateLimited, ValidationFailed
 from waitroom.core.http import JSONResponse, dependency_error, internal_error_body
 from waitroom.core.openapi import Operation
@@ -119,30 +119,12 @@ class AuditPage(msgspec.Struct, frozen=True):
 # --- the live stream -------------------------------------------------------------------------
 
 
-async def ticket_stats(svc: Services, event_id: str) -> list[TicketTypeStats]:
-    """The ticket counts of each type, as ``GET /v1/admin/events/{id}/stats`` shows them."""
-    rows = await svc.db.fetch(
-        "SELECT name, quantity, held, sold FROM ticket_types WHERE event_id = $1 ORDER BY position",
-        event_id,
-    )
-    return [
-        TicketTypeStats(
-            name=r["name"],
-            quantity=r["quantity"],
-            held=r["held"],
-            sold=r["sold"],
-            available=r["quantity"] - r["held"] - r["sold"],
-        )
-        for r in rows
-    ]
-
-
 async def sample(svc: Services, event_id: str, seq: int) -> LiveSample:
     """The sale's figures now; 404 ``event_not_found`` for an unknown event."""
     status = await operators.admission_status(
         svc.db, svc.redis, svc.keys, event_id, now=time.time()
     )
-    types = await ticket_stats(svc, event_id)
+    types = await ticket_type_stats(svc.db, event_id)
     return LiveSample(
         seq=seq,
         admission=status,
