@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -40,6 +41,10 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
         cleanup(value)
 
 
+#: How long the pool fixture waits for its connections to come back at the end.
+POOL_CLOSE_S = 30.0
+
+
 @pytest.fixture
 async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool[Any]]:
     """A PostgreSQL pool on the run's (or the module's) database."""
@@ -47,7 +52,15 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool[Any]]:
     try:
         yield p
     finally:
-        await p.close()
+        # close() waits for every connection to come back: one a test leaked checked out
+        # (an actor left running) fails here, loudly, instead of hanging the whole run.
+        try:
+            await asyncio.wait_for(p.close(), POOL_CLOSE_S)
+        except TimeoutError:
+            p.terminate()
+            raise AssertionError(
+                f"a pooled connection was still checked out {POOL_CLOSE_S:g} s after the test"
+            ) from None
 
 
 @pytest.fixture
