@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from admission import bucket as buckets
 from admission import leader
 from admission.passes import PassClaims, PassKeys, new_jti
-from waitroom.core import tracing
+from waitroom.core import runtime, tracing
 from waitroom.core.keys import EventKeys, Keys
 from waitroom.core.metrics import forget
 from waitroom.line.broadcast import FANS_WAITING
@@ -685,13 +685,8 @@ class AdmissionService:
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait until it has really finished.
-
-    Cancelling again each second: a library call that swallows one cancellation (some do,
-    under a timeout race) must not leave shutdown waiting forever.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=1.0)
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("admission task ended with an error", extra={"error": repr(task.exception())})
+    """Cancel ``task`` and wait until it has really finished (see
+    :func:`waitroom.core.runtime.cancel_and_wait`), logging the error it ended with."""
+    error = await runtime.cancel_and_wait(task)
+    if error is not None:
+        log.warning("admission task ended with an error", extra={"error": repr(error)})

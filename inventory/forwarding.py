@@ -33,6 +33,7 @@ from inventory.ledger import Command, Result, decode_result, encode_result
 from waitroom.core import tracing
 from waitroom.core.errors import Unavailable, WaitroomError
 from waitroom.core.keys import Keys
+from waitroom.core.runtime import cancel_and_wait
 
 log = logging.getLogger("waitroom.inventory")
 
@@ -118,8 +119,8 @@ class Forwarder:
     async def stop(self, reason: WaitroomError) -> None:
         """Stop listening; every ask still waiting fails with ``reason``."""
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            # Again after a while if its XREAD swallowed the first cancellation.
+            await cancel_and_wait(self._listener, every_s=5.0)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(reason)

@@ -49,6 +49,7 @@ from inventory.ledger import Command, Expire, Result
 from waitroom.core import lease, tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
+from waitroom.core.runtime import cancel_and_wait
 
 log = logging.getLogger("waitroom.inventory")
 
@@ -482,9 +483,9 @@ class InventoryHost:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(supervisor), 10)
             others = [t for t in tenure.tasks if t is not me]
-            for task in others:
-                task.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
+            # Cancelled again after a while if one swallowed the first cancellation (their
+            # clean-up, a connection given back, has that long).
+            await asyncio.gather(*(cancel_and_wait(t, every_s=5.0) for t in others))
             if release:
                 with contextlib.suppress(Exception):
                     await lease.release(self._redis, self._keys.event(event_id).owner, self.node_id)

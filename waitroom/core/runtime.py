@@ -1,8 +1,11 @@
-"""Process-wide runtime tuning applied at the process edge (server, workers, benchmarks)."""
+"""Process-wide runtime tuning applied at the process edge (server, workers, benchmarks),
+and the one way long-lived tasks are stopped."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
+from typing import Any
 
 
 def tune_gc() -> None:
@@ -17,3 +20,17 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], *, every_s: float = 1.0) -> BaseException | None:
+    """Cancel ``task`` and wait until it has really finished; the exception it ended with.
+
+    Cancelling again each ``every_s``: a library call that swallows one cancellation (redis-py
+    and asyncio's own timeouts can, when the cancellation lands as a timeout fires) must not
+    leave a shutdown waiting forever. The task's exception, if any, is retrieved (returned),
+    so nothing is reported as never retrieved.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+    return None if task.cancelled() else task.exception()
