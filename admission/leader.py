@@ -35,7 +35,8 @@ ACQUIRE_EVERY_S = 0.25
 
 ADMIT = Script("admission.lua", "admit.lua")
 SETTINGS = Script("admission.lua", "settings.lua")
-ALL = (*lease.SCRIPTS, ADMIT, SETTINGS)
+INCARNATION = Script("admission.lua", "incarnation.lua")
+ALL = (*lease.SCRIPTS, ADMIT, SETTINGS, INCARNATION)
 
 
 async def load_all(redis: Redis) -> None:
@@ -94,7 +95,7 @@ class Candidate:
 class AdmitReply:
     """What ``admit.lua`` did."""
 
-    outcome: str  # "done" | "moved" | "stale" | "fenced"
+    outcome: str  # "done" | "moved" | "stale" | "fenced" | "unreconciled"
     admitted: int
     abandoned: int
     admitted_total: int
@@ -125,6 +126,7 @@ async def admit(
         ek.active,
         ek.order,
         ek.live,
+        ek.incarnation,
     ]
     outcome, admitted, abandoned, total, picked = await ADMIT(redis, keys, args)
     return AdmitReply(
@@ -136,6 +138,14 @@ async def admit(
     )
 
 
+async def mark_incarnation(redis: Redis, ek: EventKeys, last_seq: int) -> str:
+    """Mark the room's pass state as written from PostgreSQL under the running Redis
+    process (``admit.lua`` admits again), its pass numbers going on after ``last_seq``;
+    the run id."""
+    run = await INCARNATION(redis, [ek.incarnation, ek.meta], [last_seq])
+    return run.decode() if isinstance(run, bytes) else str(run)
+
+
 async def mirror_settings(
     redis: Redis,
     ek: EventKeys,
@@ -144,9 +154,19 @@ async def mirror_settings(
     rate: float,
     max_active: int,
     paused: bool,
+    waitlist: bool | None = None,
 ) -> bool:
-    """Write the admission settings into the room's meta unless a newer version is there."""
+    """Write the admission settings into the room's meta unless a newer version is there
+    (``waitlist`` None leaves the room's waitlist setting as it is)."""
     reply = await SETTINGS(
-        redis, [ek.meta, ek.news], [version, repr(float(rate)), max_active, "1" if paused else "0"]
+        redis,
+        [ek.meta, ek.news],
+        [
+            version,
+            repr(float(rate)),
+            max_active,
+            "1" if paused else "0",
+            "" if waitlist is None else "1" if waitlist else "0",
+        ],
     )
     return int(reply) == 1

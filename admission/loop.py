@@ -29,7 +29,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -37,7 +37,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
 
 from admission import bucket as buckets
-from admission import leader
+from admission import leader, recovery
+from admission import waitlist as waitlist_core
 from admission.passes import PassClaims, PassKeys, new_jti
 from waitroom.core import runtime, tracing
 from waitroom.core.keys import EventKeys, Keys
@@ -60,6 +61,12 @@ CANDIDATE_SLACK = 8
 _ERROR_LOG_EVERY_S = 10.0
 
 ADMITTED = Counter("waitroom_admitted_total", "Fans admitted (passes issued).", ["event"])
+RECONCILED = Counter(
+    "waitroom_admission_rooms_rebuilt_total",
+    "Rooms whose pass state the admission leader wrote again from PostgreSQL because Redis"
+    " restarted under them (from its append-only file, or a promoted replica).",
+    ["event"],
+)
 ABANDONED_SKIPPED = Counter(
     "waitroom_admission_abandoned_total",
     "Abandoned fans the admission loop found at the head of the line and dropped.",
@@ -142,6 +149,12 @@ _META_FIELDS = (
     "opens_at",
     "opened",
     "drawn",
+    # The waitlist (admission/waitlist.py).
+    "waitlist",
+    "waitlisting",
+    "wl_seen",
+    "returned",
+    "per_fan_limit",
 )
 
 
@@ -169,14 +182,30 @@ class RoomState:
     active: int
     #: Fans placed in the line (the queue's size).
     waiting: int = 0
+    #: The waitlist setting, and where the room stands with it (admission/waitlist.py).
+    waitlist: bool = False
+    phase: waitlist_core.Phase = field(default_factory=waitlist_core.Phase)
+    per_fan_limit: int = 1
+    #: Tickets available in all, as the inventory actor last published; None before it did.
+    available: int | None = None
 
     @classmethod
-    def parse(cls, meta: list[Any], active: int, waiting: int = 0) -> RoomState | None:
+    def parse(
+        cls, meta: list[Any], active: int, waiting: int = 0, available: int | None = None
+    ) -> RoomState | None:
         """From ``HMGET meta`` of :data:`_META_FIELDS`; None without a room."""
         values = dict(zip(_META_FIELDS, (_text(v) for v in meta), strict=True))
         if values["mode"] is None:
             return None
         return cls(
+            waitlist=values["waitlist"] == "1",
+            phase=waitlist_core.Phase(
+                waitlisting=values["waitlisting"] == "1",
+                seen=int(values["wl_seen"] or 0),
+                returned=int(values["returned"] or 0),
+            ),
+            per_fan_limit=max(1, int(values["per_fan_limit"] or 1)),
+            available=available,
             rate=float(values["rate"] or 1.0),
             max_active=int(values["max_active"] or 1),
             paused=values["paused"] == "1",
@@ -204,8 +233,11 @@ async def read_state(redis: Redis, ek: EventKeys, now: float) -> RoomState | Non
     pipe.zremrangebyscore(ek.active, "-inf", now)
     pipe.zcard(ek.active)
     pipe.zcard(ek.queue)
-    meta, _, active, waiting = await pipe.execute()
-    return RoomState.parse(meta, int(active), int(waiting))
+    pipe.hvals(ek.availability)
+    meta, _, active, waiting, available = await pipe.execute()
+    return RoomState.parse(
+        meta, int(active), int(waiting), waitlist_core.parse_available(available)
+    )
 
 
 class RateObserver:
@@ -381,6 +413,7 @@ class EventAdmission:
         if state is None:
             await self.service.rooms.ensure(self.event_id)
             return 0
+        phase = await self._follow_waitlist(state)
         await self._follow_sale(state)
         if not state.ready():
             if now >= state.opens_at and time.monotonic() - self._opened_tried >= 0.5:
@@ -399,12 +432,23 @@ class EventAdmission:
             paused=state.paused,
             sold_out=state.sold_out,
         )
+        claims: list[int] | None = None
+        if count > 0 and phase.waitlisting:
+            # Sold out with a waitlist: only as many fans as tickets came back and are not
+            # offered yet (admission/waitlist.py); none while nothing is available.
+            claims = waitlist_core.offer_claims(
+                available=state.available or 0,
+                offered=await waitlist_core.offered(redis, self.ek, now),
+                per_fan_limit=state.per_fan_limit,
+                most=count,
+            )
+            count = len(claims)
         admitted = 0
         total = state.admitted_total
         if count > 0:
             # A span only for ticks that admit someone: 20 idle ticks a second are no trace.
             with tracing.span("admission.admit", event=self.event_id, wanted=count) as span:
-                admitted, total = await self._admit(token, state, count, now)
+                admitted, total = await self._admit(token, state, count, now, claims)
                 span.set_attribute("admitted", admitted)
             current = buckets.take(current, admitted)
         self.bucket = current
@@ -417,7 +461,8 @@ class EventAdmission:
         PAUSED.labels(event).set(1 if state.paused else 0)
         waiting = max(0, state.waiting - admitted)
         FANS_WAITING.labels(event).set(waiting)
-        if self.observer.rate and waiting:
+        # No wait is promised to a waitlist: whether tickets come back is unknowable.
+        if self.observer.rate and waiting and not phase.waitlisting:
             LAST_FAN_ETA.labels(event).set(waiting / self.observer.rate)
         else:
             forget(LAST_FAN_ETA, event)
@@ -428,8 +473,11 @@ class EventAdmission:
         """What follows from the room's state besides admitting: the event's status in
         PostgreSQL ('open' once the room opened, 'sold_out' while nothing is left and
         nothing held could come back), and a sold-out room's line closed (its waiting fans
-        told and sent away, its passes no longer counted against max_active)."""
-        if state.sold_out and not self._line_closed:
+        told and sent away, its passes no longer counted against max_active); a room whose
+        waitlist is on keeps its line (admission/waitlist.py)."""
+        if state.sold_out and state.waitlist:
+            self._line_closed = False
+        elif state.sold_out and not self._line_closed:
             self._line_closed = not await self.service.rooms.close_line(self.event_id)
         elif not state.sold_out:
             self._line_closed = False
@@ -442,7 +490,27 @@ class EventAdmission:
             )
             self._status = status
 
-    async def _admit(self, token: str, state: RoomState, count: int, now: float) -> tuple[int, int]:
+    async def _follow_waitlist(self, state: RoomState) -> waitlist_core.Phase:
+        """Where the room stands with its waitlist after this look; written to the meta (for
+        the fans' messages) only when it changed."""
+        phase = waitlist_core.follow(
+            state.phase,
+            enabled=state.waitlist,
+            available=state.available,
+            sold_out=state.sold_out,
+        )
+        if phase != state.phase:
+            await waitlist_core.store_phase(self.service.redis, self.ek, phase)
+        return phase
+
+    async def _admit(
+        self,
+        token: str,
+        state: RoomState,
+        count: int,
+        now: float,
+        offers: list[int] | None = None,
+    ) -> tuple[int, int]:
         redis = self.service.redis
         raw = await redis.zrange(self.ek.queue, 0, count + CANDIDATE_SLACK - 1)
         if not raw:
@@ -488,6 +556,12 @@ class EventAdmission:
         # twice, max_active kept). A PostgreSQL that cannot take them admits nobody: the
         # tick fails and the next one tries again (nobody could check out meanwhile anyway).
         await self._record(rows)
+        if offers is not None:
+            # Claimed ahead too, in line order, so a pass in `active` always has its claim
+            # counted (admission/waitlist.py).
+            await waitlist_core.record_offers(
+                redis, self.ek, list(zip((r.jti for r in rows), offers, strict=False))
+            )
         reply = await leader.admit(redis, self.ek, token, candidates, limit=count, cutoff=cutoff)
         picked = {candidates[i].jti for i in reply.picked}
         # Passes signed for fans the script did not admit (they left, or the batch stopped):
@@ -497,11 +571,41 @@ class EventAdmission:
             log.warning("admission fenced: the lease is gone", extra={"event_id": self.event_id})
             self._lost.set()
             return 0, state.admitted_total
+        if reply.outcome == "unreconciled":
+            await self._reconcile()
+            return 0, state.admitted_total
+        if reply.admitted and tracing.enabled():
+            await self._link_joins([c.fan_id for c in candidates if c.jti in picked])
         if reply.abandoned:
             ABANDONED_SKIPPED.labels(self.event_id).inc(reply.abandoned)
         if reply.admitted:
             ADMITTED.labels(self.event_id).inc(reply.admitted)
         return reply.admitted, reply.admitted_total
+
+    async def _reconcile(self) -> None:
+        """Redis restarted under the room since its pass state was last written from
+        PostgreSQL (``admit.lua`` answered 'unreconciled'), and may have lost its last
+        second (a pass issued in it missing from ``active``, a spent marker): write it again
+        before anyone else is admitted, then mark the room (the next tick admits)."""
+        svc = self.service
+        rebuilt = await recovery.rebuild(svc.db, svc.redis, svc.keys, self.event_id)
+        run = await leader.mark_incarnation(svc.redis, self.ek, rebuilt.last_seq)
+        RECONCILED.labels(self.event_id).inc()
+        log.warning(
+            "room rebuilt from postgresql after a redis restart",
+            extra={"event_id": self.event_id, "run_id": run, "passes": rebuilt.passes},
+        )
+
+    async def _link_joins(self, fans: list[str]) -> None:
+        """Link this tick's span to the joins of the fans it admitted (their traceparents,
+        kept by the join while tracing is on), and forget them; a failure loses links only."""
+        redis = self.service.redis
+        try:
+            values = await redis.hmget(self.ek.traces, fans)
+            tracing.add_links(v.decode() if isinstance(v, bytes) else v for v in values)
+            await redis.hdel(self.ek.traces, *fans)
+        except Exception as exc:
+            self._log_error("linking the admitted fans' joins failed", exc)
 
     async def _record(self, rows: list[PassRow]) -> None:
         """Record the passes about to be issued in ``queue_passes`` (raises when it fails)."""
@@ -568,7 +672,14 @@ class EventAdmission:
                     extra={"event_id": self.event_id, "rows": dropped},
                 )
 
-    async def reconcile(self, version: int, rate: float, max_active: int, paused: bool) -> None:
+    async def reconcile(
+        self,
+        version: int,
+        rate: float,
+        max_active: int,
+        paused: bool,
+        waitlist: bool | None = None,
+    ) -> None:
         """Bring the room's meta up to PostgreSQL's admission settings (leader only)."""
         if self.leading:
             await leader.mirror_settings(
@@ -578,6 +689,7 @@ class EventAdmission:
                 rate=rate,
                 max_active=max_active,
                 paused=paused,
+                waitlist=waitlist,
             )
 
     async def stop(self) -> None:
@@ -646,6 +758,9 @@ class AdmissionService:
         """Start loops for events now open (or opening soon), stop those of closed events."""
         rows = await self.db.fetch(
             "SELECT e.id, r.rate_per_second, r.max_active, r.paused,"
+            # The waitlist as in force now: a deadline passed ends it within one poll.
+            " r.waitlist AND (r.waitlist_until IS NULL OR r.waitlist_until > now())"
+            " AS waitlist,"
             " (extract(epoch FROM r.updated_at) * 1000000)::bigint AS version"
             " FROM events e JOIN room_settings r ON r.event_id = e.id"
             " WHERE e.status <> 'closed' AND r.opens_at <= now() + make_interval(secs => $1)",
@@ -666,7 +781,11 @@ class AdmissionService:
                 runner.start()
             try:
                 await runner.reconcile(
-                    row["version"], row["rate_per_second"], row["max_active"], row["paused"]
+                    row["version"],
+                    row["rate_per_second"],
+                    row["max_active"],
+                    row["paused"],
+                    row["waitlist"],
                 )
             except Exception as exc:
                 runner._log_error("reconciling admission settings failed", exc)

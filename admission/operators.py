@@ -40,6 +40,11 @@ class AdmissionPatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     rate_per_second: Rate | UnsetType = UNSET
     max_active: MaxActive | UnsetType = UNSET
     paused: bool | UnsetType = UNSET
+    #: Keep the line as a waitlist once sold out (admission/waitlist.py); turning it off in
+    #: a sold-out sale ends the waitlist: the line closes and the fans are told sold out.
+    waitlist: bool | UnsetType = UNSET
+    #: When the waitlist ends (a time with its zone); null: when it is turned off.
+    waitlist_until: Annotated[datetime, Meta(tz=True)] | UnsetType | None = UNSET
 
 
 class AdmissionSettings(msgspec.Struct, frozen=True):
@@ -50,6 +55,8 @@ class AdmissionSettings(msgspec.Struct, frozen=True):
     max_active: int
     paused: bool
     updated_at: datetime
+    waitlist: bool = False
+    waitlist_until: datetime | None = None
 
 
 class RevokedPass(msgspec.Struct, frozen=True):
@@ -85,6 +92,13 @@ class AdmissionStatus(msgspec.Struct, frozen=True):
     #: Whether some process leads the event's admission loop now.
     leader: bool
     at: datetime
+    #: The waitlist in force (admission/waitlist.py): its setting, unless ``waitlist_until``
+    #: has passed; ``waitlisted`` once the sale sold out and the line is kept as a waitlist,
+    #: with the tickets that came back since.
+    waitlist: bool = False
+    waitlist_until: datetime | None = None
+    waitlisted: bool = False
+    tickets_returned: int = 0
 
 
 class AdmissionPlan(msgspec.Struct, frozen=True):
@@ -116,9 +130,20 @@ def check_patch(patch: AdmissionPatch) -> None:
     """Rules beyond the field types: something to change, and a finite rate."""
     if patch.rate_per_second is not UNSET and not math.isfinite(patch.rate_per_second):
         raise ValidationFailed("rate_per_second must be a finite number", field="rate_per_second")
-    if all(v is UNSET for v in (patch.rate_per_second, patch.max_active, patch.paused)):
+    if all(
+        v is UNSET
+        for v in (
+            patch.rate_per_second,
+            patch.max_active,
+            patch.paused,
+            patch.waitlist,
+            patch.waitlist_until,
+        )
+    ):
         raise ValidationFailed(
-            "nothing to change: give rate_per_second, max_active or paused", code="empty_patch"
+            "nothing to change: give rate_per_second, max_active, paused, waitlist or"
+            " waitlist_until",
+            code="empty_patch",
         )
 
 
@@ -130,7 +155,13 @@ def _event_not_found(event_id: str) -> NotFound:
 
 def _settings_json(s: AdmissionSettings) -> str:
     return msgspec.json.encode(
-        {"rate_per_second": s.rate_per_second, "max_active": s.max_active, "paused": s.paused}
+        {
+            "rate_per_second": s.rate_per_second,
+            "max_active": s.max_active,
+            "paused": s.paused,
+            "waitlist": s.waitlist,
+            "waitlist_until": None if s.waitlist_until is None else s.waitlist_until.isoformat(),
+        }
     ).decode()
 
 
@@ -159,30 +190,43 @@ async def update_admission(
     check_patch(patch)
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            "SELECT rate_per_second, max_active, paused, updated_at FROM room_settings"
-            " WHERE event_id = $1 FOR UPDATE",
+            "SELECT rate_per_second, max_active, paused, updated_at, waitlist, waitlist_until"
+            " FROM room_settings WHERE event_id = $1 FOR UPDATE",
             event_id,
         )
         if row is None:
             raise _event_not_found(event_id)
         old = AdmissionSettings(
-            event_id, row["rate_per_second"], row["max_active"], row["paused"], row["updated_at"]
+            event_id,
+            row["rate_per_second"],
+            row["max_active"],
+            row["paused"],
+            row["updated_at"],
+            row["waitlist"],
+            row["waitlist_until"],
         )
         rate = old.rate_per_second if patch.rate_per_second is UNSET else patch.rate_per_second
         max_active = old.max_active if patch.max_active is UNSET else patch.max_active
         paused = old.paused if patch.paused is UNSET else patch.paused
+        waitlist = old.waitlist if patch.waitlist is UNSET else patch.waitlist
+        until = old.waitlist_until if patch.waitlist_until is UNSET else patch.waitlist_until
         # clock_timestamp(), not now(): the version must grow even within one transaction's
         # clock, and be later than anything a reconciliation read before this commit.
         updated_at = await conn.fetchval(
             "UPDATE room_settings SET rate_per_second = $2, max_active = $3, paused = $4,"
+            " waitlist = $5, waitlist_until = $6,"
             " updated_at = greatest(clock_timestamp(), updated_at + interval '1 microsecond')"
             " WHERE event_id = $1 RETURNING updated_at",
             event_id,
             float(rate),
             max_active,
             paused,
+            waitlist,
+            until,
         )
-        new = AdmissionSettings(event_id, float(rate), max_active, paused, updated_at)
+        new = AdmissionSettings(
+            event_id, float(rate), max_active, paused, updated_at, waitlist, until
+        )
         await audit.record(
             conn,
             actor,
@@ -198,6 +242,9 @@ async def update_admission(
         rate=new.rate_per_second,
         max_active=new.max_active,
         paused=new.paused,
+        # As in force now: a deadline already past ends the waitlist at once.
+        waitlist=new.waitlist
+        and (new.waitlist_until is None or new.waitlist_until > datetime.now(UTC)),
     )
     return new
 
@@ -271,7 +318,8 @@ async def revoke_pass(
 
 async def _event_row(pool: asyncpg.Pool[Any], event_id: str) -> asyncpg.Record:
     row = await pool.fetchrow(
-        "SELECT e.status, r.rate_per_second, r.max_active, r.paused,"
+        "SELECT e.status, r.rate_per_second, r.max_active, r.paused, r.waitlist,"
+        " r.waitlist_until,"
         " (SELECT coalesce(sum(quantity - held - sold), 0) FROM ticket_types t"
         "   WHERE t.event_id = e.id) AS tickets_left"
         " FROM events e JOIN room_settings r ON r.event_id = e.id WHERE e.id = $1",
@@ -302,12 +350,25 @@ async def admission_status(
     pipe.zcard(ek.queue)
     pipe.zcard(ek.prequeue)
     pipe.hmget(
-        ek.meta, ["admitted_total", "abandoned_total", "sold_out", "observed_rate", "observed_at"]
+        ek.meta,
+        [
+            "admitted_total",
+            "abandoned_total",
+            "sold_out",
+            "observed_rate",
+            "observed_at",
+            "waitlisting",
+            "returned",
+        ],
     )
     pipe.zcount(ek.active, f"({now!r}", "+inf")
     pipe.exists(ek.leader)
     queued, prequeued, meta, active, has_leader = await pipe.execute()
-    admitted_total, abandoned_total, sold_out, observed, observed_at = meta
+    admitted_total, abandoned_total, sold_out, observed, observed_at, listing, returned = meta
+    until: datetime | None = row["waitlist_until"]
+    # The waitlist as in force now: past its deadline it is over.
+    waitlist = bool(row["waitlist"]) and (until is None or until.timestamp() > now)
+    waitlisted = waitlist and listing in (b"1", "1")
     observed_rate = _float(observed)
     at = _float(observed_at)
     if not has_leader or at is None or now - at > OBSERVED_STALE_S:
@@ -330,9 +391,14 @@ async def admission_status(
         paused=paused,
         sold_out=sold_out in (b"1", "1"),
         tickets_left=int(row["tickets_left"]),
-        last_fan_wait_s=None if paused else round(waiting / effective, 1),
+        # No wait on a waitlist: whether tickets come back at all is unknowable.
+        last_fan_wait_s=None if paused or waitlisted else round(waiting / effective, 1),
         leader=bool(has_leader),
         at=datetime.fromtimestamp(now, UTC),
+        waitlist=waitlist,
+        waitlist_until=until,
+        waitlisted=waitlisted,
+        tickets_returned=int(returned or 0) if waitlisted else 0,
     )
 
 

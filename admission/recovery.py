@@ -102,8 +102,8 @@ async def rebuild(
     """Write the event's admission state from PostgreSQL into Redis (idempotent).
 
     Every unexpired pass: its fan is admitted again (``fans`` and ``admitted``, so joining
-    again answers with the same pass), counted in ``active`` if it still is, and marked
-    revoked or spent if it is. Expired passes need nothing: the gate refuses them by their
+    again answers with the same pass), counted in ``active`` if it still is (and no longer
+    if it is not: those states are final), and marked revoked or spent if it is. Expired passes need nothing: the gate refuses them by their
     signature's expiry. 404 ``event_not_found`` for an unknown event.
     """
     now = time.time() if now is None else now
@@ -122,6 +122,14 @@ async def rebuild(
         ttl_ms = int((p.expires_at - now + MARKER_SLACK_S) * 1000)
         if ttl_ms <= 0:
             continue
+        # The markers before the admitted pass: the gate trusts Redis's markers for a pass
+        # Redis knows, so it must never see the pass without them.
+        if p.revoked:
+            pipe.set(ek.revoked_pass(p.jti), event_id, px=ttl_ms)
+            revoked += 1
+        if p.spent:
+            pipe.set(ek.spent_pass(p.jti), "1", px=ttl_ms)
+            spent += 1
         # Admitted: in `fans` without an address (not a live place), with its pass.
         pipe.hset(ek.fans, p.fan_id, str(p.seq))
         if p.token:
@@ -129,12 +137,10 @@ async def rebuild(
         if p.active:
             pipe.zadd(ek.active, {p.jti: p.expires_at})
             active += 1
-        if p.revoked:
-            pipe.set(ek.revoked_pass(p.jti), event_id, px=ttl_ms)
-            revoked += 1
-        if p.spent:
-            pipe.set(ek.spent_pass(p.jti), "1", px=ttl_ms)
-            spent += 1
+        else:
+            # Spent, revoked or done shopping for good: a Redis that lost the last second
+            # of its writes may still count it.
+            pipe.zrem(ek.active, p.jti)
         passes += 1
         queued += 1
         if queued >= BATCH:

@@ -88,9 +88,16 @@ SOLD = Gauge(
 
 #: Longest a busy actor keeps one pooled connection before it queues for one again.
 CONNECTION_HOLD_S = 0.25
+#: How long a stopping actor may take to publish the seats its last commits moved.
+FINAL_PUBLISH_S = 1.0
 
 #: What an actor publishes after commits: availability per type and whether it is sold out.
 Publish = Callable[[dict[str, int], bool], Awaitable[None]]
+#: What an actor publishes after commits that moved seats: seat id -> new state (``free``,
+#: ``held``, ``sold``), the last state of each seat since the previous publication.
+PublishSeats = Callable[[dict[str, str]], Awaitable[None]]
+#: A hold's status as the state of its seats.
+_SEAT_STATE = {"held": "held", "paid": "sold", "expired": "free", "cancelled": "free"}
 #: Told the jtis of queue passes whose hold cycle ended because their last hold expired
 #: (see inventory.ledger): their admission slot may go to the next fan.
 TurnOver = Callable[[list[str]], None]
@@ -116,6 +123,7 @@ class InventoryActor:
         ledger: Ledger,
         *,
         publish: Publish | None = None,
+        publish_seats: PublishSeats | None = None,
         on_turn_over: TurnOver | None = None,
         mailbox_size: int = 20_000,
         max_batch: int = 5_000,
@@ -127,6 +135,9 @@ class InventoryActor:
         self.ledger = ledger
         self._pool = pool
         self._publish = publish
+        self._publish_seats = publish_seats
+        # Seats moved by commits since the last publication (seat id -> state, last wins).
+        self._seat_changes: dict[str, str] = {}
         self._on_turn_over = on_turn_over
         self._max_batch = max_batch
         self._apply_chunk = apply_chunk
@@ -279,6 +290,11 @@ class InventoryActor:
             self._fail_pending()
             self._publish_task.cancel()
             await asyncio.gather(self._publish_task, return_exceptions=True)
+            # Seats moved by the last commits and not published yet: committed, so true
+            # whatever stopped the actor; the open maps would otherwise miss them until
+            # they read the snapshot again. Bounded: a Redis that is down loses only this.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._publish_seat_changes(), FINAL_PUBLISH_S)
             self._forget_gauges()
         crash = None if committer.cancelled() else committer.exception()
         if crash is not None:
@@ -468,6 +484,8 @@ class InventoryActor:
         finally:
             COMMIT_LATENCY.observe(time.perf_counter() - started)
         BATCH_SIZE.observe(len(futures))
+        if self._publish_seats is not None:
+            self._note_seats(changes)
         self._reply(futures, results)
         if time.monotonic() - self._conn_since > CONNECTION_HOLD_S:
             await self._release_connection()
@@ -530,6 +548,32 @@ class InventoryActor:
     def _want_publish(self) -> None:
         self._publish_wanted.set()
 
+    def _note_seats(self, changes: Changes) -> None:
+        """Remember the seats a committed batch moved, for the next publication."""
+        pending = self._seat_changes
+        for hold in (*changes.new_holds, *changes.updated_holds):
+            if hold.seats:
+                state = _SEAT_STATE.get(hold.status)
+                if state is not None:
+                    for seat in hold.seats:
+                        pending[seat] = state
+        for restock in changes.restocks:
+            for seat in restock.seats:
+                pending[seat] = "free"
+
+    async def _publish_seat_changes(self) -> None:
+        """Publish the seats moved since the last time (advisory, like availability: a
+        failure is logged and the changes are kept for the next try)."""
+        if not self._seat_changes or self._publish_seats is None:
+            return
+        pending, self._seat_changes = self._seat_changes, {}
+        try:
+            await self._publish_seats(pending)
+        except Exception as exc:
+            log.warning("publishing seat changes failed", extra={"error": repr(exc)})
+            self._seat_changes = {**pending, **self._seat_changes}
+            raise
+
     async def _publisher(self) -> None:
         """Publishes availability at most every 50 ms, off the commit path."""
         while True:
@@ -537,6 +581,12 @@ class InventoryActor:
             self._publish_wanted.clear()
             current = (self.ledger.availability(), self.ledger.sold_out())
             self._set_stock_gauges(current[0])
+            try:
+                await self._publish_seat_changes()
+            except Exception:
+                await asyncio.sleep(0.5)
+                self._publish_wanted.set()
+                continue
             if current != self._published:
                 if self._publish is not None:
                     try:

@@ -228,6 +228,11 @@ class RoomSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     abandon_grace_s: Annotated[int, Meta(ge=5, le=86_400)] = 60
     #: Tickets one fan may hold or buy across all ticket types of the event.
     per_fan_limit: Annotated[int, Meta(ge=1, le=1000)] = 4
+    #: Once sold out, keep the fans in line as a waitlist for tickets that come back
+    #: (admission/waitlist.py) instead of sending them away.
+    waitlist: bool = False
+    #: When the waitlist ends (a sold-out line then closes); omitted: when turned off.
+    waitlist_until: AwareDatetime | None = None
 
 
 class EventCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -268,6 +273,10 @@ class RoomSettings(msgspec.Struct, frozen=True):
     hold_ttl_s: int
     abandon_grace_s: int
     per_fan_limit: int
+    #: Whether a sold-out sale keeps its line as a waitlist (admission/waitlist.py).
+    waitlist: bool = False
+    #: When that waitlist ends; null: when an operator turns it off.
+    waitlist_until: datetime | None = None
 
 
 class EventInfo(msgspec.Struct, frozen=True):
@@ -388,7 +397,7 @@ def validate_event(spec: EventCreate, now: datetime) -> None:
 
 _ROOM_COLUMNS = (
     "queue_mode, opens_at, rate_per_second, max_active, paused, pass_ttl_s, hold_ttl_s,"
-    " abandon_grace_s, per_fan_limit"
+    " abandon_grace_s, per_fan_limit, waitlist, waitlist_until"
 )
 
 
@@ -403,6 +412,8 @@ def _room(row: asyncpg.Record) -> RoomSettings:
         hold_ttl_s=row["hold_ttl_s"],
         abandon_grace_s=row["abandon_grace_s"],
         per_fan_limit=row["per_fan_limit"],
+        waitlist=row["waitlist"],
+        waitlist_until=row["waitlist_until"],
     )
 
 
@@ -430,7 +441,7 @@ async def create_event(
             ) from None
         await conn.execute(
             f"INSERT INTO room_settings (event_id, {_ROOM_COLUMNS})"
-            " VALUES ($1, $2, $3, $4, $5, false, $6, $7, $8, $9)",
+            " VALUES ($1, $2, $3, $4, $5, false, $6, $7, $8, $9, $10, $11)",
             event_id,
             room.queue_mode,
             room.opens_at or now,
@@ -440,6 +451,8 @@ async def create_event(
             room.hold_ttl_s,
             room.abandon_grace_s,
             room.per_fan_limit,
+            room.waitlist,
+            room.waitlist_until,
         )
         await conn.executemany(
             "INSERT INTO ticket_types (event_id, name, quantity, price_minor, currency,"

@@ -50,6 +50,7 @@ from waitroom.core import lease, tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
 from waitroom.core.runtime import cancel_and_wait
+from waitroom.line.seatnews import publish_seat_changes
 
 log = logging.getLogger("waitroom.inventory")
 
@@ -96,11 +97,17 @@ class InventoryHost:
         keys: Keys,
         *,
         node_id: str | None = None,
+        node_name: str = "",
         lease_ttl_s: float = LEASE_TTL_S,
         ask_timeout_s: float = 5.0,
         publish_availability: bool = True,
     ) -> None:
-        self.node_id = node_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: The load balancer's name for this node ("" when unnamed): the owner lease names
+        #: it in front of the process (``node1/host:pid:id``), so every process can tell
+        #: the balancer where an event's actor runs (:meth:`owner_node`).
+        self.node_name = node_name
+        process = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.node_id = node_id or (f"{node_name}/{process}" if node_name else process)
         self._pool = pool
         self._redis = redis
         self._keys = keys
@@ -145,6 +152,21 @@ class InventoryHost:
             return None
         actor = tenure.actor
         return actor if actor is not None and actor.running else None
+
+    async def owner_node(self, event_id: str) -> str | None:
+        """The load balancer's name for the node hosting ``event_id``'s actor (see
+        :mod:`waitroom.core.affinity`); None when nobody hosts it, its node has no name, or
+        this node has none (routing by owner is off: nothing is read)."""
+        if not self.node_name:
+            return None
+        if self.owns(event_id):
+            return self.node_name
+        known = self._owners.get(event_id)
+        if known is not None and time.monotonic() - known[1] < self._lease_ttl_ms / 3000:
+            owner: str | None = known[0]
+        else:
+            owner = await self._look_up_owner(event_id)
+        return node_name_of(owner) if owner else None
 
     # --- asking ------------------------------------------------------------------------------
 
@@ -332,11 +354,13 @@ class InventoryHost:
 
     async def _new_actor(self, event_id: str, epoch: int) -> InventoryActor:
         publish = self._publisher(event_id) if self._publish else None
+        publish_seats = self._seat_publisher(event_id) if self._publish else None
         return await InventoryActor.load(
             event_id,
             self._pool,
             epoch,
             publish=publish,
+            publish_seats=publish_seats,
             on_turn_over=lambda jtis: self._free_slots(event_id, jtis),
         )
 
@@ -371,6 +395,14 @@ class InventoryHost:
                     pipe.hset(keys.availability, mapping=dict(availability.items()))
                 pipe.hset(keys.meta, "sold_out", "1" if sold_out else "0")
                 await pipe.execute()
+
+        return publish
+
+    def _seat_publisher(self, event_id: str) -> Any:
+        """Seats moved by the actor's commits, to the viewers of the event's seat map."""
+
+        async def publish(changes: dict[str, str]) -> None:
+            await publish_seat_changes(self._redis, self._keys, event_id, changes)
 
         return publish
 
@@ -511,3 +543,9 @@ def _timed_out() -> Unavailable:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def node_name_of(node_id: str) -> str | None:
+    """The load balancer's name in a node id (``node1/host:pid:id``), None if it has none."""
+    name, sep, _ = node_id.partition("/")
+    return name if sep and name else None

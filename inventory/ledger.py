@@ -2,7 +2,8 @@
 
 The inventory actor of an event owns exactly one :class:`Ledger` and is the only code that
 touches it, so nothing here locks. The actor feeds it commands (:class:`Reserve`,
-:class:`Confirm`, :class:`Cancel`, :class:`Expire`) through :meth:`Ledger.apply`, together with
+:class:`Confirm`, :class:`Cancel`, :class:`Expire`, and :class:`Restock`, which gives a refund's
+tickets back to stock) through :meth:`Ledger.apply`, together with
 the current time and a source of fresh hold ids; the ledger answers with a result or a typed
 :class:`Refused`. Time and ids come in as arguments, so the ledger is deterministic: the same
 commands with the same ``now`` values always give the same results, which is what lets the
@@ -45,6 +46,21 @@ admission slot (:func:`admission.operators.complete_pass`) can never be followed
 shopping on that pass. Commands without a pass (``pass_jti`` None: tests, benchmarks) are
 not subject to it. Cycles are kept per (fan, pass).
 
+Seats: when the event has a seat map, the ledger owns its :class:`~inventory.seats.SeatLedger`
+too, and the ticket types of the map's price levels are sold as seats. A :class:`Reserve`
+then names ``seats`` (pick) or a price ``level`` (best available, ``quantity`` seats); its
+ticket type is the seats' (one hold is of one ticket type: a pick across ticket types is
+refused with :data:`MIXED_TICKET_TYPES`) and its quantity their number, so every rule above
+(limits per fan, stock, pass cycles, idempotency) counts seats unchanged; a quantity-only
+reserve of a seated ticket type is refused (:data:`SEATS_REQUIRED`). The seat checks come
+first, so a refusal names the seats (:data:`SEATS_UNAVAILABLE` lists every taken one). The
+hold carries its seats (``Hold.seats``), and settling it (confirm, cancel, expiry) moves them.
+A seated ticket type's quantity is its open seats (:func:`inventory.venue.import_seat_map`
+sets it), so its availability here is its free seats. A :class:`Restock` of a seated hold
+names the seats it returns (one per ticket, the hold's own, none returned before): they are
+free again and can be sold to the next fan, while the hold keeps ``paid`` and its ``seats``
+as sold (what the fan bought; :meth:`Ledger.returned_seats` says which came back).
+
 Persistence: the actor applies a batch of commands, then calls :meth:`Ledger.drain_changes` and
 writes exactly those rows in one transaction (INSERT ``new_holds``, UPDATE ``updated_holds``,
 INSERT ``idempotency``), and only then replies. There is deliberately no in-memory rollback:
@@ -63,6 +79,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, assert_never
 
 import msgspec
+
+from inventory.seats import SeatHold, SeatLedger
+from inventory.venue import SeatMap
 
 HoldStatus = Literal["held", "paid", "expired", "cancelled"]
 _K = TypeVar("_K")
@@ -85,9 +104,31 @@ IDEMPOTENCY_MISMATCH = "idempotency_key_reused"
 PASS_USED = "pass_used"
 #: Refusals kept per fan for replay by default (see the module docstring).
 MAX_REFUSALS_PER_FAN = 16
+#: A :class:`Restock` asks to give back more than its hold sold, or a hold that is not paid.
+RETURN_EXCEEDS_SALE = "return_exceeds_sale"
 # Deliberately the same code (and message) as an unknown hold: a fan probing someone else's
 # hold id must not learn that it exists.
 NOT_YOUR_HOLD = UNKNOWN_HOLD
+# Refusals of seated reserves (see "Seats" in the module docstring).
+#: Some of the seats asked for are held or sold; ``details.seats`` names them.
+SEATS_UNAVAILABLE = "seats_unavailable"
+#: Some of the seats asked for are killed or held back: never on sale.
+SEATS_NOT_FOR_SALE = "seats_not_for_sale"
+UNKNOWN_SEAT = "unknown_seat"
+UNKNOWN_LEVEL = "unknown_price_level"
+#: A pick of seats of more than one ticket type (one hold is of one ticket type).
+MIXED_TICKET_TYPES = "mixed_ticket_types"
+#: A quantity-only reserve of a ticket type sold as seats.
+SEATS_REQUIRED = "seats_required"
+#: Best available found fewer free seats of the level than asked for.
+NOT_ENOUGH_SEATS = "not_enough_seats"
+# Refusals of a Restock's seats (see "Seats" in the module docstring).
+#: A return of a seated hold's tickets must name exactly one of its seats per ticket.
+RETURN_SEATS_REQUIRED = "return_seats_required"
+#: Some seats of a return are not the hold's (any seat, for a general-admission hold).
+SEATS_NOT_IN_HOLD = "seats_not_in_hold"
+#: Some seats of a return were returned by an earlier refund already.
+SEATS_ALREADY_RETURNED = "seats_already_returned"
 
 #: HTTP status of each refusal code.
 REFUSAL_STATUS: dict[str, int] = {
@@ -102,6 +143,17 @@ REFUSAL_STATUS: dict[str, int] = {
     BAD_QUANTITY: 422,
     IDEMPOTENCY_MISMATCH: 422,
     PASS_USED: 403,
+    RETURN_EXCEEDS_SALE: 409,
+    SEATS_UNAVAILABLE: 409,
+    SEATS_NOT_FOR_SALE: 422,
+    UNKNOWN_SEAT: 422,
+    UNKNOWN_LEVEL: 422,
+    MIXED_TICKET_TYPES: 422,
+    SEATS_REQUIRED: 422,
+    NOT_ENOUGH_SEATS: 409,
+    RETURN_SEATS_REQUIRED: 422,
+    SEATS_NOT_IN_HOLD: 422,
+    SEATS_ALREADY_RETURNED: 409,
 }
 
 
@@ -140,6 +192,8 @@ class Hold(msgspec.Struct, frozen=True, gc=False):
     expires_at: float
     pass_jti: str | None
     payment_ref: str | None = None
+    #: The seats the hold took, for a ticket type sold as seats (``quantity`` of them).
+    seats: tuple[str, ...] = ()
 
 
 # --- commands ----------------------------------------------------------------------------
@@ -160,6 +214,12 @@ class Reserve(msgspec.Struct, frozen=True, tag=True, gc=False):
     idempotency_key: str | None
     #: The queue pass the fan reserved with; kept on the hold for audit, not part of the request.
     pass_jti: str | None
+    #: Pick-your-seat: exactly these seats (then ``ticket_type`` is ignored and ``quantity``
+    #: is their number).
+    seats: tuple[str, ...] = ()
+    #: Best available: ``quantity`` best free seats of this price level (``ticket_type``
+    #: ignored).
+    level: str | None = None
 
 
 class Confirm(msgspec.Struct, frozen=True, tag=True, gc=False):
@@ -185,7 +245,32 @@ class Expire(msgspec.Struct, frozen=True, tag=True, gc=False):
     """Expire every hold whose deadline is at or before ``now``; sent by the actor's timer."""
 
 
-Command = Reserve | Confirm | Cancel | Expire
+class Restock(msgspec.Struct, frozen=True, tag=True, gc=False):
+    """Give ``quantity`` sold tickets of a paid hold back to stock (a refund): once per
+    ``refund_id``, the command's idempotency key (a retry returns the first result).
+
+    Stock goes up and the fan's counts down; the hold stays ``paid`` (the sale happened) and
+    PostgreSQL records the return in ``stock_returns`` (schema 15), whose trigger takes the
+    tickets off ``ticket_types.sold``. For a seated hold, ``seats`` names the seats returned
+    (``quantity`` of the hold's seats): they are on sale again, and the same trigger takes
+    their ``seat_holds`` rows out of the live ones (schema 19). Empty for general admission.
+    """
+
+    refund_id: str
+    hold_id: str
+    fan_id: str
+    ticket_type: str
+    quantity: int
+    #: A default, so commands without seats (stored, forwarded by an older process) decode.
+    seats: tuple[str, ...] = ()
+
+    @property
+    def idempotency_key(self) -> str:
+        """The refund id: what makes a repeated Restock safe (see ``hosting._repeatable``)."""
+        return self.refund_id
+
+
+Command = Reserve | Confirm | Cancel | Expire | Restock
 
 
 # --- results -----------------------------------------------------------------------------
@@ -230,7 +315,19 @@ class Refused(msgspec.Struct, frozen=True, tag=True, gc=False):
         return REFUSAL_STATUS[self.code]
 
 
-Result = Reserved | Confirmed | Cancelled | Expired | Refused
+class Restocked(msgspec.Struct, frozen=True, tag=True, gc=False):
+    """Tickets back in stock for a refund; ``available`` is the type's stock right after."""
+
+    refund_id: str
+    hold_id: str
+    ticket_type: str
+    quantity: int
+    available: int
+    #: The seats back on sale (a seated hold's return), in the order the Restock named them.
+    seats: tuple[str, ...] = ()
+
+
+Result = Reserved | Confirmed | Cancelled | Expired | Refused | Restocked
 
 _result_decoder: msgspec.json.Decoder[Result] = msgspec.json.Decoder(Result)
 _encoder = msgspec.json.Encoder()
@@ -259,7 +356,12 @@ def fingerprint(command: Reserve | Confirm | Cancel) -> bytes:
     fields: tuple[Any, ...]
     match command:
         case Reserve():
-            fields = ("reserve", command.ticket_type, command.quantity)
+            if command.seats or command.level is not None:
+                fields = ("reserve", "", command.quantity, command.seats, command.level)
+            else:
+                # Unchanged for general admission: fingerprints stored before seats existed
+                # must still match their retries.
+                fields = ("reserve", command.ticket_type, command.quantity)
         case Confirm():
             fields = ("confirm", command.hold_id, command.payment_ref)
         case Cancel():
@@ -283,10 +385,12 @@ class Changes(msgspec.Struct, frozen=True):
     new_holds: list[Hold]
     updated_holds: list[Hold]
     idempotency: list[tuple[str, str, bytes, Result]]
+    #: Tickets given back by :class:`Restock` (a ``stock_returns`` row each).
+    restocks: list[Restock] = []
 
     def empty(self) -> bool:
         """Whether there is nothing to write."""
-        return not (self.new_holds or self.updated_holds or self.idempotency)
+        return not (self.new_holds or self.updated_holds or self.idempotency or self.restocks)
 
 
 _UNKNOWN_HOLD_MESSAGE = "No such reservation."
@@ -307,10 +411,15 @@ class Ledger:
         "_max_refusals",
         "_new",
         "_new_idempotency",
+        "_new_restocks",
         "_pass_closed",
         "_pass_live",
         "_refusals",
+        "_restocked",
+        "_returned",
+        "_returned_seats",
         "_rules",
+        "_seats",
         "_types",
         "_updated",
     )
@@ -323,17 +432,25 @@ class Ledger:
         *,
         used_passes: Iterable[tuple[str, str]] = (),
         max_refusals_per_fan: int = MAX_REFUSALS_PER_FAN,
+        returns: Iterable[Restock] = (),
+        seat_map: SeatMap | None = None,
     ) -> None:
         """Build the ledger of ``rules`` with existing ``holds`` (any statuses) already in it.
+
+        ``returns`` are the stock returns of refunds already made (their tickets were sold,
+        then given back), applied before stock is checked.
 
         ``idempotency`` is taken in its order (oldest first): beyond ``max_refusals_per_fan``
         refusals of one fan, the oldest are dropped. ``used_passes`` are ``(fan, pass)`` whose
         hold cycle is over although none of their settled holds is among ``holds``; a pass
         with a settled hold in ``holds`` and none still ``held`` is over too.
 
+        With a ``seat_map`` (validated), its price levels' ticket types are sold as seats:
+        the live holds of those types must carry their seats.
+
         Raises ``ValueError`` if the holds contradict the rules (an unknown ticket type, a
-        duplicate id, more tickets held and sold than exist): better to refuse to start
-        than to sell from a wrong picture.
+        duplicate id, more tickets held and sold than exist, a seat in two live holds):
+        better to refuse to start than to sell from a wrong picture.
         """
         self._rules = rules
         self._types: dict[str, TicketTypeRules] = {}
@@ -361,6 +478,15 @@ class Ledger:
         self._updated: dict[str, Hold] = {}
         self._new_idempotency: list[tuple[str, str, bytes, Result]] = []
         self._fingerprints: dict[tuple[str, int], bytes] = {}
+        #: Restocks applied, by refund id, and tickets returned per hold.
+        self._restocked: dict[str, Restock] = {}
+        self._returned: dict[str, int] = {}
+        #: Seats given back per seated hold, in the order they came back.
+        self._returned_seats: dict[str, tuple[str, ...]] = {}
+        self._new_restocks: list[Restock] = []
+        # Built below, after the returns: they are checked against the holds' seats here,
+        # and the seat ledger then starts with only the seats still sold.
+        self._seats: SeatLedger | None = None
         settled_passes: set[tuple[str, str]] = set()
         for hold in holds:
             if hold.id in self._holds:
@@ -384,10 +510,27 @@ class Ledger:
         )
         for (fan, key), (fp, result) in (idempotency or {}).items():
             self._remember(fan, key, fp, result)
+        for command in returns:
+            if isinstance(self._restock(command), Refused):
+                raise ValueError(f"stock return {command.refund_id!r} contradicts the holds")
+        self._new_restocks = []
         for name, left in self._available.items():
             if left < 0:
                 raise ValueError(f"ticket type {name!r} is oversold by {-left}")
         heapq.heapify(self._deadlines)
+        if seat_map is not None:
+            self._seats = SeatLedger(
+                seat_map,
+                holds=(
+                    SeatHold(h.id, h.fan_id, self._seats_kept(h), h.expires_at, h.status)
+                    for h in self._holds.values()
+                    if h.seats and h.status in ("held", "paid")
+                ),
+            )
+            seated = self._seats.seated_ticket_types()
+            for h in self._holds.values():
+                if h.status in ("held", "paid") and h.ticket_type in seated and not h.seats:
+                    raise ValueError(f"hold {h.id!r} of seated {h.ticket_type!r} has no seats")
 
     @classmethod
     def restore(
@@ -398,6 +541,8 @@ class Ledger:
         *,
         used_passes: Iterable[tuple[str, str]] = (),
         max_refusals_per_fan: int = MAX_REFUSALS_PER_FAN,
+        returns: Iterable[Restock] = (),
+        seat_map: SeatMap | None = None,
     ) -> Ledger:
         """Rebuild a ledger from persisted rows, in one pass (a crash or failed commit).
 
@@ -413,6 +558,8 @@ class Ledger:
             idempotency,
             used_passes=used_passes,
             max_refusals_per_fan=max_refusals_per_fan,
+            returns=returns,
+            seat_map=seat_map,
         )
 
     # --- reading ---------------------------------------------------------------------------
@@ -429,6 +576,11 @@ class Ledger:
     def availability(self) -> dict[str, int]:
         """Tickets available per ticket type, in the rules' order."""
         return dict(self._available)
+
+    @property
+    def seats(self) -> SeatLedger | None:
+        """The seat ledger, when the event has a seat map (read it, never change it)."""
+        return self._seats
 
     def held(self) -> dict[str, int]:
         """Tickets in ``held`` holds per ticket type (taken, but they may come back)."""
@@ -507,6 +659,9 @@ class Ledger:
                 append(Expired(tuple(self._expire_due(now))))
                 due = False
                 continue
+            if isinstance(command, Restock):
+                append(self._restock(command))
+                continue
             key = command.idempotency_key
             if key is not None:
                 fp = self._fingerprint(command)
@@ -540,11 +695,28 @@ class Ledger:
             new_holds=list(self._new.values()),
             updated_holds=list(self._updated.values()),
             idempotency=self._new_idempotency,
+            restocks=self._new_restocks,
         )
         self._new = {}
         self._updated = {}
         self._new_idempotency = []
+        self._new_restocks = []
         return changes
+
+    def returned(self, hold_id: str) -> int:
+        """Tickets of ``hold_id`` given back to stock so far."""
+        return self._returned.get(hold_id, 0)
+
+    def returned_seats(self, hold_id: str) -> tuple[str, ...]:
+        """Seats of ``hold_id`` given back (on sale again) so far, in the order they came."""
+        return self._returned_seats.get(hold_id, ())
+
+    def _seats_kept(self, hold: Hold) -> tuple[str, ...]:
+        """``hold``'s seats that were not returned, in their order."""
+        returned = self._returned_seats.get(hold.id)
+        if not returned:
+            return hold.seats
+        return tuple(s for s in hold.seats if s not in returned)
 
     # --- internals -------------------------------------------------------------------------
 
@@ -562,7 +734,7 @@ class Ledger:
 
     def _fingerprint(self, command: Reserve | Confirm | Cancel) -> bytes:
         """:func:`fingerprint`, remembered for the few (ticket type, quantity) reserves ask for."""
-        if not isinstance(command, Reserve):
+        if not isinstance(command, Reserve) or command.seats or command.level is not None:
             return fingerprint(command)
         known = (command.ticket_type, command.quantity)
         fp = self._fingerprints.get(known)
@@ -582,6 +754,18 @@ class Ledger:
                 "This queue pass has had its turn: its holds were cancelled, expired or"
                 " paid, and a pass reserves once.",
                 {},
+            )
+        if cmd.seats or cmd.level is not None:
+            seated = self._seated(cmd)
+            if isinstance(seated, Refused):
+                return seated
+            cmd = seated
+        elif self._seats is not None and cmd.ticket_type in self._seats.seated_ticket_types():
+            return Refused(
+                SEATS_REQUIRED,
+                f"{cmd.ticket_type!r} tickets are seats: choose them (seats) or ask for the"
+                " best available (best_available).",
+                {"ticket_type": cmd.ticket_type},
             )
         rules = self._types.get(cmd.ticket_type)
         if rules is None:
@@ -630,9 +814,32 @@ class Ledger:
         hold_id = new_id()
         if hold_id in self._holds:
             raise ValueError(f"new_id returned an existing hold id {hold_id!r}")
-        hold = Hold(
-            hold_id, cmd.fan_id, cmd.ticket_type, cmd.quantity, "held", expires_at, cmd.pass_jti
-        )
+        if self._seats is not None and (cmd.seats or cmd.level is not None):
+            taken = (
+                self._seats.hold(hold_id, cmd.fan_id, cmd.seats, expires_at=expires_at)
+                if cmd.seats
+                else self._seats.hold_best(
+                    hold_id, cmd.fan_id, cmd.level or "", cmd.quantity, expires_at=expires_at
+                )
+            )
+            if not isinstance(taken, SeatHold):  # checked by _seated: a bug if it happens
+                raise ValueError(f"seat ledger refused a checked hold: {taken.message}")
+            hold = Hold(
+                hold_id,
+                cmd.fan_id,
+                cmd.ticket_type,
+                cmd.quantity,
+                "held",
+                expires_at,
+                cmd.pass_jti,
+                None,
+                taken.seats,
+            )
+        else:
+            # The hot path of every general-admission reserve: positional, no seats.
+            hold = Hold(
+                hold_id, cmd.fan_id, cmd.ticket_type, cmd.quantity, "held", expires_at, cmd.pass_jti
+            )
         self._holds[hold_id] = hold
         self._take(hold)
         heapq.heappush(self._deadlines, (hold.expires_at, hold_id))
@@ -640,6 +847,69 @@ class Ledger:
         if cycle is not None:
             self._pass_live[cycle] = self._pass_live.get(cycle, 0) + 1
         return Reserved(hold)
+
+    def _seated(self, cmd: Reserve) -> Reserve | Refused:
+        """Check a seated reserve and return it with its ticket type and quantity filled in.
+
+        Everything the seat ledger could refuse is checked here, before the ticket type's
+        rules (limits, stock), so that a refusal names the seats: afterwards the seat ledger
+        cannot refuse, and the hold and its seats are taken together.
+        """
+        seat_ledger = self._seats
+        if seat_ledger is None:
+            return Refused(
+                UNKNOWN_SEAT if cmd.seats else UNKNOWN_LEVEL,
+                "This event has no seat map: reserve by ticket type and quantity.",
+                {},
+            )
+        if cmd.seats and cmd.level is not None:
+            return Refused(BAD_QUANTITY, "Ask for seats or for the best available, not both.", {})
+        if cmd.level is not None:
+            ticket_type = seat_ledger.ticket_type_of_level(cmd.level)
+            if ticket_type is None:
+                return Refused(
+                    UNKNOWN_LEVEL,
+                    f"This event has no price level {cmd.level!r}.",
+                    {"level": cmd.level},
+                )
+            if cmd.quantity < 1:
+                return Refused(BAD_QUANTITY, "Ask for at least one seat.", {"count": cmd.quantity})
+            free = seat_ledger.available(cmd.level)
+            if free < cmd.quantity:
+                return Refused(
+                    NOT_ENOUGH_SEATS,
+                    f"Only {free} seats of price level {cmd.level!r} are free.",
+                    {"level": cmd.level, "available": free},
+                )
+            return msgspec.structs.replace(cmd, ticket_type=ticket_type)
+        unknown = [s for s in cmd.seats if seat_ledger.level_of(s) is None]
+        if unknown:
+            return Refused(UNKNOWN_SEAT, f"No such seat: {', '.join(unknown)}.", {"seats": unknown})
+        if len(set(cmd.seats)) != len(cmd.seats):
+            return Refused(BAD_QUANTITY, "A seat is asked for twice.", {"seats": list(cmd.seats)})
+        killed = [s for s in cmd.seats if seat_ledger.state(s) == "killed"]
+        if killed:
+            return Refused(
+                SEATS_NOT_FOR_SALE,
+                f"Not for sale: {', '.join(killed)}.",
+                {"seats": killed},
+            )
+        taken = [s for s in cmd.seats if seat_ledger.state(s) != "free"]
+        if taken:
+            return Refused(
+                SEATS_UNAVAILABLE,
+                f"Already taken: {', '.join(taken)}.",
+                {"seats": taken},
+            )
+        types = seat_ledger.ticket_types(cmd.seats)
+        if len(types) != 1:
+            return Refused(
+                MIXED_TICKET_TYPES,
+                "One reservation holds seats of one ticket type; reserve the others apart.",
+                {"ticket_types": sorted(types)},
+            )
+        (ticket_type,) = types
+        return msgspec.structs.replace(cmd, ticket_type=ticket_type, quantity=len(cmd.seats))
 
     def _confirm(self, cmd: Confirm) -> Result:
         # Expiry already ran for this `now`, so a hold past its deadline is 'expired' here:
@@ -658,6 +928,88 @@ class Ledger:
         if hold.status != "held":
             return _settled(hold)
         return Cancelled(self._settle(hold, "cancelled", None))
+
+    def _restock(self, cmd: Restock) -> Result:
+        """Give a paid hold's tickets back, once per refund id."""
+        done = self._restocked.get(cmd.refund_id)
+        if done is not None:
+            if done != cmd:
+                return _key_reused(cmd.refund_id)
+            return Restocked(
+                cmd.refund_id,
+                cmd.hold_id,
+                cmd.ticket_type,
+                cmd.quantity,
+                self._available[cmd.ticket_type],
+                cmd.seats,
+            )
+        hold = self._holds.get(cmd.hold_id)
+        if hold is None or hold.fan_id != cmd.fan_id or hold.ticket_type != cmd.ticket_type:
+            return _unknown_hold(cmd.hold_id)
+        if cmd.quantity < 1:
+            return Refused(BAD_QUANTITY, "Quantity must be at least 1.", {"quantity": cmd.quantity})
+        returned = self._returned.get(hold.id, 0)
+        if hold.status != "paid" or returned + cmd.quantity > hold.quantity:
+            return Refused(
+                RETURN_EXCEEDS_SALE,
+                "This return gives back more tickets than the reservation sold.",
+                {
+                    "hold_id": hold.id,
+                    "status": hold.status,
+                    "sold": hold.quantity if hold.status == "paid" else 0,
+                    "returned": returned,
+                    "quantity": cmd.quantity,
+                },
+            )
+        refused = self._check_returned_seats(hold, cmd)
+        if refused is not None:
+            return refused
+        # The counts _take made when the hold was taken, undone for the tickets returned:
+        # stock for the next fans, and the fan's limits (they no longer have these tickets).
+        q = cmd.quantity
+        self._available[hold.ticket_type] += q
+        _decrement(self._fan_total, hold.fan_id, q)
+        _decrement(self._fan_type, (hold.fan_id, hold.ticket_type), q)
+        self._returned[hold.id] = returned + q
+        if cmd.seats:
+            self._returned_seats[hold.id] = self.returned_seats(hold.id) + cmd.seats
+            # None while restoring: the seat ledger is then built without these seats.
+            if self._seats is not None:
+                freed = self._seats.return_seats(hold.id, cmd.seats)
+                if not isinstance(freed, SeatHold):  # checked above: a bug if it happens
+                    raise ValueError(f"seat ledger refused a checked return: {freed.message}")
+        self._restocked[cmd.refund_id] = cmd
+        self._new_restocks.append(cmd)
+        left = self._available[hold.ticket_type]
+        return Restocked(cmd.refund_id, hold.id, hold.ticket_type, q, left, cmd.seats)
+
+    def _check_returned_seats(self, hold: Hold, cmd: Restock) -> Refused | None:
+        """Refuse a return whose seats are not exactly ``quantity`` of the hold's seats still
+        sold (for a general-admission hold: any seat at all)."""
+        details: dict[str, Any] = {"hold_id": hold.id, "seats": list(cmd.seats)}
+        outside = [s for s in cmd.seats if s not in hold.seats]
+        if outside:
+            return Refused(
+                SEATS_NOT_IN_HOLD,
+                f"Not seats of this reservation: {', '.join(outside)}.",
+                {**details, "seats": outside},
+            )
+        if not hold.seats:
+            return None
+        if len(set(cmd.seats)) != len(cmd.seats) or len(cmd.seats) != cmd.quantity:
+            return Refused(
+                RETURN_SEATS_REQUIRED,
+                "A return of seats names each seat it gives back once, one per ticket.",
+                {**details, "quantity": cmd.quantity},
+            )
+        again = [s for s in cmd.seats if s in self.returned_seats(hold.id)]
+        if again:
+            return Refused(
+                SEATS_ALREADY_RETURNED,
+                f"Already given back: {', '.join(again)}.",
+                {**details, "seats": again},
+            )
+        return None
 
     def _expire_due(self, now: float) -> list[Hold]:
         """Expire every ``held`` hold with ``expires_at <= now``: O(k log n) for k due."""
@@ -698,6 +1050,8 @@ class Ledger:
                 # The pass's last live hold: its cycle is over (see the module docstring).
                 del self._pass_live[cycle]
                 self._pass_closed.add(cycle)
+        if hold.seats and self._seats is not None:
+            self._seats.end(hold.id, status)
         settled = msgspec.structs.replace(hold, status=status, payment_ref=payment_ref)
         self._holds[hold.id] = settled
         # A hold created in this batch is still an INSERT, just with its final status.

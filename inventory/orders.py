@@ -32,6 +32,7 @@ from typing import Any, Literal
 import msgspec
 
 from inventory.store import Conn
+from waitroom.core import tracing
 from waitroom.core.errors import Conflict, Gone, NotFound
 
 OrderStatus = Literal["awaiting_payment", "paid", "failed", "cancelled"]
@@ -91,12 +92,24 @@ async def order_history(conn: Conn, order_id: str) -> list[OrderEvent]:
     ]
 
 
-async def start_payment(conn: Conn, hold_id: str, fan_id: str, method: str) -> tuple[str, str]:
+async def start_payment(
+    conn: Conn,
+    hold_id: str,
+    fan_id: str,
+    method: str,
+    *,
+    email: str | None = None,
+    key: str | None = None,
+) -> tuple[str, str]:
     """Queue a payment attempt for ``fan_id``'s hold; return ``(order_id, payment_id)``.
 
     Creates the hold's order on first use (amount = price x quantity, from PostgreSQL, never
     from the client) or reuses it, and inserts the order's next payment attempt (``pending``,
     due now, charge key ``"{order_id}:{n}"``); the order goes (back) to ``awaiting_payment``.
+    ``email`` (validated by the caller), when given, becomes the order's e-mail address (its
+    notifications go there; an order without one gets none). ``key``, the confirm's
+    Idempotency-Key, is kept on the attempt: asked again with it, this answers with that
+    attempt, whatever became of it (paid, failed, under way), and starts nothing.
     Runs in its own transaction (or the caller's), locking the order row, so two concurrent
     confirms of one hold queue one attempt and the other is refused.
 
@@ -145,6 +158,14 @@ async def start_payment(conn: Conn, hold_id: str, fan_id: str, method: str) -> t
         assert order is not None
         order_id = str(order["id"])
         details = {"hold_id": hold_id, "order_id": order_id}
+        if key is not None:
+            started = await conn.fetchval(
+                "SELECT id FROM payments WHERE order_id = $1 AND request_key = $2",
+                order["id"],
+                key,
+            )
+            if started is not None:
+                return order_id, str(started)  # this confirm, again: what it started
         if order["status"] == "paid" or hold["status"] == "paid":
             raise PaymentRefused(
                 "This reservation is already paid.", code="hold_already_confirmed", details=details
@@ -170,17 +191,22 @@ async def start_payment(conn: Conn, hold_id: str, fan_id: str, method: str) -> t
         )
         payment_id = str(uuid.uuid4())
         await conn.execute(
-            "INSERT INTO payments (id, order_id, state, method, charge_key, next_attempt_at)"
-            " VALUES ($1, $2, 'pending', $3, $4, now())",
+            "INSERT INTO payments (id, order_id, state, method, charge_key, next_attempt_at,"
+            " traceparent, request_key) VALUES ($1, $2, 'pending', $3, $4, now(), $5, $6)",
             payment_id,
             order["id"],
             method,
             f"{order_id}:{attempt}",
+            # The payment worker links its attempt to the request that asked for it.
+            tracing.traceparent() if tracing.recording() else None,
+            key,
         )
         await conn.execute(
             "UPDATE orders SET status = 'awaiting_payment' WHERE id = $1 AND status <> 'awaiting_payment'",
             order["id"],
         )
+        if email is not None:
+            await conn.execute("UPDATE orders SET email = $2 WHERE id = $1", order["id"], email)
         await record_event(
             conn,
             order_id,
@@ -213,6 +239,8 @@ class TicketInfo(msgspec.Struct, frozen=True):
     ticket_type: str
     issued_at: datetime | None = None
     token: str | None = None
+    #: The seat it admits to (``SECTION:ROW:SEAT``), for a seated ticket type.
+    seat: str | None = None
 
 
 class Reservation(msgspec.Struct, frozen=True):
@@ -230,6 +258,8 @@ class Reservation(msgspec.Struct, frozen=True):
     order_status: str | None = None
     payment: PaymentInfo | None = None
     tickets: list[TicketInfo] = []
+    #: The seats held (``SECTION:ROW:SEAT``), for a seated ticket type; empty otherwise.
+    seats: list[str] = []
 
 
 class Order(msgspec.Struct, frozen=True):
@@ -244,6 +274,8 @@ class Order(msgspec.Struct, frozen=True):
     created_at: datetime
     paid_at: datetime | None
     tickets: list[TicketInfo]
+    #: The seats of the order's reservation, for a seated ticket type.
+    seats: list[str] = []
 
 
 async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
@@ -267,7 +299,11 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
         " ARRAY(SELECT k.ticket_type FROM tickets k WHERE k.order_id = o.id ORDER BY k.code)"
         "  AS code_types,"
         " ARRAY(SELECT k.issued_at FROM tickets k WHERE k.order_id = o.id ORDER BY k.code)"
-        "  AS code_times"
+        "  AS code_times,"
+        " ARRAY(SELECT k.seat_id FROM tickets k WHERE k.order_id = o.id ORDER BY k.code)"
+        "  AS code_seats,"
+        " ARRAY(SELECT s.seat_id FROM seat_holds s WHERE s.hold_id = h.id ORDER BY s.position)"
+        "  AS seats"
         " FROM holds h JOIN ticket_types t ON t.event_id = h.event_id AND t.name = h.ticket_type"
         " LEFT JOIN orders o ON o.hold_id = h.id"
         " LEFT JOIN LATERAL (SELECT id, state, method, attempts, last_error FROM payments"
@@ -288,8 +324,10 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
             row["pay_error"],
         )
     tickets = [
-        TicketInfo(code, kind, at)
-        for code, kind, at in zip(row["codes"], row["code_types"], row["code_times"], strict=True)
+        TicketInfo(code, kind, at, seat=seat)
+        for code, kind, at, seat in zip(
+            row["codes"], row["code_types"], row["code_times"], row["code_seats"], strict=True
+        )
     ]
     status = row["status"]
     if status == "held" and row["lapsed"]:
@@ -307,6 +345,7 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
         order_status=row["order_status"],
         payment=payment,
         tickets=tickets,
+        seats=list(row["seats"]),
     )
 
 
@@ -326,13 +365,20 @@ async def list_orders(
         return []
     by_order: dict[str, list[TicketInfo]] = {}
     for t in await conn.fetch(
-        "SELECT order_id::text, code, ticket_type, issued_at FROM tickets"
+        "SELECT order_id::text, code, ticket_type, issued_at, seat_id FROM tickets"
         " WHERE order_id = ANY($1::uuid[]) ORDER BY order_id, code",
         [r["id"] for r in rows],
     ):
         by_order.setdefault(t["order_id"], []).append(
-            TicketInfo(t["code"], t["ticket_type"], t["issued_at"])
+            TicketInfo(t["code"], t["ticket_type"], t["issued_at"], seat=t["seat_id"])
         )
+    seats: dict[str, list[str]] = {}
+    for s in await conn.fetch(
+        "SELECT hold_id::text, seat_id FROM seat_holds"
+        " WHERE hold_id = ANY($1::uuid[]) ORDER BY hold_id, position",
+        [r["hold_id"] for r in rows],
+    ):
+        seats.setdefault(s["hold_id"], []).append(s["seat_id"])
     return [
         Order(
             id=r["id"],
@@ -344,6 +390,7 @@ async def list_orders(
             created_at=r["created_at"],
             paid_at=r["paid_at"],
             tickets=by_order.get(r["id"], []),
+            seats=seats.get(r["hold_id"], []),
         )
         for r in rows
     ]

@@ -11,7 +11,9 @@ States of a seat: ``free``; ``held`` (by one hold); ``sold``; ``killed`` (the ma
 - :meth:`SeatLedger.hold`: hold these seats (pick-your-seat), all or nothing;
 - :meth:`SeatLedger.hold_best`: hold the ``count`` best free seats of a price level;
 - :meth:`SeatLedger.release` (cancel: held -> free), :meth:`SeatLedger.confirm`
-  (held -> sold), :meth:`SeatLedger.expire` (every hold whose deadline passed -> free).
+  (held -> sold), :meth:`SeatLedger.expire` (every hold whose deadline passed -> free);
+- :meth:`SeatLedger.return_seats`: some seats of a sold hold back on sale (a refund):
+  sold -> free, the hold keeps the rest.
 
 A hold's seats count against the fan's limit (``per_fan_limit`` seats held or sold).
 Refusals are values (:class:`SeatRefused`), not exceptions, as in the ledger of holds.
@@ -63,6 +65,8 @@ REFUSAL_STATUS = {
     "unknown_hold": 404,
     "hold_not_held": 409,
     "hold_expired": 410,
+    "hold_not_paid": 409,
+    "seat_not_in_hold": 422,
 }
 
 
@@ -234,6 +238,23 @@ class SeatLedger:
         """Every seat of the map, in map order."""
         return list(self._ids)
 
+    def level_of(self, seat: str) -> str | None:
+        """The price level of ``seat``, or None when the map has no such seat."""
+        i = self._index.get(seat)
+        return None if i is None else self._level[i]
+
+    def ticket_type_of_level(self, level: str) -> str | None:
+        """The ticket type price level ``level`` sells, or None for an unknown level."""
+        return self._ticket_type.get(level)
+
+    def seated_ticket_types(self) -> set[str]:
+        """The ticket types sold as seats (by a price level of the map)."""
+        return set(self._ticket_type.values())
+
+    def states(self) -> list[SeatState]:
+        """Every seat's state, in the order of :meth:`seat_ids`."""
+        return [_STATE_NAMES[s] for s in self._state]
+
     def next_deadline(self) -> float | None:
         """The earliest deadline of a live hold, or None."""
         while self._deadlines and self._holds[self._deadlines[0][1]].status != "held":
@@ -296,6 +317,21 @@ class SeatLedger:
         """Held -> sold, before the hold's deadline (410 ``hold_expired`` after it)."""
         return self._end(hold_id, "paid", now)
 
+    def end(self, hold_id: str, status: HoldStatus) -> SeatHold | SeatRefused:
+        """Settle a held hold as ``status`` whatever its deadline: the owner of the seat
+        ledger (the event's :class:`~inventory.ledger.Ledger`) decides when a hold is due,
+        and settles its seats with it."""
+        hold = self._holds.get(hold_id)
+        if hold is None:
+            return SeatRefused("unknown_hold", f"no hold {hold_id!r}", {"hold_id": hold_id})
+        if hold.status != "held":
+            return SeatRefused(
+                "hold_not_held",
+                f"the hold is {hold.status}",
+                {"hold_id": hold_id, "status": hold.status},
+            )
+        return self._settle(hold, status)
+
     def expire(self, now: float) -> list[SeatHold]:
         """End every held hold whose deadline is ``<= now``; their seats are free again."""
         expired: list[SeatHold] = []
@@ -304,6 +340,44 @@ class SeatLedger:
             if self._holds[hold_id].status == "held":
                 expired.append(self._settle(self._holds[hold_id], "expired"))
         return expired
+
+    def return_seats(self, hold_id: str, seats: Sequence[str]) -> SeatHold | SeatRefused:
+        """Put ``seats`` of the sold hold ``hold_id`` back on sale (a refund): all or none.
+
+        Each seat goes sold -> free, with everything a cancel would undo for it (its row's
+        free runs, its level's free count, the fan's seats); the hold stays ``paid`` with the
+        seats it still has, in their order (a hold left with none is still known here).
+        """
+        hold = self._holds.get(hold_id)
+        if hold is None:
+            return SeatRefused("unknown_hold", f"no hold {hold_id!r}", {"hold_id": hold_id})
+        if hold.status != "paid":
+            return SeatRefused(
+                "hold_not_paid",
+                f"the hold is {hold.status}: only sold seats are returned",
+                {"hold_id": hold_id, "status": hold.status},
+            )
+        if len(set(seats)) != len(seats):
+            return SeatRefused("duplicate_seat", "a seat is named twice", {"seats": list(seats)})
+        outside = [s for s in seats if s not in hold.seats]
+        if outside:
+            return SeatRefused(
+                "seat_not_in_hold",
+                f"not seats of hold {hold_id!r}: {', '.join(outside)}",
+                {"hold_id": hold_id, "seats": outside},
+            )
+        indexes = [self._index[s] for s in seats]
+        for i in indexes:
+            self._state[i] = _FREE
+            del self._holder[i]
+            self._free[self._level[i]] += 1
+        for r in {self._row_of[i] for i in indexes}:
+            self._rerun(r)
+        self._fan_seats[hold.fan_id] -= len(indexes)
+        given = set(seats)
+        kept = msgspec.structs.replace(hold, seats=tuple(s for s in hold.seats if s not in given))
+        self._holds[hold_id] = kept
+        return kept
 
     # --- best available -----------------------------------------------------------------------
 

@@ -24,14 +24,17 @@ from inventory.ledger import (
     Ledger,
     Refused,
     Reserved,
+    Restock,
     Result,
     TicketTypeRules,
     decode_result,
     encode_result,
 )
+from inventory.venue import SeatMap
 from waitroom.core.errors import NotFound, WaitroomError
 
 _json = msgspec.json.Encoder()
+_seat_map_decoder = msgspec.json.Decoder(SeatMap)
 
 #: A connection, whether taken from a pool or opened directly.
 Conn: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
@@ -128,9 +131,13 @@ async def load_ledger(conn: Conn, event_id: str) -> Ledger:
         (r["fan_id"], r["key"]): (bytes.fromhex(r["request_hash"]), decode_result(r["response"]))
         for r in keys
     }
+    seat_map, seats_of = await _load_seats(conn, event_id)
     holds = []
     for row in rows:
         hold = _hold(row)
+        seats = seats_of.get(hold.id)
+        if seats is not None:
+            hold = msgspec.structs.replace(hold, seats=seats)
         holds.append(hold)
         if row["idempotency_key"] is not None:
             created = msgspec.structs.replace(hold, status="held", payment_ref=None)
@@ -138,9 +145,56 @@ async def load_ledger(conn: Conn, event_id: str) -> Ledger:
                 bytes.fromhex(row["request_hash"]),
                 Reserved(created),
             )
-    return Ledger.restore(
-        rules, holds, idempotency, used_passes=[(r["fan_id"], r["pass_jti"]) for r in used]
+    # Tickets refunds gave back (schema 15) and their seats (schema 19): stock, fans' counts
+    # and free seats as they are now.
+    returns = await conn.fetch(
+        "SELECT refund_id, hold_id::text, fan_id, ticket_type, quantity, seats FROM stock_returns"
+        " WHERE event_id = $1",
+        event_id,
     )
+    return Ledger.restore(
+        rules,
+        holds,
+        idempotency,
+        used_passes=[(r["fan_id"], r["pass_jti"]) for r in used],
+        returns=[
+            Restock(
+                r["refund_id"],
+                r["hold_id"],
+                r["fan_id"],
+                r["ticket_type"],
+                r["quantity"],
+                tuple(r["seats"]),
+            )
+            for r in returns
+        ],
+        seat_map=seat_map,
+    )
+
+
+async def _load_seats(
+    conn: Conn, event_id: str
+) -> tuple[SeatMap | None, dict[str, tuple[str, ...]]]:
+    """The event's seat map (None without one) and the seats of its holds, by hold id.
+
+    Settled holds' seats too when they carry an idempotency key: a keyed reserve's first
+    answer (rebuilt from its hold row) lists its seats, in the order of ``position``
+    (schema 17).
+    """
+    document = await conn.fetchval(
+        "SELECT document::text FROM seat_maps WHERE event_id = $1", event_id
+    )
+    if document is None:
+        return None, {}
+    # The holds load_ledger loads: live ones, and keyed ones (their first answer).
+    rows = await conn.fetch(
+        "SELECT s.hold_id::text, array_agg(s.seat_id ORDER BY s.position) AS seats"
+        " FROM seat_holds s JOIN holds h ON h.id = s.hold_id WHERE s.event_id = $1"
+        " AND (h.status IN ('held', 'paid') OR h.idempotency_key IS NOT NULL)"
+        " GROUP BY s.hold_id",
+        event_id,
+    )
+    return _seat_map_decoder.decode(document), {r["hold_id"]: tuple(r["seats"]) for r in rows}
 
 
 async def take_ownership(pool: asyncpg.Pool[Any], event_id: str, owner: str) -> int:
@@ -216,6 +270,11 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
     PostgreSQL the cheapest way in per row, which is what bounds a group commit); COMMIT.
     The round trips matter as much as the rows: while this process is busy applying the
     next batch, every reply from PostgreSQL waits for it.
+    Seated holds add two statements, only to batches that have them: an UPDATE of the
+    settled holds' ``seat_holds`` rows (before any new one goes in, so a seat freed in the
+    batch may be taken again in it), then a COPY of the new holds' seats. The partial unique
+    index of schema 13 and the trigger of schema 17 refuse a seat taken twice or not on sale,
+    which fails the whole batch (and the actor rebuilds from PostgreSQL).
     Raises :class:`Fenced` when another process owns the event now.
     """
     # A successful keyed reserve is recorded on its new hold row; everything else keyed
@@ -269,6 +328,14 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
     ]
     outbox = outbox_rows(event_id, changes)
     settled = changes.updated_holds
+    # Seats of settled holds move first, so that a seat freed in this batch can go to a new
+    # hold of the same batch without meeting the one-live-hold-per-seat index.
+    seats_settled = [h for h in settled if h.seats]
+    seat_rows = [
+        (h.id, event_id, seat, h.status, position)
+        for h in changes.new_holds
+        for position, seat in enumerate(h.seats)
+    ]
     async with conn.transaction():
         try:
             await conn.execute(
@@ -293,5 +360,47 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
                     details={"event_id": event_id},
                 ) from None
             raise
+        if seats_settled:
+            await conn.execute(
+                "UPDATE seat_holds s SET status = u.status"
+                " FROM unnest($1::uuid[], $2::text[]) AS u(id, status) WHERE s.hold_id = u.id",
+                [h.id for h in seats_settled],
+                [h.status for h in seats_settled],
+            )
+        if changes.restocks:
+            # After inventory_commit: the fence is checked and the owner row locked first.
+            # Before the new holds, like the settled seats above: tickets and seats a refund
+            # gave back may be taken again in this very batch, and sold must go down before
+            # held goes up (no_oversell) and a seat leave the live set before a new hold
+            # takes it (the one-live-hold-per-seat index). A returned hold is never new in
+            # its batch: a refund needs the hold's tickets, issued once its payment committed.
+            await _insert_returns(conn, event_id, changes.restocks)
         if holds:
             await conn.copy_records_to_table("holds", records=holds, columns=_HOLD_COLUMNS)
+        if seat_rows:
+            await conn.copy_records_to_table(
+                "seat_holds",
+                records=seat_rows,
+                columns=("hold_id", "event_id", "seat_id", "status", "position"),
+            )
+
+
+async def _insert_returns(conn: Conn, event_id: str, restocks: list[Restock]) -> None:
+    """The batch's stock returns (refunds), one statement: its trigger lowers ``sold`` and
+    takes the returned seats' ``seat_holds`` rows out of the live ones (schema 19)."""
+    # Each return's seats as a JSON array: a PostgreSQL array of arrays must be rectangular.
+    await conn.execute(
+        "INSERT INTO stock_returns"
+        " (refund_id, event_id, hold_id, ticket_type, fan_id, quantity, seats)"
+        " SELECT r, $1, h, t, f, q, ARRAY(SELECT x.seat FROM jsonb_array_elements_text(s::jsonb)"
+        "  WITH ORDINALITY AS x(seat, n) ORDER BY x.n)"
+        " FROM unnest($2::text[], $3::uuid[], $4::text[], $5::text[], $6::integer[], $7::text[])"
+        " AS u(r, h, t, f, q, s)",
+        event_id,
+        [r.refund_id for r in restocks],
+        [r.hold_id for r in restocks],
+        [r.ticket_type for r in restocks],
+        [r.fan_id for r in restocks],
+        [r.quantity for r in restocks],
+        [_json.encode(r.seats).decode() for r in restocks],
+    )

@@ -52,7 +52,7 @@ TICKET_CHECKED_IN = "ticket.checked_in"
 TICKET_VOIDED = "ticket.voided"
 
 
-class TicketClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class TicketClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """The claims of a signed ticket (short names: it travels in a QR code)."""
 
     #: Issuer (``WAITROOM_PASS_ISSUER``), as in queue passes.
@@ -67,6 +67,8 @@ class TicketClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ord: str
     #: When it was issued (Unix seconds).
     iat: int
+    #: The seat it admits to (``SECTION:ROW:SEAT``); absent for general admission.
+    seat: str | None = None
 
 
 class _Header(msgspec.Struct, frozen=True):
@@ -96,10 +98,19 @@ def sign_ticket(keys: PassKeys, claims: TicketClaims) -> str:
 
 
 def claims_of(
-    *, issuer: str, code: str, event_id: str, ticket_type: str, order_id: str, issued_at: datetime
+    *,
+    issuer: str,
+    code: str,
+    event_id: str,
+    ticket_type: str,
+    order_id: str,
+    issued_at: datetime,
+    seat: str | None = None,
 ) -> TicketClaims:
     """The claims of an issued ticket."""
-    return TicketClaims(issuer, code, event_id, ticket_type, order_id, int(issued_at.timestamp()))
+    return TicketClaims(
+        issuer, code, event_id, ticket_type, order_id, int(issued_at.timestamp()), seat
+    )
 
 
 def _invalid(message: str) -> Forbidden:
@@ -298,7 +309,7 @@ async def void_ticket(
 async def fans_ticket(conn: Conn, code: str, fan_id: str, *, issuer: str) -> TicketClaims:
     """The claims of ``fan_id``'s ticket ``code``; 404 ``ticket_not_found`` for anyone else's."""
     row = await conn.fetchrow(
-        "SELECT event_id, ticket_type, order_id::text, issued_at FROM tickets"
+        "SELECT event_id, ticket_type, order_id::text, issued_at, seat_id FROM tickets"
         " WHERE code = $1 AND fan_id = $2",
         code,
         fan_id,
@@ -312,4 +323,5 @@ async def fans_ticket(conn: Conn, code: str, fan_id: str, *, issuer: str) -> Tic
         ticket_type=row["ticket_type"],
         order_id=row["order_id"],
         issued_at=row["issued_at"],
+        seat=row["seat_id"],
     )

@@ -194,12 +194,19 @@ def _invalid(message: str, field: str, code: str) -> ValidationFailed:
     return ValidationFailed(message, field=field, code=code)
 
 
-def validate_seat_map(seat_map: SeatMap, ticket_types: Mapping[str, int] | None = None) -> None:
+def validate_seat_map(
+    seat_map: SeatMap,
+    ticket_types: Mapping[str, int] | None = None,
+    *,
+    check_quantities: bool = True,
+) -> None:
     """Rules beyond single fields; raises :class:`ValidationFailed` naming what is wrong.
 
     ``ticket_types`` (name -> quantity) are the event's; when given, every price level and
-    general-admission section must name one, and the seats not killed of each ticket type
-    must fit its quantity (the no-oversell constraint counts tickets, not seats).
+    general-admission section must name one, and, with ``check_quantities``, the seats not
+    killed of each ticket type must fit its quantity (the no-oversell constraint counts
+    tickets, not seats). :func:`import_seat_map` does not check quantities: it sets a seated
+    ticket type's quantity from the map.
     """
     levels: dict[str, PriceLevel] = {}
     for i, defined in enumerate(seat_map.price_levels):
@@ -289,7 +296,7 @@ def validate_seat_map(seat_map: SeatMap, ticket_types: Mapping[str, int] | None 
                     raise _invalid(
                         f"the map has more than {MAX_SEATS} seats", where, "too_many_seats"
                     )
-    if ticket_types is not None:
+    if ticket_types is not None and check_quantities:
         for name, count in sellable.items():
             if count > ticket_types[name]:
                 raise _invalid(
@@ -361,13 +368,34 @@ def _seat_rows(event_id: str, seat_map: SeatMap) -> list[tuple[Any, ...]]:
     ]
 
 
+def _open_seats(seat_map: SeatMap) -> dict[str, int]:
+    """Open seats per ticket type: a seated ticket type's quantity."""
+    levels = {level.id: level.ticket_type for level in seat_map.price_levels}
+    counts = dict.fromkeys(levels.values(), 0)
+    for section in seat_map.sections:
+        if isinstance(section, SeatedSection):
+            for row in section.rows:
+                for seat in row.seats:
+                    if seat.status == "open":
+                        counts[levels[seat.level]] += 1
+    return counts
+
+
 async def import_seat_map(
     pool: asyncpg.Pool[Any], event_id: str, seat_map: SeatMap, *, actor: audit.Actor | str
 ) -> SeatMapSummary:
     """Validate ``seat_map`` against the event and store it, replacing the previous one.
 
     404 ``event_not_found``; 422 naming the bad part; 409 ``seat_map_in_use`` once any seat
-    of the event was ever held (a map cannot change under a sale: replace it before one).
+    of the event was ever held (a map cannot change under a sale: replace it before one), or
+    once a ticket type the map seats has tickets held or sold by quantity. The event's
+    inventory actor, if one is running, is fenced off (its owner's epoch is bumped), so that
+    the next one loads the new map.
+
+    A ticket type sold as seats gets its quantity set to its ``open`` seats (the map's
+    ``killed`` and ``held_back`` seats are not for sale), so the inventory's counts of
+    tickets (held + sold <= quantity) and of seats always agree; 422 ``no_seats_on_sale``
+    when a seated ticket type would have none.
     """
     async with pool.acquire() as conn, conn.transaction():
         # Locks the event against a concurrent import (the second waits, then replaces).
@@ -379,13 +407,49 @@ async def import_seat_map(
         types = await conn.fetch(
             "SELECT name, quantity FROM ticket_types WHERE event_id = $1", event_id
         )
-        validate_seat_map(seat_map, {t["name"]: t["quantity"] for t in types})
+        validate_seat_map(
+            seat_map, {t["name"]: t["quantity"] for t in types}, check_quantities=False
+        )
         if await conn.fetchval("SELECT true FROM seat_holds WHERE event_id = $1 LIMIT 1", event_id):
             raise Conflict(
                 f"seats of event {event_id!r} have been held already; the map cannot change",
                 code="seat_map_in_use",
                 details={"event_id": event_id},
             )
+        on_sale = _open_seats(seat_map)
+        for name in sorted({level.ticket_type for level in seat_map.price_levels}):
+            if not on_sale.get(name):
+                raise ValidationFailed(
+                    f"ticket type {name!r} has no open seat in the map: nothing to sell",
+                    field="price_levels",
+                    code="no_seats_on_sale",
+                )
+        sold = await conn.fetchval(
+            "SELECT string_agg(name, ', ') FROM ticket_types"
+            " WHERE event_id = $1 AND name = ANY($2::text[]) AND held + sold > 0",
+            event_id,
+            list(on_sale),
+        )
+        if sold:
+            raise Conflict(
+                f"tickets of {sold} are held or sold by quantity already; they cannot become seats",
+                code="seat_map_in_use",
+                details={"event_id": event_id},
+            )
+        await conn.execute(
+            "UPDATE ticket_types t SET quantity = q.quantity"
+            " FROM unnest($2::text[], $3::int[]) AS q(name, quantity)"
+            " WHERE t.event_id = $1 AND t.name = q.name",
+            event_id,
+            list(on_sale),
+            list(on_sale.values()),
+        )
+        # The event's inventory actor, if one runs, sells from the map it loaded: a new
+        # fencing epoch refuses its next commit, and whoever hosts the event next loads
+        # this map (and these quantities). Committed with the import, or not at all.
+        await conn.execute(
+            "UPDATE inventory_owners SET epoch = epoch + 1 WHERE event_id = $1", event_id
+        )
         old = await conn.fetchval("SELECT seats FROM seat_maps WHERE event_id = $1", event_id)
         await conn.execute("DELETE FROM seats WHERE event_id = $1", event_id)
         document = encode(seat_map).decode()

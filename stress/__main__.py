@@ -26,9 +26,12 @@ BENCHMARKS = {
     "bots": "stress.bots",
     "chaos": "stress.chaos",
     "checkout": "stress.checkout",
+    "affinity": "stress.affinity",
     "cluster_clients": "stress.cluster_clients",
     "cluster": "stress.cluster",
     "tracing": "stress.tracing",
+    "waitlist": "stress.waitlist",
+    "seats": "stress.seats",
 }
 
 

@@ -81,7 +81,7 @@ from redis.asyncio import Redis
 
 from admission import operators
 from inventory import catalogue
-from stress.common import free_port, fresh_database, fresh_prefix, percentile
+from stress.common import free_port, fresh_database, fresh_prefix, metric_sum, percentile
 from stress.loadgen import LoadResult, Summary, _Client, _ip, _Load, go, run_load, wait_ready
 from stress.server import (
     machine_busy_seconds,
@@ -109,17 +109,31 @@ _ADMIT_SLACK_S = 60.0
 _DRAIN_S = 10.0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_round_arguments(parser: argparse.ArgumentParser, *, expect_rps: float) -> None:
+    """The options of reservation rounds and their fans (shared with ``stress affinity``)."""
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per side")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds of the sides")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured start per round")
+    parser.add_argument("--generators", type=int, default=2, help="load generator processes")
+    parser.add_argument(
+        "--expect-rps",
+        type=float,
+        default=expect_rps,
+        help="reservations/s assumed before any was measured (sizes the first batch of fans)",
+    )
+    parser.add_argument("--max-fans", type=int, default=600_000, help="bound on fans admitted")
+    parser.add_argument("--stock", type=int, default=10_000_000, help="tickets of each event")
+    parser.add_argument("--admit-rate", type=float, default=20_000.0, help="admissions per s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_round_arguments(parser, expect_rps=6000.0)
     parser.add_argument(
         "--concurrency", default="50,200", help="keep-alive reservation clients, per side"
     )
     parser.add_argument(
         "--join-connections", type=int, default=50, help="connections of the join side"
     )
-    parser.add_argument("--generators", type=int, default=2, help="load generator processes")
     parser.add_argument("--server-workers", type=int, default=2, help="waitroom serve --workers")
     parser.add_argument(
         "--fans",
@@ -128,15 +142,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="admitted fans for the measured rounds; 0: as many as they need (joined and"
         " admitted between rounds)",
     )
-    parser.add_argument(
-        "--expect-rps",
-        type=float,
-        default=6000.0,
-        help="reservations/s assumed before any was measured (sizes the first batch of fans)",
-    )
-    parser.add_argument("--max-fans", type=int, default=600_000, help="bound on fans admitted")
-    parser.add_argument("--stock", type=int, default=10_000_000, help="tickets of the event")
-    parser.add_argument("--admit-rate", type=float, default=20_000.0, help="admissions per s")
     parser.add_argument("--sellout-tickets", type=int, default=500)
     parser.add_argument(
         "--sellout-fans", type=int, default=0, help="fans of the sell-out round (0: 2x tickets)"
@@ -319,7 +324,8 @@ def _reserve_requests(args: argparse.Namespace) -> list[bytes]:
     head = (
         f"POST /v1/events/{args.event}/reservations HTTP/1.1\r\nHost: 127.0.0.1:{args.port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(RESERVE_BODY)}\r\n"
-        "Authorization: Bearer "
+        + (f"Cookie: waitroom_node={args.cookie}\r\n" if args.cookie else "")
+        + "Authorization: Bearer "
     ).encode()
     requests: list[bytes] = []
     for i, line in enumerate(Path(args.fans).read_bytes().splitlines()):
@@ -414,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     reserve.add_argument("--seconds", type=float, required=True)
     reserve.add_argument("--warmup", type=float, default=1.0)
     reserve.add_argument("--out", required=True)
+    reserve.add_argument(
+        "--cookie", default=None, help="the waitroom_node cookie every fan sends (affinity)"
+    )
     args = parser.parse_args(argv)
     if args.mode == "join-fans":
         return uvloop.run(_join_fans(args))
@@ -522,14 +531,6 @@ _WORKER_METRICS = (
     "waitroom_inventory_batch_size_count",
     "waitroom_inventory_commit_seconds_sum",
 )
-
-
-def _metric(text: str, name: str) -> float | None:
-    """The sum of every sample of ``name`` in a Prometheus text page (None: not there)."""
-    found: float | None = None
-    for match in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
-        found = (found or 0.0) + float(match.group(1))
-    return found
 
 
 async def _http(
@@ -744,8 +745,16 @@ class _Bench:
             status, body = await _http(self.port, "GET", "/metrics")
             if status == 200:
                 text = body.decode()
-                return {name: _metric(text, name) or 0.0 for name in _WORKER_METRICS}
+                return {name: metric_sum(text, name) or 0.0 for name in _WORKER_METRICS}
         return None
+
+    def connection_split(self) -> dict[str, int]:
+        """How the clients' connections split between the owner and the other worker."""
+        inodes = _socket_inodes(self.port)
+        return {
+            "owner": _connections_of(self.owner_pid, inodes),
+            "other": _connections_of(self.other_pid, inodes),
+        }
 
     # --- rounds -----------------------------------------------------------------------------
 
@@ -759,8 +768,10 @@ class _Bench:
         warmup: float,
         tag: str,
         profile: Path | None = None,
+        cookie: str | None = None,
     ) -> tuple[_Round, list[_Fan]]:
-        """One reservation round with ``fans``; the round and the fans it did not use."""
+        """One reservation round with ``fans``; the round and the fans it did not use.
+        ``cookie``: the ``waitroom_node`` cookie every fan sends (owner affinity)."""
         args = self.args
         generators = max(1, min(args.generators, connections))
         shares = [
@@ -799,16 +810,13 @@ class _Bench:
                         f"--seconds={seconds}",
                         f"--warmup={warmup}",
                         f"--out={out}",
+                        *([f"--cookie={cookie}"] if cookie else []),
                         stdin=asyncio.subprocess.PIPE,
                         stdout=asyncio.subprocess.PIPE,
                     )
                 )
             await wait_ready(procs, "a reservation generator", 60)
-            inodes = _socket_inodes(self.port)
-            split = {
-                "owner": _connections_of(self.owner_pid, inodes),
-                "other": _connections_of(self.other_pid, inodes),
-            }
+            split = self.connection_split()
             await go(procs)
             await asyncio.sleep(warmup)
             groups = await self.groups()
@@ -1006,8 +1014,9 @@ def _side(rounds: list[_Round]) -> dict[str, Any]:
     return side
 
 
-#: The processes whose CPU a reservation costs (the load generators and others' are not).
-_STACK = ("owner_worker", "other_worker", "supervisor", "redis", "postgres")
+#: The groups of processes whose CPU a reservation does not cost (every other group does:
+#: the server's processes, Redis and the database's backends).
+_NOT_STACK = ("postgres_background", "generators", "profiler", "other", "machine")
 
 
 def _reserve_side(rounds: list[_Round]) -> dict[str, Any]:
@@ -1020,6 +1029,7 @@ def _reserve_side(rounds: list[_Round]) -> dict[str, Any]:
         for key, value in r.system_s.items():
             system[key] = system.get(key, 0.0) + value
     per = max(completed, 1)
+    stack = [k for k in cpu if k not in _NOT_STACK]
     answered = sum(r.forwarded.get("answered", 0) for r in rounds)
     inbox = sum(r.forwarded.get("inbox_entries", 0) for r in rounds)
     metric_rounds = [r for r in rounds if "metric" in r.forwarded]
@@ -1032,14 +1042,14 @@ def _reserve_side(rounds: list[_Round]) -> dict[str, Any]:
         "completed": completed,
         "sent": sum(r.sent for r in rounds),
         "fans_ran_out": any(r.ran_out for r in rounds),
-        "cpu_ms_per_reservation": round(sum(cpu.get(k, 0.0) for k in _STACK) * 1000 / per, 3),
+        "cpu_ms_per_reservation": round(sum(cpu[k] for k in stack) * 1000 / per, 3),
         "cpu_ms_per_reservation_by_process": {
-            k: round(cpu.get(k, 0.0) * 1000 / per, 3)
-            for k in (*_STACK, "postgres_background", "generators", "profiler", "other")
+            k: round(cpu[k] * 1000 / per, 3)
+            for k in (*stack, "postgres_background", "generators", "profiler", "other")
             if k in cpu
         },
         "system_share_by_process": {
-            k: round(system[k] / cpu[k], 3) for k in _STACK if cpu.get(k) and k in system
+            k: round(system[k] / cpu[k], 3) for k in stack if cpu.get(k) and k in system
         },
         "forwarded_share": (round(metric / max(metric_answered, 1), 3) if metric_rounds else None),
         "forwarded": {

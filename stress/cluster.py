@@ -51,7 +51,7 @@ import httpx
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
-from stress.common import percentile
+from stress.common import metric_sum, percentile
 from stress.fan_generator import Report
 from stress.flash_sale import PER_FAN_LIMIT, check, create_sale
 from stress.loadgen import LoadResult, go, run_load, wait_ready
@@ -86,6 +86,9 @@ HTTP_HISTOGRAM = "waitroom_http_request_duration_seconds"
 #: A generator's report without its selling window's ends (merged into the crowd's).
 _SALE_TIMES = ("first_sale", "last_sale")
 TICK_HISTOGRAM = "waitroom_admission_tick_seconds"
+#: Inventory commands a node forwarded to the owner of the event's actor (by outcome), and
+#: the times a node became an event's owner.
+COUNTERS = ("waitroom_inventory_forwarded_total", "waitroom_inventory_owner_changes_total")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--join-rounds", type=int, default=2, help="rounds per side (ABBA)")
     parser.add_argument("--join-connections", type=int, default=64)
     parser.add_argument("--failover-tickets", type=int, default=150)
+    parser.add_argument(
+        "--ignore-node-cookie",
+        action="store_true",
+        help="fans ignore the owner-affinity cookie (ADR 0017): reservations spread and forwarded",
+    )
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -188,6 +196,13 @@ async def scrape(nodes: Nodes) -> Buckets:
     async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
         texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
     return parse_buckets(texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM))
+
+
+async def counters(nodes: Nodes) -> dict[str, float]:
+    """:data:`COUNTERS` summed over the live nodes (every label)."""
+    async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
+        texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
+    return {name: sum(metric_sum(text, name) or 0.0 for text in texts) for name in COUNTERS}
 
 
 def server_steps(delta: Buckets) -> dict[str, dict[str, float | None]]:
@@ -416,6 +431,7 @@ async def _generators(
                     f"--join-concurrency={max(1, 200 // count)}",
                     f"--arrival-s={args.arrival_s}",
                     f"--out={out}",
+                    *(["--ignore-node-cookie"] if args.ignore_node_cookie else []),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                 )
@@ -451,6 +467,7 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
     try:
         event_id = await create_sale(pool, args.tickets, args.rate, args.max_active)
         before = await scrape(nodes)
+        counted_before = await counters(nodes)
         started, cpu_before = time.monotonic(), cpu_by_kind()
         outcomes, reports = await _generators(args, work, nodes, event_id)
         duration = time.monotonic() - started
@@ -458,6 +475,8 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         cpu = cpu_share(cpu_before, cpu_by_kind(), duration)
         cpu["generators"] = round(sum(r.cpu_s for r in reports) / duration * 100, 1)
         after = await scrape(nodes)
+        counted = {k: v - counted_before[k] for k, v in (await counters(nodes)).items()}
+        forwarded = counted["waitroom_inventory_forwarded_total"]
         deadline = time.monotonic() + 30  # the last payments may still be settling
         while time.monotonic() < deadline:
             sold = await pool.fetchval(
@@ -476,17 +495,27 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         await pool.close()
     sales = [(r.first_sale, r.last_sale) for r in reports if r.first_sale and r.last_sale]
     window = max(b for _, b in sales) - min(a for a, _ in sales) if sales else 0.0
+    server = server_steps(bucket_delta(after, before))
+    reserves = server["reserve"]["count"] or 0.0
     return {
         "event_id": event_id,
         "duration_s": round(duration, 1),
         "cpu_pct": cpu,
         "fan": fan_steps(outcomes),
-        "server": server_steps(bucket_delta(after, before)),
+        "server": server,
+        # Reservations forwarded to the actor's node (ADR 0017: fans that keep the cookie
+        # their admitted status gave them are routed to it instead).
+        "forwarded": forwarded,
+        "forwarded_share": round(forwarded / reserves, 3) if reserves else None,
+        # Owners taken during the sale: 1 when the sale's actor never moved (a lease lost to
+        # a stalled node moves it, and the fans' cookies then name the old owner).
+        "owner_changes": counted["waitroom_inventory_owner_changes_total"],
         "balancer": balancer,
         "checks": checks,
         "errors": sum(r.errors for r in reports),
         "error_samples": [o.error for o in outcomes if o.error][:5],
         "paid_fans": sum(r.paid_fans for r in reports),
+        "payment_polls": sum(r.payment_polls for r in reports),
         "sold_out_fans": sum(r.sold_out_fans for r in reports),
         "tickets_per_s": round(checks["sold"] / window, 1) if window >= 1 else None,
         "generators": [
@@ -673,6 +702,7 @@ def summarize(
         "join_rps_cluster": joins["cluster"]["rps"],
         "join_rps_single": joins["single"]["rps"],
         "generator_cpu_pct_peak": peak,
+        "forwarded_share": sale["forwarded_share"],
         "steps": {
             step: {
                 **{f"fan_{k}": v for k, v in fan[step].items() if k != "count"},
@@ -695,6 +725,7 @@ def summarize(
             "rate_per_second": args.rate,
             "max_active": args.max_active,
             "arrival_s": args.arrival_s,
+            "fans_keep_node_cookie": not args.ignore_node_cookie,
             "per_fan_limit": PER_FAN_LIMIT,
             "join_seconds": args.join_seconds,
             "join_rounds": args.join_rounds,

@@ -471,7 +471,9 @@ async def _side(
     try:
         fields = [x for pair in _ROOM.items() for x in pair]
         for ek in events:
-            await scripts.INIT_ROOM(setup, [ek.meta, ek.seed, ek.seq], ["", *fields])
+            await scripts.INIT_ROOM(
+                setup, [ek.meta, ek.seed, ek.seq, ek.incarnation], ["", *fields]
+            )
     finally:
         await setup.aclose()
     if own_cluster:

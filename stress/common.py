@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
@@ -21,6 +22,14 @@ def percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(pct / 100 * len(ordered)))
     return ordered[min(rank, len(ordered)) - 1]
+
+
+def metric_sum(text: str, name: str) -> float | None:
+    """The sum of every sample of ``name`` in a Prometheus text page (None: not there)."""
+    found: float | None = None
+    for match in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
+        found = (found or 0.0) + float(match.group(1))
+    return found
 
 
 @asynccontextmanager

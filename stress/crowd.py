@@ -355,6 +355,10 @@ class Sale:
         self.acked_holds: set[str] = set()
         self.acked_payments: set[str] = set()
         self.stalls = Stalls()
+        #: What checks expecting a refusal got instead ("check:<status> <code>", in order).
+        self.not_refused: list[str] = []
+        #: Checks refused, but with one of their other accepted codes ("<expected>: 403 <code>").
+        self.refused_otherwise: list[str] = []
 
     # --- one fan ----------------------------------------------------------------------------
 
@@ -541,8 +545,17 @@ class Sale:
             *(self.run_fan(f, self.started + i * spread) for i, f in enumerate(self.fans))
         )
 
-    async def refused(self, fan: Fan, queue_pass: str, code: str, bound_s: float = 15.0) -> bool:
-        """Whether reserving with ``queue_pass`` is refused with 403 ``code`` (503s retried)."""
+    async def refused(
+        self,
+        fan: Fan,
+        queue_pass: str,
+        code: str,
+        bound_s: float = 15.0,
+        *,
+        also: tuple[str, ...] = (),
+    ) -> bool:
+        """Whether reserving with ``queue_pass`` is refused with 403 ``code``, or one of the
+        codes ``also`` (noted in :attr:`refused_otherwise`); 503s retried."""
         response = await self.http.call(
             fan,
             "check",
@@ -556,4 +569,12 @@ class Sale:
             },
             deadline=time.monotonic() + bound_s,
         )
-        return response is not None and response.status_code == 403 and _code(response) == code
+        got_code = "" if response is None else _code(response)
+        if response is not None and response.status_code == 403 and got_code == code:
+            return True
+        if response is not None and response.status_code == 403 and got_code in also:
+            self.refused_otherwise.append(f"{code}: 403 {got_code}")
+            return True
+        got = "no answer" if response is None else f"{response.status_code} {_code(response)}"
+        self.not_refused.append(f"{code}: {got}")
+        return False

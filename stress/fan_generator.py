@@ -55,6 +55,8 @@ class Report(msgspec.Struct):
     paid_fans: int
     sold_out_fans: int
     errors: int
+    #: Asks for a reservation while its payment was under way (long polls).
+    payment_polls: int
     #: Monotonic times (system-wide on Linux, comparable between processes) of this
     #: process's first and latest paid tickets, for the crowd's selling window.
     first_sale: float | None
@@ -121,6 +123,7 @@ async def _run(args: argparse.Namespace) -> tuple[list[Outcome], Report]:
             first=args.first,
             join_concurrency=args.join_concurrency,
             arrival_s=args.arrival_s,
+            keep_route=not args.ignore_node_cookie,
         )
     finally:
         await sampler.stop()
@@ -148,6 +151,7 @@ def _report(
         paid_fans=progress.paid_fans,
         sold_out_fans=progress.sold_out_fans,
         errors=progress.errors,
+        payment_polls=progress.payment_polls,
         first_sale=progress.first_sale,
         last_sale=progress.last_sale,
     )
@@ -165,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         "--arrival-s", type=float, default=0.0, help="spread the fans' arrivals over this long"
     )
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--ignore-node-cookie",
+        action="store_true",
+        help="fans do not keep the owner-affinity cookie (their reservations are spread)",
+    )
     args = parser.parse_args(argv)
     # uvloop, as every other process of the benchmarks (and the server) runs.
     outcomes, report = uvloop.run(_run(args))

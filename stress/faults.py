@@ -29,7 +29,10 @@ Shared by ``tests/test_faults.py`` (small sales, one per fault) and ``python -m 
    ``order_inversions_after`` (pairs of such fans whose order in the line changed);
    ``max_active_exceeded`` (samples of the ``active`` set above ``max_active``, plus passes
    PostgreSQL shows issued while ``max_active`` others were live); ``revoked_accepted`` and
-   ``spent_accepted`` (the revoked pass, or a paid fan's pass, not refused after the fault);
+   ``spent_accepted`` (the revoked pass, or a paid fan's pass, not refused after the fault: a
+   paid fan's pass may be refused by the gate, ``pass_spent``, or, should Redis have lost its
+   marker, by the inventory ledger, ``pass_used``, listed in ``refused_otherwise``; what a
+   check got instead of a refusal is listed in ``not_refused``);
    ``http_500`` (a 5xx other than 503), ``hung_requests`` (slower than the dependency
    timeout + 1 s); and whether the sale completed (every ticket sold, every fan done).
 
@@ -154,7 +157,16 @@ class FaultStack:
         raise RuntimeError(f"server {index} did not come up (see {self.run_dir})")
 
     async def start_workers(self) -> None:
-        self.workers_proc = await self._start("workers", self.ports[0], "-m", "waitroom", "workers")
+        """Start ``waitroom workers`` again; one that exits within its first seconds (it logs
+        only warnings here: nothing says it is up) is an error, not a silent stall of the
+        sale."""
+        proc = await self._start("workers", self.ports[0], "-m", "waitroom", "workers")
+        self.workers_proc = proc
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), WORKERS_SETTLE_S)
+        if proc.returncode is not None:
+            log = self.run_dir / f"workers-{self._starts}.log"
+            raise RuntimeError(f"the workers exited with {proc.returncode} (see {log})")
 
     @staticmethod
     async def kill(proc: asyncio.subprocess.Process) -> None:
@@ -176,6 +188,10 @@ class FaultStack:
             if len(parts) >= 2 and parts[-2] == str(proc.pid):
                 return i, True
         return 0, False
+
+
+#: A restarted workers process still running this long after it started is taken as up.
+WORKERS_SETTLE_S = 2.0
 
 
 @asynccontextmanager
@@ -615,7 +631,12 @@ async def run_fault_sale(
                 more = [f for f in sale.fans if f.state == "paid" and f not in spent_sample]
                 spent_sample = spent_sample + more[: spec.spent_checks - len(spent_sample)]
             checks = asyncio.gather(
-                *(sale.refused(f, f.queue_pass or "", "pass_spent") for f in spent_sample)
+                # The gate refuses a spent pass; should its marker be missing from Redis,
+                # the inventory ledger still refuses it (the pass's hold cycle is over).
+                *(
+                    sale.refused(f, f.queue_pass or "", "pass_spent", also=("pass_used",))
+                    for f in spent_sample
+                )
             )
             refused = await sale.stalls.bounded("spent checks", checks, 30, [])
             verified = await sale.stalls.bounded(
@@ -701,6 +722,10 @@ def _report(
         "active_peak_db": found["active_peak_db"],
         "excess_admissions_db": found["excess_admissions_db"],
         "spent_checked": len(refused),
+        # What the revoked and spent checks got instead of their refusal (none expected).
+        "not_refused": sale.not_refused[:10],
+        # Spent passes the gate let through (their marker missing) and the ledger refused.
+        "refused_otherwise": sale.refused_otherwise[:10],
         "requests": len(calls),
         "status_counts": _status_counts(calls),
         "latency_p99_ms": {

@@ -65,10 +65,15 @@ async def create_sale(pool: asyncpg.Pool[Any], tickets: int, rate: float, max_ac
 
 async def check(pool: asyncpg.Pool[Any], redis: Redis, keys: Keys, event_id: str) -> dict[str, int]:
     """Invariants of the finished sale, from PostgreSQL and Redis."""
+    # Summed over the event's ticket types (a seated event has one per price level), with
+    # each type's own excess: one type oversold is not hidden by another's unsold stock.
     row = await pool.fetchrow(
-        "SELECT quantity, held, sold FROM ticket_types WHERE event_id = $1", event_id
+        "SELECT sum(quantity)::int AS quantity, sum(held)::int AS held, sum(sold)::int AS sold,"
+        " sum(greatest(0, held + sold - quantity))::int AS over"
+        " FROM ticket_types WHERE event_id = $1",
+        event_id,
     )
-    assert row is not None
+    assert row is not None and row["quantity"] is not None
     tickets = await pool.fetchval("SELECT count(*) FROM tickets WHERE event_id = $1", event_id)
     duplicate_codes = await pool.fetchval(
         "SELECT count(*) - count(DISTINCT code) FROM tickets WHERE event_id = $1", event_id
@@ -90,7 +95,7 @@ async def check(pool: asyncpg.Pool[Any], redis: Redis, keys: Keys, event_id: str
         "sold": row["sold"],
         "held_left": row["held"],
         "tickets_issued": tickets,
-        "oversold": max(0, row["held"] + row["sold"] - row["quantity"], tickets - row["quantity"]),
+        "oversold": max(row["over"], tickets - row["quantity"]),
         "duplicate_codes": duplicate_codes,
         "fans_over_limit": over_limit,
         "admitted_in_order": len(joined),

@@ -100,6 +100,9 @@ def render_haproxy(
                 opts = [
                     re.sub(rf"/{re.escape(model_name)}$", f"/{name}", o)
                     if i > 0 and options[i - 1] == "track"
+                    # The owner-affinity cookie's value is the node's name (WAITROOM_NODE_NAME).
+                    else name
+                    if i > 0 and options[i - 1] == "cookie"
                     else o
                     for i, o in enumerate(options)
                 ]
@@ -267,7 +270,8 @@ async def _start_serve(
     port: int,
     start: int,
 ) -> asyncio.subprocess.Process:
-    env = settings_env(msgspec.structs.replace(settings, port=port))
+    # Named as in HAProxy, so that a fan's checkout is routed to the actor's node.
+    env = settings_env(msgspec.structs.replace(settings, port=port, node_name=name))
     proc = await _spawn(
         env, run_dir, f"{name}-{start}", sys.executable, "-m", "waitroom", "serve",
         "--workers", "1",

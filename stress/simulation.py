@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from websockets.asyncio.client import connect
 from stress.common import percentile
 from stress.fanclient import Answer, FanClient, TransportError
 from stress.pow import Solver
+from waitroom.core.affinity import NODE_COOKIE
 
 
 @dataclass
@@ -50,8 +51,10 @@ class Outcome:
 LOG_EVERY_S = 5.0
 #: A selling window shorter than this gives no rate (one sale is not a rate).
 MIN_WINDOW_S = 1.0
-#: Seconds between two polls of a reservation whose payment is under way.
+#: Least seconds between two asks for a reservation whose payment is under way.
 PAYMENT_POLL_S = 0.5
+#: Longest the server holds such an ask (``?wait=``: PAYMENT_WAIT_S in static/checkout.js).
+PAYMENT_WAIT_S = 10.0
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Progress:
     tickets_sold: int = 0
     sold_out_fans: int = 0
     errors: int = 0
+    #: Asks for a reservation whose payment is under way (long polls).
+    payment_polls: int = 0
     started: float = field(default_factory=time.monotonic)
     #: When the first and the latest tickets were paid (monotonic), None before any.
     first_sale: float | None = None
@@ -174,9 +179,13 @@ async def run_fan(
     ticket_type: str = "ga",
     solver: Solver | None = None,
     arrives_at: float = 0.0,
+    seat_levels: Sequence[str] = (),
+    keep_route: bool = True,
 ) -> Outcome:
     """One fan, from joining to paid tickets (or sold out); ``solver`` pays proof-of-work.
-    The fan arrives at ``arrives_at`` (``time.monotonic()``; at once when it is past)."""
+    The fan arrives at ``arrives_at`` (``time.monotonic()``; at once when it is past). With
+    ``seat_levels``, the fan asks for the best available seats of one of those price levels
+    (fan ``i`` the ``i``-th, round robin) instead of ``ticket_type``."""
     out = Outcome(i)
     ip = _ip(i)
     await asyncio.sleep(max(0.0, arrives_at - time.monotonic()))
@@ -193,6 +202,7 @@ async def run_fan(
     progress.joined += 1
     auth = {"Authorization": f"Bearer {token}", "X-Forwarded-For": ip}
     queue_pass = body["queue_pass"] if body["status"] == "admitted" else None
+    route: str | None = None
     if body["status"] == "sold_out":
         out.sold_out = True
         progress.sold_out_fans += 1
@@ -207,13 +217,32 @@ async def run_fan(
             return out
         finally:
             progress.waiting -= 1
+        if queue_pass is not None and keep_route:
+            # As the waiting page does once admitted over its socket: one status request,
+            # whose answer names the node hosting the event's actor (ADR 0017).
+            status = await _request(http, "GET", f"/v1/events/{event_id}/queue/me", headers=auth)
+            route = node_cookie(status)
     if queue_pass is None:
         out.sold_out = True
         progress.sold_out_fans += 1
         return out
     out.admitted_after_s = time.monotonic() - out.joined_at
     progress.admitted += 1
-    return await _buy(out, http, event_id, auth, queue_pass, progress, ticket_type)
+    level = seat_levels[i % len(seat_levels)] if seat_levels else None
+    return await _buy(
+        out, http, event_id, auth, queue_pass, progress, ticket_type, level, route, keep_route
+    )
+
+
+def node_cookie(answer: Answer) -> str | None:
+    """The owner-affinity cookie an answer sets (``waitroom_node=node2``), if it sets one:
+    a browser sends it back with the event's reservations (its ``Path``), and the load
+    balancer sends those to the node it names. (The client keeps no cookie jar: it serves
+    every simulated fan.)"""
+    raw = answer.headers.get("set-cookie")
+    if raw and raw.startswith(f"{NODE_COOKIE}="):
+        return str(raw.split(";", 1)[0])
+    return None
 
 
 async def _wait_for_pass(ws_base: str, event_id: str, auth: dict[str, str]) -> str | None:
@@ -256,9 +285,19 @@ async def _buy(
     queue_pass: str,
     progress: Progress,
     ticket_type: str,
+    seat_level: str | None = None,
+    route: str | None = None,
+    keep_route: bool = True,
 ) -> Outcome:
+    """Reserve (again while tickets are held), confirm, follow the payment. ``route``: the
+    owner-affinity cookie, sent with the reservations only (as a browser does, by its Path)."""
     headers = {**auth, "X-Queue-Pass": queue_pass}
     quantity = 1 + out.index % 2
+    wanted: dict[str, Any] = (
+        {"ticket_type": ticket_type, "quantity": quantity}
+        if seat_level is None
+        else {"best_available": {"level": seat_level, "count": quantity}}
+    )
     give_up = time.monotonic() + 180
     while True:
         headers["Idempotency-Key"] = uuid.uuid4().hex
@@ -267,10 +306,12 @@ async def _buy(
             http,
             "POST",
             f"/v1/events/{event_id}/reservations",
-            json={"ticket_type": ticket_type, "quantity": quantity},
-            headers=headers,
+            json=wanted,
+            headers={**headers, "Cookie": route} if route else headers,
         )
         out.reserve_ms = (time.perf_counter() - started) * 1000
+        if keep_route:
+            route = node_cookie(response) or route
         held = response.status_code == 409 and response.json()["error"]["code"] == "tickets_held"
         if not held or time.monotonic() > give_up:
             break
@@ -279,6 +320,7 @@ async def _buy(
         await asyncio.sleep(float(response.headers.get("Retry-After", "5")))
     if response.status_code == 409 and response.json()["error"]["code"] in (
         "sold_out",
+        "not_enough_seats",  # the level's seats are gone (or too few left together)
         "tickets_held",  # still held after three minutes: this fan stops waiting
     ):
         out.sold_out = True
@@ -306,9 +348,21 @@ async def _buy(
         return out
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        # As often as the checkout page polls (PAYMENT_POLL_MS in static/checkout.js).
-        await asyncio.sleep(PAYMENT_POLL_S)
-        polled = await _request(http, "GET", f"/v1/reservations/{hold_id}", headers=auth)
+        # As the checkout page follows its payment (followPayment in static/checkout.js): a
+        # long poll, answered when the payment settles, never more often than every 0.5 s.
+        asked = time.monotonic()
+        polled = await _request(
+            http, "GET", f"/v1/reservations/{hold_id}?wait={PAYMENT_WAIT_S:g}", headers=auth
+        )
+        progress.payment_polls += 1
+        if polled.status_code in (502, 504):
+            # A proxy that gave up on a saturated node: the page asks again (isTransient).
+            await asyncio.sleep(PAYMENT_POLL_S)
+            continue
+        if polled.status_code != 200:
+            out.error = f"payment poll {polled.status_code}: {polled.text[:120]}"
+            progress.errors += 1
+            return out
         reservation = polled.json()
         if reservation.get("order_status") == "paid":
             out.tickets = len(reservation["tickets"])
@@ -321,6 +375,7 @@ async def _buy(
             out.error = f"payment failed: {payment.get('last_error')}"
             progress.errors += 1
             return out
+        await asyncio.sleep(max(0.0, PAYMENT_POLL_S - (time.monotonic() - asked)))
     out.error = "payment did not finish in 120 s"
     progress.errors += 1
     return out
@@ -337,13 +392,16 @@ async def simulate(
     on_tick: Callable[[Progress], None] | None = None,
     first: int = 0,
     arrival_s: float = 0.0,
+    seat_levels: Sequence[str] = (),
+    keep_route: bool = True,
 ) -> tuple[list[Outcome], Progress]:
     """Run ``fans`` simulated fans against the server at ``base_url``; their outcomes.
 
     ``first`` numbers the first fan (each fan's client address comes from its number), so
     that several processes, each simulating its own share of a crowd, never share one.
     ``arrival_s`` spreads the fans' arrivals evenly over that many seconds (0: all at once,
-    as many joining at a time as ``join_concurrency`` lets).
+    as many joining at a time as ``join_concurrency`` lets). ``keep_route`` False: the fans
+    ignore the owner-affinity cookie (ADR 0017), so the balancer spreads their reservations.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -383,6 +441,8 @@ async def simulate(
                         ticket_type,
                         solver,
                         arrives_at=started + (i - first) * arrival_s / max(fans, 1),
+                        seat_levels=seat_levels,
+                        keep_route=keep_route,
                     )
                     for i in range(first, first + fans)
                 )
@@ -468,6 +528,13 @@ def main() -> None:
     parser.add_argument("--fans", type=int, default=3000)
     parser.add_argument("--ticket-type", default="ga")
     parser.add_argument(
+        "--seat-level",
+        action="append",
+        default=[],
+        help="a seated event: fans ask for the best available seats of this price level"
+        " (repeat for several; fans take turns) instead of --ticket-type",
+    )
+    parser.add_argument(
         "--verify", action="store_true", help="check the sale in PostgreSQL and Redis afterwards"
     )
     parser.add_argument(
@@ -492,7 +559,14 @@ def main() -> None:
             print(progress.line(), flush=True)
 
     outcomes, progress = asyncio.run(
-        simulate(args.base_url, args.event, args.fans, ticket_type=args.ticket_type, on_tick=show)
+        simulate(
+            args.base_url,
+            args.event,
+            args.fans,
+            ticket_type=args.ticket_type,
+            on_tick=show,
+            seat_levels=args.seat_level,
+        )
     )
     print(("\n" if live else "") + progress.line())
     s = summarize(outcomes, progress)

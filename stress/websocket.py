@@ -85,7 +85,7 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(f"websocket: {message}", file=sys.stderr, flush=True)
 
 
-class _Clients:
+class Clients:
     """The client processes, spoken to line by line."""
 
     def __init__(self, procs: list[asyncio.subprocess.Process]) -> None:
@@ -110,13 +110,17 @@ class _Clients:
             assert proc.stdin is not None
             await proc.stdin.drain()
 
-    async def reports(self, timeout: float) -> list[Report]:
-        out: list[Report] = []
+    async def lines(self, timeout: float) -> list[bytes]:
+        """Each client's next line."""
+        out: list[bytes] = []
         for proc in self.procs:
             assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), timeout)
-            out.append(msgspec.json.decode(line, type=Report))
+            out.append(await asyncio.wait_for(proc.stdout.readline(), timeout))
         return out
+
+    async def reports(self, timeout: float) -> list[Report]:
+        """Each client's last line, its report."""
+        return [msgspec.json.decode(line, type=Report) for line in await self.lines(timeout)]
 
 
 async def _event(pool: asyncpg.Pool[Any], redis: Redis, keys: Keys, rate: float) -> str:
@@ -179,7 +183,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         keys = Keys(prefix)
         pool: asyncpg.Pool[Any] = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
         redis = redis_from_url(settings.redis_url)
-        clients = _Clients([])
+        clients = Clients([])
         worker_starts: dict[int, int | None] = {}
         try:
             event_id = await _event(pool, redis, keys, args.rate)
@@ -215,7 +219,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _spawn(
-    args: argparse.Namespace, port: int, event_id: str, work_dir: Path, clients: _Clients
+    args: argparse.Namespace, port: int, event_id: str, work_dir: Path, clients: Clients
 ) -> None:
     shares = [
         args.fans // args.clients + (i < args.fans % args.clients) for i in range(args.clients)
@@ -250,7 +254,7 @@ async def _measure(
     keys: Keys,
     work_dir: Path,
     workers: list[int],
-    clients: _Clients,
+    clients: Clients,
 ) -> dict[str, Any]:
     await _spawn(args, port, event_id, work_dir, clients)
     started = time.monotonic()

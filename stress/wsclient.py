@@ -23,7 +23,7 @@ The WebSocket protocol is the ``websockets`` library's own (its sans-I/O
 :class:`~websockets.client.ClientProtocol`: handshake, frame parsing, answering pings,
 closing), driven from :class:`asyncio.Protocol` callbacks: no task and no coroutine per
 message. Small whole text frames are read without the library's parser, and during the
-measurement the process reads in batches (``--nap-ms``, see :func:`_nap`): at 20,000
+measurement the process reads in batches (``--nap-ms``, see :func:`nap`): at 20,000
 messages a second on a 2-core machine, every microsecond spent here is taken from the server.
 A fan that has been admitted (its ``admitted`` message carries the pass) no longer gets
 position updates, so it stops counting; a connection that closes before T1 is a failure.
@@ -39,7 +39,7 @@ import sys
 import time
 from array import array
 from pathlib import Path
-from typing import cast
+from typing import Protocol, cast
 
 import msgspec
 import uvloop
@@ -77,12 +77,31 @@ class Report(msgspec.Struct):
     cpu_s: float
 
 
-class _Fan(asyncio.Protocol):
-    """One fan's WebSocket: the library's protocol state machine fed from socket callbacks."""
+class Listener(Protocol):
+    """What a process's WebSockets report to: :class:`_Client` here, the seat map viewers
+    of :mod:`stress.seatviewers`."""
 
-    def __init__(self, client: _Client, uri: str, headers: dict[str, str]) -> None:
+    def on_open(self, fan: Fan) -> None:
+        """``fan``'s handshake succeeded."""
+
+    def on_message(self, fan: Fan, data: bytes, now: float) -> None:
+        """A text message arrived on ``fan`` at ``now`` (unix time)."""
+
+    def on_closed(self, fan: Fan) -> None:
+        """``fan``'s connection is gone."""
+
+
+class Fan(asyncio.Protocol):
+    """One fan's WebSocket: the library's protocol state machine fed from socket callbacks.
+
+    ``max_size``: the largest message accepted (None: any; a seat map diff may be large).
+    """
+
+    def __init__(
+        self, client: Listener, uri: str, headers: dict[str, str], max_size: int | None = 65536
+    ) -> None:
         self.client = client
-        self.ws = ClientProtocol(parse_uri(uri), max_size=65536)
+        self.ws = ClientProtocol(parse_uri(uri), max_size=max_size)
         self.headers = headers
         self.transport: asyncio.Transport | None = None
         self.handshake: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -165,7 +184,11 @@ class _Client:
         self.open = 0
         self.all_closed = asyncio.Event()
 
-    def on_message(self, fan: _Fan, data: bytes, now: float) -> None:
+    def on_open(self, fan: Fan) -> None:
+        fan.last = time.time()
+        self.open += 1
+
+    def on_message(self, fan: Fan, data: bytes, now: float) -> None:
         inside = self.t0 <= now <= self.t1
         if inside:
             self.messages += 1
@@ -180,7 +203,7 @@ class _Client:
             fan.admitted = True
             self.admitted += 1
 
-    def on_closed(self, fan: _Fan) -> None:
+    def on_closed(self, fan: Fan) -> None:
         self.open -= 1
         if self.open <= 0:
             self.all_closed.set()
@@ -223,24 +246,32 @@ async def _join(
     return tokens
 
 
-async def _connect(
-    client: _Client, port: int, event_id: str, tokens: list[tuple[str, str]], concurrency: int
-) -> tuple[list[_Fan], int]:
-    """One WebSocket per (token, address); the fans whose handshake succeeded, and the failures."""
+async def connect(
+    client: Listener,
+    port: int,
+    path: str,
+    headers: list[dict[str, str]],
+    concurrency: int,
+    *,
+    max_size: int | None = 65536,
+) -> tuple[list[Fan], int]:
+    """One WebSocket to ``path`` on 127.0.0.1:``port`` per set of ``headers``; the fans whose
+    handshake succeeded (each told to ``client.on_open``), and the number that failed."""
     loop = asyncio.get_running_loop()
     semaphore = asyncio.Semaphore(concurrency)
-    fans: list[_Fan] = []
+    fans: list[Fan] = []
     failed = 0
 
-    uri = f"ws://127.0.0.1:{port}/v1/events/{event_id}/queue/ws"
+    uri = f"ws://127.0.0.1:{port}{path}"
 
-    async def one(token: str, ip: str) -> None:
+    async def one(fan_headers: dict[str, str]) -> None:
         nonlocal failed
-        headers = {"Authorization": f"Bearer {token}", "X-Forwarded-For": ip}
         async with semaphore:
             try:
                 _, fan = await asyncio.wait_for(
-                    loop.create_connection(lambda: _Fan(client, uri, headers), "127.0.0.1", port),
+                    loop.create_connection(
+                        lambda: Fan(client, uri, fan_headers, max_size), "127.0.0.1", port
+                    ),
                     30,
                 )
                 ok = await asyncio.wait_for(fan.handshake, 30)
@@ -248,18 +279,18 @@ async def _connect(
                 failed += 1
                 return
         if ok and fan.ws.state is State.OPEN:
-            fan.last = time.time()
             fans.append(fan)
-            client.open += 1
+            client.on_open(fan)
         else:
             failed += 1
 
-    await asyncio.gather(*(one(t, ip) for t, ip in tokens))
+    await asyncio.gather(*(one(h) for h in headers))
     return fans, failed
 
 
-async def _nap(until: float, seconds: float) -> None:
-    """Sleep ``seconds`` between event-loop turns until ``until``, so messages arrive in batches.
+async def nap(until: float, seconds: float, done: asyncio.Event | None = None) -> None:
+    """Sleep ``seconds`` between event-loop turns until ``until`` (or ``done`` is set), so
+    messages arrive in batches.
 
     A process that waits in epoll is woken by the kernel for every message, and over
     loopback that wake-up is work done in the SENDER's write: the server would pay for it,
@@ -267,12 +298,12 @@ async def _nap(until: float, seconds: float) -> None:
     socket's messages pile up and be read in one turn, about 1000/``seconds`` wake-ups a
     second in all. Receive times are late by at most ``seconds``, gaps off by as much.
     """
-    while time.time() < until:
+    while time.time() < until and not (done is not None and done.is_set()):
         time.sleep(seconds)  # noqa: ASYNC251 -- blocking on purpose: see above
         await asyncio.sleep(0)
 
 
-def _raise_file_limit() -> None:
+def raise_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -296,7 +327,13 @@ async def _main(args: argparse.Namespace) -> tuple[Report, array[float]]:
     if line.strip() != "connect":
         raise SystemExit(f"wsclient: expected 'connect', got {line!r}")
     started = time.monotonic()
-    fans, failed = await _connect(client, args.port, args.event, tokens, args.connect_concurrency)
+    fans, failed = await connect(
+        client,
+        args.port,
+        f"/v1/events/{args.event}/queue/ws",
+        [{"Authorization": f"Bearer {token}", "X-Forwarded-For": ip} for token, ip in tokens],
+        args.connect_concurrency,
+    )
     connect_s = time.monotonic() - started
     print(f"connected {len(fans)}", flush=True)
     line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -305,7 +342,7 @@ async def _main(args: argparse.Namespace) -> tuple[Report, array[float]]:
         raise SystemExit(f"wsclient: expected 'window T0 T1', got {line!r}")
     client.t0, client.t1 = float(parts[1]), float(parts[2])
     client.measuring = True
-    napping = asyncio.create_task(_nap(client.t1, args.nap_ms / 1000)) if args.nap_ms else None
+    napping = asyncio.create_task(nap(client.t1, args.nap_ms / 1000)) if args.nap_ms else None
     cpu0 = _cpu()
     await asyncio.sleep(max(0.0, client.t0 - time.time()))
     stale = sum(1 for f in fans if not f.closed and not f.admitted and f.last < client.t0 - 2)
@@ -335,18 +372,19 @@ async def _main(args: argparse.Namespace) -> tuple[Report, array[float]]:
         stale_at_start=stale,
         cpu_s=round(cpu, 2),
     )
-    await _close_all(client, open_fans)
+    await close_all(open_fans, client.all_closed)
     return report, client.gaps
 
 
-async def _close_all(client: _Client, fans: list[_Fan]) -> None:
-    """Send a close frame on every connection; give the server a moment, then cut the rest."""
+async def close_all(fans: list[Fan], all_closed: asyncio.Event) -> None:
+    """Send a close frame on every connection; give the server a moment (until
+    ``all_closed``), then cut the rest."""
     for fan in fans:
         if fan.ws.state is State.OPEN:
             fan.ws.send_close(1001, "benchmark over")
             fan._flush()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(client.all_closed.wait(), 5)
+        await asyncio.wait_for(all_closed.wait(), 5)
     for fan in fans:
         if fan.transport is not None and not fan.closed:
             fan.transport.abort()
@@ -364,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nap-ms", type=float, default=10.0, help="0: wait in epoll")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    _raise_file_limit()
+    raise_file_limit()
     report, gaps = uvloop.run(_main(args))
     Path(args.out).write_bytes(gaps.tobytes())
     print(msgspec.json.encode(report).decode(), flush=True)

@@ -165,7 +165,19 @@ def test_the_scaled_profile_has_its_services_and_leaves_the_default_stack_alone(
 def test_the_scaled_api_runs_three_replicas_on_the_redis_cluster() -> None:
     services = _compose()["services"]
     replicas = [services[f"api-{n}"] for n in (1, 2, 3)]
-    assert all(r == replicas[0] for r in replicas)
+    # Alike but for the name HAProxy knows each by (the owner-affinity cookie, ADR 0017).
+    names = [r["environment"]["WAITROOM_NODE_NAME"] for r in replicas]
+    assert names == ["node1", "node2", "node3"]
+
+    def unnamed(service: dict[str, Any]) -> dict[str, Any]:
+        env = {k: v for k, v in service["environment"].items() if k != "WAITROOM_NODE_NAME"}
+        return {**service, "environment": env}
+
+    assert all(unnamed(r) == unnamed(replicas[0]) for r in replicas)
+    haproxy = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    for name in names:
+        assert re.search(rf"^\s*server {name} .* check cookie {name}$", haproxy, re.M), name
+    assert re.search(r"^\s*cookie waitroom_node$", haproxy, re.M)
     api = replicas[0]
     assert api["command"] == ["waitroom", "serve"]
     assert api["depends_on"] == {"migrate-scaled": {"condition": "service_completed_successfully"}}
@@ -180,7 +192,9 @@ def test_the_scaled_api_runs_three_replicas_on_the_redis_cluster() -> None:
     for name in ("migrate-scaled", "workers-scaled"):
         other = {k: str(v) for k, v in services[name]["environment"].items()}
         assert {
-            k: v for k, v in env.items() if k not in ("WAITROOM_HOST", "WAITROOM_PORT")
+            k: v
+            for k, v in env.items()
+            if k not in ("WAITROOM_HOST", "WAITROOM_PORT", "WAITROOM_NODE_NAME")
         } == other
     # Every replica has the same run directory (its generated secrets) as the others.
     volumes = {tuple(services[n]["volumes"]) for n in ("api-1", "migrate-scaled", "workers-scaled")}

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from tests.test_errors import assert_error
 from waitroom.app import request_deadline_s
+from waitroom.core import deadline
 from waitroom.core.deadline import DeadlineMiddleware
 from waitroom.core.settings import Settings
 
@@ -52,8 +53,26 @@ async def own_timeout(request: Request) -> Response:
     raise TimeoutError("a dependency's own timeout")
 
 
+async def swallowed(request: Request) -> Response:
+    # The deadline's cancellation taken by the app itself, as a dependency's own timeout
+    # expiring at the same moment takes it (inventory asks): the app answers its own 503.
+    try:
+        await asyncio.sleep(2)
+    except asyncio.CancelledError:
+        return PlainTextResponse("the owner did not answer", status_code=503)
+    return PlainTextResponse("late")
+
+
+async def extended(request: Request) -> Response:
+    deadline.extend(request.scope, DEADLINE_S * 2)  # a long poll says how long it waits
+    await asyncio.sleep(DEADLINE_S * 2)
+    return PlainTextResponse("waited")
+
+
 def app() -> Starlette:
     routes = [
+        Route("/v1/swallowed", swallowed),
+        Route("/v1/extended", extended),
         Route("/v1/slow", slow),
         Route("/v1/quick", quick),
         Route("/v1/stream", streaming),
@@ -110,3 +129,16 @@ def test_the_deadline_is_within_the_dependency_timeout_and_a_second() -> None:
     for timeout in (0.5, 2.0, 5.0):
         settings = Settings(dependency_timeout_s=timeout)
         assert request_deadline_s(settings) <= max(timeout, 2.0) + 1.0
+
+
+async def test_an_answer_the_app_made_after_taking_the_deadline_itself_goes_out(
+    client: httpx.AsyncClient,
+) -> None:
+    # Not a 500 from moving a deadline that has already fired.
+    response = await client.get("/v1/swallowed")
+    assert (response.status_code, response.text) == (503, "the owner did not answer")
+
+
+async def test_a_handler_that_extends_its_deadline_outlives_it(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/extended")
+    assert (response.status_code, response.text) == (200, "waited")

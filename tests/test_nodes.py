@@ -357,6 +357,112 @@ async def test_fans_are_served_by_every_node_and_admitted_in_join_order(
     assert held + sold == holds == len(staying) <= quantity
 
 
+async def test_a_fans_checkout_goes_straight_to_the_node_hosting_the_actor(
+    nodes: Nodes, lb_admin: httpx.AsyncClient, calls: Calls
+) -> None:
+    """Owner affinity (issue 14, ADR 0017): once a fan knows the owner (the cookie on its
+    admitted status), HAProxy sends its reservations to that node: nothing is forwarded."""
+    event_id = await create_event(lb_admin, quantity=100, rate=50)
+    fans = [Fan(nodes, event_id, calls) for _ in range(12)]
+    try:
+        for fan in fans:
+            await fan.join()
+        await asyncio.gather(*(fan.admitted() for fan in fans))
+        # The first reservation makes some node the owner (whichever HAProxy picked).
+        first = await fans[0].reserve(uuid.uuid4().hex)
+        assert first.status_code == 201, first.text
+        owner = await nodes.owner(event_id)
+        assert owner is not None, await nodes.owner_lease(event_id)
+        # Each fan's status, asked through the balancer, names the owner in its cookie
+        # (httpx keeps it for the fan's next requests, as a browser does).
+        for fan in fans[1:]:
+            await fan.me()
+            assert fan.http.cookies.get("waitroom_node") == owner.name, fan.http.cookies
+        before = {
+            node.name: await node_metric(
+                node, "waitroom_inventory_forwarded_total", '{outcome="ok"}'
+            )
+            for node in nodes.nodes
+        }
+        replies = [await fan.reserve(uuid.uuid4().hex) for fan in fans[1:]]
+        assert [r.status_code for r in replies] == [201] * len(replies), [r.text for r in replies]
+        assert {r.headers.get(NODE_HEADER) for r in replies} == {owner.name}
+        after = {
+            node.name: await node_metric(
+                node, "waitroom_inventory_forwarded_total", '{outcome="ok"}'
+            )
+            for node in nodes.nodes
+        }
+        assert after == before
+        # A cookie naming another node (stale, or forged) is only a hint: that node
+        # forwards, and its answer names the owner again.
+        other = next(node for node in nodes.nodes if node is not owner and node.alive)
+        late = Fan(nodes, event_id, calls)
+        fans.append(late)
+        await late.join()
+        await late.admitted()
+        late.http.cookies.clear()
+        late.http.cookies.set(
+            "waitroom_node",
+            other.name,
+            domain="127.0.0.1",
+            path=f"/v1/events/{event_id}/reservations",
+        )
+        reply = await late.reserve(uuid.uuid4().hex)
+        assert reply.status_code == 201, reply.text
+        assert reply.headers.get(NODE_HEADER) == other.name
+        assert late.http.cookies.get("waitroom_node") == owner.name
+    finally:
+        await asyncio.gather(*(fan.aclose() for fan in fans))
+    quantity, held, sold, holds = await sale_counts(nodes, event_id)
+    assert held + sold == holds == len(fans) <= quantity
+
+
+async def test_the_waiting_page_learns_the_owner_before_it_goes_to_checkout(
+    nodes: Nodes, lb_admin: httpx.AsyncClient, calls: Calls
+) -> None:
+    """Admitted over the WebSocket (whose messages cannot set cookies), the real page asks
+    for its status once before leaving for checkout: the browser then holds the cookie
+    that sends its reservations to the node hosting the actor."""
+    event_id = await create_event(lb_admin, quantity=10, rate=50, paused=True)
+    # Someone has reserved already: the event has an owner.
+    buyer = Fan(nodes, event_id, calls)
+    try:
+        await buyer.join()
+        resumed = await lb_admin.patch(
+            f"/v1/admin/events/{event_id}/admission", json={"paused": False}
+        )
+        assert resumed.status_code == 200, resumed.text
+        await buyer.admitted()
+        assert (await buyer.reserve(uuid.uuid4().hex)).status_code == 201
+        paused = await lb_admin.patch(
+            f"/v1/admin/events/{event_id}/admission", json={"paused": True}
+        )
+        assert paused.status_code == 200, paused.text
+    finally:
+        await buyer.aclose()
+    owner = await nodes.owner(event_id)
+    assert owner is not None, await nodes.owner_lease(event_id)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+        )
+        context = await browser.new_context(base_url=nodes.url)
+        page = await context.new_page()
+        await page.goto(f"/events/{event_id}")
+        await expect(page.locator("#connection")).to_have_attribute("data-state", "live")
+        assert not [c for c in await context.cookies() if c["name"] == "waitroom_node"]
+        resumed = await lb_admin.patch(
+            f"/v1/admin/events/{event_id}/admission", json={"paused": False}
+        )
+        assert resumed.status_code == 200, resumed.text
+        await page.wait_for_url(re.compile(rf".*/events/{event_id}/checkout$"), timeout=15_000)
+        cookies = {c["name"]: c["value"] for c in await context.cookies()}
+        assert cookies.get("waitroom_node") == owner.name, cookies
+        await context.close()
+        await browser.close()
+
+
 async def test_the_owner_killed_mid_sale_is_replaced_within_3_s(
     nodes: Nodes, lb_admin: httpx.AsyncClient, calls: Calls
 ) -> None:

@@ -21,6 +21,8 @@ ASSETS = {
     "checkout.js": JS,
     "console.js": JS,
     "checkin.js": JS,
+    "seatmap.js": JS,
+    "seatmap.css": "text/css; charset=utf-8",
     "checkin.css": "text/css; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
@@ -57,6 +59,7 @@ def assert_locked_down(response: httpx.Response) -> None:
         ("/events/no-such-event/checkout", "checkout.js"),
         ("/admin", "console.js"),
         ("/checkin", "checkin.js"),
+        ("/events/evt-1/seats", "seatmap.js"),
     ],
 )
 def test_the_pages_are_the_same_html_for_any_event_with_strict_headers(
@@ -77,6 +80,8 @@ def path_file(path: str) -> str:
         return "console.html"
     if path == "/checkin":
         return "checkin.html"
+    if path.endswith("/seats"):
+        return "seatmap.html"
     return "checkout.html" if path.endswith("/checkout") else "waiting.html"
 
 
@@ -128,12 +133,19 @@ def test_unknown_or_escaping_paths_are_a_404_error_body(client: httpx.Client, pa
 
 def test_every_file_in_the_folder_is_one_the_app_serves() -> None:
     on_disk = {p.name for p in STATIC.iterdir() if p.is_file()}
-    assert on_disk == {*ASSETS, "waiting.html", "checkout.html", "console.html", "checkin.html"}
+    assert on_disk == {
+        *ASSETS,
+        "waiting.html",
+        "checkout.html",
+        "console.html",
+        "checkin.html",
+        "seatmap.html",
+    }
     assert set(pages.assets()) == on_disk
 
 
 def test_every_asset_the_pages_name_is_served(client: httpx.Client) -> None:
-    for page in ("waiting.html", "checkout.html", "console.html", "checkin.html"):
+    for page in ("waiting.html", "checkout.html", "console.html", "checkin.html", "seatmap.html"):
         html = (STATIC / page).read_text()
         referenced = re.findall(r'(?:src|href)="(/static/[^"]+)"', html)
         assert len(referenced) >= 3, referenced
@@ -177,7 +189,9 @@ def test_no_file_loads_anything_from_another_origin(name: str) -> None:
         assert all(target.startswith("./") for target in imports), imports
 
 
-@pytest.mark.parametrize("name", ["waiting.html", "checkout.html", "console.html", "checkin.html"])
+@pytest.mark.parametrize(
+    "name", ["waiting.html", "checkout.html", "console.html", "checkin.html", "seatmap.html"]
+)
 def test_the_pages_have_no_inline_script_or_style(name: str) -> None:
     html = (STATIC / name).read_text()
     scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, flags=re.S)

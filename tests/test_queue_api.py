@@ -76,6 +76,7 @@ def test_a_new_fan_gets_a_visitor_token_a_cookie_and_a_place(
             "queue_pass",
             "visitor_token",
             "place_receipt",
+            "returned",  # null unless the fan is on a sold-out sale's waitlist
         }
         assert (body["event_id"], body["status"], body["position"], body["fans_ahead"]) == (
             event_id,
@@ -432,6 +433,7 @@ def test_the_queue_routes_are_in_the_openapi_document(client: httpx.Client) -> N
         "admitted",
         "sold_out",
         "paused",
+        "waitlist",
     }
 
 

@@ -112,6 +112,9 @@ def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
     ):
         assert isinstance(report[figure], float) and report[figure] > 0, (figure, shown)
     assert set(report["steps"]) == set(STEPS), shown
+    # Reservations forwarded to the actor's node (fans keep the owner-affinity cookie once
+    # an owner exists; the first ones have none to keep).
+    assert 0 <= report["forwarded_share"] <= 1, shown
     for step in ("join", "reserve", "confirm"):
         assert {"fan_p99_ms", "lb_p99_ms", "server_p99_ms"} <= set(report["steps"][step]), shown
     # The waits for admission and payment are the fans', in seconds.

@@ -19,7 +19,17 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from waitroom import admission_api as admission_api
-from waitroom import checkout_api, console, events_api, pages, queue_api, tickets_api, venue_api
+from waitroom import (
+    checkout_api,
+    console,
+    events_api,
+    pages,
+    queue_api,
+    refunds_api,
+    seats_api,
+    tickets_api,
+    venue_api,
+)
 from waitroom.core.db import MIN_STATEMENT_TIMEOUT_S
 from waitroom.core.deadline import DeadlineMiddleware
 from waitroom.core.errors import (
@@ -166,7 +176,9 @@ def operations() -> list[Operation]:
         *console.OPERATIONS,
         *checkout_api.OPERATIONS,
         *tickets_api.OPERATIONS,
+        *refunds_api.OPERATIONS,
         *venue_api.OPERATIONS,
+        *seats_api.OPERATIONS,
     ]
 
 
@@ -269,7 +281,13 @@ def create_app(
             yield
 
     app = Starlette(
-        routes=[*build_routes(ops), *queue_api.ROUTES, *pages.ROUTES, *extra_routes],
+        routes=[
+            *build_routes(ops),
+            *queue_api.ROUTES,
+            *seats_api.ROUTES,
+            *pages.ROUTES,
+            *extra_routes,
+        ],
         lifespan=lifespan,
         exception_handlers={WaitroomError: _on_waitroom_error, HTTPException: _on_http_exception},
     )

@@ -29,6 +29,9 @@ charge the provider, mark the hold paid through the actor and issue the tickets.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import re
 import time
 import uuid
@@ -61,7 +64,8 @@ from inventory.orders import (
     start_payment,
 )
 from inventory.tickets import claims_of, sign_ticket
-from waitroom.core import ids
+from waitroom.core import deadline, ids
+from waitroom.core.affinity import add_owner_cookie
 from waitroom.core.errors import (
     Conflict,
     Forbidden,
@@ -74,16 +78,79 @@ from waitroom.core.http import JSONResponse, read_json
 from waitroom.core.openapi import Operation
 from waitroom.line.identity import missing
 from waitroom.line.ratelimit import Limit
+from waitroom.reservation_changes import MAX_WAIT_S
 from waitroom.services import services
 
 _KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: A fan's e-mail address: a dot-atom local part and a dotted domain (no quoted local parts,
+#: no comments, no spaces or line breaks: nothing that could become a second header).
+EMAIL_PATTERN = (
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@" + _DOMAIN_LABEL + r"(?:\." + _DOMAIN_LABEL + r")+"
+) + ids.END
+
+
+SeatId = Annotated[
+    str,
+    Meta(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}:[A-Za-z0-9][A-Za-z0-9._-]{0,15}"
+        r":[A-Za-z0-9][A-Za-z0-9._-]{0,15}" + ids.END,
+        description="a seat of the event's seat map: SECTION:ROW:SEAT (docs/seatmap.md)",
+        examples=["stalls:A:1"],
+    ),
+]
+
+
+class BestAvailable(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The ``count`` best free seats of price level ``level``: side by side in one row where
+    possible, nearest the section's focal point, leaving no single seat stranded."""
+
+    level: Annotated[str, Meta(min_length=1, max_length=32)]
+    count: Annotated[int, Meta(ge=1, le=100)]
 
 
 class ReserveRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Body of ``POST /v1/events/{event_id}/reservations``."""
+    """Body of ``POST /v1/events/{event_id}/reservations``: exactly one of
 
-    ticket_type: Annotated[str, Meta(min_length=1, max_length=64)]
-    quantity: Annotated[int, Meta(ge=1, le=100)]
+    - ``ticket_type`` and ``quantity`` (general admission, sold by quantity);
+    - ``seats``: exactly these seats (pick your seat), all of one ticket type;
+    - ``best_available``: the best free seats of a price level.
+    """
+
+    ticket_type: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    quantity: Annotated[int, Meta(ge=1, le=100)] | None = None
+    seats: Annotated[list[SeatId], Meta(min_length=1, max_length=100)] | None = None
+    best_available: BestAvailable | None = None
+
+    def command(self, fan_id: str, key: str | None, pass_jti: str) -> Reserve:
+        """The inventory command this body asks for; 422 unless exactly one form is used."""
+        forms = [
+            name
+            for name, given in (
+                ("ticket_type", self.ticket_type is not None or self.quantity is not None),
+                ("seats", self.seats is not None),
+                ("best_available", self.best_available is not None),
+            )
+            if given
+        ]
+        if len(forms) != 1:
+            raise ValidationFailed(
+                "give exactly one of ticket_type with quantity, seats, or best_available"
+                + (f" (got {', '.join(forms)})" if forms else ""),
+                field=forms[-1] if forms else "ticket_type",
+                code="reservation_form",
+            )
+        if self.seats is not None:
+            return Reserve(fan_id, "", len(self.seats), key, pass_jti, seats=tuple(self.seats))
+        if self.best_available is not None:
+            best = self.best_available
+            return Reserve(fan_id, "", best.count, key, pass_jti, level=best.level)
+        if self.ticket_type is None or self.quantity is None:
+            raise ValidationFailed(
+                "ticket_type and quantity go together",
+                field="quantity" if self.quantity is None else "ticket_type",
+            )
+        return Reserve(fan_id, self.ticket_type, self.quantity, key, pass_jti)
 
 
 class ConfirmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -92,6 +159,9 @@ class ConfirmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     payment_method: Annotated[
         str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+" + ids.END)
     ]
+    #: Where the order's e-mails go (the tickets, a failed payment, a refund, a reminder);
+    #: without one the order gets no e-mail.
+    email: Annotated[str, Meta(min_length=6, max_length=254, pattern=EMAIL_PATTERN)] | None = None
 
 
 class CancelledReservation(msgspec.Struct, frozen=True):
@@ -208,6 +278,7 @@ def _signed(
                     ticket_type=t.ticket_type,
                     order_id=order_id,
                     issued_at=t.issued_at,
+                    seat=t.seat,
                 ),
             ),
         )
@@ -238,11 +309,13 @@ async def reserve(request: Request) -> Response:
     key = _idempotency_key(request)
     claims = await require_pass(request, event_id, fan_id, unspent=True, write=True)
     body = await read_json(request, ReserveRequest)
-    result = await services(request).inventory.ask(
-        event_id, Reserve(fan_id, body.ticket_type, body.quantity, key, claims.jti)
-    )
+    command = body.command(fan_id, key, claims.jti)
+    result = await services(request).inventory.ask(event_id, command)
     if isinstance(result, Refused):
-        raise refusal_error(result)
+        # A refused fan tries again (tickets held now may come back): at the owner, then.
+        refusal = refusal_error(result)
+        await _route_to_owner(request, event_id, refusal.headers)
+        raise refusal
     assert isinstance(result, Reserved)
     hold = result.hold
     price, currency = await services(request).prices.price(event_id, hold.ticket_type)
@@ -255,40 +328,94 @@ async def reserve(request: Request) -> Response:
         expires_at=datetime.fromtimestamp(hold.expires_at, UTC),
         amount_minor=price * hold.quantity,
         currency=currency,
+        seats=list(hold.seats),
     )
-    return JSONResponse(
-        reservation, status_code=201, headers={"Location": f"/v1/reservations/{hold.id}"}
+    headers = {"Location": f"/v1/reservations/{hold.id}"}
+    await _route_to_owner(request, event_id, headers)
+    return JSONResponse(reservation, status_code=201, headers=headers)
+
+
+async def _route_to_owner(request: Request, event_id: str, headers: dict[str, str]) -> None:
+    """The cookie that sends the fan's next checkout requests to the actor's node."""
+    svc = services(request)
+    await add_owner_cookie(
+        request, svc.inventory, event_id, headers, secure=svc.settings.secure_cookies
     )
 
 
 async def show_reservation(request: Request) -> Response:
-    """The fan's reservation, with its order, payment and tickets once paid."""
+    """The fan's reservation, with its order, payment and tickets once paid.
+
+    ``?wait=N`` (seconds, at most :data:`~waitroom.reservation_changes.MAX_WAIT_S`): while
+    a payment is under way, answer when the order is paid or the payment failed, or after
+    ``N`` seconds with the reservation as it is (a long poll, instead of polling).
+    """
     fan_id = _fan(request)
     hold_id = _hold_id(request.path_params["reservation_id"])
-    async with services(request).db.acquire() as conn:
-        reservation = await get_reservation(conn, hold_id, fan_id)
+    wait_s = _wait_param(request)
+    svc = services(request)
+    changes = svc.reservation_changes
+    if wait_s <= 0 or not changes.listening:
+        async with svc.db.acquire() as conn:
+            reservation = await get_reservation(conn, hold_id, fan_id)
+        return JSONResponse(_with_tokens(request, reservation))
+    # Watching before the read: a payment settling in between is not missed.
+    with changes.watch(str(hold_id)) as settled:
+        async with svc.db.acquire() as conn:
+            reservation = await get_reservation(conn, hold_id, fan_id)
+        if _paying(reservation):
+            deadline.extend(request.scope, wait_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), wait_s)
+            async with svc.db.acquire() as conn:
+                reservation = await get_reservation(conn, hold_id, fan_id)
     return JSONResponse(_with_tokens(request, reservation))
+
+
+def _wait_param(request: Request) -> float:
+    """``?wait=N``: seconds from 0 to MAX_WAIT_S (0 when absent); 422 otherwise."""
+    raw = request.query_params.get("wait")
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= MAX_WAIT_S:  # NaN fails too
+        raise ValidationFailed(
+            f"wait must be a number of seconds from 0 to {MAX_WAIT_S:g}", field="wait"
+        )
+    return value
+
+
+def _paying(reservation: Reservation) -> bool:
+    """A payment under way: the order is not paid and its latest payment not settled."""
+    payment = reservation.payment
+    return (
+        reservation.order_status != "paid"
+        and payment is not None
+        and payment.state in ("pending", "processing")
+    )
 
 
 async def confirm(request: Request) -> Response:
     """Pay for a hold: starts a payment (202); poll the reservation for the outcome."""
     fan_id = _fan(request)
     hold_id = _hold_id(request.path_params["reservation_id"])
-    _idempotency_key(request)  # validated; a repeated confirm answers the payment under way
+    # Sent again with its key (a lost answer, a 503), a confirm is answered with the payment
+    # it started, whatever became of it; a confirm with another key while one is under way
+    # answers that payment too. start_payment refuses the rest (paid, cancelled, expired).
+    key = _idempotency_key(request)
     pool = services(request).db
     async with pool.acquire() as conn:
         current = await get_reservation(conn, hold_id, fan_id)
     await require_pass(request, current.event_id, fan_id, write=True)
     body = await read_json(request, ConfirmRequest)
-    if current.order_status == "paid":
-        raise Conflict("this reservation is paid already", code="hold_already_confirmed")
-    if current.status == "expired":
-        raise Gone("the hold has expired; reserve again", code="hold_expired")
-    if current.status == "cancelled":
-        raise Conflict("the hold was cancelled", code="hold_cancelled")
     async with pool.acquire() as conn:
         try:
-            await start_payment(conn, hold_id, fan_id, body.payment_method)
+            await start_payment(
+                conn, hold_id, fan_id, body.payment_method, email=body.email, key=key
+            )
         except PaymentRefused as exc:
             # Confirming again while the payment runs answers with that payment: a retried
             # confirm never starts a second charge.
@@ -311,6 +438,8 @@ async def cancel(request: Request) -> Response:
     if isinstance(result, Refused):
         raise refusal_error(result)
     assert isinstance(result, Cancelled)
+    headers: dict[str, str] = {}
+    await _route_to_owner(request, current.event_id, headers)
     live = await svc.db.fetchval(
         "SELECT count(*) FROM holds WHERE event_id = $1 AND fan_id = $2 AND status = 'held'",
         current.event_id,
@@ -319,7 +448,7 @@ async def cancel(request: Request) -> Response:
     if not live:
         # Nothing left on hold: the fan is done shopping, so the next fan may be admitted.
         await complete_pass(svc.redis, svc.keys, current.event_id, claims.jti)
-    return JSONResponse(CancelledReservation(result.hold.id, result.hold.status))
+    return JSONResponse(CancelledReservation(result.hold.id, result.hold.status), headers=headers)
 
 
 async def my_orders(request: Request) -> Response:
@@ -341,7 +470,7 @@ OPERATIONS = [
         "POST",
         "/v1/events/{event_id}/reservations",
         reserve,
-        "Reserve tickets",
+        "Reserve tickets (by quantity) or seats (picked, or the best available)",
         request=ReserveRequest,
         response=Reservation,
         status=201,
@@ -353,10 +482,21 @@ OPERATIONS = [
         "GET",
         "/v1/reservations/{reservation_id}",
         show_reservation,
-        "A reservation with its order and tickets",
+        "A reservation with its order and tickets; with ?wait=N, answered when its payment"
+        " settles (or after N seconds)",
         response=Reservation,
-        errors=(401, 404, 503),
+        errors=(401, 404, 422, 503),
         tags=("checkout",),
+        parameters=(
+            {
+                "name": "wait",
+                "in": "query",
+                "required": False,
+                "description": "while a payment is under way, wait up to this many seconds"
+                " for the order to be paid or the payment to fail before answering",
+                "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S, "default": 0},
+            },
+        ),
     ),
     Operation(
         "POST",

@@ -24,6 +24,7 @@ import msgspec
 from admission import operators, recovery
 from admission.passes import PassKeys
 from inventory import catalogue, tickets, venue
+from waitroom import refunds_cli
 from waitroom.core.clients import Clients, open_clients
 from waitroom.core.db import RETIRED_VERSIONS, ensure_database, migrate, migrations
 from waitroom.core.errors import ValidationFailed, WaitroomError
@@ -257,8 +258,10 @@ def _spec_from_args(args: argparse.Namespace) -> catalogue.EventCreate:
         ("hold_ttl", "hold_ttl_s"),
         ("grace", "abandon_grace_s"),
         ("per_fan_limit", "per_fan_limit"),
+        ("waitlist", "waitlist"),
+        ("waitlist_until", "waitlist_until"),
     ):
-        if getattr(args, flag) is not None:
+        if getattr(args, flag, None) is not None:
             room[key] = getattr(args, flag)
     if room:
         data["room"] = room
@@ -269,6 +272,8 @@ def _spec_from_args(args: argparse.Namespace) -> catalogue.EventCreate:
             data[key] = _parse_time(data[key], key)
     if isinstance(room.get("opens_at"), str):
         room["opens_at"] = _parse_time(room["opens_at"], "room.opens_at")
+    if isinstance(room.get("waitlist_until"), str):
+        room["waitlist_until"] = _parse_time(room["waitlist_until"], "room.waitlist_until")
     try:
         return msgspec.convert(data, catalogue.EventCreate)
     except msgspec.ValidationError as exc:
@@ -472,6 +477,7 @@ def _print_settings(result: operators.AdmissionSettings, as_json: bool) -> None:
     print(
         f"{result.event_id}: {state} at {_rate(result.rate_per_second)},"
         f" at most {result.max_active} shopping at once"
+        + (", waitlist on" if result.waitlist else "")
     )
 
 
@@ -487,9 +493,17 @@ async def _update(args: argparse.Namespace, settings: Settings, **fields: Any) -
 
 async def cmd_admission_set(args: argparse.Namespace, settings: Settings) -> int:
     """Change the admission rate and/or the cap on concurrent shoppers."""
-    if args.rate is None and args.max_active is None:
-        raise CLIError("give --rate and/or --max-active")
-    return await _update(args, settings, rate_per_second=args.rate, max_active=args.max_active)
+    until = args.waitlist_until
+    if args.rate is None and args.max_active is None and args.waitlist is None and until is None:
+        raise CLIError("give --rate, --max-active and/or --waitlist")
+    return await _update(
+        args,
+        settings,
+        rate_per_second=args.rate,
+        max_active=args.max_active,
+        waitlist=args.waitlist,
+        waitlist_until=None if until is None else _parse_time(until, "--waitlist-until"),
+    )
 
 
 async def cmd_admission_pause(args: argparse.Namespace, settings: Settings) -> int:
@@ -596,8 +610,27 @@ async def cmd_room_restore(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _waitlist_text(s: operators.AdmissionStatus) -> str:
+    until = (
+        ""
+        if s.waitlist_until is None
+        else f" until {s.waitlist_until.astimezone(UTC).strftime('%Y-%m-%d %H:%M:%S')} UTC"
+    )
+    if s.waitlisted:
+        return f"on{until}, sold out: {s.tickets_returned} tickets came back"
+    return f"on{until}" if s.waitlist else "off"
+
+
 def _status_text(s: operators.AdmissionStatus) -> str:
-    state = "sold out" if s.sold_out else "paused" if s.paused else "admitting"
+    state = (
+        "waitlist"
+        if s.waitlisted
+        else "sold out"
+        if s.sold_out
+        else "paused"
+        if s.paused
+        else "admitting"
+    )
     lines = [
         f"{s.event_id}  {state}  (leader: {'yes' if s.leader else 'none'})"
         f"  {s.at.astimezone(UTC).strftime('%H:%M:%S')} UTC",
@@ -608,6 +641,7 @@ def _status_text(s: operators.AdmissionStatus) -> str:
         f"  rate              {_rate(s.rate_per_second)} configured, {_rate(s.observed_rate)} observed",
         f"  tickets left      {s.tickets_left}",
         f"  last fan's wait   {_duration(s.last_fan_wait_s)}",
+        "  waitlist          " + _waitlist_text(s),
     ]
     return "\n".join(lines)
 
@@ -689,6 +723,16 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _on_off(raw: str) -> bool:
+    """A switch flag's value: on/off (also true/false, yes/no, 1/0)."""
+    value = raw.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{raw!r} is not on or off")
+
+
 def _positive_float(raw: str) -> float:
     try:
         value = float(raw)
@@ -702,6 +746,49 @@ def _positive_float(raw: str) -> float:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit 2, as argparse does, minus usage
         self.exit(2, f"{self.prog}: {message}\n")
+
+
+#: Commands whose one positional is an id in base64url (a pass's jti, a ticket's code): it
+#: may begin with "-", which argparse would take for an option.
+_ID_COMMANDS = (("pass", "revoke"), ("checkin",), ("ticket", "void"))
+
+
+def ids_last(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with the id of an :data:`_ID_COMMANDS` command after a ``--`` (and its
+    options before it), so that ``waitroom pass revoke -LX_GZ6z...`` revokes that pass
+    instead of failing with "the following arguments are required"."""
+    for path in _ID_COMMANDS:
+        if tuple(argv[: len(path)]) != path or "--" in argv:
+            continue
+        command = parser
+        for name in path:
+            command = _subcommand(command, name)
+        options: list[str] = []
+        positionals: list[str] = []
+        rest = argv[len(path) :]
+        i = 0
+        while i < len(rest):
+            word = rest[i]
+            action = command._option_string_actions.get(word.split("=", 1)[0])
+            if action is None:
+                positionals.append(word)
+            elif "=" not in word and action.nargs != 0 and i + 1 < len(rest):
+                # The option and its value as one word: a value may begin with "-" too.
+                i += 1
+                options.append(f"{word}={rest[i]}")
+            else:
+                options.append(word)
+            i += 1
+        return [*path, *options, "--", *positionals]
+    return argv
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    raise KeyError(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -763,6 +850,15 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--grace", type=_positive_int, help="abandonment grace, seconds")
     create.add_argument("--per-fan-limit", type=_positive_int, help="tickets per fan")
     create.add_argument(
+        "--waitlist",
+        type=_on_off,
+        metavar="on|off",
+        help="once sold out, keep the line as a waitlist for tickets that come back",
+    )
+    create.add_argument(
+        "--waitlist-until", help="ISO 8601 time the waitlist ends (default: when turned off)"
+    )
+    create.add_argument(
         "--ticket",
         action="append",
         type=_ticket_flag,
@@ -812,6 +908,13 @@ def build_parser() -> argparse.ArgumentParser:
     aset.add_argument("event")
     aset.add_argument("--rate", type=_positive_float, help="admissions per second (> 0)")
     aset.add_argument("--max-active", type=_positive_int, help="passes active at once (>= 1)")
+    aset.add_argument(
+        "--waitlist",
+        type=_on_off,
+        metavar="on|off",
+        help="keep the line as a waitlist once sold out (off ends a sold-out sale's waitlist)",
+    )
+    aset.add_argument("--waitlist-until", help="ISO 8601 time the waitlist ends")
     aset.add_argument("--json", action="store_true")
     aset.set_defaults(handler=cmd_admission_set)
     for name, handler, text in (
@@ -866,6 +969,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="JSON (one line per refresh)")
     status.set_defaults(handler=cmd_status)
 
+    refunds_cli.add_parser(sub, _Parser)
+
     token = sub.add_parser("token", help="development tokens")
     tsub = token.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
     issue = tsub.add_parser("issue", help="a fan token to test with (visitor, or user with --key)")
@@ -896,7 +1001,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WaitroomError as exc:
         print(f"waitroom: {exc}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(ids_last(parser, list(sys.argv[1:] if argv is None else argv)))
     try:
         if getattr(args, "sync", False):
             return int(args.handler(args, settings))

@@ -3,6 +3,8 @@ files the app serves.
 
 - ``GET /events/{event_id}``: the waiting page (``static/waiting.html``);
 - ``GET /events/{event_id}/checkout``: the checkout page (``static/checkout.html``);
+- ``GET /events/{event_id}/seats``: the seat map (``static/seatmap.html``): pick seats or the
+  best available, and hold them with the queue pass;
 - ``GET /checkin``: the door staff's check-in page (``static/checkin.html``; type or paste a
   ticket, ``POST /v1/checkin``);
 - ``GET /admin``: the operators' live console (``static/console.html``; its API is
@@ -114,6 +116,12 @@ async def checkout_page(request: Request) -> Response:
     return _serve(request, "checkout.html", PAGE_CACHE)
 
 
+async def seatmap_page(request: Request) -> Response:
+    """The seat map of any event: pick seats or ask for the best available, then hold them."""
+    ids.EVENT_ID.check(request.path_params["event_id"])
+    return _serve(request, "seatmap.html", PAGE_CACHE)
+
+
 async def static_file(request: Request) -> Response:
     """A CSS, JavaScript or icon file of the pages."""
     name: str = request.path_params["name"]
@@ -139,5 +147,6 @@ ROUTES: list[BaseRoute] = [
     Route("/checkin", checkin_page, methods=["GET"], name="checkin_page"),
     Route("/events/{event_id}", waiting_page, methods=["GET"], name="waiting_page"),
     Route("/events/{event_id}/checkout", checkout_page, methods=["GET"], name="checkout_page"),
+    Route("/events/{event_id}/seats", seatmap_page, methods=["GET"], name="seatmap_page"),
     Route("/static/{name}", static_file, methods=["GET"], name="static_file"),
 ]

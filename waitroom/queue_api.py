@@ -44,7 +44,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
-from waitroom.core import clientaddr
+from waitroom.core import clientaddr, tracing
+from waitroom.core.affinity import add_owner_cookie
 from waitroom.core.errors import Conflict, Forbidden, Gone, NotFound, RateLimited, WaitroomError
 from waitroom.core.http import JSONResponse, dependency_error, read_json
 from waitroom.core.openapi import Operation
@@ -115,6 +116,8 @@ for _code in ("1008", "1011", "1012", "1013", "4401", "4403", "4404", "4409", "4
     WS_CLOSES.labels(_code)  # at zero: a rate over them reads 0 before the first close
 
 _NO_STORE = {"Cache-Control": "no-store"}
+#: How long a line's join traces are kept after its last join (tracing on).
+TRACE_KEEP_S = 3600
 #: WebSocket close reasons are limited to 123 bytes by the protocol.
 _MAX_REASON = 120
 
@@ -141,6 +144,9 @@ class QueueStatus(msgspec.Struct, frozen=True):
     #: Proof of this place in line (join only): if the line is ever lost (Redis restarted
     #: empty), joining again with it in ``X-Place-Receipt`` puts the fan back exactly here.
     place_receipt: str | None = None
+    #: Status ``waitlist`` only (sold out, the room's waitlist on): tickets that came back
+    #: since the sell-out. ``eta_seconds`` is then null: no wait can honestly be promised.
+    returned: int | None = None
 
 
 class Left(msgspec.Struct, frozen=True):
@@ -171,6 +177,8 @@ def status_body(
     rate: float | None,
     queue_pass: str | None = None,
     visitor_token: str | None = None,
+    waitlisted: bool = False,
+    returned: int = 0,
 ) -> QueueStatus:
     """The :class:`QueueStatus` of a fan whose ``positions`` code is ``code``.
 
@@ -180,19 +188,22 @@ def status_body(
     if code == ADMITTING:
         code = 0
     ahead = code if code is not None and code >= 0 else None
+    status: messages.Status = (
+        "sold_out"
+        if code is None
+        else messages.status_of(code, paused=paused, sold_out=sold_out, waitlisted=waitlisted)
+    )
+    on_waitlist = status == "waitlist"
     return QueueStatus(
         event_id=event_id,
         fan_id=fan_id,
-        status=(
-            "sold_out"
-            if code is None
-            else messages.status_of(code, paused=paused, sold_out=sold_out)
-        ),
+        status=status,
         position=None if ahead is None else ahead + 1,
         fans_ahead=ahead,
-        eta_seconds=None if ahead is None else eta_seconds(ahead, rate),
+        eta_seconds=None if ahead is None or on_waitlist else eta_seconds(ahead, rate),
         queue_pass=queue_pass if code == ADMITTED else None,
         visitor_token=visitor_token,
+        returned=returned if on_waitlist else None,
     )
 
 
@@ -266,6 +277,8 @@ async def _join(request: Request) -> tuple[Response, str]:
     )
     if reply.outcome != "joined":
         raise _join_refused(reply, event_id)
+    if reply.created and tracing.enabled():
+        await _remember_trace(svc, event_id, identity.fan_id)
     code = reply.rank if reply.state == "waiting" else _JOIN_CODES.get(reply.state)
     body = status_body(
         event_id,
@@ -276,6 +289,8 @@ async def _join(request: Request) -> tuple[Response, str]:
         rate=svc.rooms.estimator(event_id).rate,
         queue_pass=reply.queue_pass,
         visitor_token=issued,
+        waitlisted=reply.waitlisted,
+        returned=reply.returned,
     )
     if reply.place is not None and reply.state == "waiting":
         body = msgspec.structs.replace(
@@ -291,6 +306,21 @@ async def _join(request: Request) -> tuple[Response, str]:
         )
     outcome = "created" if reply.created else ("sold_out" if code is None else "existing")
     return JSONResponse(body, status_code=201 if reply.created else 200, headers=headers), outcome
+
+
+async def _remember_trace(svc: Services, event_id: str, fan_id: str) -> None:
+    """Keep this join's traceparent for the admission tick that admits the fan, which runs
+    in whichever process leads the event's admission and links its span to the join's."""
+    if not tracing.recording():  # sampled out: nothing will be exported to link to
+        return
+    key = svc.keys.event(event_id).traces
+    try:
+        async with svc.redis.pipeline(transaction=False) as pipe:  # one key: one slot
+            pipe.hset(key, fan_id, tracing.traceparent())
+            pipe.expire(key, TRACE_KEEP_S)
+            await pipe.execute()
+    except Exception:  # the fan has a place; only the trace's link is lost
+        log.debug("could not keep the join's trace", exc_info=True)
 
 
 def _join_gate(
@@ -434,8 +464,18 @@ async def my_status(request: Request) -> Response:
         sold_out=room.sold_out,
         rate=svc.rooms.estimator(event_id).rate,
         queue_pass=queue_pass,
+        waitlisted=room.waitlisted,
+        returned=room.returned,
     )
-    return JSONResponse(body, headers=_NO_STORE)
+    if queue_pass is None:
+        return JSONResponse(body, headers=_NO_STORE)
+    # Admitted: the fan's checkout comes next, so the balancer may as well send it to the
+    # node hosting the event's actor.
+    headers = dict(_NO_STORE)
+    await add_owner_cookie(
+        request, svc.inventory, event_id, headers, secure=svc.settings.secure_cookies
+    )
+    return JSONResponse(body, headers=headers)
 
 
 async def leave_queue(request: Request) -> Response:

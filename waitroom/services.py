@@ -40,7 +40,9 @@ from waitroom.line.broadcast import Hub
 from waitroom.line.challenge import Challenges
 from waitroom.line.identity import Identities
 from waitroom.line.room import Rooms
+from waitroom.line.seatnews import SeatNews
 from waitroom.line.wsgate import WsGate
+from waitroom.reservation_changes import ReservationChanges
 
 log = logging.getLogger("waitroom.app")
 
@@ -74,6 +76,12 @@ class Services:
     inventory: InventoryHost
     #: This process's admission loops; None when ``WAITROOM_ADMISSION_LOOP`` is off.
     admission: AdmissionService | None
+    #: Viewers of seat maps and their live seat changes (one subscription per viewed event).
+    seat_news: SeatNews
+    #: Encoded seat snapshots (``GET /v1/events/{id}/seats``): body, ETag, version, read at.
+    seat_snapshots: ViewCache[tuple[bytes, str, int, float]]
+    #: Settled payments, for the reservation long polls (``?wait=``).
+    reservation_changes: ReservationChanges
 
 
 async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
@@ -100,6 +108,13 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
     stack.push_async_callback(rooms.close)
     hub = Hub(rooms, max_per_fan=settings.ws_max_per_fan)
     stack.push_async_callback(hub.close)
+    seat_news = SeatNews(redis, keys)
+    stack.push_async_callback(seat_news.close)
+    reservation_changes = ReservationChanges(
+        settings.database_url, connect_timeout_s=settings.dependency_timeout_s
+    )
+    await reservation_changes.start()
+    stack.push_async_callback(reservation_changes.close)
     pass_keys = PassKeys.from_settings(settings)
     # An ask is bounded like a statement (the dependency timeout, at least
     # MIN_STATEMENT_TIMEOUT_S): the actor's commit is one.
@@ -114,6 +129,7 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
         actor_db,
         redis,
         keys,
+        node_name=settings.node_name,
         ask_timeout_s=max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S),
     )
     await inventory.start()
@@ -153,6 +169,9 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
         lottery_views=lottery_views,
         inventory=inventory,
         admission=admission,
+        seat_news=seat_news,
+        seat_snapshots=ViewCache(negative_ttl_s=settings.view_cache_ttl_s),
+        reservation_changes=reservation_changes,
     )
 
 

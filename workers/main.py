@@ -13,7 +13,15 @@ the loops until SIGTERM or SIGINT:
   outbox's tasks (:func:`workers.outbox.run_handlers`; today ``pass.spent``, which spends the
   pass of a paid order in Redis); both run with ``relay``;
 - ``safety-net``: lapsed holds of events nobody hosts, and the idempotency records' purge;
-- ``backlog``: what waits for the workers in PostgreSQL, as gauges (:mod:`workers.backlog`).
+  with it, ``redis-restarts`` (:mod:`workers.redis_restarts`): after Redis restarts from its
+  file or a replica is promoted, the passes' state is rebuilt from PostgreSQL and the
+  outbox's last messages published again (what the lost last second held);
+- ``refunds``: the refund worker (:mod:`workers.refunds`): money back through the provider,
+  tickets back to stock through the inventory; runs with the payments;
+- ``backlog``: what waits for the workers in PostgreSQL, as gauges (:mod:`workers.backlog`);
+- ``mailer``: the e-mail notifications over SMTP (:mod:`workers.mailer`), when
+  ``WAITROOM_SMTP_URL`` is set (otherwise logged once; the rows wait). The outbox consumer
+  also handles ``order.refunded`` (a refund's e-mail is created).
 
 With ``WAITROOM_WORKERS_METRICS_PORT`` (or ``waitroom workers --metrics-port``) set, the process
 serves ``GET /metrics`` on that port of ``WAITROOM_HOST``: its payments, inventory actors and
@@ -38,14 +46,19 @@ from typing import Any
 
 import httpx
 
+from admission.passes import PassKeys
 from inventory.hosting import InventoryHost
 from waitroom.core.clients import Clients, open_clients
 from waitroom.core.metrics import MetricsListener, monitoring
 from waitroom.core.settings import Settings
 from workers.backlog import run_backlog
+from workers.mailer import Mailer, refund_handler
+from workers.notifications import ORDER_REFUNDED_TOPIC
 from workers.outbox import PASS_SPENT, Handler, pass_spent_handler, run_handlers, run_relay
 from workers.payments import PaymentPool
 from workers.reconcile import Reconciler, ReconcileReport
+from workers.redis_restarts import run_restart_watch
+from workers.refunds import RefundWorker
 from workers.safety import run_safety_net
 
 log = logging.getLogger("waitroom.workers")
@@ -65,7 +78,11 @@ class WorkerServices:
 
     def outbox_handlers(self) -> dict[str, Handler]:
         """The outbox tasks this process runs, by topic."""
-        return {PASS_SPENT: pass_spent_handler(self.clients.redis, self.clients.keys)}
+        return {
+            PASS_SPENT: pass_spent_handler(self.clients.redis, self.clients.keys),
+            # A completed refund's e-mail (created even while no SMTP server is configured).
+            ORDER_REFUNDED_TOPIC: refund_handler(self.clients.db),
+        }
 
     def reconciler(self) -> Reconciler:
         """A reconciler on this process's clients, with the settings' timeouts."""
@@ -102,6 +119,7 @@ async def run_workers(
     payments: bool = True,
     relay: bool = True,
     safety_net: bool = True,
+    mailer: bool = True,
     drain_s: float = DRAIN_S,
 ) -> None:
     """Run the workers until ``stop`` is set (default: until SIGTERM or SIGINT)."""
@@ -141,6 +159,14 @@ async def run_workers(
                     reconcile_delay_s=settings.payment_reconcile_delay_s,
                 )
                 tasks.append(asyncio.create_task(payment_pool.run(stop), name="payments"))
+                refund_worker = RefundWorker(
+                    svc.clients.db,
+                    svc.inventory,
+                    svc.http,
+                    timeout_s=settings.payment_timeout_s,
+                    reconcile_delay_s=settings.payment_reconcile_delay_s,
+                )
+                tasks.append(asyncio.create_task(refund_worker.run(stop), name="refunds"))
                 reconciler = svc.reconciler()
                 tasks.append(
                     asyncio.create_task(
@@ -171,7 +197,17 @@ async def run_workers(
                         name="safety-net",
                     )
                 )
+                tasks.append(
+                    asyncio.create_task(
+                        run_restart_watch(c.db, c.redis, c.keys, stop), name="redis-restarts"
+                    )
+                )
             tasks.append(asyncio.create_task(run_backlog(svc.clients.db, stop), name="backlog"))
+            if mailer and settings.smtp_url is not None:
+                sender = Mailer.from_settings(settings, c.db, PassKeys.from_settings(settings))
+                tasks.append(asyncio.create_task(sender.run(stop), name="mailer"))
+            elif mailer:
+                log.info("e-mail off: WAITROOM_SMTP_URL is not set; notifications wait unsent")
             log.info(
                 "workers started",
                 extra={

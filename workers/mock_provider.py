@@ -17,12 +17,22 @@ API (JSON; errors use waitroom's error body):
   over). What real providers offer to find out what a request whose answer was lost did.
 - ``POST /v1/refunds`` ``{"charge_id"}`` → 201 ``{"id", "charge_id", "amount_minor", "status"}``;
   a charge is refunded at most once (a second refund answers the first with 200).
+- ``POST /v1/refunds`` ``{"charge_id", "amount_minor"}`` with ``Idempotency-Key`` (required
+  then): a partial refund, any number per charge while they sum to at most the charge (409
+  ``refund_exceeds_charge`` past it). The same key again answers the same refund with 200 and
+  never refunds twice; the same key with a different body is 422 ``idempotency_key_reused``.
+  A charge refunded in full this way counts as refunded.
+- ``GET /v1/refunds?idempotency_key=KEY`` → the refund made under ``KEY``, or 404
+  ``refund_not_found``: how a refund whose answer was lost is reconciled.
 - ``GET /v1/stats`` → counts that let tests prove no double charge: ``charges``,
   ``succeeded``, ``declined``, ``refunds``, ``attempts`` (requests per idempotency key),
   ``captured_by_reference`` (succeeded, unrefunded charges per reference),
-  ``refunds_by_reference`` and ``lookups`` (charges looked up by key).
+  ``refunds_by_reference`` and ``lookups`` (charges looked up by key), ``refund_attempts``
+  (partial refund requests per key) and ``refunded_minor_by_reference`` (money given back).
 - ``GET|POST /v1/control`` → read or replace the behaviour (fields of :class:`Control`):
-  latency, random decline / error (503) / hang rates, methods that always decline.
+  latency, random decline / error (503) / hang rates, methods that always decline, and for
+  partial refunds ``refund_errors`` (the next N requests answer 503 without refunding) and
+  ``refund_hangs`` (the next N requests refund, or find their refund, then hang).
 
 Deterministic payment methods, for tests, acting on the *first* request of a key only:
 
@@ -93,9 +103,10 @@ class Charge(msgspec.Struct, frozen=True):
 
 
 class RefundRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Body of ``POST /v1/refunds``."""
+    """Body of ``POST /v1/refunds``; with ``amount_minor``, a partial refund (keyed)."""
 
     charge_id: Annotated[str, Meta(min_length=1, max_length=100)]
+    amount_minor: Annotated[int, Meta(ge=1)] | None = None
 
 
 class Refund(msgspec.Struct, frozen=True):
@@ -126,6 +137,10 @@ class Control(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     decline_methods: tuple[str, ...] = ()
     #: Seed of the random draws of the rates (None: unpredictable).
     seed: int | None = None
+    #: The next N partial refund requests answer 503 without refunding.
+    refund_errors: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    #: The next N partial refund requests refund (or find their refund), then hang.
+    refund_hangs: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
 
 
 class Stats(msgspec.Struct, frozen=True):
@@ -143,6 +158,10 @@ class Stats(msgspec.Struct, frozen=True):
     lookups: int = 0
     #: Refunds per reference.
     refunds_by_reference: dict[str, int] = {}
+    #: Partial refund requests received per idempotency key, errors and replays included.
+    refund_attempts: dict[str, int] = {}
+    #: Money given back per reference (whole and partial refunds).
+    refunded_minor_by_reference: dict[str, int] = {}
 
 
 @dataclass
@@ -156,10 +175,23 @@ class Provider:
     attempts: dict[str, int] = field(default_factory=dict)
     refunds: dict[str, Refund] = field(default_factory=dict)  # by charge id
     lookups: int = 0
+    #: Partial refunds by idempotency key, with the request that made each.
+    partial: dict[str, tuple[RefundRequest, Refund]] = field(default_factory=dict)
+    refund_attempts: dict[str, int] = field(default_factory=dict)
+    refund_errors_left: int = 0
+    refund_hangs_left: int = 0
 
     def configure(self, control: Control) -> None:
         self.control = control
         self.rng = random.Random(control.seed)
+        self.refund_errors_left = control.refund_errors
+        self.refund_hangs_left = control.refund_hangs
+
+    def refunded_minor(self, charge_id: str) -> int:
+        """Money given back of one charge so far."""
+        whole = self.refunds.get(charge_id)
+        given = sum(r.amount_minor for _, r in self.partial.values() if r.charge_id == charge_id)
+        return given + (whole.amount_minor if whole is not None else 0)
 
     def stats(self) -> Stats:
         captured: dict[str, int] = {}
@@ -173,12 +205,21 @@ class Provider:
             charges=len(self.charges),
             succeeded=sum(c.status == "succeeded" for c in self.charges.values()),
             declined=sum(c.status == "declined" for c in self.charges.values()),
-            refunds=len(self.refunds),
+            refunds=len(self.refunds) + len(self.partial),
             attempts=dict(self.attempts),
             captured_by_reference=captured,
             lookups=self.lookups,
             refunds_by_reference=refunded,
+            refund_attempts=dict(self.refund_attempts),
+            refunded_minor_by_reference=self._refunded_by_reference(),
         )
+
+    def _refunded_by_reference(self) -> dict[str, int]:
+        given: dict[str, int] = {}
+        for refund in [*self.refunds.values(), *(r for _, r in self.partial.values())]:
+            reference = self.charges[refund.charge_id].reference
+            given[reference] = given.get(reference, 0) + refund.amount_minor
+        return given
 
 
 def _provider(request: Request) -> Provider:
@@ -280,6 +321,8 @@ async def create_refund(request: Request) -> Response:
     """``POST /v1/refunds``: refund a whole succeeded charge, at most once."""
     provider = _provider(request)
     body = decode_json(await read_body(request, MAX_BODY), RefundRequest)
+    if body.amount_minor is not None:
+        return await _partial_refund(request, provider, body)
     control = provider.control
     await _pause(control)
     if provider.rng.random() < control.error_rate:
@@ -292,12 +335,82 @@ async def create_refund(request: Request) -> Response:
         return JSONResponse(done, status_code=200)
     if charge.status != "succeeded":
         raise Conflict("a declined charge has nothing to refund", code="charge_declined")
-    refund = Refund(
-        id="re_" + secrets.token_hex(12), charge_id=charge.id, amount_minor=charge.amount_minor
-    )
+    # Whatever partial refunds gave back already is not given twice.
+    left = charge.amount_minor - provider.refunded_minor(charge.id)
+    if left <= 0:
+        raise Conflict("this charge was refunded in full", code="refund_exceeds_charge")
+    refund = Refund(id="re_" + secrets.token_hex(12), charge_id=charge.id, amount_minor=left)
     provider.refunds[charge.id] = refund
     provider.charges[charge.id] = msgspec.structs.replace(charge, refunded=True)
     return JSONResponse(refund, status_code=201)
+
+
+async def _partial_refund(request: Request, provider: Provider, body: RefundRequest) -> Response:
+    """A partial refund under an ``Idempotency-Key``: at most once per key."""
+    key = request.headers.get("idempotency-key", "").strip()
+    if not key or len(key) > 200:
+        raise BadRequest(
+            "send an Idempotency-Key header (1-200 characters)", code="idempotency_key_missing"
+        )
+    provider.refund_attempts[key] = provider.refund_attempts.get(key, 0) + 1
+    control = provider.control
+    await _pause(control)
+    if provider.refund_errors_left > 0:
+        provider.refund_errors_left -= 1
+        raise _unavailable()
+    known = provider.partial.get(key)
+    if known is not None:
+        if known[0] != body:
+            raise ValidationFailed(
+                "this Idempotency-Key was used for a different refund",
+                code="idempotency_key_reused",
+            )
+        await _maybe_hang(request, provider)
+        return JSONResponse(known[1], status_code=200)
+    charge = provider.charges.get(body.charge_id)
+    if charge is None:
+        raise NotFound("no such charge", code="charge_not_found")
+    if charge.status != "succeeded":
+        raise Conflict("a declined charge has nothing to refund", code="charge_declined")
+    assert body.amount_minor is not None
+    left = charge.amount_minor - provider.refunded_minor(charge.id)
+    if body.amount_minor > left:
+        raise Conflict(
+            "the refunds of this charge would give back more than it took",
+            code="refund_exceeds_charge",
+            details={"left_minor": left},
+        )
+    refund = Refund(
+        id="re_" + secrets.token_hex(12), charge_id=charge.id, amount_minor=body.amount_minor
+    )
+    provider.partial[key] = (body, refund)
+    if body.amount_minor == left:
+        provider.charges[charge.id] = msgspec.structs.replace(charge, refunded=True)
+    await _maybe_hang(request, provider)
+    return JSONResponse(refund, status_code=201)
+
+
+async def _maybe_hang(request: Request, provider: Provider) -> None:
+    """The refund is made; its answer is lost (the client gives up first), while hangs last."""
+    if provider.refund_hangs_left > 0:
+        provider.refund_hangs_left -= 1
+        await _hang(request, provider.control.hang_s)
+
+
+async def find_refund(request: Request) -> Response:
+    """``GET /v1/refunds?idempotency_key=KEY``: the partial refund a key made, if any."""
+    provider = _provider(request)
+    key = request.query_params.get("idempotency_key", "").strip()
+    if not key or len(key) > 200:
+        raise BadRequest(
+            "give the idempotency_key query parameter (1-200 characters)",
+            code="idempotency_key_missing",
+        )
+    provider.lookups += 1
+    known = provider.partial.get(key)
+    if known is None:
+        raise NotFound("no refund was made with this key", code="refund_not_found")
+    return JSONResponse(known[1])
 
 
 async def stats(request: Request) -> Response:
@@ -327,6 +440,7 @@ def create_app(control: Control | None = None) -> Starlette:
             Route("/v1/charges", find_charge, methods=["GET"]),
             Route("/v1/charges/{charge_id}", get_charge, methods=["GET"]),
             Route("/v1/refunds", create_refund, methods=["POST"]),
+            Route("/v1/refunds", find_refund, methods=["GET"]),
             Route("/v1/stats", stats, methods=["GET"]),
             Route("/v1/control", behaviour, methods=["GET", "POST"]),
         ],

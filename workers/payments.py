@@ -85,6 +85,9 @@ from inventory.orders import (
 from inventory.store import Conn
 from waitroom.core import tracing
 from waitroom.core.errors import Unavailable, WaitroomError
+from workers.mailer import create_notification
+from workers.notifications import ORDER_CONFIRMED
+from workers.notifications import PAYMENT_FAILED as PAYMENT_FAILED_EMAIL
 from workers.outbox import PASS_SPENT, PassSpent
 
 log = logging.getLogger("waitroom.payments")
@@ -432,15 +435,26 @@ async def pay_order(
         "UPDATE orders SET status = 'paid', paid_at = now() WHERE id = $1", o.order_id
     )
     codes = [secrets.token_urlsafe(TICKET_CODE_BYTES) for _ in range(o.quantity)]
+    # A seated hold's tickets carry its seats, one each (schema 17; NULL for standing).
+    seats: list[str | None] = [
+        r["seat_id"]
+        for r in await conn.fetch(
+            "SELECT seat_id FROM seat_holds WHERE hold_id = $1::uuid ORDER BY position",
+            o.hold_id,
+        )
+    ]
+    if len(seats) != len(codes):
+        seats = [None] * len(codes)
     await conn.execute(
-        "INSERT INTO tickets (id, order_id, event_id, ticket_type, fan_id, code)"
-        " SELECT unnest($1::uuid[]), $2, $3, $4, $5, unnest($6::text[])",
+        "INSERT INTO tickets (id, order_id, event_id, ticket_type, fan_id, code, seat_id)"
+        " SELECT unnest($1::uuid[]), $2, $3, $4, $5, unnest($6::text[]), unnest($7::text[])",
         [uuid.uuid4() for _ in codes],
         o.order_id,
         o.event_id,
         o.ticket_type,
         o.fan_id,
         codes,
+        seats,
     )
     await conn.execute(
         "INSERT INTO outbox (event_id, topic, payload) VALUES ($1, 'tickets.issued', $2)",
@@ -471,6 +485,8 @@ async def pay_order(
         tickets=len(codes),
         **history,
     )
+    # The buyer's confirmation e-mail (with the tickets), created with the payment or not at all.
+    await create_notification(conn, ORDER_CONFIRMED, o.order_id, o.order_id)
     return len(codes)
 
 
@@ -498,6 +514,8 @@ class Claimed(msgspec.Struct, frozen=True):
     hold_status: str
     #: The hold was past its deadline when claimed.
     lapsed: bool
+    #: The W3C traceparent of the request that asked for this payment (tracing on), or None.
+    traceparent: str | None = None
 
     def to_pay(self, charge_id: str) -> OrderToPay:
         return OrderToPay(
@@ -526,8 +544,8 @@ WITH claimed AS (
                    WHERE state = 'pending' AND next_attempt_at <= now()
                    ORDER BY next_attempt_at LIMIT $1
                    FOR UPDATE SKIP LOCKED)
-    RETURNING id, order_id, charge_key, method, attempts)
-SELECT c.id::text, c.order_id::text, c.charge_key, c.method, c.attempts,
+    RETURNING id, order_id, charge_key, method, attempts, traceparent)
+SELECT c.id::text, c.order_id::text, c.charge_key, c.method, c.attempts, c.traceparent,
        o.amount_minor, o.currency, o.status AS order_status, o.hold_id::text, o.event_id,
        o.fan_id, h.ticket_type, h.quantity, h.pass_jti, h.status AS hold_status,
        h.expires_at <= now() AS lapsed
@@ -764,8 +782,13 @@ class PaymentPool:
         self._claims[payment.id] = payment.attempts
         outcome: Outcome | None = None
         try:
+            # Linked to the confirm request's trace: the attempt runs in another process.
+            link = tracing.link_from(payment.traceparent or "")
             with tracing.span(
-                "payment.attempt", payment=payment.id, attempt=payment.attempts
+                "payment.attempt",
+                links=[link] if link is not None else None,
+                payment=payment.id,
+                attempt=payment.attempts,
             ) as span:
                 outcome = await self._attempt(payment)
                 span.set_attribute("outcome", outcome)
@@ -946,11 +969,17 @@ class PaymentPool:
                 return "lost"
             if fail_order:
                 # Only an order still waiting fails: never one another attempt has paid.
-                await conn.execute(
+                moved = await conn.execute(
                     "UPDATE orders SET status = 'failed'"
                     " WHERE id = $1 AND status = 'awaiting_payment'",
                     p.order_id,
                 )
+                # The fan is told, once per attempt; not when the charge is in doubt (the
+                # reconciler may yet find it paid).
+                if moved == "UPDATE 1" and not ambiguous:
+                    await create_notification(
+                        conn, PAYMENT_FAILED_EMAIL, p.order_id, p.id, {"reason": reason}
+                    )
             details: dict[str, Any] = {"reason": reason, "attempts": p.attempts}
             if charge_id is not None:
                 details["charge_id"] = charge_id

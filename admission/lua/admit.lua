@@ -1,4 +1,5 @@
 --!include waitroom.line.lua:live.lua
+--!include waitroom.line.lua:run_id.lua
 -- Admit fans from the head of an event's line, in order, as the leader of its admission loop.
 --
 -- The passes are signed before this call (signing is Python's work), for the fans that were
@@ -13,16 +14,25 @@
 -- ('stale') if a candidate has no pass or its pass's sequence number is not the next one
 -- (a fan predicted abandoned came back): the caller signs afresh on its next tick.
 --
+-- Nor does it admit anyone ('unreconciled') while the room's `incarnation` is not the run id
+-- of the Redis process running it: this Redis restarted (from its append-only file, or a
+-- replica was promoted) since the room's pass state was last written from PostgreSQL, and
+-- its last second may be lost: a pass issued in it missing from `active` would let one fan
+-- too many in. The caller rebuilds the room from PostgreSQL and marks it (incarnation.lua).
+--
 -- KEYS  1 leader, 2 meta, 3 queue, 4 seen, 5 fans, 6 admitted, 7 active, 8 order,
---       9 live places per address and subnet (waitroom/line/lua/live.lua)
+--       9 live places per address and subnet (waitroom/line/lua/live.lua), 10 incarnation
 -- ARGV  1 lease token, 2 cutoff (unix seconds; '' = nobody is abandoned), 3 most to admit,
 --       then per candidate, in line order: fan, pass ('' = none), jti, exp, seq
 -- Reply {outcome, admitted, abandoned, admitted_total, {candidate numbers admitted (1-based)}}
---       outcome 'done' | 'moved' | 'stale' | 'fenced'
+--       outcome 'done' | 'moved' | 'stale' | 'fenced' | 'unreconciled'
 local leader, meta, queue, seen, fans, admitted_h, active, order =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 if redis.call('GET', leader) ~= ARGV[1] then
   return {'fenced', 0, 0, 0, {}}
+end
+if redis.call('GET', KEYS[10]) ~= run_id() then
+  return {'unreconciled', 0, 0, 0, {}}
 end
 local cutoff = tonumber(ARGV[2])
 local limit = tonumber(ARGV[3])

@@ -18,6 +18,7 @@ import pytest
 from admission.passes import PassKeys
 from tests.admission.support import create_event, join, me, wait_for
 from tests.harness import ROOT, ServerThread, run_cli
+from waitroom.cli import build_parser, ids_last
 from waitroom.core.settings import Settings, settings_env
 
 
@@ -90,10 +91,11 @@ def test_set_pause_resume_and_plan_change_the_sale_and_are_audited(
 
     rows = asyncio.run(audit())
     assert [r["actor"] for r in rows] == [f"cli:{getpass.getuser()}"] * 3
+    no_waitlist = {"waitlist": False, "waitlist_until": None}
     assert [json.loads(r["new"]) for r in rows] == [
-        {"rate_per_second": 0.2, "max_active": 1000, "paused": True},
-        {"rate_per_second": 100.0, "max_active": 12, "paused": True},
-        {"rate_per_second": 100.0, "max_active": 12, "paused": False},
+        {"rate_per_second": 0.2, "max_active": 1000, "paused": True, **no_waitlist},
+        {"rate_per_second": 100.0, "max_active": 12, "paused": True, **no_waitlist},
+        {"rate_per_second": 100.0, "max_active": 12, "paused": False, **no_waitlist},
     ]
     assert json.loads(rows[1]["old"]) == json.loads(rows[0]["new"])
 
@@ -170,7 +172,7 @@ def test_errors_are_one_clear_line(
     code, line = fails(settings, "admission", "set", event_id, "--max-active", "0")
     assert code == 2 and "must be at least 1" in line
     code, line = fails(settings, "admission", "set", event_id)
-    assert (code, line) == (1, "waitroom: give --rate and/or --max-active")
+    assert (code, line) == (1, "waitroom: give --rate, --max-active and/or --waitlist")
     code, line = fails(settings, "admission", "pause", "no-such-event")
     assert line == "waitroom: no event 'no-such-event'"
     code, line = fails(settings, "status", "no-such-event", "--json")
@@ -193,3 +195,43 @@ def test_token_issue_gives_a_visitor_token_the_server_accepts(
     assert joined.status_code == 201
     assert joined.json()["fan_id"] == out["fan_id"]
     assert ok(settings, "token", "issue").count(".") == 2
+
+
+# --- ids that begin with "-" ----------------------------------------------------------------
+
+
+def test_an_id_beginning_with_a_dash_is_an_id_not_an_option(settings: Settings) -> None:
+    """Pass ids and ticket codes are base64url: one in 64 begins with "-" (CI once drew one,
+    and `waitroom pass revoke -LX_GZ6z...` answered "the following arguments are required")."""
+    result = run_cli(settings, "pass", "revoke", "-nosuchpass0000000000", "--json")
+    # Parsed: the command ran and found no such pass (exit 1), not an argparse error (2).
+    assert result.returncode == 1, result.stderr
+    assert "arguments are required" not in result.stderr
+    assert "no queue pass '-nosuchpass0000000000'" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["pass", "revoke", "-LX_GZ6z"], {"jti": "-LX_GZ6z", "json": False}),
+        (["pass", "revoke", "-LX_GZ6z", "--json"], {"jti": "-LX_GZ6z", "json": True}),
+        (["pass", "revoke", "--json", "--Ab"], {"jti": "--Ab", "json": True}),
+        (["pass", "revoke", "plain"], {"jti": "plain"}),
+        (
+            ["checkin", "--gate", "north", "-q1", "--event=e1"],
+            {"ticket": "-q1", "gate": "north", "event": "e1"},
+        ),
+        (["ticket", "void", "-c0de", "--reason", "-lost"], {"code": "-c0de", "reason": "-lost"}),
+        (["pass", "revoke", "--", "-x"], {"jti": "-x"}),
+    ],
+)
+def test_ids_go_after_the_options(argv: list[str], expected: dict[str, Any]) -> None:
+    parser = build_parser()
+    args = parser.parse_args(ids_last(parser, argv))
+    assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_other_commands_are_left_alone() -> None:
+    parser = build_parser()
+    argv = ["status", "evt-1", "--json"]
+    assert ids_last(parser, argv) == argv

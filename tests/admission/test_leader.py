@@ -177,3 +177,31 @@ async def test_settings_are_mirrored_only_forward_in_version(r: Redis, ek: Event
                 break
         assert message is not None and b'"settings"' in message["data"]
     assert await r.hmget(ek.meta, ["rate", "max_active", "paused"]) == [b"50.0", b"7", b"1"]
+
+
+async def test_nobody_is_admitted_under_a_redis_that_restarted_until_the_room_is_marked(
+    r: Redis, ek: EventKeys
+) -> None:
+    """The room's incarnation is another Redis process's (this one restarted since the room
+    was written from PostgreSQL): admit answers 'unreconciled' and admits nobody; marking
+    the room (after the rebuild) carries the pass numbers on from PostgreSQL's highest."""
+    fans = ["f0", "f1"]
+    await line_up(r, ek, fans)
+    await leader.acquire(r, ek, "tok")
+    await r.set(ek.incarnation, "a-redis-that-is-gone")
+    reply = await leader.admit(r, ek, "tok", signed(fans), limit=2, cutoff=None)
+    assert (reply.outcome, reply.admitted) == ("unreconciled", 0)
+    assert await r.zcard(ek.queue) == 2 and await r.zcard(ek.active) == 0
+
+    # PostgreSQL had issued passes up to number 7: the next is number 8.
+    run = await leader.mark_incarnation(r, ek, 7)
+    assert len(run) == 40 and int(run, 16) >= 0  # the Redis process's run id
+    assert await r.get(ek.incarnation) == run.encode()
+    assert await r.hget(ek.meta, "admitted_total") == b"7"
+    stale = await leader.admit(r, ek, "tok", signed(fans), limit=2, cutoff=None)
+    assert stale.outcome == "stale"  # numbered from 1: signed before the room was marked
+    reply = await leader.admit(r, ek, "tok", signed(fans, 8), limit=2, cutoff=None)
+    assert (reply.outcome, reply.admitted, reply.admitted_total) == ("done", 2, 9)
+    # A lower number never takes the total back.
+    await leader.mark_incarnation(r, ek, 3)
+    assert await r.hget(ek.meta, "admitted_total") == b"9"

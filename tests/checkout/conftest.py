@@ -6,8 +6,9 @@ database holds other modules' events, whose fans those loops would admit).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -72,3 +73,15 @@ def admin(server: ServerThread) -> Iterator[httpx.Client]:
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     with httpx.Client(base_url=server.url, timeout=10, headers=headers) as c:
         yield c
+
+
+@pytest.fixture
+def control(provider: ServerThread) -> Iterator[Callable[..., None]]:
+    """Set the provider's behaviour for one test; back to the defaults after it."""
+
+    def set_control(**fields: Any) -> None:
+        response = httpx.post(f"{provider.url}/v1/control", json=fields)
+        assert response.status_code == 200, response.text
+
+    yield set_control
+    set_control()

@@ -52,11 +52,13 @@ class Fan:
             headers=self.headers(key or uuid.uuid4().hex),
         )
 
-    def confirm(self, reservation_id: str, method: str = "card") -> httpx.Response:
+    def confirm(
+        self, reservation_id: str, method: str = "card", key: str | None = None
+    ) -> httpx.Response:
         return self.client.post(
             f"/v1/reservations/{reservation_id}/confirm",
             json={"payment_method": method},
-            headers=self.headers(uuid.uuid4().hex),
+            headers=self.headers(key or uuid.uuid4().hex),
         )
 
     def reservation(self, reservation_id: str) -> dict[str, Any]:
@@ -174,6 +176,54 @@ def test_confirming_twice_at_once_charges_once(
     assert len(paid["tickets"]) == 3
     assert asyncio.run(payments_of(settings, paid["order_id"])) == 1
     assert_error(fan.confirm(hold["id"]), 409, "hold_already_confirmed")
+
+
+def test_a_confirm_sent_again_with_its_key_answers_with_the_payment_it_started(
+    client: httpx.Client, admin: httpx.Client, settings: Settings
+) -> None:
+    """A confirm whose answer was lost (or came back 503 after the payment was queued) is
+    sent again with its key: once paid, it is answered with that paid reservation (202, as
+    the first time), not 409 "already paid", which a fan's page showed as an error."""
+    event_id = create_event(admin, rate=50, quantity=5, prefix="co")
+    fan = Fan(client, event_id)
+    fan.wait_for_pass()
+    hold = fan.reserve().json()
+    key = uuid.uuid4().hex
+    first = fan.confirm(hold["id"], key=key)
+    assert first.status_code == 202, first.text
+    paid = fan.wait_until(hold["id"], lambda r: r["order_status"] == "paid")
+    again = fan.confirm(hold["id"], key=key)
+    assert again.status_code == 202, again.text
+    body = again.json()
+    assert body["order_status"] == "paid" and body["order_id"] == paid["order_id"]
+    assert body["payment"]["id"] == first.json()["payment"]["id"]
+    assert asyncio.run(payments_of(settings, paid["order_id"])) == 1
+    # Another confirm (another key) of the paid reservation is refused, as before.
+    assert_error(fan.confirm(hold["id"]), 409, "hold_already_confirmed")
+
+
+def test_a_failed_payment_confirmed_again_with_its_key_is_not_charged_again(
+    client: httpx.Client, admin: httpx.Client, settings: Settings
+) -> None:
+    event_id = create_event(admin, rate=50, quantity=5, prefix="co")
+    fan = Fan(client, event_id)
+    fan.wait_for_pass()
+    hold = fan.reserve().json()
+    key = uuid.uuid4().hex
+    assert fan.confirm(hold["id"], method="card_declined", key=key).status_code == 202
+    failed = fan.wait_until(
+        hold["id"], lambda r: r["payment"] and r["payment"]["state"] == "failed"
+    )
+    # The same confirm again: the failed attempt, not a new one.
+    again = fan.confirm(hold["id"], method="card_declined", key=key)
+    assert again.status_code == 202, again.text
+    assert again.json()["payment"]["id"] == failed["payment"]["id"]
+    assert again.json()["payment"]["state"] == "failed"
+    assert asyncio.run(payments_of(settings, failed["order_id"])) == 1
+    # A new confirm (a new key) is a new attempt.
+    assert fan.confirm(hold["id"], method="card").status_code == 202
+    paid = fan.wait_until(hold["id"], lambda r: r["order_status"] == "paid")
+    assert asyncio.run(payments_of(settings, paid["order_id"])) == 2
 
 
 def test_cancelling_releases_the_tickets_and_the_fans_slot(

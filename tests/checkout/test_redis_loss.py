@@ -218,3 +218,56 @@ def test_an_operator_restores_the_passes_of_a_room_that_lost_part_of_its_state(
     assert_error(fans[1].reserve(), 403, "pass_revoked")
     unknown = run_cli(settings, "room", "restore", "evt-nosuchevent")
     assert unknown.returncode != 0 and "no event 'evt-nosuchevent'" in unknown.stderr
+
+
+def test_after_redis_restarts_the_workers_put_back_what_its_last_second_lost(
+    client: httpx.Client, admin: httpx.Client, settings: Settings
+) -> None:
+    """Redis back from its append-only file keeps its rooms but may lose its last second:
+    here the paid pass's spent marker, the revoked pass's marker and the freed slot of the
+    paid pass, and the stream messages of that second. The workers notice the restart (the
+    incarnation kept in Redis is not the running one's) and put it all back from PostgreSQL,
+    so the gate itself refuses both passes again, and the outbox's last messages are
+    published again under their ids."""
+    event_id = create_event(admin, rate=50, quantity=10, max_active=4, prefix="rr")
+    paying, revoked, idle = (Fan(client, event_id) for _ in range(3))
+    for fan in (paying, revoked, idle):
+        fan.wait_for_pass()
+    hold = paying.reserve().json()
+    assert paying.confirm(hold["id"]).status_code == 202
+    paying.wait_until(hold["id"], lambda r: r["order_status"] == "paid")
+    wait_for(lambda: paying.reserve().status_code == 403, timeout=5)
+    assert admin.post(f"/v1/admin/passes/{jti(revoked.queue_pass)}/revoke").status_code == 200
+    time.sleep(0.3)  # the leader records its passes in PostgreSQL off the tick's path
+
+    keys = Keys(settings.redis_prefix)
+    ek = keys.event(event_id)
+    spent, gone = jti(paying.queue_pass), jti(revoked.queue_pass)
+    with sync_redis(settings.redis_url) as sync:
+        # The workers reconciled this Redis when they started.
+        running = wait_for(lambda: sync.get(keys.redis_incarnation), timeout=5)
+        sent = [m for _, m in sync.xrange(keys.outbox) if m[b"topic"] == b"pass.spent"]
+        spent_ids = {m[b"id"] for m in sent if json.loads(m[b"payload"])["jti"] == spent}
+        assert len(spent_ids) == 1
+        # What the lost second held, gone; and the incarnation of the Redis before the restart
+        # (another slot than the event's on a cluster: no transaction across them).
+        with sync.pipeline(transaction=False) as pipe:
+            pipe.delete(ek.spent_pass(spent))
+            pipe.delete(ek.revoked_pass(gone))
+            pipe.zadd(ek.active, {spent: time.time() + 600})
+            pipe.set(keys.redis_incarnation, "the-redis-before")
+            pipe.execute()
+
+        wait_for(lambda: sync.get(keys.redis_incarnation) == running, timeout=5)
+        assert sync.exists(ek.spent_pass(spent)) and sync.exists(ek.revoked_pass(gone))
+        assert spent not in {m.decode() for m in sync.zrange(ek.active, 0, -1)}
+
+        def published_again() -> bool:
+            again = [m for _, m in sync.xrange(keys.outbox) if m[b"id"] in spent_ids]
+            return len(again) >= 2
+
+        wait_for(published_again, timeout=5)
+    # The gate refuses both itself (the ledger would answer pass_used for the paid one).
+    assert_error(paying.reserve(), 403, "pass_spent")
+    assert_error(revoked.reserve(), 403, "pass_revoked")
+    assert idle.reserve().status_code == 201

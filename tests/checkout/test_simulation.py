@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 import httpx
 
 from stress.simulation import Progress
 from tests.admission.support import create_event
+from tests.checkout.test_seat_checkout import seated_event
 from tests.harness import ROOT, ServerThread, WorkersThread
 from waitroom.core.settings import Settings, settings_env
 
@@ -74,3 +76,45 @@ def test_a_simulated_sale_logs_progress_without_a_terminal_and_reports_its_windo
         window[0],
     )
     assert any(line.startswith("checked in PostgreSQL: sold ") for line in lines)
+
+
+def test_a_simulated_seated_sale_sells_the_best_seats_available_and_checks_out(
+    settings: Settings, server: ServerThread, workers: WorkersThread, admin: httpx.Client
+) -> None:
+    # As scripts/demo runs it on its sample venue: fans ask for the best 1 or 2 seats of the
+    # front or the back stalls, until both levels are gone; nothing is oversold.
+    event_id = seated_event(admin)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stress.simulation",
+            *("--base-url", server.url, "--event", event_id, "--fans", "30"),
+            *("--seat-level", "front", "--seat-level", "back", "--verify"),
+        ],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = next(line for line in result.stdout.splitlines() if line.startswith("fans 30: "))
+    found = re.fullmatch(
+        r"fans 30: \d+ bought (\d+) tickets, \d+ were told it sold out, 0 errors", summary
+    )
+    assert found is not None, result.stdout
+    # 18 seats on sale (A:1-9, B:2-10); a fan who wants two together may leave a last single
+    # seat of a level unsold when nobody else asks for one.
+    bought = int(found.group(1))
+    assert 16 <= bought <= 18, result.stdout
+    checked = next(line for line in result.stdout.splitlines() if line.startswith("checked in "))
+    assert ", oversold 0," in checked, result.stdout
+    # The public map follows the sales within moments (published after each commit).
+    deadline = time.monotonic() + 5
+    while (states := admin.get(f"/v1/events/{event_id}/seats").json()["states"]).count(
+        "s"
+    ) != bought:
+        assert time.monotonic() < deadline, states
+        time.sleep(0.1)

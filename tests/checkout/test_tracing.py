@@ -162,6 +162,7 @@ def test_with_tracing_on_a_sale_is_one_trace_per_request_with_the_actor_and_paym
         "inventory.commit",
         "admission.admit",
         "payment.attempt",
+        "POST /v1/reservations/{reservation_id}/confirm",
     )
     assert set(receiver.paths) == {"/v1/traces"}
     by_id = {s.span_id: s for s in receiver.spans}
@@ -182,11 +183,24 @@ def test_with_tracing_on_a_sale_is_one_trace_per_request_with_the_actor_and_paym
     ]
     assert len(commits) == 1, "the group commit links to the ask it made durable"
 
+    # The admission tick that admitted each fan links to the fan's join, in another task
+    # (the event's admission loop) and another trace.
+    joins = receiver.named("POST /v1/events/{event_id}/queue")
+    assert len(joins) == 2
+    admits = receiver.named("admission.admit")
+    for join_span in joins:
+        linking = [a for a in admits if (join_span.trace_id, join_span.span_id) in a.links]
+        assert len(linking) == 1, "the tick that admitted the fan links to the fan's join"
+        assert linking[0].trace_id != join_span.trace_id
+
     # The payment worker's attempt: the inventory ask that marks the hold paid is its child.
     attempts = [s for s in receiver.named("payment.attempt") if s.attributes["outcome"]]
     assert attempts and attempts[0].attributes["outcome"].string_value == "succeeded"
     paid_asks = [s for s in receiver.named("inventory.ask") if s.parent_id == attempts[0].span_id]
     assert paid_asks and all(by_id.get(s.parent_id) is attempts[0] for s in paid_asks)
+    # ... and links to the confirm request that asked for the payment.
+    (confirm,) = receiver.named("POST /v1/reservations/{reservation_id}/confirm")
+    assert (confirm.trace_id, confirm.span_id) in attempts[0].links
 
     # The access log line of the reservation carries its trace and span ids.
     (reserve_line,) = [

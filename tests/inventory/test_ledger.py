@@ -28,6 +28,7 @@ from inventory.ledger import (
     NOT_YOUR_HOLD,
     PASS_USED,
     REFUSAL_STATUS,
+    RETURN_EXCEEDS_SALE,
     SOLD_OUT,
     TICKETS_HELD,
     UNKNOWN_HOLD,
@@ -680,6 +681,19 @@ def test_every_refusal_code_has_an_http_status() -> None:
         BAD_QUANTITY: 422,
         IDEMPOTENCY_MISMATCH: 422,
         PASS_USED: 403,
+        RETURN_EXCEEDS_SALE: 409,
+        # Seated reserves (tests/inventory/test_seat_inventory.py).
+        "seats_unavailable": 409,
+        "seats_not_for_sale": 422,
+        "unknown_seat": 422,
+        "unknown_price_level": 422,
+        "mixed_ticket_types": 422,
+        "seats_required": 422,
+        "not_enough_seats": 409,
+        # Returns of seats (tests/inventory/test_seat_refunds.py).
+        "return_seats_required": 422,
+        "seats_not_in_hold": 422,
+        "seats_already_returned": 409,
     }
     assert codes == REFUSAL_STATUS
 

@@ -45,10 +45,16 @@ async def ambiguous_payment(
     hold = await reserve(host, event_id, fan, quantity, jti=jti)
     async with pool.acquire() as conn:
         order_id, payment_id = await start_payment(conn, hold.id, fan, method)
-    payments = make_payments(pool, host, http, timeout_s=0.3, max_attempts=1, reconcile_delay_s=0)
+    # The timeout must be long enough for the charge to reach the provider on a loaded machine
+    # (0.3 s once gave up before the request was handled, so nothing was charged); a hanging
+    # answer hangs for minutes, so any timeout ends in doubt.
+    payments = make_payments(pool, host, http, timeout_s=2.0, max_attempts=1, reconcile_delay_s=0)
     row = await settle(payments, pool, payment_id)
     assert row["state"] == "failed" and row["last_error"].startswith("gave up after 1 attempts")
     assert row["reconcile"] == "due" and row["provider_ref"] is None
+    if method == "card_hangs_once":
+        charged = (await stats(http))["captured_by_reference"].get(order_id)
+        assert charged == 1, "the provider never received the charge before the client gave up"
     return event_id, hold.id, order_id, payment_id
 
 

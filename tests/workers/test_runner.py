@@ -94,10 +94,12 @@ async def test_the_workers_process_pays_an_order_and_exits_0_on_sigterm(
     started = next(entry for entry in log_lines(stderr) if entry["msg"] == "workers started")
     assert set(started["loops"]) == {
         "payments",
+        "refunds",
         "reconcile",
         "outbox",
         "outbox-tasks",
         "safety-net",
+        "redis-restarts",
         "backlog",
     }
     assert "signal received; shutting down" in messages

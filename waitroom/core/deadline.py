@@ -30,6 +30,20 @@ DEADLINE_EXCEEDED = Counter(
 )
 
 
+_SCOPE_KEY = "waitroom.deadline"
+
+
+def extend(scope: Scope, seconds: float) -> None:
+    """Move the request's deadline ``seconds`` later: for a handler about to wait that long
+    on purpose (a long poll), whose work around the wait stays bounded as any request's.
+    No-op outside the middleware (an exempt path, a test app)."""
+    deadline = scope.get(_SCOPE_KEY)
+    if isinstance(deadline, asyncio.Timeout) and not deadline.expired():
+        when = deadline.when()
+        if when is not None:
+            deadline.reschedule(when + seconds)
+
+
 class DeadlineMiddleware:
     """Answer 503 ``request_timeout`` for an HTTP request not answered within ``seconds``."""
 
@@ -51,10 +65,16 @@ class DeadlineMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                # The answer is going out: a body being written is not cut off half-way.
-                deadline.reschedule(None)
+                if not deadline.expired():
+                    # The answer is going out: a body being written is not cut off half-way.
+                    deadline.reschedule(None)
+                # Otherwise the deadline fired while this answer was being made and the app
+                # took the cancellation itself (a dependency's own timeout expiring at the
+                # same moment turns it into its 503): that answer goes out as it is.
             await send(message)
 
+        # A handler that waits on purpose (a long poll) moves its own deadline: extend().
+        scope[_SCOPE_KEY] = deadline
         try:
             async with deadline:
                 await self.app(scope, receive, send_started)

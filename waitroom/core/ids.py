@@ -115,10 +115,31 @@ TICKET_CODE = IdForm(
     noun="ticket",
 )
 
+_UUID = r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}" + END
+#: An order's id (a UUID).
+ORDER_ID = IdForm(
+    name="order_id",
+    pattern=_UUID,
+    max_length=36,
+    description="a UUID, as GET /v1/orders lists it",
+    code="order_not_found",
+    noun="order",
+)
+#: A refund's id (a UUID).
+REFUND_ID = IdForm(
+    name="refund_id",
+    pattern=_UUID,
+    max_length=36,
+    description="a UUID, as a refund request returns it",
+    code="refund_not_found",
+    noun="refund",
+)
+
 #: Every path parameter the API has, by name. A route with a parameter not listed here is
 #: refused when the app is built (:func:`forms_of`), so a new route cannot skip the check.
 PATH_PARAMS: Mapping[str, IdForm] = {
-    form.name: form for form in (EVENT_ID, RESERVATION_ID, PASS_JTI, TICKET_CODE)
+    form.name: form
+    for form in (EVENT_ID, RESERVATION_ID, PASS_JTI, TICKET_CODE, ORDER_ID, REFUND_ID)
 }
 
 _TEMPLATE_PARAM = re.compile(r"{([^}:]+)(?::[^}]*)?}")

@@ -29,7 +29,9 @@ class EventKeys:
     - ``seen``      ZSET fan -> unix time the fan was last connected or polling.
     - ``meta``      HASH of the room's live state: mode, opens_at, grace_s, opened, drawn,
                     paused, sold_out, rate, max_active, pass_ttl_s, admitted_total,
-                    abandoned_total, commitment.
+                    abandoned_total, commitment; and of the waitlist
+                    (:mod:`admission.waitlist`): waitlist, per_fan_limit, waitlisting,
+                    wl_seen, returned.
     - ``seed``      STRING the lottery seed, secret until the draw.
     - ``admitted``  HASH fan -> the fan's queue pass (JWT) once admitted.
     - ``active``    ZSET pass jti -> expiry: the passes that count against max_active.
@@ -39,7 +41,9 @@ class EventKeys:
     - ``availability`` HASH ticket type -> tickets available, published by the actor.
     - ``inbox``     STREAM of inventory commands forwarded to the owner (a mailbox, capped).
     - ``news``      pub/sub channel of room-wide news (paused, resumed, sold out, settings).
+    - ``seat-news`` pub/sub channel of seat changes; ``seat-version`` their counter.
     - ``draw-lease`` STRING lease of the caller applying the lottery draw.
+    - ``traces``    HASH fan -> traceparent of the fan's join (tracing on only).
     - ``rl:SCOPE:SUBJECT`` HASH token buckets of the join limits (per IP, per fan), and of
                     a client address's other requests (scope ``addr``: polls, challenges,
                     WebSocket tickets and handshakes), and of a queue pass's checkout writes
@@ -110,9 +114,33 @@ class EventKeys:
         return f"{self.base}:news"
 
     @property
+    def seat_news(self) -> str:
+        """Pub/sub channel of the event's seat changes (:mod:`waitroom.line.seatnews`)."""
+        return f"{self.base}:seat-news"
+
+    @property
+    def seat_version(self) -> str:
+        """STRING counter numbering the event's publications of seat changes."""
+        return f"{self.base}:seat-version"
+
+    @property
     def draw_lease(self) -> str:
         """STRING lease of the one caller applying the lottery draw (value = its token)."""
         return f"{self.base}:draw-lease"
+
+    @property
+    def incarnation(self) -> str:
+        """STRING the run id of the Redis process the room's pass state was last written
+        under from PostgreSQL (created, or rebuilt); admission waits while it is not the
+        running one's (``admission/lua/admit.lua``)."""
+        return f"{self.base}:incarnation"
+
+    @property
+    def traces(self) -> str:
+        """HASH fan -> W3C traceparent of the fan's join, written only while tracing is on
+        (the admission that admits the fan links to it, then deletes it); expires an hour
+        after the last join, so a room whose tracing was turned off leaves nothing behind."""
+        return f"{self.base}:traces"
 
     def bucket(self, scope: str, subject: str) -> str:
         """HASH token bucket of ``subject`` (an IP, a fan) for this event's limit ``scope``.
@@ -167,6 +195,12 @@ class EventKeys:
         """STRING: the fan id a one-time WebSocket ticket of this event stands for."""
         return f"{self.base}:ws-ticket:{ticket}"
 
+    @property
+    def offers(self) -> str:
+        """HASH pass jti -> tickets it claims: the passes issued from the waitlist of a
+        sold-out sale (:mod:`admission.waitlist`), forgotten once they stop counting."""
+        return f"{self.base}:offers"
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -194,6 +228,12 @@ class Keys:
         Outside any event's slot on purpose: one process's replies come from every owner.
         """
         return f"{self.prefix}:inventory-replies:{node_id}"
+
+    @property
+    def redis_incarnation(self) -> str:
+        """STRING the run ids of the Redis primaries the passes' state was last reconciled
+        with (:mod:`workers.redis_restarts`)."""
+        return f"{self.prefix}:redis-incarnation"
 
     @property
     def outbox(self) -> str:

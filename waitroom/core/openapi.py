@@ -89,7 +89,9 @@ def build_document(operations: Sequence[Operation], *, title: str, version: str)
     types: list[Any] = [ErrorBody]
     for op in operations:
         for t in (op.request, op.response):
-            if t is not None and t not in types:
+            # By identity, as schema_of is keyed: two equal aliases (list[X] written in two
+            # modules) are two objects.
+            if t is not None and not any(t is known for known in types):
                 types.append(t)
     schemas, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"

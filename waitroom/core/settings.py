@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from email.utils import parseaddr
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,6 +48,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: ``development`` or ``production``: production refuses generated secrets and weak
     #: admin tokens, and turns on secure cookies and private metrics by default.
     env: str = "development"
+    #: This node's name at the load balancer: the value of ``cookie`` on its server line in
+    #: HAProxy (``node1`` in deploy/haproxy.cfg). When set, answers about an event's
+    #: inventory tell the balancer which node hosts the event's actor (a ``waitroom_node``
+    #: cookie, :mod:`waitroom.core.affinity`), so a fan's checkout reaches it directly
+    #: instead of being forwarded; empty (one node, or no balancer that reads it): no cookie.
+    node_name: str = ""
     #: CIDR networks of the reverse proxies whose ``X-Forwarded-For`` is believed (see
     #: :mod:`waitroom.core.clientaddr`); none by default: the socket peer is the client.
     trusted_proxies: tuple[str, ...] = ()
@@ -132,6 +139,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: How long idempotency records are kept in PostgreSQL before the safety net purges them
     #: (refusals: at most an hour; see workers.safety).
     idempotency_ttl_s: int = 86_400
+    #: SMTP server of the e-mail notifications (``smtp://user:pass@host:port``, ``smtps://...``,
+    #: ``?starttls=1`` to require STARTTLS); None: no e-mail is sent (the rows wait).
+    smtp_url: str | None = None
+    #: ``From`` of the e-mails (``Name <address>`` or an address); its domain names the
+    #: Message-IDs.
+    email_from: str = "waitroom <tickets@localhost>"
+    #: E-mails one mailer process sends per second at most.
+    email_rate_per_s: float = 10.0
+    #: Bound on sending one e-mail (connecting included); a claimed e-mail's lease is 3 times it.
+    email_timeout_s: float = 30.0
+    #: A paid order gets its event's reminder this many seconds before the event starts.
+    email_reminder_before_s: int = 86_400
 
     @property
     def production(self) -> bool:
@@ -254,6 +273,17 @@ def _operator_tokens(raw: str) -> tuple[str, ...]:
     return tuple(entries)
 
 
+#: Node names: a cookie value and the first part of the inventory owner's node id.
+_NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+def _node_name(raw: str) -> str:
+    value = raw.strip()
+    if value and not _NODE_NAME.match(value):
+        raise ValueError
+    return value
+
+
 def _algorithm(raw: str) -> str:
     value = raw.strip()
     if value not in {"RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA", "PS256"}:
@@ -300,6 +330,14 @@ def _origins(raw: str) -> tuple[str, ...]:
     return tuple(origins)
 
 
+def _sender(raw: str) -> str:
+    _name, address = parseaddr(raw.strip())
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain or any(c in raw for c in "\r\n"):
+        raise ValueError
+    return raw.strip()
+
+
 _TEXT = _Field(_text, "a non-empty value")
 _FIELDS: dict[str, _Field] = {
     "redis_url": _url("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"),
@@ -310,6 +348,7 @@ _FIELDS: dict[str, _Field] = {
     "staff_tokens": _Field(_operator_tokens, "comma-separated name:token pairs"),
     "admin_auth_failures": _int_range(1, 1_000_000),
     "env": _Field(_env, "one of " + ", ".join(ENVIRONMENTS)),
+    "node_name": _Field(_node_name, "up to 32 letters, digits, '-' or '_' (or empty)"),
     "trusted_proxies": _Field(_networks, "comma-separated CIDR networks like 10.0.0.0/8"),
     "cookie_secure": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
     "metrics_public": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
@@ -351,6 +390,11 @@ _FIELDS: dict[str, _Field] = {
     "checkout_rate_per_s": _Field(_rate, "a number of writes per second above 0"),
     "checkout_burst": _int_range(1, 10_000),
     "idempotency_ttl_s": _int_range(60, 365 * 86_400),
+    "smtp_url": _url("smtp", "smtps"),
+    "email_from": _Field(_sender, "an e-mail address, optionally as 'Name <address>'"),
+    "email_rate_per_s": _Field(_rate, "a number of e-mails per second above 0"),
+    "email_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
+    "email_reminder_before_s": _int_range(60, 365 * 86_400),
 }
 
 

@@ -152,6 +152,12 @@ def current_link() -> Link | None:
     return Link(context) if context.is_valid else None
 
 
+def recording() -> bool:
+    """Whether the current span is recorded (tracing on, inside a span, sampled in): only
+    then is it worth keeping its ``traceparent`` for a later link."""
+    return _tracer is not None and trace.get_current_span().is_recording()
+
+
 def traceparent() -> str:
     """The current span as a W3C ``traceparent`` value, or "" (tracing off, or no span)."""
     if _tracer is None:
@@ -168,6 +174,21 @@ def link_from(value: str) -> Link | None:
     context = trace.get_current_span(_propagator.extract({"traceparent": value}))
     span_context = context.get_span_context()
     return Link(span_context) if span_context.is_valid else None
+
+
+def add_links(values: Iterable[str | None]) -> int:
+    """Link the current span to the spans these ``traceparent`` values name (empty, None or
+    malformed ones skipped); how many were linked. The SDK keeps at most 128 links a span."""
+    if _tracer is None:
+        return 0
+    current = trace.get_current_span()
+    linked = 0
+    for value in values:
+        link = link_from(value or "")
+        if link is not None:
+            current.add_link(link.context)
+            linked += 1
+    return linked
 
 
 def current_ids() -> tuple[str, str] | None:

@@ -7,11 +7,16 @@ Every message is a JSON object tagged by ``type``::
     {"type": "sold_out"}
     {"type": "paused"}
     {"type": "prequeue", "commitment": "<sha256 of the lottery seed>"}
+    {"type": "waitlist", "position": 3, "fans_ahead": 2, "returned": 5, "eta_seconds": null}
 
 ``position`` is 1-based (1 = next in line); ``eta_seconds`` is ``null`` while the admission
 rate is unknown (nothing admitted yet). ``prequeue`` means the fan is in a lottery's
 pre-queue: no place until the draw at opening; ``commitment`` lets the fan check the draw
-later (see :mod:`waitroom.line.lottery`). ``admitted`` carries the queue pass; ``expires_at`` is
+later (see :mod:`waitroom.line.lottery`). ``waitlist`` replaces ``position`` once the sale
+has sold out in a room whose waitlist is on (:mod:`admission.waitlist`): the fan keeps the
+place and is admitted only if enough tickets come back; ``returned`` counts the tickets that
+came back so far, and ``eta_seconds`` is always ``null`` (nobody can know whether, let alone
+when, a ticket will come back). ``admitted`` carries the queue pass; ``expires_at`` is
 its ``exp`` claim, read without verification, for display only.
 
 The same state drives the ``status`` of the HTTP answers (:func:`status_of`), so the
@@ -28,7 +33,7 @@ from admission.passes import read_claims
 from waitroom.line.eta import eta_seconds
 from waitroom.line.scripts import ADMITTED, ADMITTING, GONE, PREQUEUE, RoomView
 
-Status = Literal["waiting", "prequeue", "admitted", "sold_out", "paused"]
+Status = Literal["waiting", "prequeue", "admitted", "sold_out", "paused", "waitlist"]
 
 
 class Position(msgspec.Struct, frozen=True, tag="position", tag_field="type"):
@@ -60,7 +65,18 @@ class Prequeue(msgspec.Struct, frozen=True, tag="prequeue", tag_field="type"):
     commitment: str | None = None
 
 
-Message = Position | Admitted | SoldOut | Paused | Prequeue
+class Waitlist(msgspec.Struct, frozen=True, tag="waitlist", tag_field="type"):
+    """Sold out, but the fan stays in line for tickets that come back, in line order."""
+
+    position: int
+    fans_ahead: int
+    #: Tickets that came back (expired holds, cancellations, refunds) since the sell-out.
+    returned: int
+    #: Always null: whether a ticket comes back at all is unknowable, so no wait is shown.
+    eta_seconds: float | None = None
+
+
+Message = Position | Admitted | SoldOut | Paused | Prequeue | Waitlist
 
 SOLD_OUT = SoldOut()
 PAUSED = Paused()
@@ -85,11 +101,12 @@ def pass_expiry(queue_pass: str) -> int | None:
     return None if claims is None else claims.exp
 
 
-def status_of(code: int, *, paused: bool, sold_out: bool) -> Status:
+def status_of(code: int, *, paused: bool, sold_out: bool, waitlisted: bool = False) -> Status:
     """The ``status`` of a fan whose ``positions`` code is ``code``, in a room so flagged.
 
     Admitted wins over everything (the pass stays good); sold out over the rest (nothing is
-    left to wait for); a pre-queue fan is told so even while paused.
+    left to wait for); a pre-queue fan is told so even while paused; a placed fan of a
+    sold-out room with its waitlist on is on the waitlist (paused wins: nobody moves).
     """
     if code == ADMITTED:
         return "admitted"
@@ -99,6 +116,8 @@ def status_of(code: int, *, paused: bool, sold_out: bool) -> Status:
         return "prequeue"
     if paused:
         return "paused"
+    if waitlisted and code >= 0:
+        return "waitlist"
     return "waiting"
 
 
@@ -122,4 +141,6 @@ def message_for(
         return Prequeue(room.commitment)
     if room.paused:
         return PAUSED
+    if room.waitlisted:
+        return Waitlist(code + 1, code, room.returned)
     return Position(code + 1, code, eta_seconds(code, rate))

@@ -240,12 +240,19 @@ class Rooms:
 
     async def _load(self, event_id: str) -> None:
         if self._known is not None and not await self._known(event_id):
-            self._forget(event_id)
+            # Not remembered as unknown here: the directory already limits its own lookups,
+            # and an event just created elsewhere (the CLI, another node) must be served as
+            # soon as the directory knows it, not UNKNOWN_TTL_S later (a first join or an
+            # admission tick racing the creation would otherwise shut the line for that long).
             raise not_found(event_id)
         async with self.db.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT queue_mode, extract(epoch FROM opens_at)::float8 AS opens_at,"
-                " rate_per_second, max_active, paused, pass_ttl_s, abandon_grace_s"
+                " rate_per_second, max_active, paused, pass_ttl_s, abandon_grace_s,"
+                " per_fan_limit,"
+                # The waitlist as in force now: past its deadline it is over (the admission
+                # poll mirrors the same expression when the deadline passes).
+                " waitlist AND (waitlist_until IS NULL OR waitlist_until > now()) AS waitlist"
                 " FROM room_settings WHERE event_id = $1",
                 event_id,
             )
@@ -311,6 +318,9 @@ class Rooms:
             "drawn": "1" if drawn else "0",
             "commitment": commitment,
             "seq_base": str(seq_base),
+            # The waitlist (admission/waitlist.py): the setting, and what an offer may claim.
+            "waitlist": "1" if row["waitlist"] else "0",
+            "per_fan_limit": str(row["per_fan_limit"]),
         }
         await scripts.init_room(self.redis, ek, fields, seed)
 

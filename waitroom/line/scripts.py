@@ -86,6 +86,10 @@ class JoinReply(msgspec.Struct, frozen=True):
     place: int | None = None
     #: A receipt put the fan back where it stood before Redis lost the line.
     restored: bool = False
+    #: The sale sold out and the room keeps its line as a waitlist (admission/waitlist.py).
+    waitlisted: bool = False
+    #: Tickets that came back since the waitlist began.
+    returned: int = 0
 
 
 class RoomView(msgspec.Struct, frozen=True):
@@ -101,6 +105,11 @@ class RoomView(msgspec.Struct, frozen=True):
     #: Fans in line: placed in the queue or waiting in the lottery pre-queue.
     waiting: int
     commitment: str | None
+    #: The sale sold out and the room keeps its line as a waitlist (admission/waitlist.py);
+    #: ``sold_out`` is never true in such a room.
+    waitlisted: bool = False
+    #: Tickets that came back since the waitlist began.
+    returned: int = 0
 
     def draw_due(self, now: float) -> bool:
         """A lottery room whose sale has opened (or should have) but is not drawn yet."""
@@ -173,7 +182,7 @@ async def init_room(redis: Client, ek: EventKeys, fields: dict[str, str], seed: 
     args: list[str] = [seed or ""]
     for name, value in fields.items():
         args += [name, value]
-    await INIT_ROOM(redis, [ek.meta, ek.seed, ek.seq], args)
+    await INIT_ROOM(redis, [ek.meta, ek.seed, ek.seq, ek.incarnation], args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -248,6 +257,8 @@ async def join(
         ),
         place=int(reply[13]) if len(reply) > 13 and reply[13] is not None else None,
         restored=len(reply) > 14 and reply[14] == 1,
+        waitlisted=len(reply) > 15 and reply[15] == 1,
+        returned=int(reply[16]) if len(reply) > 16 else 0,
     )
 
 
@@ -315,7 +326,8 @@ async def positions(
     if not reply:
         return None
     room, codes, passes = reply
-    mode, opens_at, opened, drawn, paused, sold_out, admitted_total, waiting, commitment = room
+    mode, opens_at, opened, drawn, paused, sold_out, admitted_total, waiting, commitment = room[:9]
+    waitlisted, returned = (room[9], room[10]) if len(room) > 10 else (0, 0)
     return Positions(
         room=RoomView(
             mode=_text(mode) or "fifo",
@@ -327,6 +339,8 @@ async def positions(
             admitted_total=int(admitted_total or 0),
             waiting=int(waiting),
             commitment=_text(commitment) or None,
+            waitlisted=waitlisted == 1,
+            returned=int(returned or 0),
         ),
         codes=codes,
         passes=[p.decode() for p in passes],

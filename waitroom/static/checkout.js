@@ -22,11 +22,16 @@ import {
   store,
   waitingUrl,
   withRetries,
+  messageBox,
 } from "./common.js";
 
 const eventId = eventIdFromPath();
 const holdKey = `waitroom:hold:${eventId}`;
 const PAYMENT_POLL_MS = 500;
+// Longest the server holds a reservation request while the payment is under way (?wait=):
+// well inside the idle timeouts of proxies on the way (30 s in deploy/haproxy.cfg), even
+// when a saturated node is seconds late.
+const PAYMENT_WAIT_S = 10;
 
 const state = {
   event: null,
@@ -45,21 +50,10 @@ const speaker = announcer("announcer", 3000);
 
 // --- messages -----------------------------------------------------------------------------
 
-/** The message box: `kind` is info, warning, error or success. */
-function message(kind, title, text, actions = []) {
-  const box = $("message");
-  box.dataset.kind = kind;
-  setText("message-title", title);
-  $("message-title").hidden = !title;
-  setText("message-text", text);
-  $("message-actions").replaceChildren(...actions);
-  box.hidden = false;
-  speaker.say(title ? `${title}. ${text}` : text, { urgent: true });
-}
-
-function clearMessage() {
-  $("message").hidden = true;
-}
+/** The message box: `kind` is info, warning, error or success (read out at once). */
+const messages = messageBox("message", speaker);
+const message = messages.show;
+const clearMessage = messages.clear;
 
 function backToLineLink(text = "Back to the waiting line") {
   return el("a", { text, className: "button", attrs: { href: waitingUrl(eventId) } });
@@ -223,7 +217,25 @@ async function loadEvent() {
     return false;
   }
   renderEvent(state.event);
+  offerSeatMap();
   return true;
+}
+
+/** A seat's id (``stalls:A:3``) in words: "stalls, row A, seat 3". */
+function seatWords(id) {
+  const [section, row, seat] = String(id).split(":");
+  return seat === undefined ? String(id) : `${section}, row ${row}, seat ${seat}`;
+}
+
+/** Events with a seat map are sold seat by seat there: point the fan to it. */
+async function offerSeatMap() {
+  try {
+    await api(`${eventApi(eventId)}/seats`);
+  } catch {
+    return; // no seat map (404), or a hiccup: tickets by type, as always
+  }
+  $("seatmap-anchor").href = `${waitingUrl(eventId)}/seats`;
+  show("seatmap-link");
 }
 
 const NO_EVENT_TEXT =
@@ -311,6 +323,9 @@ function showHold(hold) {
   const total = formatMoney(hold.amount_minor, hold.currency);
   const noun = hold.quantity === 1 ? "ticket" : "tickets";
   setText("hold-summary", `${hold.quantity} × ${hold.ticket_type} ${noun}, ${total} in total`);
+  const seats = Array.isArray(hold.seats) ? hold.seats : [];
+  setText("hold-seats", `Seats: ${seats.map(seatWords).join("; ")}`);
+  show("hold-seats", seats.length > 0);
   setText("pay", `Pay ${total}`);
   warnedLastMinute = false;
   tick();
@@ -383,15 +398,22 @@ async function pay(event) {
   }
 }
 
-/** Poll the reservation until the payment this page started settles. */
+/**
+ * Follow the reservation until the payment this page started settles: a long poll (the
+ * server answers as soon as the order is paid or the payment failed, or after
+ * PAYMENT_WAIT_S with the reservation as it is), never more often than PAYMENT_POLL_MS.
+ */
 async function followPayment(holdId) {
   let attempt = 0;
+  const path = `/v1/reservations/${encodeURIComponent(holdId)}?wait=${PAYMENT_WAIT_S}`;
   while (state.paying && state.hold && state.hold.id === holdId) {
-    await sleep(PAYMENT_POLL_MS);
+    const asked = Date.now();
     try {
-      const { data } = await api(`/v1/reservations/${encodeURIComponent(holdId)}`);
+      const { data } = await api(path);
       attempt = 0;
       if (applyReservation(data)) return;
+      // Answered early without news (a server that cannot wait now): poll as before.
+      await sleep(Math.max(0, PAYMENT_POLL_MS - (Date.now() - asked)));
     } catch (error) {
       if (!isTransient(error)) {
         state.paying = false;
@@ -526,7 +548,10 @@ function renderTickets(tickets) {
     shownCodes.add(ticket.code);
     list.append(
       el("li", { className: "ticket" }, [
-        el("span", { text: ticket.ticket_type, className: "ticket-type" }),
+        el("span", {
+          text: ticket.seat ? `${ticket.ticket_type} · ${seatWords(ticket.seat)}` : ticket.ticket_type,
+          className: "ticket-type",
+        }),
         el("code", { text: ticket.code, className: "ticket-code" }),
         // The signed ticket as a QR code, for the door (the visitor cookie says whose it is).
         el("img", {

@@ -424,3 +424,27 @@ export function announcer(id, minGapMs) {
     },
   };
 }
+
+/**
+ * A page's message box: the element `id` with `${id}-title`, `${id}-text` and
+ * `${id}-actions` inside. `show(kind, title, text, actions)` fills and shows it (`kind`:
+ * info, warning, error or success, for the styles); with a `speaker` (an `announcer`) the
+ * message is also read out at once. `clear()` hides it.
+ */
+export function messageBox(id, speaker = null) {
+  return {
+    show(kind, title, text, actions = []) {
+      const box = $(id);
+      box.dataset.kind = kind;
+      setText(`${id}-title`, title);
+      $(`${id}-title`).hidden = !title;
+      setText(`${id}-text`, text);
+      $(`${id}-actions`).replaceChildren(...actions);
+      box.hidden = false;
+      if (speaker) speaker.say(title ? `${title}. ${text}` : text, { urgent: true });
+    },
+    clear() {
+      $(id).hidden = true;
+    },
+  };
+}

@@ -25,6 +25,7 @@ import {
   store,
   WaitEstimate,
   withRetries,
+  messageBox,
 } from "./common.js";
 
 const eventId = eventIdFromPath();
@@ -77,6 +78,7 @@ const state = {
   change: null, // {kind: "longer"|"shorter", until}: why the estimate moved, while shown
   movedAt: 0, // performance.now() when the place last changed
   paused: false,
+  waitlist: null, // sold out with a waitlist: {returned} (tickets that came back), else null
   leaving: false, // the fan confirmed leaving; the DELETE is on its way
   replaced: false, // the socket gave way to one of a newer tab (4409): wait for "Watch here"
   restoreTried: false, // the stored place receipt was tried once since the line was lost
@@ -110,19 +112,9 @@ function setConnection(name) {
 }
 
 /** The message box under the line: `kind` is info, warning, error or success. */
-function notice(kind, title, text, actions = []) {
-  const box = $("notice");
-  box.dataset.kind = kind;
-  setText("notice-title", title);
-  $("notice-title").hidden = !title;
-  setText("notice-text", text);
-  $("notice-actions").replaceChildren(...actions);
-  box.hidden = false;
-}
-
-function clearNotice() {
-  $("notice").hidden = true;
-}
+const notices = messageBox("notice");
+const notice = notices.show;
+const clearNotice = notices.clear;
 
 function linkButton(text, href) {
   return el("a", { text, className: "button", attrs: { href } });
@@ -217,9 +209,19 @@ function renderLine() {
   show("line");
   showLeave(true);
   $("line").dataset.paused = String(state.paused);
+  $("line").dataset.waitlist = String(state.waitlist != null);
+  setText("line-heading", state.waitlist ? "Your place on the waitlist" : "Your place in line");
   setText("position", `You are number ${formatCount(position)} in line`);
   const percent = progressPercent();
   $("progress").value = percent;
+  if (state.waitlist && !state.paused) {
+    // Sold out: whether a ticket comes back at all is unknowable, so no wait is shown.
+    setText("ahead", ahead === 0 ? "No one: you are first on the waitlist" : fansText(ahead));
+    setText("eta", "None on the waitlist");
+    setText("progress-text", waitlistText(state.waitlist.returned, ahead));
+    setNote("");
+    return;
+  }
   if (state.paused) {
     // Nobody goes in while paused: no estimate, no "next", no progress to speak of.
     setText("ahead", ahead === 0 ? "No one" : fansText(ahead));
@@ -253,6 +255,51 @@ function setNote(text) {
 function setProgress(percent) {
   $("progress").value = percent;
   setText("progress-text", `${percent}% of the way to the front`);
+}
+
+/** The waitlist in one sentence (the page's notice, the progress line and the announcer). */
+function waitlistText(returned, ahead) {
+  const tickets = `${formatCount(returned)} ${returned === 1 ? "ticket has" : "tickets have"}`;
+  const fans = ahead == null ? "" : `, ${fansText(ahead)} ahead of you`;
+  return `You are on the waitlist — ${tickets} come back${fans}.`;
+}
+
+/** Sold out, but this fan stays on the waitlist for tickets that come back (no ETA). */
+function waitlisted(position, ahead, returned) {
+  if (position == null) return;
+  const changed =
+    !state.waitlist || state.waitlist.returned !== returned || state.ahead !== ahead;
+  state.waitlist = { returned: returned ?? 0 };
+  state.eta = null;
+  state.wait = null;
+  state.change = null;
+  if (position !== state.position) state.movedAt = performance.now();
+  state.position = position;
+  if (ahead != null) state.ahead = ahead;
+  if (state.first == null || position > state.first) {
+    state.first = position;
+    store.set(firstKey, position);
+  }
+  if (!state.paused) {
+    const text = waitlistText(state.waitlist.returned, state.ahead);
+    notice(
+      "warning",
+      "Sold out: you are on the waitlist",
+      `${text} Tickets that come back (expired holds, cancellations, refunds) go to the ` +
+        "waitlist in line order, so keep this page open: it takes you to checkout if one is " +
+        "yours.",
+    );
+    if (changed) speaker.say(text);
+  }
+  renderLine();
+}
+
+/** Back from the waitlist to a moving line (the organiser turned the waitlist off). */
+function unwaitlisted() {
+  if (!state.waitlist) return;
+  state.waitlist = null;
+  estimate.reset();
+  clearNotice();
 }
 
 function paused() {
@@ -337,7 +384,10 @@ function finish() {
   }
 }
 
-function admitted(queuePass, expiresAt) {
+/** Longest the page waits, once admitted over the WebSocket, for its status to come back. */
+const ROUTE_HINT_MS = 1000;
+
+function admitted(queuePass, expiresAt, { viaSocket = false } = {}) {
   if (state.done) return;
   finish();
   savePass(eventId, queuePass, expiresAt);
@@ -356,7 +406,16 @@ function admitted(queuePass, expiresAt) {
   ]);
   speaker.say("It's your turn. Taking you to checkout.", { urgent: true });
   // replace(): "back" from checkout must not land on a page that forwards straight again.
-  location.replace(url);
+  const go = () => location.replace(url);
+  if (!viaSocket) {
+    go();
+    return;
+  }
+  // One status request first: its answer may set the cookie that lets the load balancer
+  // send this fan's checkout straight to the node selling the event's tickets (a WebSocket
+  // message cannot set a cookie). Bounded: checkout never waits long for it.
+  const status = api(`${eventApi(eventId)}/queue/me`).catch(() => {});
+  Promise.race([status, sleep(ROUTE_HINT_MS)]).then(go);
 }
 
 function soldOut() {
@@ -584,8 +643,13 @@ function applyStatus(body) {
       paused();
       showPosition(body.position, body.fans_ahead, null);
       break;
+    case "waitlist":
+      unpaused();
+      waitlisted(body.position, body.fans_ahead, body.returned);
+      break;
     default:
       unpaused();
+      unwaitlisted();
       showPosition(body.position, body.fans_ahead, body.eta_seconds);
   }
 }
@@ -596,10 +660,15 @@ function applyMessage(message) {
   switch (message.type) {
     case "position":
       unpaused();
+      unwaitlisted();
       showPosition(message.position, message.fans_ahead, message.eta_seconds);
       break;
+    case "waitlist":
+      unpaused();
+      waitlisted(message.position, message.fans_ahead, message.returned);
+      break;
     case "admitted":
-      admitted(message.pass, message.expires_at);
+      admitted(message.pass, message.expires_at, { viaSocket: true });
       break;
     case "sold_out":
       soldOut();

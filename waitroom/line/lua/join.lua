@@ -18,7 +18,7 @@
 --
 -- Reply {'no_room'} when the room is not in Redis yet (the caller loads it and retries), else
 -- {outcome, state, rank, created, pass, paused, sold_out, admitted_total, draw_due,
---  limit, remaining, retry_after_ms, reset_ms, place, restored}
+--  limit, remaining, retry_after_ms, reset_ms, place, restored, waitlisted, returned}
 --   outcome  'joined' | 'limited' | 'challenge_required' | 'challenge_replayed' | 'capped'
 --            | 'receipt_stale' (a receipt of the current line: nothing was lost to restore)
 --   state    'waiting' (rank = fans ahead) | 'prequeue' | 'admitted' (pass) | 'none'
@@ -30,6 +30,8 @@
 --   place    the fan's score in the queue (its join number, or its drawn place), for its
 --            receipt; false when not in the queue
 --   restored 1 when a receipt put the fan back where it was (Redis had lost the line)
+--   waitlisted 1 when the room's waitlist holds the line of a sold-out sale, and returned
+--            the tickets that came back since (admission/waitlist.py)
 local meta, queue, prequeue = KEYS[1], KEYS[2], KEYS[3]
 -- A meta without its mode was never loaded or was lost (see admission/recovery.py).
 if redis.call('HEXISTS', meta, 'mode') == 0 then
@@ -64,9 +66,18 @@ if own then
 end
 
 local m = redis.call('HMGET', meta, 'mode', 'opens_at', 'opened', 'drawn', 'paused',
-                     'sold_out', 'admitted_total')
+                     'sold_out', 'admitted_total', 'waitlist', 'waitlisting', 'returned')
 local mode, opens_at, opened, drawn = m[1], tonumber(m[2]) or 0, m[3], m[4]
 local paused, sold_out, admitted_total = m[5] or '0', m[6] == '1' and 1 or 0, tonumber(m[7]) or 0
+-- A room with the waitlist on is never sold out to fans: they join (or stay on) the waitlist
+-- instead (admission/waitlist.py); `waitlisted` says the sale has sold out meanwhile.
+local waitlisted, returned = 0, tonumber(m[10]) or 0
+if m[8] == '1' then
+  if sold_out == 1 or m[9] == '1' then
+    waitlisted = 1
+  end
+  sold_out = 0
+end
 
 -- The first join at or after opening time freezes the lottery's pre-queue: from here on
 -- every newcomer lines up FIFO behind the pre-queue, whichever process's clock says what.
@@ -78,7 +89,8 @@ local draw_due = (mode == 'lottery' and opened == '1' and drawn ~= '1') and 1 or
 
 local function reply(state, rank, created, pass, place, restored)
   return {'joined', state, rank, created, pass, paused, sold_out, admitted_total, draw_due,
-          limit, bucket_whole(remaining), 0, reset_ms, place or false, restored or 0}
+          limit, bucket_whole(remaining), 0, reset_ms, place or false, restored or 0,
+          waitlisted, returned}
 end
 
 if redis.call('HEXISTS', KEYS[5], fan) == 1 then

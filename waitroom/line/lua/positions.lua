@@ -8,7 +8,9 @@
 -- ARGV  1 now (unix seconds), 2.. fan ids
 -- Reply {room, codes, passes}
 --   room   {mode, opens_at, opened, drawn, paused, sold_out, admitted_total, waiting,
---           commitment} (missing fields are nil; the whole reply is {} without a room)
+--           commitment, waitlisted, returned} (missing fields are nil; the whole reply is
+--           {} without a room). With the room's waitlist on, sold_out is never '1': a
+--           sold-out sale keeps its line as a waitlist (waitlisted 1, admission/waitlist.py)
 --   codes  one integer per fan, in ARGV order:
 --          >= 0 waiting, that many fans ahead
 --          -1   in the lottery pre-queue (no place until the draw)
@@ -24,7 +26,15 @@ if redis.call('HEXISTS', meta, 'mode') == 0 then
 end
 local now = ARGV[1]
 local m = redis.call('HMGET', meta, 'mode', 'opens_at', 'opened', 'drawn', 'paused',
-                     'sold_out', 'admitted_total', 'commitment')
+                     'sold_out', 'admitted_total', 'commitment', 'waitlist', 'waitlisting',
+                     'returned')
+local waitlisted = 0
+if m[9] == '1' then
+  if m[6] == '1' or m[10] == '1' then
+    waitlisted = 1
+  end
+  m[6] = '0'
+end
 local unplaced = redis.call('ZCARD', prequeue)
 local waiting = redis.call('ZCARD', queue) + unplaced
 
@@ -70,4 +80,5 @@ for i = 2, #ARGV do
   end
 end
 flush()
-return {{m[1], m[2], m[3], m[4], m[5], m[6], m[7], waiting, m[8]}, codes, passes}
+return {{m[1], m[2], m[3], m[4], m[5], m[6], m[7], waiting, m[8], waitlisted,
+         tonumber(m[11]) or 0}, codes, passes}

@@ -1,0 +1,351 @@
+"""``python -m stress affinity``: reservations that reach the actor's process by forwarding,
+batched, against reservations routed to it by the load balancer: both ways, same run.
+
+Issue 14 asks that a reservation reach its event's inventory actor "without paying twice":
+forwarding batched, or avoided, measured both ways. On this machine, in one run, with the
+same database and Redis, three sides at ``--concurrency`` keep-alive clients, every
+reservation by another admitted fan with its own pass and ``Idempotency-Key`` (the generator
+of ``python -m stress checkout``):
+
+- ``workers2``: ``waitroom serve --workers 2``, the checkout benchmark's server: both workers
+  accept on one socket, the kernel splits the connections, and the worker that does not host
+  the event forwards its reservations to the one that does, batched (:mod:`inventory.forwarding`);
+- ``lb_roundrobin``: two nodes (``waitroom serve``, one process each, named ``node1`` and
+  ``node2``) behind HAProxy (deploy/haproxy.cfg, :mod:`stress.nodes`), the fans sending no
+  cookie: each request goes to either node, and half are forwarded as above;
+- ``lb_affinity``: the same nodes and HAProxy, every fan sending the ``waitroom_node`` cookie
+  its admitted status gave it (:mod:`waitroom.core.affinity`, ADR 0017): HAProxy sends every
+  reservation to the node hosting the actor, and nothing is forwarded.
+
+The fans of each side are joined and admitted beforehand through that side's front door
+(the workers' port, or HAProxy), as many as each round may use. The node that hosts the
+nodes' event is the one that took its first reservation (sent to ``node1`` directly); that
+an admitted fan's status names it in its cookie, through HAProxy, is checked. Rounds are
+interleaved (ABC, CBA, ...). Reported per side: ``rps``, ``p50_ms``, ``p99_ms``,
+``forwarded_share`` (from ``waitroom_inventory_forwarded_total`` of every process), and
+``cpu_ms_per_reservation`` by process (the server's processes, HAProxy, Redis, PostgreSQL's
+backends); and the ratios ``affinity_vs_roundrobin`` and ``affinity_vs_workers2`` of the
+reservation rates. ``ok`` is false on any answer other than 201, a dropped connection, an
+acknowledged hold missing from PostgreSQL, a ticket oversold, a forwarded reservation on the
+affinity side, or a status that does not name the owner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg
+import httpx
+import msgspec
+from redis.asyncio import Redis
+
+from inventory import catalogue
+from inventory.hosting import node_name_of
+from stress.checkout import (
+    _WORKER_METRICS,
+    RESERVE_BODY,
+    TICKET_TYPE,
+    _Bench,
+    _Fan,
+    _http,
+    _need,
+    _Round,
+    _side,
+    _socket_inodes,
+    _workers_up,
+    add_round_arguments,
+)
+from stress.common import free_port, metric_sum, percentile
+from stress.nodes import Node, Nodes, running_nodes
+from stress.server import server_process
+from waitroom.core.affinity import NODE_COOKIE
+from waitroom.core.keys import Keys
+from waitroom.core.redis import redis_from_url
+from waitroom.core.settings import Settings, load_settings
+
+SIDES = ("workers2", "lb_roundrobin", "lb_affinity")
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.json:
+        print(f"affinity: {message}", file=sys.stderr, flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_round_arguments(parser, expect_rps=4000.0)
+    parser.add_argument("--concurrency", type=int, default=50, help="keep-alive clients")
+
+
+class _NodesBench(_Bench):
+    """The checkout benchmark's rounds against the nodes behind HAProxy."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        settings: Settings,
+        pool: asyncpg.Pool[Any],
+        redis: Redis,
+        keys: Keys,
+        work_dir: Path,
+        nodes: Nodes,
+    ) -> None:
+        super().__init__(args, settings, pool, redis, keys, work_dir)
+        self.nodes = nodes
+        self.owner: Node = nodes.nodes[0]
+
+    @property
+    def other(self) -> Node:
+        return next(n for n in self.nodes.nodes if n is not self.owner)
+
+    async def groups(self) -> dict[str, list[int]]:
+        return {
+            "owner_node": [self.owner.pid],
+            "other_node": [self.other.pid],
+            "haproxy": [self.nodes.haproxy.pid],
+            "redis": [self.redis_pid],
+            "postgres": await self.postgres_backends(),
+            "postgres_background": await self.postgres_background(),
+        }
+
+    def connection_split(self) -> dict[str, int]:
+        """HAProxy's connections to each node (the clients' end at HAProxy)."""
+        return {
+            "owner": len(_socket_inodes(self.owner.port)),
+            "other": len(_socket_inodes(self.other.port)),
+        }
+
+    async def worker_metrics(self) -> dict[str, float] | None:
+        """The figures summed over the nodes, each asked directly (not through HAProxy)."""
+        total = dict.fromkeys(_WORKER_METRICS, 0.0)
+        for node in self.nodes.nodes:
+            status, body = await _http(node.port, "GET", "/metrics")
+            if status != 200:
+                return None
+            text = body.decode()
+            for name in _WORKER_METRICS:
+                total[name] += metric_sum(text, name) or 0.0
+        return total
+
+
+async def _events(pool: asyncpg.Pool[Any], args: argparse.Namespace) -> tuple[str, str]:
+    room = catalogue.RoomSpec(
+        rate_per_second=args.admit_rate,
+        max_active=10_000_000,
+        pass_ttl_s=3600,
+        hold_ttl_s=3600,
+        abandon_grace_s=86_400,
+    )
+
+    async def create(name: str) -> str:
+        spec = catalogue.EventCreate(
+            name=f"affinity benchmark ({name})",
+            ticket_types=[catalogue.TicketTypeSpec(TICKET_TYPE, args.stock, 4500, "EUR")],
+            room=room,
+        )
+        now = datetime.now(UTC)
+        return (await catalogue.create_event(pool, spec, actor="stress", now=now)).id
+
+    return await create("workers"), await create("nodes")
+
+
+async def _probe(port: int, event_id: str, fan: _Fan) -> int:
+    """The first reservation of the event, on a fresh connection to ``port``: its status."""
+    status, _ = await _http(
+        port,
+        "POST",
+        f"/v1/events/{event_id}/reservations",
+        {
+            "Authorization": f"Bearer {fan.token}",
+            "X-Queue-Pass": fan.queue_pass,
+            "Idempotency-Key": f"probe-{fan.fan_id}",
+            "Content-Type": "application/json",
+        },
+        RESERVE_BODY,
+    )
+    return status
+
+
+async def _status_cookie(url: str, event_id: str, fan: _Fan) -> str | None:
+    """The ``waitroom_node`` cookie an admitted fan's status sets, asked through ``url``."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        response = await http.get(
+            f"/v1/events/{event_id}/queue/me",
+            headers={"Authorization": f"Bearer {fan.token}", "X-Forwarded-For": "192.0.2.77"},
+        )
+    return response.cookies.get(NODE_COOKIE) if response.status_code == 200 else None
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    base = msgspec.structs.replace(
+        load_settings(), admission_loop=True, challenge=False, log_level="warning"
+    )
+    work_dir = Path(tempfile.mkdtemp(prefix="waitroom-stress-affinity-"))
+    async with running_nodes(base, work_dir / "nodes", count=2) as nodes:
+        shared = nodes.settings
+        keys = Keys(shared.redis_prefix)
+        pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
+            shared.database_url, min_size=1, max_size=1
+        )
+        redis = redis_from_url(shared.redis_url)
+        try:
+            result = await _run(args, nodes, shared, pool, redis, keys, work_dir)
+        finally:
+            await redis.aclose()
+            await pool.close()
+    if result["ok"]:
+        await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
+    else:
+        result["work_dir"] = str(work_dir)
+    return result
+
+
+async def _run(
+    args: argparse.Namespace,
+    nodes: Nodes,
+    shared: Settings,
+    pool: asyncpg.Pool[Any],
+    redis: Redis,
+    keys: Keys,
+    work_dir: Path,
+) -> dict[str, Any]:
+    ev_workers, ev_nodes = await _events(pool, args)
+    redis_pid = int((await redis.info("server"))["process_id"])
+    lb_port = urlsplit(nodes.url).port
+    assert lb_port is not None
+    direct_settings = msgspec.structs.replace(shared, port=free_port(), node_name="")
+    direct = _Bench(args, direct_settings, pool, redis, keys, work_dir)
+    routed = _NodesBench(
+        args, msgspec.structs.replace(shared, port=lb_port), pool, redis, keys, work_dir, nodes
+    )
+    direct.redis_pid = routed.redis_pid = redis_pid
+    argv = [sys.executable, "-m", "waitroom", "serve", "--workers", "2"]
+    per_round = args.seconds / args.rounds
+    rounds: dict[str, list[_Round]] = {side: [] for side in SIDES}
+    checks: dict[str, Any] = {}
+    accepted = {ev_workers: 0, ev_nodes: 0}
+    async with server_process(argv, direct_settings, work_dir / "workers2.log") as proc:
+        direct.server_pid = proc.pid
+        workers = await _workers_up(proc.pid, 2, direct_settings.port)
+        pools = {
+            ev_workers: await direct.make_fans(
+                ev_workers, _need(args, args.concurrency, per_round, None)
+            ),
+            ev_nodes: await routed.make_fans(
+                ev_nodes, 2 * _need(args, args.concurrency, per_round, None)
+            ),
+        }
+        # The owners: whichever worker takes the first reservation; node1 for the nodes.
+        probe = pools[ev_workers].pop()
+        checks["probe_workers"] = await _probe(direct_settings.port, ev_workers, probe)
+        direct.owner_pid = await direct.owner_pid_of(ev_workers)
+        direct.other_pid = next((w for w in workers if w != direct.owner_pid), 0)
+        probe = pools[ev_nodes].pop()
+        checks["probe_nodes"] = await _probe(nodes.nodes[0].port, ev_nodes, probe)
+        accepted[ev_workers] += checks["probe_workers"] == 201
+        accepted[ev_nodes] += checks["probe_nodes"] == 201
+        lease = await nodes.owner_lease(ev_nodes) or ""
+        owner_name = node_name_of(lease)
+        checks["owner_node"] = owner_name
+        routed.owner = nodes.node(owner_name) if owner_name else nodes.nodes[0]
+        # What a fan's browser is told once admitted, through the balancer.
+        checks["status_cookie"] = await _status_cookie(nodes.url, ev_nodes, pools[ev_nodes][-1])
+        _say(args, f"owners: worker {direct.owner_pid}, {owner_name}")
+        for round_ in range(args.rounds):
+            order = SIDES if round_ % 2 == 0 else SIDES[::-1]
+            for side in order:
+                bench = direct if side == "workers2" else routed
+                event_id = ev_workers if side == "workers2" else ev_nodes
+                take = _need(args, args.concurrency, per_round, {"seen": rounds[side]})
+                if len(pools[event_id]) < take and bench.fans_admitted < args.max_fans:
+                    more = max(take - len(pools[event_id]), 5000)
+                    pools[event_id] += await bench.make_fans(event_id, more)
+                batch, pools[event_id] = pools[event_id][:take], pools[event_id][take:]
+                result, unused = await bench.reserve_round(
+                    event_id,
+                    batch,
+                    args.concurrency,
+                    seconds=per_round,
+                    warmup=args.warmup,
+                    tag=f"{side}-{round_}",
+                    cookie=checks["status_cookie"] if side == "lb_affinity" else None,
+                )
+                pools[event_id] = unused + pools[event_id]
+                accepted[event_id] += result.statuses.get(201, 0)
+                rounds[side].append(result)
+                _say(
+                    args,
+                    f"round {round_ + 1} {side}: {result.rps:.0f} req/s,"
+                    f" p99 {percentile(result.latencies, 99) * 1000:.1f} ms,"
+                    f" forwarded {result.forwarded.get('metric')},"
+                    f" statuses {dict(sorted(result.statuses.items()))}",
+                )
+    checks["server_exit_code"] = proc.returncode
+    for event_id in (ev_workers, ev_nodes):
+        row = await pool.fetchrow(
+            "SELECT quantity, held, sold FROM ticket_types WHERE event_id = $1", event_id
+        )
+        holds = int(
+            await pool.fetchval("SELECT count(*) FROM holds WHERE event_id = $1", event_id) or 0
+        )
+        assert row is not None
+        name = "workers" if event_id == ev_workers else "nodes"
+        checks[f"acked_missing_{name}"] = max(0, accepted[event_id] - holds)
+        checks[f"oversold_{name}"] = max(
+            0, int(row["held"]) + int(row["sold"]) - int(row["quantity"])
+        )
+    return _report(args, rounds, checks)
+
+
+def _report(
+    args: argparse.Namespace, rounds: dict[str, list[_Round]], checks: dict[str, Any]
+) -> dict[str, Any]:
+    sides = {side: _side(rs) for side, rs in rounds.items()}
+    rps = {side: s["rps"] for side, s in sides.items()}
+    bad = sum(
+        count for s in sides.values() for code, count in s["statuses"].items() if code != "201"
+    )
+    lost = sum(s["connections_lost"] for s in sides.values())
+    affinity_forwarded = sides["lb_affinity"]["forwarded"]["commands"]
+    ok = (
+        bad == 0
+        and lost == 0
+        and checks["probe_workers"] == 201
+        and checks["probe_nodes"] == 201
+        and checks["owner_node"] is not None
+        and checks["status_cookie"] == checks["owner_node"]
+        and affinity_forwarded == 0
+        and all(v == 0 for k, v in checks.items() if k.startswith(("acked_missing", "oversold")))
+    )
+    return {
+        "benchmark": "affinity",
+        "ok": ok,
+        "http_reserve_rps": rps,
+        "http_reserve_p99_ms": {side: s["p99_ms"] for side, s in sides.items()},
+        "http_reserve_p50_ms": {side: s["p50_ms"] for side, s in sides.items()},
+        "forwarded_share": {side: s["forwarded_share"] for side, s in sides.items()},
+        "cpu_ms_per_reservation": {side: s["cpu_ms_per_reservation"] for side, s in sides.items()},
+        "affinity_vs_roundrobin": round(rps["lb_affinity"] / max(rps["lb_roundrobin"], 1e-9), 3),
+        "affinity_vs_workers2": round(rps["lb_affinity"] / max(rps["workers2"], 1e-9), 3),
+        "roundrobin_vs_workers2": round(rps["lb_roundrobin"] / max(rps["workers2"], 1e-9), 3),
+        "bad_answers": bad,
+        "connections_lost": lost,
+        "checks": checks,
+        "sides": sides,
+        "params": {
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "concurrency": args.concurrency,
+            "generators": args.generators,
+            "nodes": 2,
+            "balancer": "HAProxy (deploy/haproxy.cfg)",
+        },
+    }
