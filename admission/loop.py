@@ -364,8 +364,7 @@ class EventAdmission:
             LEADING.labels(self.event_id).set(0)
             for gauge in _LEADER_VIEW:
                 forget(gauge, self.event_id)
-            renewer.cancel()
-            await asyncio.gather(renewer, return_exceptions=True)
+            await runtime.cancel_and_wait(renewer)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(leader.release(self.service.redis, self.ek, token), 1.0)
             log.info("stopped leading admission", extra={"event_id": self.event_id})

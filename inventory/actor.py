@@ -41,6 +41,7 @@ from inventory.ledger import Changes, Command, Expire, Expired, Ledger, Refused,
 from waitroom.core import tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.metrics import forget
+from waitroom.core.runtime import cancel_and_wait
 
 log = logging.getLogger("waitroom.inventory")
 
@@ -288,8 +289,7 @@ class InventoryActor:
             self._fail(self._futures, ActorStopped())
             self._futures, self._results = [], []
             self._fail_pending()
-            self._publish_task.cancel()
-            await asyncio.gather(self._publish_task, return_exceptions=True)
+            await cancel_and_wait(self._publish_task)
             # Seats moved by the last commits and not published yet: committed, so true
             # whatever stopped the actor; the open maps would otherwise miss them until
             # they read the snapshot again. Bounded: a Redis that is down loses only this.

@@ -119,8 +119,9 @@ class Forwarder:
     async def stop(self, reason: WaitroomError) -> None:
         """Stop listening; every ask still waiting fails with ``reason``."""
         if self._listener is not None:
-            # Again after a while if its XREAD swallowed the first cancellation.
-            await cancel_and_wait(self._listener, every_s=5.0)
+            # Again each second if its XREAD swallowed the first cancellation (it holds no
+            # PostgreSQL connection whose return a second cancellation could cut short).
+            await cancel_and_wait(self._listener)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(reason)

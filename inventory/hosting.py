@@ -347,8 +347,7 @@ class InventoryHost:
 
     async def _let_go(self, event_id: str, keeper: asyncio.Task[None]) -> None:
         """Undo a claim whose tenure never went live."""
-        keeper.cancel()
-        await asyncio.gather(keeper, return_exceptions=True)
+        await cancel_and_wait(keeper)
         with contextlib.suppress(Exception):
             await lease.release(self._redis, self._keys.event(event_id).owner, self.node_id)
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import asyncpg
 
+from waitroom.core.runtime import cancel_and_wait
+
 log = logging.getLogger("waitroom.reservation_changes")
 
 #: The channel migration 0020's triggers notify (payload: the hold id).
@@ -65,8 +67,7 @@ class ReservationChanges:
     async def close(self) -> None:
         """Stop listening and wake every waiting request."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         await self._drop()
 
     @contextlib.contextmanager

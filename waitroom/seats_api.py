@@ -32,6 +32,7 @@ from inventory import venue
 from waitroom.core import ids
 from waitroom.core.errors import NotFound
 from waitroom.core.openapi import Operation
+from waitroom.core.runtime import cancel_and_wait
 from waitroom.line import seatnews
 from waitroom.line.wsgate import DATA_FRAME, FORBIDDEN_ORIGIN, TOO_MANY_FROM_ADDRESS
 from waitroom.queue_api import client_subject
@@ -339,8 +340,7 @@ async def seats_live(websocket: WebSocket) -> None:
         if viewer is not None:
             await svc.seat_news.leave(viewer)
         if watcher is not None:
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
+            await cancel_and_wait(watcher)
 
 
 OPERATIONS = [

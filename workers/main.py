@@ -50,6 +50,7 @@ from admission.passes import PassKeys
 from inventory.hosting import InventoryHost
 from waitroom.core.clients import Clients, open_clients
 from waitroom.core.metrics import MetricsListener, monitoring
+from waitroom.core.runtime import cancel_and_wait, suspended_in
 from waitroom.core.settings import Settings
 from workers.backlog import run_backlog
 from workers.mailer import Mailer, refund_handler
@@ -65,6 +66,9 @@ log = logging.getLogger("waitroom.workers")
 
 #: How long in-flight payments may take to finish at shutdown before they are handed back.
 DRAIN_S = 10.0
+#: How much longer than ``drain_s`` a loop may take to return once stopped before it is
+#: cancelled (a hung dependency call must not keep the process from exiting).
+STOP_GRACE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,14 +222,7 @@ async def run_workers(
             )
             await stop.wait()
             log.info("workers stopping")
-            # Each loop returns on its own once stop is set, after finishing what it holds.
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            for task, result in zip(tasks, results, strict=True):
-                if isinstance(result, BaseException):
-                    log.error(
-                        "worker loop failed",
-                        extra={"loop": task.get_name(), "error": repr(result)},
-                    )
+            await stop_loops(tasks, within_s=drain_s + STOP_GRACE_S)
     finally:
         for task in tasks:
             task.cancel()
@@ -243,6 +240,24 @@ async def reconcile_payments(settings: Settings) -> ReconcileReport:
     async with AsyncExitStack() as stack:
         svc = await open_worker_services(settings, stack)
         return await svc.reconciler().run_once()
+
+
+async def stop_loops(tasks: list[asyncio.Task[Any]], *, within_s: float) -> None:
+    """Wait for the loops to return (each does once stop is set, after finishing what it
+    holds); one still running after ``within_s`` is logged with where it waits and cancelled,
+    so a call that never answers cannot keep the process from exiting."""
+    if tasks:
+        _, late = await asyncio.wait(tasks, timeout=within_s)
+        for task in late:
+            log.error(
+                "worker loop did not stop in time; cancelled",
+                extra={"loop": task.get_name(), "waiting_in": suspended_in(task)},
+            )
+            await cancel_and_wait(task)
+    for task in tasks:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("worker loop failed", extra={"loop": task.get_name(), "error": repr(error)})
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -111,10 +111,12 @@ async def reconcile(
     *,
     force: bool = False,
     republish_s: float = REPUBLISH_S,
+    stop: asyncio.Event | None = None,
 ) -> Reconciled | None:
     """Reconcile Redis with PostgreSQL if it restarted since the last reconcile (or ``force``);
-    None when it had not. Outbox rows published in the last ``republish_s`` are published
-    again."""
+    None when it had not, or when ``stop`` was set before it was done (cut short between two
+    events, it is done again by the next process: the incarnation is written last). Outbox
+    rows published in the last ``republish_s`` are published again."""
     current = await incarnation(redis)
     stored = await redis.get(keys.redis_incarnation)
     previous = stored.decode() if isinstance(stored, bytes) else stored
@@ -123,6 +125,8 @@ async def reconcile(
     events = [row["event_id"] for row in await db.fetch(_EVENTS)]
     passes = 0
     for event_id in events:
+        if stop is not None and stop.is_set():
+            return None
         passes += (await rebuild(db, redis, keys, event_id)).passes
     status = await db.execute(_REPUBLISH, republish_s)
     republished = int(status.split()[-1])
@@ -150,7 +154,7 @@ async def run_restart_watch(
     logged = 0.0
     while not stop.is_set():
         try:
-            await reconcile(db, redis, keys, republish_s=republish_s)
+            await reconcile(db, redis, keys, republish_s=republish_s, stop=stop)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -73,16 +73,20 @@ async def sweep_once(
     *,
     host: InventoryHost | None = None,
     grace_s: float = GRACE_S,
+    stop: asyncio.Event | None = None,
 ) -> dict[str, int]:
     """Release lapsed holds of events nobody hosts; return ``{event_id: overdue holds}`` asked.
 
     With ``host=None`` a temporary host is used and stopped afterwards, so the lease goes back
     at once and the next checkout request hosts the actor where the traffic is, rather than
-    forwarding every reservation to this process.
+    forwarding every reservation to this process. Once ``stop`` is set the sweep ends after
+    the event in hand (up to 1,000 events may be overdue: a shutdown must not wait for all).
     """
     overdue = await overdue_events(pool, grace_s=grace_s)
     orphaned: dict[str, int] = {}
     for event_id, count in overdue.items():
+        if stop is not None and stop.is_set():
+            break
         if await redis.exists(keys.event(event_id).owner):
             log.info(
                 "overdue holds on a hosted event; its actor will expire them",
@@ -99,6 +103,8 @@ async def sweep_once(
     asked: dict[str, int] = {}
     try:
         for event_id, count in orphaned.items():
+            if stop is not None and stop.is_set():
+                break
             try:
                 await asker.ask(event_id, Expire())
             except Exception as exc:  # one broken event must not stop the sweep of the others
@@ -173,7 +179,7 @@ async def run_safety_net(
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         try:
-            await sweep_once(pool, redis, keys, grace_s=grace_s)
+            await sweep_once(pool, redis, keys, grace_s=grace_s, stop=stop)
         except Exception as exc:
             log.warning("safety net sweep failed", extra={"error": repr(exc)})
         if loop.time() - purged_at >= PURGE_EVERY_S:

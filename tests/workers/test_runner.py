@@ -120,3 +120,85 @@ def test_sigint_stops_the_workers_too(workers: subprocess.Popen[str]) -> None:
     workers.send_signal(signal.SIGINT)
     _, stderr = workers.communicate(timeout=30)
     assert workers.returncode == 0, stderr
+    # Every loop returned by itself: none had to be cancelled after the grace.
+    assert not any(entry["level"] == "error" for entry in log_lines(stderr)), stderr
+
+
+async def test_a_long_sweep_or_rebuild_stops_at_once_on_sigint(
+    pool: asyncpg.Pool[Any], settings: Settings, provider: ServerThread
+) -> None:
+    # A database with many events to sweep (lapsed holds nobody hosts) and to rebuild after a
+    # first look at Redis (unexpired passes), as a long-lived deployment, or the test suite's
+    # own database, has: the safety net and the restart watch must notice the stop between
+    # events instead of finishing every event first.
+    events = [await make_event(pool) for _ in range(300)]
+    try:
+        await _stop_while_sweeping(pool, settings, provider, events)
+    finally:
+        # Gone for the tests after this one, which share the database: nothing to sweep or
+        # rebuild in these events any more (each had that one hold).
+        await pool.execute(
+            "UPDATE queue_passes SET expires_at = now() WHERE event_id = ANY($1)", events
+        )
+        await pool.execute(
+            "UPDATE holds SET status = 'expired' WHERE event_id = ANY($1) AND status = 'held'",
+            events,
+        )
+        await pool.execute("UPDATE ticket_types SET held = 0 WHERE event_id = ANY($1)", events)
+
+
+async def _stop_while_sweeping(
+    pool: asyncpg.Pool[Any], settings: Settings, provider: ServerThread, events: list[str]
+) -> None:
+    for event_id in events:
+        await pool.execute(
+            "INSERT INTO holds (id, event_id, ticket_type, fan_id, quantity, status, expires_at)"
+            " VALUES ($1, $2, 'ga', 'fan-lapsed', 1, 'held', now() - interval '1 hour')",
+            uuid.uuid4(),
+            event_id,
+        )
+        await pool.execute("UPDATE ticket_types SET held = held + 1 WHERE event_id = $1", event_id)
+        await pool.execute(
+            "INSERT INTO queue_passes (jti, event_id, fan_id, seq, issued_at, expires_at)"
+            " VALUES ($1, $2, 'fan-waiting', 1, now(), now() + interval '1 hour')",
+            f"jti-{uuid.uuid4().hex}",
+            event_id,
+        )
+    env = {
+        **settings_env(settings),
+        "WAITROOM_PAYMENT_URL": provider.url,
+        "WAITROOM_LOG_LEVEL": "info",
+    }
+    proc = await asyncio.to_thread(
+        subprocess.Popen,
+        [str(Path(sys.executable).with_name("waitroom")), "workers"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 20
+        while True:
+            line = await asyncio.to_thread(proc.stderr.readline)
+            assert line, "the workers exited before starting"
+            if '"workers started"' in line:
+                break
+            assert time.monotonic() < deadline
+        proc.send_signal(signal.SIGINT)
+        stopped_at = time.monotonic()
+        _, stderr = await asyncio.to_thread(proc.communicate, timeout=30)
+        took = time.monotonic() - stopped_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    assert proc.returncode == 0, stderr
+    assert not any(entry["level"] == "error" for entry in log_lines(stderr)), stderr
+    assert took < 5, f"stopping took {took:.1f} s"
+    # The sweep ended with the event in hand when the signal came, not with all 300.
+    messages = [entry["msg"] for entry in log_lines(stderr)]
+    after = messages[messages.index("signal received; shutting down") :]
+    assert after.count("expired lapsed holds") <= 1, after

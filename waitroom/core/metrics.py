@@ -67,6 +67,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from waitroom.core.errors import SettingsError, Unauthorized
+from waitroom.core.runtime import cancel_and_wait
 from waitroom.core.settings import Settings, operators
 
 log = logging.getLogger("waitroom.metrics")
@@ -212,9 +213,9 @@ async def monitoring(
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancelled again until they end: asyncio.wait_for in Python 3.11 can swallow a
+        # cancellation that lands as the probe answers, and the ping would then go on forever.
+        await asyncio.gather(*(cancel_and_wait(task) for task in tasks))
 
 
 async def _watch_loop(db: asyncpg.Pool[Any]) -> None:

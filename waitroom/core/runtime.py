@@ -34,3 +34,21 @@ async def cancel_and_wait(task: asyncio.Task[Any], *, every_s: float = 1.0) -> B
         task.cancel()
         await asyncio.wait({task}, timeout=every_s)
     return None if task.cancelled() else task.exception()
+
+
+def suspended_in(task: asyncio.Task[Any]) -> list[str]:
+    """The coroutines ``task`` is suspended in, outermost first (for the log).
+
+    Walks the chain of awaits, since ``Task.get_stack`` gives only the outermost frame of a
+    suspended coroutine.
+    """
+    frames: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(frames) < 50:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is None:
+            frames.append(repr(awaited)[:200])
+            break
+        frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return frames

@@ -40,6 +40,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from waitroom.core.keys import Keys
+from waitroom.core.runtime import cancel_and_wait
 
 log = logging.getLogger("waitroom.seatnews")
 
@@ -293,8 +294,7 @@ class SeatNews:
             channel.timer.cancel()
         reader = channel.reader
         if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            await cancel_and_wait(reader)
 
     async def _read(self, channel: _Channel) -> None:
         pubsub: Any = None

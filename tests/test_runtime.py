@@ -1,0 +1,85 @@
+"""Shutting tasks down: a swallowed cancellation, a loop that never returns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import pytest
+
+from waitroom.core.runtime import cancel_and_wait, suspended_in
+from workers.main import stop_loops
+
+pytestmark = pytest.mark.anyio
+
+
+async def _swallows_one_cancellation(started: asyncio.Event) -> str:
+    """What asyncio.wait_for in Python 3.11 does when a cancellation lands as its inner call
+    answers: the cancellation is lost and the loop goes on."""
+    started.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.sleep(3600)
+    await asyncio.Event().wait()  # on, until cancelled again
+    return "never"
+
+
+async def test_cancel_and_wait_cancels_again_until_the_task_ends() -> None:
+    started = asyncio.Event()
+    task = asyncio.create_task(_swallows_one_cancellation(started))
+    await started.wait()
+    await asyncio.wait_for(cancel_and_wait(task, every_s=0.05), 2)
+    assert task.cancelled()
+
+
+async def test_cancel_and_wait_returns_the_error_the_task_ended_with() -> None:
+    async def fails() -> None:
+        raise ValueError("broken")
+
+    task = asyncio.create_task(fails())
+    await asyncio.sleep(0)
+    error = await cancel_and_wait(task)
+    assert isinstance(error, ValueError)
+
+
+async def _inner_wait(gate: asyncio.Event) -> None:
+    await gate.wait()
+
+
+async def _outer_wait(gate: asyncio.Event) -> None:
+    await _inner_wait(gate)
+
+
+async def test_suspended_in_names_every_coroutine_down_the_chain() -> None:
+    gate = asyncio.Event()
+    task = asyncio.create_task(_outer_wait(gate))
+    await asyncio.sleep(0)
+    where = suspended_in(task)
+    assert [line.rsplit(" ", 1)[-1] for line in where[:3]] == ["_outer_wait", "_inner_wait", "wait"]
+    gate.set()
+    await task
+
+
+async def test_stop_loops_cancels_a_loop_that_does_not_return_and_logs_where_it_waits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stop = asyncio.Event()
+
+    async def obeys() -> None:
+        await stop.wait()
+
+    async def ignores() -> None:
+        await asyncio.sleep(3600)
+
+    tasks = [
+        asyncio.create_task(obeys(), name="obeys"),
+        asyncio.create_task(ignores(), name="ignores"),
+    ]
+    stop.set()
+    with caplog.at_level(logging.ERROR, logger="waitroom.workers"):
+        await asyncio.wait_for(stop_loops(tasks, within_s=0.2), 5)
+    assert tasks[0].done() and not tasks[0].cancelled()
+    assert tasks[1].cancelled()
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("worker loop did not")]
+    assert record.loop == "ignores"  # type: ignore[attr-defined]
+    assert any(line.endswith(" ignores") for line in record.waiting_in)  # type: ignore[attr-defined]
