@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -15,9 +18,9 @@ from redis.asyncio import Redis
 
 from inventory.hosting import InventoryHost
 from inventory.ledger import Hold, Reserve, Reserved
-from tests.harness import ServerThread
+from tests.harness import ROOT, ServerThread
 from waitroom.core.keys import Keys
-from waitroom.core.settings import Settings
+from waitroom.core.settings import Settings, settings_env
 from workers import mock_provider
 from workers.payments import PaymentPool
 
@@ -33,6 +36,38 @@ def provider() -> Iterator[ServerThread]:
         yield server
     finally:
         server.stop()
+
+
+def spawn_workers(
+    settings: Settings, provider: ServerThread, *, stdout: int = subprocess.PIPE, **env: str
+) -> subprocess.Popen[str]:
+    """``waitroom workers`` as its own process (the console script), logging at info to its
+    piped stderr, paying through the test's provider; ``env``: more settings."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("waitroom")), "workers"],
+        env={
+            **settings_env(settings),
+            "WAITROOM_PAYMENT_URL": provider.url,
+            "WAITROOM_LOG_LEVEL": "info",
+            **env,
+        },
+        cwd=ROOT,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until_started(proc: subprocess.Popen[str], within_s: float = 20) -> None:
+    """Read the process's log until it says its loops run (its signal handlers are set)."""
+    assert proc.stderr is not None
+    deadline = time.monotonic() + within_s
+    while True:
+        line = proc.stderr.readline()
+        assert line, "the workers exited before starting"
+        if '"workers started"' in line:
+            return
+        assert time.monotonic() < deadline, "the workers did not start in time"
 
 
 @pytest.fixture

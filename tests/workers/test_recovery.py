@@ -11,11 +11,9 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,11 +24,19 @@ from redis.asyncio import Redis
 from inventory.hosting import InventoryHost
 from inventory.orders import order_history, start_payment
 from stress.private_services import PrivateRedis
-from tests.harness import ROOT, ServerThread
+from tests.harness import ServerThread
 from tests.inventory.conftest import make_event
-from tests.workers.conftest import Control, make_payments, payment, reserve, settle, stats
+from tests.workers.conftest import (
+    Control,
+    make_payments,
+    payment,
+    reserve,
+    settle,
+    spawn_workers,
+    stats,
+)
 from waitroom.core.keys import Keys
-from waitroom.core.settings import Settings, settings_env
+from waitroom.core.settings import Settings
 from workers.outbox import PASS_SPENT, pass_spent_handler, run_handlers
 
 pytestmark = pytest.mark.anyio
@@ -177,19 +183,8 @@ async def test_a_stalled_worker_is_taken_over_and_cannot_write_when_it_comes_bac
 @pytest.fixture
 def workers_process(settings: Settings, provider: ServerThread) -> Iterator[subprocess.Popen[str]]:
     """``waitroom workers`` as its own process, to be killed with SIGKILL."""
-    env = {
-        **settings_env(settings),
-        "WAITROOM_PAYMENT_URL": provider.url,
-        "WAITROOM_PAYMENT_TIMEOUT_S": "30",
-        "WAITROOM_LOG_LEVEL": "info",
-    }
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("waitroom")), "workers"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc = spawn_workers(
+        settings, provider, stdout=subprocess.DEVNULL, WAITROOM_PAYMENT_TIMEOUT_S="30"
     )
     try:
         yield proc

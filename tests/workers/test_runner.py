@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,11 +17,11 @@ from redis.asyncio import Redis
 
 from inventory.hosting import InventoryHost
 from inventory.orders import start_payment
-from tests.harness import ROOT, ServerThread
+from tests.harness import ServerThread
 from tests.inventory.conftest import make_event
-from tests.workers.conftest import reserve
+from tests.workers.conftest import reserve, spawn_workers, wait_until_started
 from waitroom.core.keys import Keys
-from waitroom.core.settings import Settings, settings_env
+from waitroom.core.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -31,19 +29,7 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def workers(settings: Settings, provider: ServerThread) -> Iterator[subprocess.Popen[str]]:
     """The console script, with its logs at info, talking to the test's provider."""
-    env = {
-        **settings_env(settings),
-        "WAITROOM_PAYMENT_URL": provider.url,
-        "WAITROOM_LOG_LEVEL": "info",
-    }
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("waitroom")), "workers"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_workers(settings, provider)
     try:
         yield proc
     finally:
@@ -108,15 +94,8 @@ async def test_the_workers_process_pays_an_order_and_exits_0_on_sigterm(
 
 
 def test_sigint_stops_the_workers_too(workers: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 20
-    assert workers.stderr is not None
     # Wait until it runs (signal handlers installed) before interrupting it.
-    while True:
-        line = workers.stderr.readline()
-        assert line, "the workers exited before starting"
-        if '"workers started"' in line:
-            break
-        assert time.monotonic() < deadline
+    wait_until_started(workers)
     workers.send_signal(signal.SIGINT)
     _, stderr = workers.communicate(timeout=30)
     assert workers.returncode == 0, stderr
@@ -164,29 +143,9 @@ async def _stop_while_sweeping(
             f"jti-{uuid.uuid4().hex}",
             event_id,
         )
-    env = {
-        **settings_env(settings),
-        "WAITROOM_PAYMENT_URL": provider.url,
-        "WAITROOM_LOG_LEVEL": "info",
-    }
-    proc = await asyncio.to_thread(
-        subprocess.Popen,
-        [str(Path(sys.executable).with_name("waitroom")), "workers"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn_workers(settings, provider)
     try:
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 20
-        while True:
-            line = await asyncio.to_thread(proc.stderr.readline)
-            assert line, "the workers exited before starting"
-            if '"workers started"' in line:
-                break
-            assert time.monotonic() < deadline
+        await asyncio.to_thread(wait_until_started, proc)
         proc.send_signal(signal.SIGINT)
         stopped_at = time.monotonic()
         _, stderr = await asyncio.to_thread(proc.communicate, timeout=30)
