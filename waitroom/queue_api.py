@@ -49,6 +49,7 @@ from waitroom.core.affinity import add_owner_cookie
 from waitroom.core.errors import Conflict, Forbidden, Gone, NotFound, RateLimited, WaitroomError
 from waitroom.core.http import JSONResponse, dependency_error, read_json
 from waitroom.core.openapi import Operation
+from waitroom.core.runtime import cancel_and_wait
 from waitroom.line import challenge, messages, receipts
 from waitroom.line.broadcast import SOLD_OUT_CLOSE, Subscriber, pump
 from waitroom.line.eta import eta_seconds
@@ -714,8 +715,7 @@ async def queue_ws(websocket: WebSocket) -> None:
             WS_CONNECTIONS.dec()
             svc.hub.unsubscribe(sub)
         if reader is not None:
-            reader.cancel()
-            await asyncio.wait([reader])
+            await cancel_and_wait(reader)
 
 
 OPERATIONS = [

@@ -53,6 +53,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
+from waitroom.core.runtime import cancel_and_wait
 from waitroom.core.settings import Settings
 
 log = logging.getLogger("waitroom.core.redis")
@@ -339,8 +340,7 @@ class _Node:
     async def aclose(self) -> None:
         self.closed = True
         if self._connecting is not None and not self._connecting.done():
-            self._connecting.cancel()
-            await asyncio.wait([self._connecting])
+            await cancel_and_wait(self._connecting)
         if self._conn is not None:
             await self._conn.close()
             self._conn = None

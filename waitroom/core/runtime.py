@@ -22,7 +22,9 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
-async def cancel_and_wait(task: asyncio.Task[Any], *, every_s: float = 1.0) -> BaseException | None:
+async def cancel_and_wait(
+    task: asyncio.Future[Any], *, every_s: float = 1.0
+) -> BaseException | None:
     """Cancel ``task`` and wait until it has really finished; the exception it ended with.
 
     Cancelling again each ``every_s``: a library call that swallows one cancellation (redis-py

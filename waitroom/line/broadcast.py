@@ -31,6 +31,7 @@ from prometheus_client import Gauge, Histogram
 
 from waitroom.core.errors import NotFound
 from waitroom.core.metrics import forget
+from waitroom.core.runtime import cancel_and_wait
 from waitroom.line import messages
 from waitroom.line.room import Rooms
 from waitroom.line.scripts import ADMITTED, GONE
@@ -381,10 +382,8 @@ class Hub:
                 for sub in subs:
                     sub.close((1001, "server shutting down"))
             if broadcaster.task is not None:
-                broadcaster.task.cancel()
                 tasks.append(broadcaster.task)
-        if tasks:
-            await asyncio.wait(tasks)
+        await asyncio.gather(*(cancel_and_wait(task) for task in tasks))
 
 
 def _is_position(text: str | None) -> bool:

@@ -40,6 +40,7 @@ from prometheus_client import Counter
 from waitroom.core import ids
 from waitroom.core.errors import NotFound, Unavailable
 from waitroom.core.keys import EventKeys, Keys
+from waitroom.core.runtime import cancel_and_wait
 from waitroom.line import lottery, receipts, scripts
 from waitroom.line.eta import RateEstimator
 from waitroom.line.ratelimit import ADDRESS_REQUESTS, JOIN_PER_FAN, JOIN_PER_IP, Decision
@@ -565,7 +566,4 @@ class Rooms:
     async def close(self) -> None:
         """Cancel this process's background loads, draws and sweeps, and wait for them."""
         pending = [*self._tasks.values(), *self._loading.values()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        await asyncio.gather(*(cancel_and_wait(task) for task in pending))
