@@ -8,8 +8,6 @@ Loopback has a whole /8, so the three parties get addresses of their own: fans c
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -21,10 +19,10 @@ from typing import Any
 import asyncpg
 import httpx
 import msgspec
-import pytest
 from starlette.requests import Request
 from starlette.responses import Response
 
+from stress.nodes import haproxy_binary
 from tests.harness import ADMIN_TOKEN, ServerThread, free_port, running
 from waitroom.core.http import JSONResponse
 from waitroom.core.openapi import Operation
@@ -33,25 +31,6 @@ from waitroom.queue_api import client_subject
 
 FAN_A, FAN_B, PROXY = "127.0.0.2", "127.0.0.4", "127.0.0.3"
 SPOOFED = "203.0.113.9"
-
-
-def haproxy_binary() -> str:
-    """HAProxy's path, installing Debian's package first when it is missing and we may."""
-    found = shutil.which("haproxy") or (
-        "/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None
-    )
-    if found:
-        return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "haproxy"], check=True, capture_output=True
-        )
-        return "/usr/sbin/haproxy"
-    pytest.fail(
-        "these tests need HAProxy: install it with 'sudo apt-get install -y haproxy'",
-        pytrace=False,
-    )
 
 
 async def whoami(request: Request) -> Response:
@@ -78,7 +57,8 @@ backend app
 """
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Wait until HAProxy (``proc``, logging to ``log``) listens on ``port``."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -102,7 +82,7 @@ def haproxy(tmp_path: Path, server: ServerThread) -> Iterator[str]:
             [haproxy_binary(), "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        _wait_port(port, proc, log)
+        wait_port(port, proc, log)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
