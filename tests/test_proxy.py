@@ -71,19 +71,18 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextmanager
-def haproxy(tmp_path: Path, server: ServerThread) -> Iterator[str]:
-    """HAProxy in front of ``server`` for the block; yields its URL."""
-    port = free_port()
-    config = tmp_path / "haproxy.cfg"
-    config.write_text(_CONFIG.format(port=port, server_port=server.port, source=PROXY))
+def haproxy_running(tmp_path: Path, config: str, port: int) -> Iterator[None]:
+    """HAProxy with ``config`` (which listens on ``port``) for the block."""
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
     log = tmp_path / "haproxy.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [haproxy_binary(), "-db", "-f", str(config)], stdout=out, stderr=subprocess.STDOUT
+            [haproxy_binary(), "-db", "-f", str(path)], stdout=out, stderr=subprocess.STDOUT
         )
     try:
         wait_port(port, proc, log)
-        yield f"http://127.0.0.1:{port}"
+        yield
     finally:
         proc.terminate()
         try:
@@ -91,6 +90,15 @@ def haproxy(tmp_path: Path, server: ServerThread) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def haproxy(tmp_path: Path, server: ServerThread) -> Iterator[str]:
+    """HAProxy in front of ``server`` for the block; yields its URL."""
+    port = free_port()
+    config = _CONFIG.format(port=port, server_port=server.port, source=PROXY)
+    with haproxy_running(tmp_path, config, port):
+        yield f"http://127.0.0.1:{port}"
 
 
 @contextmanager
