@@ -10,6 +10,8 @@ triggers that keep ``held``/``sold`` fire once per batch.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -262,15 +264,18 @@ FENCED_SQLSTATE = "WR001"
 async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> None:
     """Persist one batch durably in one transaction, fenced by ``epoch``.
 
-    Four round trips: BEGIN; ``inventory_commit()`` (schema 5), which checks the fence
-    first (the event's ``inventory_owners`` row is locked and its epoch compared, so a stale
-    owner's batch writes nothing, and a takeover, which bumps the epoch under the same lock,
-    waits for a batch in flight), then updates settled holds and writes the idempotency
-    records and the outbox messages from arrays; binary COPY of the new holds (in
-    PostgreSQL the cheapest way in per row, which is what bounds a group commit); COMMIT.
-    The round trips matter as much as the rows: while this process is busy applying the
-    next batch, every reply from PostgreSQL waits for it.
-    Seated holds add two statements, only to batches that have them: an UPDATE of the
+    ``inventory_commit()`` (schema 5) checks the fence first (the event's
+    ``inventory_owners`` row is locked and its epoch compared, so a stale owner's batch
+    writes nothing, and a takeover, which bumps the epoch under the same lock, waits for a
+    batch in flight), then updates settled holds and writes the idempotency records and the
+    outbox messages from arrays; the new holds go in after it.
+    The round trips matter more than the rows: while this process is busy with HTTP work,
+    every reply from PostgreSQL waits for a turn of its event loop. So a batch of holds
+    without seats or stock returns (every batch of a general-admission sale) is **one
+    statement in one round trip**: ``inventory_commit_holds()`` (schema 22) sent outside an
+    explicit transaction, which PostgreSQL runs in one implicit transaction.
+    Other batches take four or more: BEGIN; ``inventory_commit()``; the seats and the stock
+    returns; a binary COPY of the new holds; COMMIT. Seated holds add an UPDATE of the
     settled holds' ``seat_holds`` rows (before any new one goes in, so a seat freed in the
     batch may be taken again in it), then a COPY of the new holds' seats. The partial unique
     index of schema 13 and the trigger of schema 17 refuse a seat taken twice or not on sale,
@@ -336,30 +341,30 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
         for h in changes.new_holds
         for position, seat in enumerate(h.seats)
     ]
+    common = (
+        event_id,
+        epoch,
+        [h.id for h in settled],
+        [h.status for h in settled],
+        [h.payment_ref for h in settled],
+        k_fan,
+        k_key,
+        k_hash,
+        k_status,
+        k_response,
+        [topic for _, topic, _ in outbox],
+        [payload for _, _, payload in outbox],
+    )
+    if not (seats_settled or seat_rows or changes.restocks):
+        with _fenced(event_id, epoch):
+            await conn.execute(_COMMIT_HOLDS, *common, *_columns(holds))
+        return
     async with conn.transaction():
-        try:
+        with _fenced(event_id, epoch):
             await conn.execute(
                 "SELECT inventory_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                event_id,
-                epoch,
-                [h.id for h in settled],
-                [h.status for h in settled],
-                [h.payment_ref for h in settled],
-                k_fan,
-                k_key,
-                k_hash,
-                k_status,
-                k_response,
-                [topic for _, topic, _ in outbox],
-                [payload for _, _, payload in outbox],
+                *common,
             )
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate == FENCED_SQLSTATE:
-                raise Fenced(
-                    f"inventory of {event_id!r} is owned under a newer epoch than {epoch}",
-                    details={"event_id": event_id},
-                ) from None
-            raise
         if seats_settled:
             await conn.execute(
                 "UPDATE seat_holds s SET status = u.status"
@@ -383,6 +388,36 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
                 records=seat_rows,
                 columns=("hold_id", "event_id", "seat_id", "status", "position"),
             )
+
+
+#: One group commit of holds without seats or returns, one statement (schema 22).
+_COMMIT_HOLDS = (
+    "SELECT inventory_commit_holds($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+    " $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+)
+
+
+def _columns(holds: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """The new holds' rows as ``inventory_commit_holds()``'s arrays (without the event id)."""
+    if not holds:
+        return [[] for _ in range(len(_HOLD_COLUMNS) - 1)]
+    columns = [list(column) for column in zip(*holds, strict=True)]
+    del columns[1]  # event_id: the function's own parameter
+    return columns
+
+
+@contextlib.contextmanager
+def _fenced(event_id: str, epoch: int) -> Iterator[None]:
+    """Turn ``inventory_commit()``'s fence error into :class:`Fenced`."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        if exc.sqlstate == FENCED_SQLSTATE:
+            raise Fenced(
+                f"inventory of {event_id!r} is owned under a newer epoch than {epoch}",
+                details={"event_id": event_id},
+            ) from None
+        raise
 
 
 async def _insert_returns(conn: Conn, event_id: str, restocks: list[Restock]) -> None:
