@@ -93,8 +93,12 @@ async def test_a_batch_of_holds_is_written_whole_and_reloads_exactly(
     assert again == [batch[1], batch[3]]
 
 
-async def test_a_batch_that_would_oversell_writes_nothing(pool: asyncpg.Pool[Any]) -> None:
-    event_id = await make_event(pool, quantity=10, per_fan=4)
+@pytest.mark.parametrize("more", [0, store.ONE_TRIP_MAX_HOLDS], ids=["one-trip", "copy"])
+async def test_a_batch_that_would_oversell_writes_nothing(
+    pool: asyncpg.Pool[Any], more: int
+) -> None:
+    """Atomic either way: one statement (a small batch) or a transaction with a COPY."""
+    event_id = await make_event(pool, quantity=10 + more, per_fan=4)
     ledger, epoch = await _ledger(pool, event_id)
     first = _apply(ledger, Reserve("a", "ga", 2, "ka", None))
     assert isinstance(first[0], Reserved)
@@ -102,11 +106,14 @@ async def test_a_batch_that_would_oversell_writes_nothing(pool: asyncpg.Pool[Any
         await store.commit(conn, event_id, epoch, ledger.drain_changes())
     before = await _counts(pool, event_id)
     # Behind the actor's back, the stock shrinks: the next batch no longer fits.
-    await pool.execute("UPDATE ticket_types SET quantity = 4 WHERE event_id = $1", event_id)
+    await pool.execute(
+        "UPDATE ticket_types SET quantity = $2 WHERE event_id = $1", event_id, 4 + more
+    )
     _apply(
         ledger,
         Confirm(first[0].hold.id, "a", "pay-a", "ca"),
         Reserve("b", "ga", 3, "kb", None),
+        *(Reserve(f"m{i}", "ga", 1, f"km{i}", None) for i in range(more)),
         Reserve("c", "ga", 4, "kc", None),
     )
     async with pool.acquire() as conn:
@@ -116,7 +123,21 @@ async def test_a_batch_that_would_oversell_writes_nothing(pool: asyncpg.Pool[Any
         assert await conn.fetchval("SELECT 1") == 1
     # Not even the confirm of the first hold, nor its outbox message, nor a key.
     assert await _counts(pool, event_id) == before
-    assert await held_sold(pool, event_id) == (2, 0, 4)
+    assert await held_sold(pool, event_id) == (2, 0, 4 + more)
+
+
+async def test_a_large_batch_goes_in_whole(pool: asyncpg.Pool[Any]) -> None:
+    """Past ONE_TRIP_MAX_HOLDS the holds go by COPY inside a transaction: all of them."""
+    count = store.ONE_TRIP_MAX_HOLDS + 1
+    event_id = await make_event(pool, quantity=count, per_fan=1)
+    ledger, epoch = await _ledger(pool, event_id)
+    results = _apply(ledger, *(Reserve(f"f{i}", "ga", 1, f"k{i}", f"j{i}") for i in range(count)))
+    assert all(isinstance(r, Reserved) for r in results)
+    async with pool.acquire() as conn:
+        await store.commit(conn, event_id, epoch, ledger.drain_changes())
+        reloaded = await store.load_ledger(conn, event_id)
+    assert await held_sold(pool, event_id) == (count, 0, count)
+    assert reloaded.availability() == ledger.availability()
 
 
 async def test_a_stale_epoch_is_fenced_and_writes_nothing(pool: asyncpg.Pool[Any]) -> None:
