@@ -143,6 +143,13 @@ class InventoryHost:
             await self._unhost(event_id, tenure, release=True)
         await self._transport.stop(ActorStopped("the server is shutting down"))
 
+    async def let_go(self, event_id: str) -> None:
+        """Stop hosting ``event_id`` here, if this process does, and give its lease back: the
+        next ask, wherever it lands, hosts it again. Its actor answers its mail first."""
+        tenure = self._hosted.get(event_id)
+        if tenure is not None:
+            await self._unhost(event_id, tenure, release=True)
+
     def owns(self, event_id: str) -> bool:
         """Whether this process hosts ``event_id``'s actor right now."""
         return self.actor(event_id) is not None

@@ -77,7 +77,8 @@ async def sweep_once(
 ) -> dict[str, int]:
     """Release lapsed holds of events nobody hosts; return ``{event_id: overdue holds}`` asked.
 
-    With ``host=None`` a temporary host is used and stopped afterwards, so the lease goes back
+    With ``host=None`` a temporary host is used, which lets go of each event once its holds
+    are expired (so it hosts one at a time) and is stopped afterwards, so the lease goes back
     at once and the next checkout request hosts the actor where the traffic is, rather than
     forwarding every reservation to this process. Once ``stop`` is set the sweep ends after
     the event in hand (up to 1,000 events may be overdue: a shutdown must not wait for all).
@@ -112,6 +113,11 @@ async def sweep_once(
                     "could not expire lapsed holds", extra={"event": event_id, "error": repr(exc)}
                 )
                 continue
+            finally:
+                if own:
+                    # One event at a time: each hosted event keeps a Redis connection blocked
+                    # on its inbox, and up to 1,000 events may be overdue.
+                    await asker.let_go(event_id)
             asked[event_id] = count
             log.info("expired lapsed holds", extra={"event": event_id, "holds": count})
     finally:

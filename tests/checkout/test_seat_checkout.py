@@ -197,7 +197,11 @@ def test_fans_racing_for_the_same_seats_get_each_seat_once(
                 won[seat] = hold["id"]
         else:
             assert answer.json()["error"]["code"] == "seats_unavailable"
-    assert len(won) >= 8  # at least four disjoint pairs fit in nine seats
+    # No pair any fan wanted is left wholly free: every refusal was for a seat really taken.
+    # (That is all first come, first served promises: in nine seats in a row, the pairs
+    # 2-3, 5-6 and 8-9 taken first leave no free pair, so three pairs may be all that sell.)
+    assert all(any(seat in won for seat in pair) for pair in wanted)
+    assert len(won) >= 6
     assert asyncio.run(live_seats(settings, event_id)) == won
 
     # A loser gets a seat that nobody won, if one is left.

@@ -176,3 +176,32 @@ async def test_the_records_of_a_closed_event_are_purged(pool: asyncpg.Pool[Any])
         await pool.fetchval("SELECT count(*) FROM idempotency_keys WHERE event_id = $1", event_id)
         == 0
     )
+
+
+async def test_a_sweep_of_many_orphaned_events_hosts_one_at_a_time(
+    pool: asyncpg.Pool[Any], redis: Redis, keys: Keys
+) -> None:
+    """More overdue events than a Redis client's pool has connections (redis-py's default is
+    100): the temporary host lets go of each once its holds are expired. It used to host them
+    all until the end, each with a connection blocked on its inbox, and ran out of them."""
+    count = 130
+    owner = InventoryHost(pool, redis, keys, node_id="short-lived", lease_ttl_s=1.5)
+    await owner.start()
+    holds: dict[str, str] = {}
+    try:
+        for _ in range(count):
+            event_id = await make_event(pool, hold_ttl_s=1)
+            holds[event_id] = (await reserve(owner, event_id, "fan-s", 1)).id
+            await owner.let_go(event_id)
+            assert not owner.owns(event_id)
+    finally:
+        await owner.stop()
+    for hold_id in holds.values():
+        await wait_until_overdue(pool, hold_id)
+    swept = await sweep_once(pool, redis, keys, grace_s=GRACE_S)
+    assert set(holds) <= set(swept)
+    statuses = await pool.fetch(
+        "SELECT status FROM holds WHERE id = ANY($1::uuid[])", list(holds.values())
+    )
+    assert {r["status"] for r in statuses} == {"expired"}
+    assert not any([await redis.exists(keys.event(e).owner) for e in holds])
