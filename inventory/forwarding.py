@@ -27,14 +27,12 @@ from typing import Any
 import msgspec
 from prometheus_client import Counter
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 from inventory.actor import ActorStopped, InventoryActor
 from inventory.ledger import Command, Result, decode_result, encode_result
 from waitroom.core import tracing
 from waitroom.core.errors import Unavailable, WaitroomError
 from waitroom.core.keys import Keys
-from waitroom.core.redis import Multiplexer
 from waitroom.core.runtime import cancel_and_wait
 
 log = logging.getLogger("waitroom.inventory")
@@ -99,20 +97,10 @@ _Outcome = Awaitable[Result] | WaitroomError
 
 
 class Forwarder:
-    """One process's end of the transport: asking owners elsewhere, and serving as owner.
+    """One process's end of the transport: asking owners elsewhere, and serving as owner."""
 
-    The two blocking reads (the owner's ``XREAD`` of an inbox, the asker's ``BLMPOP`` of its
-    reply list) each need a connection of their own, from redis-py's pool. Everything else
-    (``XADD``, ``XTRIM``, ``RPUSH``) goes through ``mux`` when given, the pipelined
-    connection of the hot path: a redis-py call costs several times a Multiplexer one, and
-    every forwarded reservation makes three of them.
-    """
-
-    def __init__(
-        self, redis: Redis, keys: Keys, node_id: str, *, mux: Multiplexer | None = None
-    ) -> None:
+    def __init__(self, redis: Redis, keys: Keys, node_id: str) -> None:
         self._redis = redis
-        self._mux = mux
         self._keys = keys
         self._reply_key = keys.inventory_replies(node_id)
         self._waiting: dict[str, asyncio.Future[Result]] = {}
@@ -219,29 +207,15 @@ class Forwarder:
             self._sending.add(task)
             task.add_done_callback(self._sending.discard)
 
-    async def _execute(self, *args: str | bytes | int) -> Any:
-        """One non-blocking command, pipelined with the hot path's when there is a mux."""
-        if self._mux is not None:
-            return await self._mux.execute(*args)
-        # redis-py's execute_command is untyped; its replies are the same as the mux's.
-        client: Any = self._redis
-        return await client.execute_command(*args)
-
     async def _write(
         self, event_id: str, batch: list[tuple[_Forwarded, asyncio.Future[None]]]
     ) -> None:
         try:
-            await self._execute(
-                "XADD",
+            await self._redis.xadd(
                 self._keys.event(event_id).inbox,
-                "MAXLEN",
-                "~",
-                STREAM_MAXLEN,
-                "*",
-                "b",
-                _batch_encoder.encode([f for f, _ in batch]),
-                "r",
-                self._reply_key,
+                {"b": _batch_encoder.encode([f for f, _ in batch]), "r": self._reply_key},
+                maxlen=STREAM_MAXLEN,
+                approximate=True,
             )
         except Exception as exc:  # every asker of the batch gets it (a 503 upstream)
             for _, future in batch:
@@ -257,11 +231,13 @@ class Forwarder:
         """Resolve forwarded asks from this process's reply list."""
         while True:
             try:
-                # Everything waiting (up to 1,000 replies) in one round trip (Redis 7).
-                item: Any = await self._pop_replies()
+                item: Any = await self._redis.blpop([self._reply_key], timeout=1)
                 if item is None:
                     continue
-                batch = item[1]
+                batch = [item[1]]
+                more: Any = await self._redis.lpop(self._reply_key, 1000)
+                if more:
+                    batch.extend(more)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis hiccup: askers time out; keep listening
@@ -270,17 +246,6 @@ class Forwarder:
                 continue
             for raw in batch:
                 self._resolve(_reply_decoder.decode(raw))
-
-    async def _pop_replies(self) -> Any:
-        """``BLMPOP`` of this process's reply list: [key, replies], or None after a second."""
-        if isinstance(self._redis, RedisCluster):
-            # Told where the key lives: left to itself, the cluster client would ask the
-            # server for the keys of a command with "movable keys" before every call.
-            node = self._redis.get_node_from_key(self._reply_key)
-            return await self._redis.execute_command(
-                "BLMPOP", 1, 1, self._reply_key, "LEFT", "COUNT", 1000, target_nodes=node
-            )
-        return await self._redis.blmpop(1, 1, self._reply_key, direction="LEFT", count=1000)
 
     def _resolve(self, reply: _Reply) -> None:
         future = self._waiting.get(reply.id)
@@ -338,23 +303,20 @@ class Forwarder:
                         pending.append((reply_to, request_id, exc))
                     except msgspec.DecodeError:
                         log.warning("undecodable forwarded command", extra={"event": event_id})
-            # Everything up to here has been read and is answered by this loop (or was past
-            # its deadline): nobody needs it again, since a later owner serves only what
-            # comes after its own claim. Trimmed alongside, not before the next read.
-            trim = asyncio.create_task(self._trim(event_id, stream, last_id))
-            replying.add(trim)
-            trim.add_done_callback(replying.discard)
+            try:
+                # Everything up to here has been read and is answered by this loop (or was
+                # past its deadline): nobody needs it again, since a later owner serves only
+                # what comes after its own claim.
+                await self._redis.xtrim(stream, minid=last_id, approximate=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next batch trims it
+                log.warning("inbox trim failed", extra={"event": event_id, "error": repr(exc)})
             if pending:
                 # Answered off the read loop, so the next batch is read while this one commits.
                 task = asyncio.create_task(self._answer(pending))
                 replying.add(task)
                 task.add_done_callback(replying.discard)
-
-    async def _trim(self, event_id: str, stream: str, last_id: str) -> None:
-        try:
-            await self._execute("XTRIM", stream, "MINID", last_id)
-        except Exception as exc:  # the next batch trims it
-            log.warning("inbox trim failed", extra={"event": event_id, "error": repr(exc)})
 
     async def _answer(self, pending: list[tuple[str, str, _Outcome]]) -> None:
         replies: list[tuple[str, bytes]] = []
@@ -377,17 +339,12 @@ class Forwarder:
         by_list: dict[str, list[bytes]] = {}
         for reply_to, data in replies:
             by_list.setdefault(reply_to, []).append(data)
-        # One RPUSH per asking process, with all of its replies, pipelined.
-        await asyncio.gather(
-            *(
-                command
-                for reply_to, datas in by_list.items()
-                for command in (
-                    self._execute("RPUSH", reply_to, *datas),
-                    self._execute("PEXPIRE", reply_to, REPLY_TTL_MS),
-                )
-            )
-        )
+        # One RPUSH per asking process, with all of its replies.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for reply_to, datas in by_list.items():
+                pipe.rpush(reply_to, *datas)
+                pipe.pexpire(reply_to, REPLY_TTL_MS)
+            await pipe.execute()
 
 
 def _entry_commands(fields: dict[bytes, bytes], event_id: str) -> list[_Forwarded]:

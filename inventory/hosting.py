@@ -49,7 +49,6 @@ from inventory.ledger import Command, Expire, Result
 from waitroom.core import lease, tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
-from waitroom.core.redis import Multiplexer
 from waitroom.core.runtime import cancel_and_wait
 from waitroom.line.seatnews import publish_seat_changes
 
@@ -102,7 +101,6 @@ class InventoryHost:
         lease_ttl_s: float = LEASE_TTL_S,
         ask_timeout_s: float = 5.0,
         publish_availability: bool = True,
-        mux: Multiplexer | None = None,
     ) -> None:
         #: The load balancer's name for this node ("" when unnamed): the owner lease names
         #: it in front of the process (``node1/host:pid:id``), so every process can tell
@@ -122,7 +120,7 @@ class InventoryHost:
         self._owners: dict[str, tuple[str, float]] = {}
         #: The one acquisition in flight per event (single flight, see _try_host).
         self._starting: dict[str, asyncio.Task[bool]] = {}
-        self._transport = Forwarder(redis, keys, self.node_id, mux=mux)
+        self._transport = Forwarder(redis, keys, self.node_id)
         self._closed = False
         #: Short fire-and-forget work (freeing admission slots, stepping down), kept so it is
         #: not collected.

@@ -131,7 +131,6 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
         keys,
         node_name=settings.node_name,
         ask_timeout_s=max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S),
-        mux=mux,
     )
     await inventory.start()
     stack.push_async_callback(inventory.stop)

@@ -25,22 +25,18 @@ from tests.inventory.conftest import held_sold, make_event
 from waitroom.core import tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.keys import Keys
-from waitroom.core.redis import Multiplexer
 from waitroom.core.settings import Settings, settings_env
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["mux", "redis-py"])
+@pytest.fixture
 async def hosts(
-    pool: asyncpg.Pool[Any], redis: Redis, settings: Settings, request: pytest.FixtureRequest
+    pool: asyncpg.Pool[Any], redis: Redis, settings: Settings
 ) -> AsyncIterator[tuple[InventoryHost, InventoryHost]]:
-    """Two processes' hosts; forwarding's writes over the server's Multiplexer (as
-    ``waitroom serve`` does) or over redis-py (a host given none)."""
     keys = Keys(settings.redis_prefix)
-    mux = Multiplexer(settings.redis_url, timeout=5) if request.param == "mux" else None
-    a = InventoryHost(pool, redis, keys, node_id="node-a", lease_ttl_s=1.5, mux=mux)
-    b = InventoryHost(pool, redis, keys, node_id="node-b", lease_ttl_s=1.5, mux=mux)
+    a = InventoryHost(pool, redis, keys, node_id="node-a", lease_ttl_s=1.5)
+    b = InventoryHost(pool, redis, keys, node_id="node-b", lease_ttl_s=1.5)
     await a.start()
     await b.start()
     try:
@@ -48,8 +44,6 @@ async def hosts(
     finally:
         await a.stop()
         await b.stop()
-        if mux is not None:
-            await mux.aclose()
 
 
 async def test_the_first_asker_hosts_the_actor_and_the_other_forwards_to_it(
