@@ -275,10 +275,11 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
     statement in one round trip**: ``inventory_commit_holds()`` (schema 22) sent outside an
     explicit transaction, which PostgreSQL runs in one implicit transaction.
     Other batches (and batches of more than :data:`ONE_TRIP_MAX_HOLDS` new holds, where the
-    rows matter more than the round trips) take four or more: BEGIN; ``inventory_commit()``; the seats and the stock
-    returns; a binary COPY of the new holds; COMMIT. Seated holds add an UPDATE of the
-    settled holds' ``seat_holds`` rows (before any new one goes in, so a seat freed in the
-    batch may be taken again in it), then a COPY of the new holds' seats. The partial unique
+    rows matter more than the round trips) take four or more: BEGIN; ``inventory_commit()``;
+    the seats and the stock returns; a binary COPY of the new holds; COMMIT. Seated holds
+    add an UPDATE of the settled holds' ``seat_holds`` rows (before any new one goes in, so
+    a seat freed in the batch may be taken again in it), then a COPY of the new holds'
+    seats. The partial unique
     index of schema 13 and the trigger of schema 17 refuse a seat taken twice or not on sale,
     which fails the whole batch (and the actor rebuilds from PostgreSQL).
     Raises :class:`Fenced` when another process owns the event now.
