@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from prometheus_client import Counter
 from redis.asyncio import Redis
 
 from admission import recovery
-from waitroom.core import keyfiles
+from waitroom.core import keyfiles, randomness
 from waitroom.core.errors import Forbidden, Gone, RateLimited, SettingsError, Unavailable
 from waitroom.core.keys import Keys
 from waitroom.core.lua_scripts import Script
@@ -160,8 +159,8 @@ def thumbprint(key: Ed25519PublicKey) -> str:
 
 
 def new_jti() -> str:
-    """A fresh pass id: 128 random bits."""
-    return secrets.token_urlsafe(16)
+    """A fresh pass id: 128 random bits, never beginning with ``-`` (it is typed into the CLI)."""
+    return randomness.token_urlsafe(16)
 
 
 def _pass_error(code: str, message: str) -> Forbidden | Gone:

@@ -44,7 +44,7 @@ from waitroom.core.errors import Conflict, Forbidden, NotFound
 TICKET_TYP = "wr-ticket"
 #: Longest text check-in looks at; a signed ticket is about 380 characters.
 MAX_TICKET_CHARS = 2048
-#: A ticket's code as issued (``secrets.token_urlsafe(18)``); the CHECK wants 16+ characters.
+#: A ticket's code as issued (``randomness.token_urlsafe(18)``); the CHECK wants 16+ characters.
 CODE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 #: Kinds of ``order_events`` rows written here.

@@ -934,7 +934,7 @@ def build_parser() -> argparse.ArgumentParser:
     pas = sub.add_parser("pass", help="queue passes")
     psub = pas.add_subparsers(dest="pass_command", required=True, parser_class=_Parser)
     revoke = psub.add_parser("revoke", help="revoke a queue pass by its id (jti)")
-    revoke.add_argument("jti")
+    revoke.add_argument("jti", help="the pass id (one beginning with - goes after --)")
     revoke.add_argument("--json", action="store_true")
     revoke.set_defaults(handler=cmd_pass_revoke)
 

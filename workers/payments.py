@@ -58,7 +58,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import secrets
 import time
 import uuid
 from typing import Any, Literal
@@ -83,7 +82,7 @@ from inventory.orders import (
     record_event,
 )
 from inventory.store import Conn
-from waitroom.core import tracing
+from waitroom.core import randomness, tracing
 from waitroom.core.errors import Unavailable, WaitroomError
 from workers.mailer import create_notification
 from workers.notifications import ORDER_CONFIRMED
@@ -434,7 +433,8 @@ async def pay_order(
     await conn.execute(
         "UPDATE orders SET status = 'paid', paid_at = now() WHERE id = $1", o.order_id
     )
-    codes = [secrets.token_urlsafe(TICKET_CODE_BYTES) for _ in range(o.quantity)]
+    # Never beginning with "-": a code is typed into the CLI (waitroom checkin CODE).
+    codes = [randomness.token_urlsafe(TICKET_CODE_BYTES) for _ in range(o.quantity)]
     # A seated hold's tickets carry its seats, one each (schema 17; NULL for standing).
     seats: list[str | None] = [
         r["seat_id"]

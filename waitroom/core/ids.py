@@ -105,7 +105,7 @@ PASS_JTI = IdForm(
     noun="queue pass",
 )
 
-#: A ticket's ``code`` (``secrets.token_urlsafe(18)`` when issued here: 24 characters).
+#: A ticket's ``code`` (``randomness.token_urlsafe(18)`` when issued here: 24 characters).
 TICKET_CODE = IdForm(
     name="ticket_code",
     pattern=r"^[A-Za-z0-9_-]{16,64}" + END,
