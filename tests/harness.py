@@ -29,6 +29,7 @@ from redis.asyncio import Redis as AsyncRedis
 from starlette.applications import Starlette
 
 from waitroom.app import create_app
+from waitroom.core import httpserver
 from waitroom.core.db import drop_database, ensure_database, migrate
 from waitroom.core.redis import cluster_seeds, is_cluster_url, redis_from_url
 from waitroom.core.settings import Settings, load_settings, settings_env
@@ -110,10 +111,15 @@ class ServerThread:
         self.port: int = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}"
-        # proxy_headers off, as `waitroom serve` runs it: only WAITROOM_TRUSTED_PROXIES may
-        # make a forwarded header count.
+        # proxy_headers off and our HTTP protocol, as `waitroom serve` runs it: only
+        # WAITROOM_TRUSTED_PROXIES may make a forwarded header count.
         config = uvicorn.Config(
-            app, lifespan="on", log_config=None, access_log=False, proxy_headers=False
+            app,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            http=httpserver.PROTOCOL,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -71,6 +71,8 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
     """
     import uvicorn
 
+    from waitroom.core.httpserver import PROTOCOL as HTTP_PROTOCOL
+
     uvicorn.run(
         app,
         factory=True,
@@ -91,6 +93,8 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
         # from X-Forwarded-For for FORWARDED_ALLOW_IPS (127.0.0.1 by default) before we see
         # it. Off, FORWARDED_ALLOW_IPS is ignored altogether.
         proxy_headers=False,
+        # httptools, with each response's head and body in one write (one system call).
+        http=HTTP_PROTOCOL,
     )
 
 

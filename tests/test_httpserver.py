@@ -1,0 +1,146 @@
+"""The HTTP protocol writes a response's head and body in one write, and never holds one back.
+
+The protocol is driven as uvicorn drives it (``connection_made``, then the bytes of a request)
+over a transport that records what it is asked to write: the number of writes is the point.
+``waitroom serve`` and every test that starts the real server use the same protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from waitroom.core.httpserver import PROTOCOL, HttpProtocol
+
+pytestmark = pytest.mark.anyio
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that keeps every write and the moment it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+        self.events: list[str] = []
+        self.closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        self.events.append("write")
+
+    def close(self) -> None:
+        self.closing = True
+        self.events.append("close")
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def _json(request: Request) -> Response:
+    return JSONResponse({"ok": True, "path": request.url.path})
+
+
+async def _echo(request: Request) -> Response:
+    return Response(await request.body(), media_type="application/octet-stream")
+
+
+async def _slow_stream(request: Request) -> Response:
+    async def body() -> Any:
+        await asyncio.sleep(0.2)
+        yield b"late"
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+APP = Starlette(
+    routes=[
+        Route("/json", _json),
+        Route("/echo", _echo, methods=["POST"]),
+        Route("/stream", _slow_stream),
+    ]
+)
+
+
+def _connect() -> tuple[HttpProtocol, RecordingTransport]:
+    config = Config(app=APP, http=HttpProtocol, lifespan="off", log_config=None)
+    protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def _until(condition: Any, seconds: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():  # the transport is written by the loop's callbacks: poll it
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"not met within {seconds} s")
+        await asyncio.sleep(0.001)
+
+
+async def test_a_response_goes_out_in_one_write_with_its_head_and_body() -> None:
+    protocol, transport = _connect()
+    for n in range(3):  # keep-alive: each response of the connection, one write each
+        protocol.data_received(f"GET /json?n={n} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await _until(lambda n=n: len(transport.writes) > n)
+        await asyncio.sleep(0.01)  # a held-back write would show up meanwhile
+        assert len(transport.writes) == n + 1
+        head, _, body = transport.writes[n].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        assert body == b'{"ok":true,"path":"/json"}'
+    assert not transport.closing
+
+
+async def test_a_closing_connection_writes_the_answer_before_it_closes() -> None:
+    protocol, transport = _connect()
+    protocol.data_received(b"GET /json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await _until(lambda: transport.closing)
+    assert transport.events == ["write", "close"]
+    assert transport.writes[0].endswith(b'{"ok":true,"path":"/json"}')
+
+
+async def test_a_head_whose_body_is_late_is_not_held_until_the_body() -> None:
+    protocol, transport = _connect()
+    protocol.data_received(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _until(lambda: len(transport.writes) >= 1, seconds=0.15)  # before the body's 0.2 s
+    assert transport.writes[0].startswith(b"HTTP/1.1 200 OK")
+    assert b"late" not in transport.writes[0]
+    await _until(lambda: b"".join(transport.writes).endswith(b"0\r\n\r\n"))
+    assert b"late" in b"".join(transport.writes)
+
+
+async def test_100_continue_is_written_while_the_client_holds_its_body() -> None:
+    protocol, transport = _connect()
+    protocol.data_received(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await _until(lambda: len(transport.writes) >= 1, seconds=0.5)
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    protocol.data_received(b"hello")
+    await _until(lambda: len(transport.writes) >= 2)
+    await asyncio.sleep(0.01)
+    assert len(transport.writes) == 2
+    assert transport.writes[1].startswith(b"HTTP/1.1 200 OK")
+    assert transport.writes[1].endswith(b"\r\n\r\nhello")
+
+
+def test_the_server_is_started_with_this_protocol() -> None:
+    config = Config(app=APP, http=PROTOCOL)
+    config.load()
+    assert config.http_protocol_class is HttpProtocol
