@@ -48,6 +48,7 @@ from waitroom.core.http import (
 from waitroom.core.logs import configure_logging
 from waitroom.core.metrics import DEPENDENCY_ERRORS, exposition, process_started, process_stopped
 from waitroom.core.openapi import Operation, build_document, guarded
+from waitroom.core.routing import IndexedRouter
 from waitroom.core.runtime import tune_gc
 from waitroom.core.settings import Settings, load_settings
 from waitroom.core.tracing import configure_tracing, flush_tracing
@@ -291,6 +292,8 @@ def create_app(
         lifespan=lifespan,
         exception_handlers={WaitroomError: _on_waitroom_error, HTTPException: _on_http_exception},
     )
+    # The same routes, found by index rather than one after another (waitroom.core.routing).
+    app.router = IndexedRouter(app.router.routes, lifespan=lifespan)
     app.state.settings = settings
     app.state.openapi = build_document(ops, title="waitroom", version=VERSION)
     # Outermost first: the request id must exist before anything can fail or log.
