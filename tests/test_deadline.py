@@ -142,3 +142,40 @@ async def test_an_answer_the_app_made_after_taking_the_deadline_itself_goes_out(
 async def test_a_handler_that_extends_its_deadline_outlives_it(client: httpx.AsyncClient) -> None:
     response = await client.get("/v1/extended")
     assert (response.status_code, response.text) == (200, "waited")
+
+
+async def test_a_deadline_cancels_its_task_at_most_a_tick_late_and_never_early() -> None:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with deadline.Deadline(0.15) as d:
+            await asyncio.sleep(2)
+    took = time.monotonic() - started
+    assert 0.15 <= took < 0.15 + deadline.TICK_S + 0.2, took
+    assert d.expired()
+
+
+async def test_a_deadline_called_off_or_moved_does_not_fire_then() -> None:
+    async with deadline.Deadline(0.05) as off:
+        off.reschedule(None)
+        await asyncio.sleep(0.3)
+    assert not off.expired()
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with deadline.Deadline(0.05) as moved:
+            when = moved.when()
+            assert when is not None
+            moved.reschedule(when + 0.25)
+            await asyncio.sleep(2)
+    assert time.monotonic() - started >= 0.3
+
+
+async def test_a_cancellation_that_is_not_the_deadlines_stays_a_cancellation() -> None:
+    async def guarded() -> None:
+        async with deadline.Deadline(5):
+            await asyncio.sleep(2)
+
+    task = asyncio.create_task(guarded())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
