@@ -4,15 +4,15 @@ A batch is persisted in one transaction whose first statement locks the event's 
 ``inventory_owners`` and checks the actor's fencing epoch, so a stale owner (one whose lease
 lapsed while it was paused, say) can never write: a new owner bumps the epoch under the same
 row lock, and from then on every commit of the old one fails with :class:`Fenced`. Rows go in
-with COPY and one set-based UPDATE, never a statement per row, so the database's statement
-triggers that keep ``held``/``sold`` fire once per batch.
+with COPY or one set-based INSERT, and one set-based UPDATE, never a statement per row, so the
+database's statement triggers that keep ``held``/``sold`` fire once per batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -55,6 +55,10 @@ class Fenced(WaitroomError):
 
     status = 503
     default_code = "owner_changed"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 
 
 def _ts(seconds: float) -> datetime:
@@ -272,8 +276,12 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
     The round trips matter more than the rows: while this process is busy with HTTP work,
     every reply from PostgreSQL waits for a turn of its event loop. So a batch of holds
     without seats or stock returns (every batch of a general-admission sale) is **one
-    statement in one round trip**: ``inventory_commit_holds()`` (schema 22) sent outside an
-    explicit transaction, which PostgreSQL runs in one implicit transaction.
+    statement in one round trip**: ``inventory_commit_json()`` (schema 23) sent outside an
+    explicit transaction, which PostgreSQL runs in one implicit transaction. Its rows go as
+    one JSON document (one jsonb parameter) that msgspec encodes, not as arrays: asyncpg
+    encodes an array element by element, which cost this process, the one serving the
+    sale's HTTP requests, ~11 us of CPU per new hold where the document costs a fraction
+    (the schema-23 migration describes the document).
     Other batches (and batches of more than :data:`ONE_TRIP_MAX_HOLDS` new holds, where the
     rows matter more than the round trips) take four or more: BEGIN; ``inventory_commit()``;
     the seats and the stock returns; a binary COPY of the new holds; COMMIT. Seated holds
@@ -289,11 +297,6 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
     # A batch's holds share a handful of deadlines and fingerprints: each is converted once.
     hexes: dict[bytes, str] = {}
     on_hold: dict[str, tuple[str, str]] = {}
-    k_fan: list[str] = []
-    k_key: list[str] = []
-    k_hash: list[str] = []
-    k_status: list[int] = []
-    k_response: list[str] = []
     # A key comes twice in one batch only when the ledger forgot its refusal (its per-fan
     # cap) and it was used again: the later record wins, as in the ledger (and in the
     # upsert of inventory_commit, which may not touch one row twice in a statement).
@@ -307,17 +310,58 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
         else:
             keyed.pop((fan, key), None)
             keyed[(fan, key)] = (fp, result)
+    keys: list[tuple[str, str, str, int, bytes]] = []
     for (fan, key), (fp, result) in keyed.items():
         digest = hexes.get(fp)
         if digest is None:
             digest = hexes[fp] = fp.hex()
-        k_fan.append(fan)
-        k_key.append(key)
-        k_hash.append(digest)
-        k_status.append(_status_code(result))
-        k_response.append(encode_result(result).decode())
-    stamps = {at: _ts(at) for at in {h.expires_at for h in changes.new_holds}}
+        keys.append((fan, key, digest, _status_code(result), encode_result(result)))
+    new_holds = changes.new_holds
+    outbox = outbox_rows(event_id, changes)
+    settled = changes.updated_holds
+    # Seats of settled holds move first, so that a seat freed in this batch can go to a new
+    # hold of the same batch without meeting the one-live-hold-per-seat index.
+    seats_settled = [h for h in settled if h.seats]
+    seat_rows = [
+        (h.id, event_id, seat, h.status, position)
+        for h in new_holds
+        for position, seat in enumerate(h.seats)
+    ]
     no_key = (None, None)
+    if len(new_holds) <= ONE_TRIP_MAX_HOLDS and not (
+        seats_settled or seat_rows or changes.restocks
+    ):
+        # Microseconds since the epoch, the very instant the COPY path's datetime stands for.
+        micros = {
+            at: (_ts(at) - _EPOCH) // _MICROSECOND for at in {h.expires_at for h in new_holds}
+        }
+        # The document of schema 23: rows as arrays, in its columns' order; a response as
+        # JSON (it is jsonb in the end), an outbox payload as a string (kept as sent).
+        rows = _json.encode(
+            {
+                "u": [(h.id, h.status, h.payment_ref) for h in settled],
+                "k": [(f, k, d, c, msgspec.Raw(r)) for f, k, d, c, r in keys],
+                "o": [(topic, payload) for _, topic, payload in outbox],
+                "h": [
+                    (
+                        h.id,
+                        h.ticket_type,
+                        h.fan_id,
+                        h.quantity,
+                        h.status,
+                        h.pass_jti,
+                        h.payment_ref,
+                        micros[h.expires_at],
+                        *on_hold.get(h.id, no_key),
+                    )
+                    for h in new_holds
+                ],
+            }
+        )
+        with _fenced(event_id, epoch):
+            await conn.execute(_COMMIT_JSON, event_id, epoch, rows.decode())
+        return
+    stamps = {at: _ts(at) for at in {h.expires_at for h in new_holds}}
     holds = [
         (
             h.id,
@@ -331,41 +375,24 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
             stamps[h.expires_at],
             *on_hold.get(h.id, no_key),
         )
-        for h in changes.new_holds
+        for h in new_holds
     ]
-    outbox = outbox_rows(event_id, changes)
-    settled = changes.updated_holds
-    # Seats of settled holds move first, so that a seat freed in this batch can go to a new
-    # hold of the same batch without meeting the one-live-hold-per-seat index.
-    seats_settled = [h for h in settled if h.seats]
-    seat_rows = [
-        (h.id, event_id, seat, h.status, position)
-        for h in changes.new_holds
-        for position, seat in enumerate(h.seats)
-    ]
-    common = (
-        event_id,
-        epoch,
-        [h.id for h in settled],
-        [h.status for h in settled],
-        [h.payment_ref for h in settled],
-        k_fan,
-        k_key,
-        k_hash,
-        k_status,
-        k_response,
-        [topic for _, topic, _ in outbox],
-        [payload for _, _, payload in outbox],
-    )
-    if len(holds) <= ONE_TRIP_MAX_HOLDS and not (seats_settled or seat_rows or changes.restocks):
-        with _fenced(event_id, epoch):
-            await conn.execute(_COMMIT_HOLDS, *common, *_columns(holds))
-        return
     async with conn.transaction():
         with _fenced(event_id, epoch):
             await conn.execute(
                 "SELECT inventory_commit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                *common,
+                event_id,
+                epoch,
+                [h.id for h in settled],
+                [h.status for h in settled],
+                [h.payment_ref for h in settled],
+                [fan for fan, _, _, _, _ in keys],
+                [key for _, key, _, _, _ in keys],
+                [digest for _, _, digest, _, _ in keys],
+                [status for _, _, _, status, _ in keys],
+                [response.decode() for _, _, _, _, response in keys],
+                [topic for _, topic, _ in outbox],
+                [payload for _, _, payload in outbox],
             )
         if seats_settled:
             await conn.execute(
@@ -393,26 +420,17 @@ async def commit(conn: Conn, event_id: str, epoch: int, changes: Changes) -> Non
 
 
 #: The most new holds a batch may have to go in one statement. Past it the rows cost more
-#: than the round trips: ``unnest`` into INSERT costs PostgreSQL more per row than a binary
-#: COPY, and an actor committing batches of a thousand holds did ~15% fewer holds/s that way
-#: (``python -m stress reserve``), where at checkout rates (a dozen holds a batch) the one
-#: round trip took the commit from 6.4 to 3.8 ms (``python -m stress checkout``).
+#: than the round trips: an INSERT from the statement's parameters costs PostgreSQL more per
+#: row than a binary COPY, and an actor committing batches of a thousand holds did ~15% fewer
+#: holds/s that way (``python -m stress reserve``, measured with schema 22's arrays, which
+#: PostgreSQL reads no faster than schema 23's JSON document), where at checkout rates (a
+#: dozen holds a batch) the one round trip took the commit from 6.4 to 3.8 ms
+#: (``python -m stress checkout``).
 ONE_TRIP_MAX_HOLDS = 256
 
-#: One group commit of holds without seats or returns, one statement (schema 22).
-_COMMIT_HOLDS = (
-    "SELECT inventory_commit_holds($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-    " $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)"
-)
-
-
-def _columns(holds: list[tuple[Any, ...]]) -> list[list[Any]]:
-    """The new holds' rows as ``inventory_commit_holds()``'s arrays (without the event id)."""
-    if not holds:
-        return [[] for _ in range(len(_HOLD_COLUMNS) - 1)]
-    columns = [list(column) for column in zip(*holds, strict=True)]
-    del columns[1]  # event_id: the function's own parameter
-    return columns
+#: One group commit of holds without seats or returns, one statement (schema 23): its rows
+#: as one JSON document (see :func:`commit`).
+_COMMIT_JSON = "SELECT inventory_commit_json($1, $2, $3)"
 
 
 @contextlib.contextmanager
