@@ -18,6 +18,7 @@ applied twice.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -88,6 +89,36 @@ _batch_encoder = msgspec.msgpack.Encoder()
 _batch_decoder = msgspec.msgpack.Decoder(list[_Forwarded])
 
 
+#: How often the asks in flight are looked at for their deadline and their owner's lease.
+WATCH_TICK_S = 0.1
+
+
+class _Ask:
+    """One forwarded command in flight, as the watch sees it."""
+
+    __slots__ = ("check_every", "deadline", "next_check", "owner_gone", "reply", "sent")
+
+    def __init__(
+        self,
+        reply: asyncio.Future[Result],
+        deadline: float,
+        owner_gone: Callable[[], Awaitable[bool]] | None,
+        check_every: float,
+    ) -> None:
+        self.reply = reply
+        #: Done once the command is in the inbox (set by _send).
+        self.sent: asyncio.Future[None] | None = None
+        self.deadline = deadline
+        self.owner_gone = owner_gone
+        self.check_every = check_every
+        self.next_check = time.monotonic() + check_every
+
+    def fail(self, error: BaseException) -> None:
+        for future in (self.sent, self.reply):
+            if future is not None and not future.done():
+                future.set_exception(error)
+
+
 class OwnerGone(Exception):
     """The owner a command was forwarded to no longer holds the event: it will not answer."""
 
@@ -103,7 +134,13 @@ class Forwarder:
         self._redis = redis
         self._keys = keys
         self._reply_key = keys.inventory_replies(node_id)
-        self._waiting: dict[str, asyncio.Future[Result]] = {}
+        self._waiting: dict[str, _Ask] = {}
+        # Request ids need only be unique among this process's asks (replies come back to
+        # its own list): a counter, with a random prefix against a restarted namesake.
+        self._prefix = uuid.uuid4().hex[:8]
+        self._numbers = itertools.count()
+        self._watching: asyncio.TimerHandle | None = None
+        self._checks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         #: Commands asked during this turn of the event loop, by event, with the future of
         #: their XADD: all of them go out in ONE inbox entry (see _send).
@@ -122,9 +159,13 @@ class Forwarder:
             # Again each second if its XREAD swallowed the first cancellation (it holds no
             # PostgreSQL connection whose return a second cancellation could cut short).
             await cancel_and_wait(self._listener)
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(reason)
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
+        for check in list(self._checks):
+            await cancel_and_wait(check)
+        for ask in self._waiting.values():
+            ask.fail(reason)
         self._waiting.clear()
 
     # --- asking ------------------------------------------------------------------------------
@@ -145,45 +186,73 @@ class Forwarder:
         or another took over), :class:`OwnerGone` is raised at once: the new owner serves
         only mail sent after its claim, so this command will never be answered.
         """
-        request_id = uuid.uuid4().hex
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
-        deadline = time.monotonic() + timeout
+        loop = asyncio.get_running_loop()
+        request_id = f"{self._prefix}{next(self._numbers):x}"
+        ask = _Ask(loop.create_future(), time.monotonic() + timeout, owner_gone, check_every)
+        self._waiting[request_id] = ask
+        self._watch()
         deadline_ms = int((time.time() + timeout) * 1000)
         try:
-            async with asyncio.timeout(timeout):
-                await self._send(
-                    event_id,
-                    _Forwarded(
-                        _command_encoder.encode(command),
-                        request_id,
-                        deadline_ms,
-                        tracing.traceparent(),
-                    ),
-                )
-                while True:
-                    wait = min(check_every, deadline - time.monotonic())
-                    if owner_gone is None or wait <= 0:
-                        result = await future
-                        break
-                    done, _ = await asyncio.wait({future}, timeout=wait)
-                    if done:
-                        result = future.result()
-                        break
-                    if await owner_gone():
-                        FORWARDED.labels("owner_gone").inc()
-                        raise OwnerGone()
-        except TimeoutError:
-            FORWARDED.labels("timeout").inc()
-            raise Unavailable(
-                "the inventory owner did not answer in time; retry with the same Idempotency-Key",
-                retry_after=1,
-                code="inventory_timeout",
-            ) from None
+            # No timer of its own: the watch fails the ask at its deadline, or when its
+            # owner is gone (a timer and a wait per ask cost more than the rest of it).
+            ask.sent = self._send(
+                event_id,
+                _Forwarded(
+                    _command_encoder.encode(command),
+                    request_id,
+                    deadline_ms,
+                    tracing.traceparent(),
+                ),
+            )
+            await ask.sent
+            result = await ask.reply
         finally:
             self._waiting.pop(request_id, None)
+            # Settle what was not awaited (the reply of an ask that failed while sending, or
+            # one cancelled by its request): no "exception never retrieved" for either.
+            for future in (ask.sent, ask.reply):
+                if future is None:
+                    continue
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()
         FORWARDED.labels("ok").inc()
         return result
+
+    def _watch(self) -> None:
+        """Look at the asks in flight every :data:`WATCH_TICK_S` while there are any."""
+        if self._watching is None:
+            loop = asyncio.get_running_loop()
+            self._watching = loop.call_later(WATCH_TICK_S, self._look)
+
+    def _look(self) -> None:
+        self._watching = None
+        now = time.monotonic()
+        for ask in list(self._waiting.values()):
+            if ask.reply.done():
+                continue
+            if now >= ask.deadline:
+                FORWARDED.labels("timeout").inc()
+                ask.fail(_ask_timed_out())
+            elif ask.owner_gone is not None and now >= ask.next_check:
+                # Rare (an ask takes milliseconds): only one waiting for seconds is checked.
+                ask.next_check = now + ask.check_every
+                check = asyncio.create_task(self._check_owner(ask, ask.owner_gone))
+                self._checks.add(check)
+                check.add_done_callback(self._checks.discard)
+        if self._waiting:
+            self._watch()
+
+    @staticmethod
+    async def _check_owner(ask: _Ask, owner_gone: Callable[[], Awaitable[bool]]) -> None:
+        try:
+            gone = await owner_gone()
+        except Exception:  # Redis unreachable: the deadline still ends the ask
+            return
+        if gone and not ask.reply.done():
+            FORWARDED.labels("owner_gone").inc()
+            ask.fail(OwnerGone())
 
     def _send(self, event_id: str, forwarded: _Forwarded) -> asyncio.Future[None]:
         """Queue ``forwarded`` for the event's inbox; done once it is in Redis.
@@ -248,9 +317,10 @@ class Forwarder:
                 self._resolve(_reply_decoder.decode(raw))
 
     def _resolve(self, reply: _Reply) -> None:
-        future = self._waiting.get(reply.id)
-        if future is None or future.done():
+        ask = self._waiting.get(reply.id)
+        if ask is None or ask.reply.done():
             return  # its asker gave up already
+        future = ask.reply
         if reply.result is not None:
             future.set_result(decode_result(reply.result))
         else:
@@ -345,6 +415,14 @@ class Forwarder:
                 pipe.rpush(reply_to, *datas)
                 pipe.pexpire(reply_to, REPLY_TTL_MS)
             await pipe.execute()
+
+
+def _ask_timed_out() -> Unavailable:
+    return Unavailable(
+        "the inventory owner did not answer in time; retry with the same Idempotency-Key",
+        retry_after=1,
+        code="inventory_timeout",
+    )
 
 
 def _entry_commands(fields: dict[bytes, bytes], event_id: str) -> list[_Forwarded]:
