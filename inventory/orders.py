@@ -110,8 +110,9 @@ async def start_payment(
     notifications go there; an order without one gets none). ``key``, the confirm's
     Idempotency-Key, is kept on the attempt: asked again with it, this answers with that
     attempt, whatever became of it (paid, failed, under way), and starts nothing.
-    Runs in its own transaction (or the caller's), locking the order row, so two concurrent
-    confirms of one hold queue one attempt and the other is refused.
+    One statement, ``payment_start()`` (schema 24), in its own implicit transaction (or the
+    caller's), locking the order row, so two concurrent confirms of one hold queue one
+    attempt and the other is refused. A refusal writes nothing.
 
     Refusals (errors of waitroom.core.errors the checkout may render as they are):
 
@@ -128,97 +129,47 @@ async def start_payment(
     worker's confirm through the actor is the authority, so a hold that lapses meanwhile ends
     in a refund, never in a sale.
     """
-    async with conn.transaction():
-        hold = await conn.fetchrow(
-            "SELECT h.id, h.event_id, h.fan_id, h.quantity, h.status,"
-            " h.expires_at <= now() AS lapsed, t.price_minor, t.currency"
-            " FROM holds h JOIN ticket_types t"
-            "   ON t.event_id = h.event_id AND t.name = h.ticket_type"
-            " WHERE h.id = $1::uuid",
-            _uuid(hold_id),
+    # One statement (schema 24): the same checks and writes as a dozen round trips were,
+    # while the pooled connection is held only for one (see the migration).
+    row = await conn.fetchrow(
+        "SELECT outcome, order_id::text, payment_id::text"
+        " FROM payment_start($1::uuid, $2, $3, $4, $5, $6, $7::uuid, $8::uuid)",
+        _uuid(hold_id),
+        fan_id,
+        method,
+        email,
+        key,
+        # The payment worker links its attempt to the request that asked for it.
+        tracing.traceparent() if tracing.recording() else None,
+        str(uuid.uuid4()),
+        str(uuid.uuid4()),
+    )
+    assert row is not None
+    outcome, order_id, payment_id = row["outcome"], row["order_id"], row["payment_id"]
+    details = {"hold_id": hold_id, "order_id": order_id}
+    if outcome in ("started", "again"):
+        return order_id, payment_id
+    if outcome == "hold_not_found":
+        raise NotFound("No such reservation.", code="hold_not_found", details={"hold_id": hold_id})
+    if outcome == "payment_in_progress":
+        raise PaymentRefused(
+            "A payment for this reservation is already in progress.",
+            code="payment_in_progress",
+            details={**details, "payment_id": payment_id},
         )
-        if hold is None or hold["fan_id"] != fan_id:
-            raise NotFound(
-                "No such reservation.", code="hold_not_found", details={"hold_id": hold_id}
-            )
-        order_id = str(uuid.uuid4())
-        await conn.execute(
-            "INSERT INTO orders (id, hold_id, event_id, fan_id, amount_minor, currency, status)"
-            " VALUES ($1, $2, $3, $4, $5, $6, 'awaiting_payment') ON CONFLICT (hold_id) DO NOTHING",
-            order_id,
-            hold["id"],
-            hold["event_id"],
-            fan_id,
-            hold["price_minor"] * hold["quantity"],
-            hold["currency"],
-        )
-        order = await conn.fetchrow(
-            "SELECT id, status FROM orders WHERE hold_id = $1 FOR UPDATE", hold["id"]
-        )
-        assert order is not None
-        order_id = str(order["id"])
-        details = {"hold_id": hold_id, "order_id": order_id}
-        if key is not None:
-            started = await conn.fetchval(
-                "SELECT id FROM payments WHERE order_id = $1 AND request_key = $2",
-                order["id"],
-                key,
-            )
-            if started is not None:
-                return order_id, str(started)  # this confirm, again: what it started
-        if order["status"] == "paid" or hold["status"] == "paid":
-            raise PaymentRefused(
-                "This reservation is already paid.", code="hold_already_confirmed", details=details
-            )
-        busy = await conn.fetchval(
-            "SELECT id FROM payments WHERE order_id = $1 AND state IN ('pending', 'processing')",
-            order["id"],
-        )
-        if busy is not None:
-            raise PaymentRefused(
-                "A payment for this reservation is already in progress.",
-                code="payment_in_progress",
-                details={**details, "payment_id": str(busy)},
-            )
-        if hold["status"] == "cancelled":
-            raise PaymentRefused(
-                "This reservation was cancelled.", code="hold_cancelled", details=details
-            )
-        if hold["status"] == "expired" or hold["lapsed"]:
-            raise Gone("This reservation expired.", code="hold_expired", details=details)
-        attempt = await conn.fetchval(
-            "SELECT count(*) + 1 FROM payments WHERE order_id = $1", order["id"]
-        )
-        payment_id = str(uuid.uuid4())
-        await conn.execute(
-            "INSERT INTO payments (id, order_id, state, method, charge_key, next_attempt_at,"
-            " traceparent, request_key) VALUES ($1, $2, 'pending', $3, $4, now(), $5, $6)",
-            payment_id,
-            order["id"],
-            method,
-            f"{order_id}:{attempt}",
-            # The payment worker links its attempt to the request that asked for it.
-            tracing.traceparent() if tracing.recording() else None,
-            key,
-        )
-        await conn.execute(
-            "UPDATE orders SET status = 'awaiting_payment' WHERE id = $1 AND status <> 'awaiting_payment'",
-            order["id"],
-        )
-        if email is not None:
-            await conn.execute("UPDATE orders SET email = $2 WHERE id = $1", order["id"], email)
-        await record_event(
-            conn,
-            order_id,
-            PAYMENT_STARTED,
-            payment_id=payment_id,
-            attempt=attempt,
-            method=method,
-        )
-        # Delivered at commit; workers that are idle claim the attempt at once instead of
-        # at their next poll.
-        await conn.execute("SELECT pg_notify($1, $2)", PAYMENTS_CHANNEL, payment_id)
-    return order_id, payment_id
+    if outcome == "hold_expired":
+        raise Gone("This reservation expired.", code="hold_expired", details=details)
+    message = _REFUSALS.get(outcome)
+    if message is None:
+        raise RuntimeError(f"payment_start answered {outcome!r}")
+    raise PaymentRefused(message, code=outcome, details=details)
+
+
+#: The messages of start_payment's 409s, by code (payment_in_progress has its payment).
+_REFUSALS = {
+    "hold_already_confirmed": "This reservation is already paid.",
+    "hold_cancelled": "This reservation was cancelled.",
+}
 
 
 class PaymentInfo(msgspec.Struct, frozen=True):

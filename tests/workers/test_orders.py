@@ -12,9 +12,12 @@ import pytest
 from inventory.hosting import InventoryHost
 from inventory.ledger import Cancel, Cancelled
 from inventory.orders import (
+    PAYMENT_STARTED,
+    PAYMENTS_CHANNEL,
     PaymentRefused,
     get_reservation,
     list_orders,
+    order_history,
     start_payment,
 )
 from tests.inventory.conftest import make_event
@@ -147,3 +150,46 @@ async def test_a_paid_order_cannot_be_paid_again(
         await begin(pool, hold.id, "fan-7")
     assert refused.value.code == "hold_already_confirmed"
     assert refused.value.details["order_id"] == order_id
+
+
+async def test_a_started_payment_is_announced_recorded_and_a_refusal_writes_nothing(
+    pool: asyncpg.Pool[Any], host: InventoryHost
+) -> None:
+    event_id = await make_event(pool, per_fan=4)
+    hold = await reserve(host, event_id, "fan-n", 1)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_notify(*args: Any) -> None:
+        heard.put_nowait(args[3])
+
+    async with pool.acquire() as listener:
+        await listener.add_listener(PAYMENTS_CHANNEL, on_notify)
+        try:
+            async with pool.acquire() as conn:
+                order_id, payment_id = await start_payment(
+                    conn, hold.id, "fan-n", "card_ok", email="fan@example.com", key="k-1"
+                )
+            assert await asyncio.wait_for(heard.get(), 5) == payment_id
+        finally:
+            await listener.remove_listener(PAYMENTS_CHANNEL, on_notify)
+    async with pool.acquire() as conn:
+        history = await order_history(conn, order_id)
+        # The same confirm again (its key) is answered with its payment and writes nothing.
+        assert await start_payment(conn, hold.id, "fan-n", "card_ok", key="k-1") == (
+            order_id,
+            payment_id,
+        )
+        assert await order_history(conn, order_id) == history
+    assert [(e.kind, e.payment_id, e.detail) for e in history] == [
+        (PAYMENT_STARTED, payment_id, {"attempt": 1, "method": "card_ok"})
+    ]
+    assert await pool.fetchval("SELECT email FROM orders WHERE id = $1", order_id) == (
+        "fan@example.com"
+    )
+    # A hold refused before it had an order (cancelled) gets none.
+    other = await reserve(host, event_id, "fan-m", 1)
+    assert isinstance(await host.ask(event_id, Cancel(other.id, "fan-m", "c-1")), Cancelled)
+    with pytest.raises(PaymentRefused) as refused:
+        await begin(pool, other.id, "fan-m")
+    assert refused.value.code == "hold_cancelled"
+    assert await pool.fetchval("SELECT count(*) FROM orders WHERE hold_id = $1", other.id) == 0
