@@ -25,30 +25,25 @@ SEGMENTS = sorted(
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
 
-def _linear(scope: Scope) -> tuple[str, BaseRoute | None]:
+def _first_match(routes: list[BaseRoute], scope: Scope) -> tuple[str, BaseRoute | None]:
     """What Starlette's router does: the first full match, else the first partial one."""
     partial = None
-    for route in ROUTES:
+    for route in routes:
         match, _ = route.matches(scope)
         if match is Match.FULL:
             return "full", route
         if match is Match.PARTIAL and partial is None:
             partial = route
     return ("partial", partial) if partial is not None else ("none", None)
+
+
+def _linear(scope: Scope) -> tuple[str, BaseRoute | None]:
+    return _first_match(ROUTES, scope)
 
 
 def _indexed(router: IndexedRouter, scope: Scope) -> tuple[str, BaseRoute | None]:
     candidates = router.candidates(scope)
-    if candidates is None:
-        return _linear(scope)
-    partial = None
-    for route in candidates:
-        match, _ = route.matches(scope)
-        if match is Match.FULL:
-            return "full", route
-        if match is Match.PARTIAL and partial is None:
-            partial = route
-    return ("partial", partial) if partial is not None else ("none", None)
+    return _first_match(ROUTES if candidates is None else candidates, scope)
 
 
 segment = st.one_of(
