@@ -150,7 +150,7 @@ async def test_a_deadline_cancels_its_task_at_most_a_tick_late_and_never_early()
         async with deadline.Deadline(0.15) as d:
             await asyncio.sleep(2)
     took = time.monotonic() - started
-    assert 0.15 <= took < 0.15 + deadline.TICK_S + 0.2, took
+    assert 0.15 <= took < 0.15 + deadline.TICK_S + 0.5, took
     assert d.expired()
 
 

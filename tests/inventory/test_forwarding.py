@@ -45,7 +45,7 @@ async def test_an_unanswered_ask_is_a_503_at_its_deadline_and_not_before(
             await forwarder.ask(f"evt-{uuid.uuid4().hex[:8]}", _reserve("k1"), timeout=0.3)
         took = time.monotonic() - started
         assert caught.value.code == "inventory_timeout"
-        assert 0.3 <= took < 0.3 + WATCH_TICK_S + 0.3, took
+        assert 0.3 <= took < 0.3 + WATCH_TICK_S + 1.0, took
         assert not forwarder._waiting
     finally:
         await forwarder.stop(Unavailable("stopped", retry_after=1))
@@ -75,7 +75,7 @@ async def test_an_ask_whose_owner_is_gone_ends_at_the_next_check(
             )
         took = time.monotonic() - started
         assert checks == 2
-        assert 0.4 <= took < 0.4 + 2 * WATCH_TICK_S + 0.3, took
+        assert 0.4 <= took < 0.4 + 2 * WATCH_TICK_S + 1.0, took
     finally:
         await forwarder.stop(Unavailable("stopped", retry_after=1))
 
@@ -129,7 +129,7 @@ async def test_an_ask_stuck_sending_to_a_frozen_redis_ends_at_its_deadline(
             with pytest.raises(Unavailable) as caught:
                 await forwarder.ask("evt-frozen", _reserve("k6"), timeout=0.3)
             assert caught.value.code == "inventory_timeout"
-            assert time.monotonic() - started < 0.3 + WATCH_TICK_S + 0.3
+            assert time.monotonic() - started < 0.3 + WATCH_TICK_S + 1.0
             assert not forwarder._waiting
         finally:
             server.resume()
