@@ -244,6 +244,12 @@ def balancer_steps(logs: Iterable[str], event_id: str) -> dict[str, dict[str, fl
     the queue's. Lines of other events are left out (reservation ids carry no event, so this
     is read before any other event's reservations)."""
     found: dict[str, list[float]] = {step: [] for step, _, _ in _LB_STEPS}
+    # HAProxy's parts of Ta: Tw (waiting in its queue for a server slot), Tc (connecting to
+    # the server: a full accept queue shows here as TCP's SYN retries of 1 s and 3 s) and Tr
+    # (the server's answer to the request's last byte: the node's event loop and handler).
+    parts: dict[str, dict[str, list[float]]] = {
+        step: {"queue": [], "connect": [], "server": []} for step, _, _ in _LB_STEPS
+    }
     for text in logs:
         for line in text.splitlines():
             match = _LB_LINE.search(line)
@@ -254,15 +260,23 @@ def balancer_steps(logs: Iterable[str], event_id: str) -> dict[str, dict[str, fl
                 continue
             for step, method, pattern in _LB_STEPS:
                 if match["method"] == method and pattern.match(path):
-                    found[step].append(float(match["timers"].rsplit("/", 1)[1].lstrip("+")))
-    return {
-        step: {
+                    timers = match["timers"].split("/")
+                    found[step].append(float(timers[4].lstrip("+")))
+                    for name, value in zip(
+                        ("queue", "connect", "server"), timers[1:4], strict=True
+                    ):
+                        if not value.startswith("-"):  # -1: the step never happened
+                            parts[step][name].append(float(value))
+    out: dict[str, dict[str, float]] = {}
+    for step, values in found.items():
+        out[step] = {
             "p50_ms": round(percentile(values, 50), 2),
             "p99_ms": round(percentile(values, 99), 2),
             "count": float(len(values)),
         }
-        for step, values in found.items()
-    }
+        for name, part in parts[step].items():
+            out[step][f"{name}_p99_ms"] = round(percentile(part, 99), 2)
+    return out
 
 
 def fan_steps(outcomes: Sequence[Outcome]) -> dict[str, dict[str, float]]:

@@ -69,6 +69,7 @@ def test_the_balancer_times_come_from_haproxy_log_lines_of_the_sale_only() -> No
         ]
     )
     steps = balancer_steps([log], "evt-a")
+    assert steps["join"]["connect_p99_ms"] == 1.0 and steps["reserve"]["server_p99_ms"] == 40.0
     assert {step: value["count"] for step, value in steps.items()} == {
         "join": 2.0,
         "reserve": 1.0,

@@ -8,7 +8,6 @@ keeps every message it accepted, duplicates included; the tests parse what arriv
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import socket
@@ -378,10 +377,12 @@ async def test_the_mailer_keeps_to_its_rate(
     assert await drain(mailer) == 6
     got = smtp.wait_for(6)
     assert time.monotonic() - started >= 5 / rate * 0.95
-    gaps = [b.at - a.at for a, b in itertools.pairwise(got)]
-    # Paced at the sender; arrival times jitter a little under load, hence half a slot.
-    assert min(gaps) >= 0.5 / rate, gaps
-    assert got[-1].at - got[0].at >= 5 / rate * 0.9
+    # The k-th send is booked no earlier than k slots after the first, and a message arrives
+    # after its send: so the k-th arrival is never ahead of that schedule. (Two arrivals may
+    # still come close together when one send was slowed on a loaded machine; the bucket's
+    # promise is about the bookings, not about gaps between arrivals.)
+    ahead = [(k, got[k].at - started) for k in range(6) if got[k].at - started < k / rate - 0.01]
+    assert not ahead, ahead
     await mailer.sample_once()
     assert REGISTRY.get_sample_value("waitroom_emails_pending") == 0
     assert REGISTRY.get_sample_value("waitroom_email_oldest_pending_seconds") == 0
