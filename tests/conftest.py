@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import asyncpg
@@ -23,6 +26,52 @@ from tests.harness import (
     running,
 )
 from waitroom.core.settings import Settings
+
+# --- where a leaked socket transport came from -----------------------------------------------
+# An asyncio transport never closed warns "unclosed transport" when it is collected, which
+# may be several tests after the one that leaked it, and without tracemalloc (far too slow
+# for the suite) the warning says nothing of its origin. Each socket transport notes the
+# test that was running and a few frames of who opened it; the warning of a leaked one is
+# preceded on stderr by that note, so the failure names the culprit.
+
+_current_test = ["(no test)"]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _current_test[0] = item.nodeid
+
+
+def _origin() -> str:
+    frames: list[str] = []
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None and len(frames) < 14:
+        code = frame.f_code
+        if "/asyncio/" not in code.co_filename:
+            frames.append(f"{code.co_filename}:{frame.f_lineno} {code.co_name}")
+        frame = frame.f_back
+    return f"opened during {_current_test[0]} at\n    " + "\n    ".join(frames)
+
+
+# Private classes of asyncio (not in typeshed): looked up by name.
+_Transport: Any = getattr(asyncio.selector_events, "_SelectorSocketTransport")  # noqa: B009
+_transport_init = _Transport.__init__
+_transport_del = getattr(asyncio.selector_events, "_SelectorTransport").__del__  # noqa: B009
+
+
+def _noting_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    _transport_init(self, *args, **kwargs)
+    self._waitroom_origin = _origin()
+
+
+def _telling_del(self: Any, *args: Any) -> None:
+    if getattr(self, "_sock", None) is not None:
+        origin = getattr(self, "_waitroom_origin", "of unknown origin")
+        print(f"leaked transport {self!r}, {origin}", file=sys.stderr)
+    _transport_del(self, *args)
+
+
+_Transport.__init__ = _noting_init
+_Transport.__del__ = _telling_del
 
 
 @pytest.fixture(scope="session")

@@ -138,3 +138,23 @@ async def test_the_database_number_of_the_url_is_selected(settings: Settings, ke
         await mux.execute("DEL", key)
     finally:
         await mux.aclose()
+
+
+async def test_a_connection_whose_reader_never_ran_still_closes_its_socket(
+    settings: Settings,
+) -> None:
+    # As when the loop shuts down right after a connect: the reader task is cancelled before
+    # its first step, so none of its own code runs.
+    from waitroom.core.redis import _Connection
+
+    host, port = settings.redis_url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    conn = _Connection(reader, writer, timeout=2.0)
+    conn._read_task.cancel()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert conn._read_task.cancelled()
+    assert writer.is_closing() and isinstance(conn.failure, rx.ConnectionError)
+    with pytest.raises(rx.ConnectionError):
+        conn.send(b"*1\r\n$4\r\nPING\r\n")
+    await writer.wait_closed()

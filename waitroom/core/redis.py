@@ -183,6 +183,9 @@ class _Connection:
         self._parser = hiredis.Reader()
         self.failure: Exception | None = None
         self._read_task = asyncio.create_task(self._read(), name="redis-mux-reader")
+        # A reader cancelled before its first step (a loop shutting down right after the
+        # connect) never runs its own cleanup: the socket is closed here all the same.
+        self._read_task.add_done_callback(self._reader_done)
         self._watchdog = self._loop.call_later(self._check_every, self._check)
 
     @property
@@ -234,6 +237,9 @@ class _Connection:
             raise
         except Exception as exc:  # reset, EOF, protocol error: the connection is gone
             self.fail(exc if isinstance(exc, rx.ConnectionError) else rx.ConnectionError(repr(exc)))
+
+    def _reader_done(self, _: asyncio.Task[None]) -> None:
+        self.fail(rx.ConnectionError("the connection was closed"))
 
     def _check(self) -> None:
         if self.failure is not None:
