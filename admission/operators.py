@@ -264,7 +264,12 @@ SPENT_TTL_S = 86_400
 
 async def spend_pass(redis: Redis, keys: Keys, event_id: str, jti: str) -> None:
     """The pass's order is paid: free its slot and refuse any further reservation with it."""
-    async with redis.pipeline(transaction=True) as pipe:
+    # Not MULTI/EXEC: on a Redis Cluster, redis-py's asyncio pipeline runs each command queued
+    # in a transaction in a new thread with an event loop of its own, and joins it, stalling
+    # this loop (a thread, a loop and a socket pair per command: most of the payment workers'
+    # CPU in a cluster sale). Atomicity buys nothing here: both commands are idempotent, in
+    # one slot and one round trip, and the outbox retries the task until both are applied.
+    async with redis.pipeline(transaction=False) as pipe:
         pipe.set(keys.event(event_id).spent_pass(jti), "1", ex=SPENT_TTL_S)
         pipe.zrem(keys.event(event_id).active, jti)
         await pipe.execute()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -256,8 +257,18 @@ async def test_a_task_whose_consumer_died_is_run_again_after_the_lease(
 
 
 async def test_pass_spent_frees_the_slot_and_marks_the_pass_idempotently(
-    pool: asyncpg.Pool[Any], redis: Redis, keys: Keys
+    pool: asyncpg.Pool[Any], redis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Watched, not replaced: a thread started on the way (redis-py's cluster transactions run
+    # each queued command in a thread of its own, stalling the event loop) fails the test.
+    started: list[threading.Thread] = []
+    start = threading.Thread.start
+
+    def watched_start(thread: threading.Thread) -> None:
+        started.append(thread)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", watched_start)
     event_id = f"ob-{uuid.uuid4().hex[:8]}"
     jti = f"jti-{uuid.uuid4().hex}"
     await redis.zadd(keys.event(event_id).active, {jti: 1e12})
@@ -269,3 +280,4 @@ async def test_pass_spent_frees_the_slot_and_marks_the_pass_idempotently(
         assert await redis.get(keys.event(event_id).spent_pass(jti)) == b"1"
         assert await redis.zscore(keys.event(event_id).active, jti) is None
         assert 0 < await redis.ttl(keys.event(event_id).spent_pass(jti)) <= 86_400
+    assert not started, started
