@@ -86,6 +86,8 @@ HTTP_HISTOGRAM = "waitroom_http_request_duration_seconds"
 #: A generator's report without its selling window's ends (merged into the crowd's).
 _SALE_TIMES = ("first_sale", "last_sale")
 TICK_HISTOGRAM = "waitroom_admission_tick_seconds"
+#: How late each node's event loop fires a timer (one look a second per node).
+LAG_HISTOGRAM = "waitroom_event_loop_lag_seconds"
 #: Inventory commands a node forwarded to the owner of the event's actor (by outcome), and
 #: the times a node became an event's owner.
 COUNTERS = ("waitroom_inventory_forwarded_total", "waitroom_inventory_owner_changes_total")
@@ -195,7 +197,7 @@ async def scrape(nodes: Nodes) -> Buckets:
     """The nodes' request and admission-tick histograms, read from each node itself."""
     async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
         texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
-    return parse_buckets(texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM))
+    return parse_buckets(texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM, LAG_HISTOGRAM))
 
 
 async def counters(nodes: Nodes) -> dict[str, float]:
@@ -220,6 +222,16 @@ def server_steps(delta: Buckets) -> dict[str, dict[str, float | None]]:
         "p50_ms": _ms(histogram_quantile(0.5, ticks)),
         "p99_ms": _ms(histogram_quantile(0.99, ticks)),
         "count": max(ticks.values(), default=0.0),
+    }
+    # Not a step: how far behind the nodes' event loops ran (a request waits that long to
+    # be read before the request histograms above start timing it).
+    lag = _series(delta, LAG_HISTOGRAM)
+    looks = max(lag.values(), default=0.0)
+    out["event_loop_lag"] = {
+        "p50_ms": _ms(histogram_quantile(0.5, lag)),
+        "p99_ms": _ms(histogram_quantile(0.99, lag)),
+        "count": looks,
+        "share_over_1s": round((looks - lag.get(1.0, looks)) / looks, 3) if looks else None,
     }
     return out
 
@@ -728,7 +740,10 @@ def summarize(
         "targets": TARGETS,
         "met": met,
         "sale": {k: v for k, v in sale.items() if k not in ("fan", "server", "balancer")},
-        "server_counts": {step: s["count"] for step, s in server.items()},
+        "server_counts": {
+            step: s["count"] for step, s in server.items() if step != "event_loop_lag"
+        },
+        "node_event_loop_lag": server["event_loop_lag"],
         "joins": joins,
         "failover": failover,
         "params": {

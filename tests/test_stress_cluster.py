@@ -121,6 +121,10 @@ def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
     # The waits for admission and payment are the fans', in seconds.
     assert {"fan_p99_s", "lb_p99_ms", "server_p99_ms"} <= set(report["steps"]["paid"]), shown
     assert {"fan_p99_s", "server_p99_ms"} <= set(report["steps"]["admitted"]), shown
+    # The nodes' loops were looked at once a second each, during a sale of a few seconds.
+    lag = report["node_event_loop_lag"]
+    assert lag["count"] >= 3 and lag["p99_ms"] is not None and lag["p99_ms"] > 0, shown
+    assert 0 <= lag["share_over_1s"] <= 1, shown
     generators = report["sale"]["generators"]
     assert len(generators) == 2 and all(g["cpu_pct"] >= 0 for g in generators), shown
     assert report["failover"]["reserved"] == report["failover"]["fans"], shown
