@@ -102,7 +102,7 @@ async def rebuild(
     """Write the event's admission state from PostgreSQL into Redis (idempotent).
 
     Every unexpired pass: its fan is admitted again (``fans`` and ``admitted``, so joining
-    again answers with the same pass), counted in ``active`` if it still is (and no longer
+    again answers with the same pass, and out of the line), counted in ``active`` if it still is (and no longer
     if it is not: those states are final), and marked revoked or spent if it is. Expired passes need nothing: the gate refuses them by their
     signature's expiry. 404 ``event_not_found`` for an unknown event.
     """
@@ -130,8 +130,13 @@ async def rebuild(
         if p.spent:
             pipe.set(ek.spent_pass(p.jti), "1", px=ttl_ms)
             spent += 1
-        # Admitted: in `fans` without an address (not a live place), with its pass.
+        # Admitted: in `fans` without an address (not a live place), with its pass, and out
+        # of the line. A Redis back from its append-only file may have lost the second in
+        # which the fan left the line for this pass: still at its head, the fan would be
+        # admitted a second time, over max_active (a fan holding a pass never rejoins).
         pipe.hset(ek.fans, p.fan_id, str(p.seq))
+        pipe.zrem(ek.queue, p.fan_id)
+        pipe.zrem(ek.seen, p.fan_id)
         if p.token:
             pipe.hset(ek.admitted, p.fan_id, p.token)
         if p.active:

@@ -271,3 +271,49 @@ def test_after_redis_restarts_the_workers_put_back_what_its_last_second_lost(
     assert_error(paying.reserve(), 403, "pass_spent")
     assert_error(revoked.reserve(), 403, "pass_revoked")
     assert idle.reserve().status_code == 201
+
+
+def test_a_fan_whose_admission_redis_lost_is_not_admitted_twice(
+    client: httpx.Client, admin: httpx.Client, settings: Settings
+) -> None:
+    # A Redis back from its append-only file has lost its last second: here, the second in
+    # which the first fan left the line for its pass (the pass itself is in PostgreSQL).
+    event_id = create_event(admin, rate=50, quantity=10, max_active=2, prefix="rl")
+    first = Fan(client, event_id)
+    first_pass = first.wait_for_pass()
+    admission(admin, event_id, paused=True)
+    waiting = Fan(client, event_id)
+    time.sleep(0.3)  # the leader records its passes in PostgreSQL off the tick's path
+    keys = Keys(settings.redis_prefix).event(event_id)
+    with sync_redis(settings.redis_url) as sync:
+        head = float(sync.zrange(keys.queue, 0, 0, withscores=True)[0][1])
+        sync.zadd(keys.queue, {first.fan_id: head - 1})  # back at the head of the line
+        sync.zadd(keys.seen, {first.fan_id: time.time()})
+        sync.hdel(keys.admitted, first.fan_id)
+        sync.zrem(keys.active, jti(first_pass))
+        sync.hincrby(keys.meta, "admitted_total", -1)
+        sync.delete(keys.incarnation)  # as a restarted Redis's run id would not match it
+
+    admission(admin, event_id, paused=False)
+    waiting_pass = waiting.wait_for_pass()
+    assert seq(waiting_pass) == 2, read_claims(waiting_pass)
+
+    async def passes_of_first() -> int:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM queue_passes WHERE event_id = $1 AND fan_id = $2",
+                    event_id,
+                    first.fan_id,
+                )
+            )
+        finally:
+            await conn.close()
+
+    assert asyncio.run(passes_of_first()) == 1
+    again = client.post(f"/v1/events/{event_id}/queue", headers=fan_headers(first.token))
+    assert (again.json()["status"], again.json()["queue_pass"]) == ("admitted", first_pass)
+    with sync_redis(settings.redis_url) as sync:
+        assert sync.zscore(keys.queue, first.fan_id) is None
+        assert sync.zcard(keys.active) == 2
