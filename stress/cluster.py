@@ -88,6 +88,8 @@ _SALE_TIMES = ("first_sale", "last_sale")
 TICK_HISTOGRAM = "waitroom_admission_tick_seconds"
 #: How late each node's event loop fires a timer (one look a second per node).
 LAG_HISTOGRAM = "waitroom_event_loop_lag_seconds"
+#: How long each garbage collection stopped a node.
+GC_HISTOGRAM = "waitroom_gc_pause_seconds"
 #: Inventory commands a node forwarded to the owner of the event's actor (by outcome), and
 #: the times a node became an event's owner.
 COUNTERS = ("waitroom_inventory_forwarded_total", "waitroom_inventory_owner_changes_total")
@@ -197,7 +199,7 @@ async def scrape(nodes: Nodes) -> Buckets:
     """The nodes' request and admission-tick histograms, read from each node itself."""
     async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
         texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
-    return parse_buckets(texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM, LAG_HISTOGRAM))
+    return parse_buckets(texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM, LAG_HISTOGRAM, GC_HISTOGRAM))
 
 
 async def counters(nodes: Nodes) -> dict[str, float]:
@@ -232,6 +234,14 @@ def server_steps(delta: Buckets) -> dict[str, dict[str, float | None]]:
         "p99_ms": _ms(histogram_quantile(0.99, lag)),
         "count": looks,
         "share_over_1s": round((looks - lag.get(1.0, looks)) / looks, 3) if looks else None,
+    }
+    pauses = _series(delta, GC_HISTOGRAM)
+    collections = max(pauses.values(), default=0.0)
+    out["gc_pause"] = {
+        "p50_ms": _ms(histogram_quantile(0.5, pauses)),
+        "p99_ms": _ms(histogram_quantile(0.99, pauses)),
+        "count": collections,
+        "over_100ms": collections - pauses.get(0.1, collections),
     }
     return out
 
@@ -741,9 +751,12 @@ def summarize(
         "met": met,
         "sale": {k: v for k, v in sale.items() if k not in ("fan", "server", "balancer")},
         "server_counts": {
-            step: s["count"] for step, s in server.items() if step != "event_loop_lag"
+            step: s["count"]
+            for step, s in server.items()
+            if step not in ("event_loop_lag", "gc_pause")
         },
         "node_event_loop_lag": server["event_loop_lag"],
+        "node_gc_pause": server["gc_pause"],
         "joins": joins,
         "failover": failover,
         "params": {

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import time
 import uuid
@@ -234,3 +235,24 @@ async def test_the_owners_stock_figures_follow_reservations_and_payments_and_go_
     # A stopped actor is no longer the owner: it reports nothing.
     assert figure("waitroom_inventory_tickets_available") is None
     assert figure("waitroom_inventory_tickets_sold") is None
+
+
+def test_each_garbage_collection_is_timed_by_generation(settings: Settings) -> None:
+    # The collector calls back at any allocation: the pause is noted there and observed by
+    # the monitor within a second (observing it in the callback could deadlock).
+    def collected() -> float:
+        return (
+            REGISTRY.get_sample_value("waitroom_gc_pause_seconds_count", {"generation": "2"}) or 0.0
+        )
+
+    with running(settings):
+        before = collected()
+        gc.collect()
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while collected() < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert collected() >= before + 2
+        assert (
+            REGISTRY.get_sample_value("waitroom_gc_pause_seconds_sum", {"generation": "2"}) or 0
+        ) > 0

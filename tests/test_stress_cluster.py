@@ -125,6 +125,7 @@ def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
     lag = report["node_event_loop_lag"]
     assert lag["count"] >= 3 and lag["p99_ms"] is not None and lag["p99_ms"] > 0, shown
     assert 0 <= lag["share_over_1s"] <= 1, shown
+    assert report["node_gc_pause"]["count"] >= 0, shown
     generators = report["sale"]["generators"]
     assert len(generators) == 2 and all(g["cpu_pct"] >= 0 for g in generators), shown
     assert report["failover"]["reserved"] == report["failover"]["fans"], shown

@@ -34,7 +34,9 @@ own (``waitroom workers``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -89,6 +91,13 @@ EVENT_LOOP_LAG = Histogram(
     "waitroom_event_loop_lag_seconds",
     "How late a timer of the process's event loop fires: how long any callback, a request's"
     " or a lease renewal's, waits behind work already queued.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+GC_PAUSES = Histogram(
+    "waitroom_gc_pause_seconds",
+    "How long each run of the cyclic garbage collector stopped the process (its event loop"
+    " with it), by the oldest generation collected.",
+    ["generation"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 DB_POOL_CONNECTIONS = Gauge(
@@ -206,6 +215,8 @@ async def monitoring(
         "redis": redis.ping,
         "postgresql": lambda: db.fetchval("SELECT 1"),
     }
+    if _time_collection not in gc.callbacks:
+        gc.callbacks.append(_time_collection)
     tasks = [
         asyncio.create_task(_watch_loop(db), name="metrics:loop"),
         asyncio.create_task(_ping(probes, timeout_s), name="metrics:ping"),
@@ -218,12 +229,30 @@ async def monitoring(
         await asyncio.gather(*(cancel_and_wait(task) for task in tasks))
 
 
+#: Collections timed since the monitor last looked: (generation, seconds).
+_collections: collections.deque[tuple[int, float]] = collections.deque(maxlen=10_000)
+_collection_started = [0.0]
+
+
+def _time_collection(phase: str, info: dict[str, int]) -> None:
+    # Called by the collector itself, at whatever allocation set it off: possibly inside
+    # prometheus_client's own (non-reentrant) lock, so the pause is only noted here and
+    # observed by the monitor (a histogram observed from here could deadlock).
+    if phase == "start":
+        _collection_started[0] = time.perf_counter()
+    elif _collection_started[0]:
+        _collections.append((info["generation"], time.perf_counter() - _collection_started[0]))
+
+
 async def _watch_loop(db: asyncpg.Pool[Any]) -> None:
     loop = asyncio.get_running_loop()
     while True:
         scheduled = loop.time() + MONITOR_EVERY_S
         await asyncio.sleep(MONITOR_EVERY_S)
         EVENT_LOOP_LAG.observe(max(0.0, loop.time() - scheduled))
+        while _collections:
+            generation, seconds = _collections.popleft()
+            GC_PAUSES.labels(str(generation)).observe(seconds)
         size, idle = db.get_size(), db.get_idle_size()
         DB_POOL_CONNECTIONS.labels("in_use").set(size - idle)
         DB_POOL_CONNECTIONS.labels("idle").set(idle)
