@@ -209,40 +209,32 @@ async def counters(nodes: Nodes) -> dict[str, float]:
     return {name: sum(metric_sum(text, name) or 0.0 for text in texts) for name in COUNTERS}
 
 
+def _summary(series: dict[float, float]) -> dict[str, float | None]:
+    """p50/p99 (ms) and count of one histogram's cumulative buckets."""
+    return {
+        "p50_ms": _ms(histogram_quantile(0.5, series)),
+        "p99_ms": _ms(histogram_quantile(0.99, series)),
+        "count": max(series.values(), default=0.0),
+    }
+
+
 def server_steps(delta: Buckets) -> dict[str, dict[str, float | None]]:
     """p50/p99 (ms) and count of each step on the server's side."""
     out: dict[str, dict[str, float | None]] = {}
     for step, (method, route) in STEP_ROUTES.items():
-        series = _series(delta, HTTP_HISTOGRAM, method=method, route=route)
-        out[step] = {
-            "p50_ms": _ms(histogram_quantile(0.5, series)),
-            "p99_ms": _ms(histogram_quantile(0.99, series)),
-            "count": max(series.values(), default=0.0),
-        }
-    ticks = _series(delta, TICK_HISTOGRAM)
-    out["admitted"] = {
-        "p50_ms": _ms(histogram_quantile(0.5, ticks)),
-        "p99_ms": _ms(histogram_quantile(0.99, ticks)),
-        "count": max(ticks.values(), default=0.0),
-    }
-    # Not a step: how far behind the nodes' event loops ran (a request waits that long to
-    # be read before the request histograms above start timing it).
+        out[step] = _summary(_series(delta, HTTP_HISTOGRAM, method=method, route=route))
+    out["admitted"] = _summary(_series(delta, TICK_HISTOGRAM))
+    # Not steps: how far behind the nodes' event loops ran (a request waits that long to be
+    # read before the request histograms above start timing it), and the collector's pauses.
     lag = _series(delta, LAG_HISTOGRAM)
     looks = max(lag.values(), default=0.0)
     out["event_loop_lag"] = {
-        "p50_ms": _ms(histogram_quantile(0.5, lag)),
-        "p99_ms": _ms(histogram_quantile(0.99, lag)),
-        "count": looks,
+        **_summary(lag),
         "share_over_1s": round((looks - lag.get(1.0, looks)) / looks, 3) if looks else None,
     }
     pauses = _series(delta, GC_HISTOGRAM)
     collections = max(pauses.values(), default=0.0)
-    out["gc_pause"] = {
-        "p50_ms": _ms(histogram_quantile(0.5, pauses)),
-        "p99_ms": _ms(histogram_quantile(0.99, pauses)),
-        "count": collections,
-        "over_100ms": collections - pauses.get(0.1, collections),
-    }
+    out["gc_pause"] = {**_summary(pauses), "over_100ms": collections - pauses.get(0.1, collections)}
     return out
 
 
