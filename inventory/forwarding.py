@@ -412,11 +412,19 @@ class Forwarder:
         for reply_to, data in replies:
             by_list.setdefault(reply_to, []).append(data)
         # One RPUSH per asking process, with all of its replies.
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for reply_to, datas in by_list.items():
-                pipe.rpush(reply_to, *datas)
-                pipe.pexpire(reply_to, REPLY_TTL_MS)
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for reply_to, datas in by_list.items():
+                    pipe.rpush(reply_to, *datas)
+                    pipe.pexpire(reply_to, REPLY_TTL_MS)
+                await pipe.execute()
+        except Exception as exc:
+            # Redis lost meanwhile: the askers get 503 inventory_timeout at their deadline
+            # and retry with their Idempotency-Key (the commands themselves are committed).
+            log.warning(
+                "answering forwarded commands failed",
+                extra={"replies": len(replies), "error": repr(exc)},
+            )
 
 
 def _ask_timed_out() -> Unavailable:

@@ -429,6 +429,18 @@ FROM queue_passes q WHERE q.event_id = $1
 """
 
 
+#: Each pass of the sale with its span and its holds (seq order), for a failure's report.
+_PASS_DETAIL = f"""
+SELECT s.seq, s.fan_id, s.start, s.stop,
+       (SELECT string_agg(h.status || '@' || extract(epoch FROM h.updated_at)::float8, ' ')
+          FROM holds h WHERE h.pass_jti = s.jti) AS holds
+FROM (SELECT q.seq, q.fan_id, q.jti, p.start, p.stop
+      FROM ({_PASS_SPANS.replace("SELECT", "SELECT q.jti,", 1)}) p
+      JOIN queue_passes q ON q.jti = p.jti) s
+ORDER BY s.seq
+"""
+
+
 def excess_admissions(spans: Sequence[tuple[float, float]], max_active: int) -> tuple[int, int]:
     """Passes issued while ``max_active`` others were live, and the peak of live passes.
 
@@ -499,7 +511,19 @@ async def verify(
         paid_orders = {
             str(r["id"]) for r in await conn.fetch("SELECT id FROM orders WHERE status = 'paid'")
         }
-        spans = [(r["start"], r["stop"]) for r in await conn.fetch(_PASS_SPANS, sale.event_id)]
+        span_rows = await conn.fetch(_PASS_SPANS, sale.event_id)
+        spans = [(r["start"], r["stop"]) for r in span_rows]
+        excess, peak = excess_admissions(spans, spec.max_active)
+        # When admission went over max_active, every pass with its span and its holds (a
+        # failure's message is all CI keeps of the run).
+        detail = (
+            [
+                {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                for r in await conn.fetch(_PASS_DETAIL, sale.event_id)
+            ]
+            if excess
+            else []
+        )
         twice = await conn.fetchval(
             "SELECT count(*) FROM (SELECT fan_id FROM queue_passes WHERE event_id = $1"
             " GROUP BY fan_id HAVING count(*) > 1) f",
@@ -521,7 +545,6 @@ async def verify(
     async with httpx.AsyncClient(timeout=10) as http:
         stats = (await http.get(f"{fs.stack.provider_url}/v1/stats")).json()
     captured: dict[str, int] = stats["captured_by_reference"]
-    excess, peak = excess_admissions(spans, spec.max_active)
     return {
         "checks": checks,
         "oversold": checks["oversold"],
@@ -529,6 +552,7 @@ async def verify(
         "double_charged": sum(1 for n in captured.values() if n > 1) + int(double_paid),
         "charged_unpaid": sum(1 for ref in captured if ref not in paid_orders),
         "excess_admissions_db": excess,
+        "excess_detail": detail,
         "active_peak_db": peak,
         "fans_admitted_twice": int(twice),
         "paid_resumed_s": resumed,
@@ -721,6 +745,8 @@ def _report(
         "active_samples_over": sampler.over,
         "active_peak_db": found["active_peak_db"],
         "excess_admissions_db": found["excess_admissions_db"],
+        **({"excess_detail": found["excess_detail"]} if found["excess_detail"] else {}),
+        **({"fault_ended_wall": round(record.ended_wall, 3)} if record is not None else {}),
         "spent_checked": len(refused),
         # What the revoked and spent checks got instead of their refusal (none expected).
         "not_refused": sale.not_refused[:10],

@@ -144,3 +144,22 @@ async def test_an_ask_stuck_sending_to_a_frozen_redis_ends_at_its_deadline(
         await asyncio.sleep(0.05)
         gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+async def test_answers_that_cannot_reach_a_lost_redis_are_logged_not_lost_in_a_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The owner's answers go out in a task of their own: when Redis is gone (a restart
+    mid-sale), the failure is a warning, not an 'exception never retrieved' of that task
+    (the askers end at their deadline with a 503)."""
+    with PrivateRedis() as server:
+        client = async_redis(server.url)
+        forwarder = Forwarder(client, Keys("wr-lost"), "owner")
+        await client.ping()
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="waitroom.inventory"):
+            await forwarder._answer(
+                [("replies:asker", "r1", Unavailable("gone", retry_after=1, code="x"))]
+            )
+        await client.aclose()
+    assert any("answering forwarded commands failed" in r.getMessage() for r in caplog.records)
