@@ -36,7 +36,8 @@ ACQUIRE_EVERY_S = 0.25
 ADMIT = Script("admission.lua", "admit.lua")
 SETTINGS = Script("admission.lua", "settings.lua")
 INCARNATION = Script("admission.lua", "incarnation.lua")
-ALL = (*lease.SCRIPTS, ADMIT, SETTINGS, INCARNATION)
+RECONCILED = Script("admission.lua", "reconciled.lua")
+ALL = (*lease.SCRIPTS, ADMIT, SETTINGS, INCARNATION, RECONCILED)
 
 
 async def load_all(redis: Redis) -> None:
@@ -144,6 +145,11 @@ async def mark_incarnation(redis: Redis, ek: EventKeys, last_seq: int) -> str:
     the run id."""
     run = await INCARNATION(redis, [ek.incarnation, ek.meta], [last_seq])
     return run.decode() if isinstance(run, bytes) else str(run)
+
+
+async def reconciled(redis: Redis, ek: EventKeys) -> bool:
+    """Whether the room was marked (:func:`mark_incarnation`) under the running Redis process."""
+    return bool(int(await RECONCILED(redis, [ek.incarnation], [])))
 
 
 async def mirror_settings(

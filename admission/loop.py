@@ -58,6 +58,8 @@ OPEN_SOON_S = 60
 OBSERVE_WINDOW_S = 5.0
 #: Extra fans read beyond the number to admit, to step over abandoned ones in one tick.
 CANDIDATE_SLACK = 8
+#: Seconds after a failed ``admit.lua`` before its passes are settled (issued or not).
+SETTLE_UNCERTAIN_S = 1.0
 _ERROR_LOG_EVERY_S = 10.0
 
 ADMITTED = Counter("waitroom_admitted_total", "Fans admitted (passes issued).", ["event"])
@@ -292,6 +294,10 @@ class EventAdmission:
         #: Pass rows recorded for a tick that did not issue them, still to delete (a failed
         #: delete is tried again before anyone else is admitted).
         self._unissued: list[str] = []
+        #: Pass rows recorded for a tick whose admit.lua failed (a connection lost, a
+        #: timeout): it may or may not have run. Settled once Redis answers again and
+        #: :data:`SETTLE_UNCERTAIN_S` have passed (see _settle_uncertain).
+        self._uncertain: list[tuple[float, list[PassRow]]] = []
         #: Whether this tenure has dropped the rows a previous leader recorded but never
         #: issued (it died between recording and admit.lua).
         self._cleaned = False
@@ -405,10 +411,15 @@ class EventAdmission:
         redis = self.service.redis
         now = time.time()
         state = await read_state(redis, self.ek, now)
-        if self._unissued or (not self._cleaned and state is not None):
-            # Before anyone else is admitted: a row of a pass never issued would make a
-            # room rebuilt from PostgreSQL admit its fan (and count it against max_active).
+        # Before anyone else is admitted: a row of a pass never issued would make a room
+        # rebuilt from PostgreSQL admit its fan (and count it against max_active). When the
+        # room had to be rebuilt first, this tick's state is stale.
+        if (self._unissued or (not self._cleaned and state is not None)) and (
             await self._drop_unissued(state)
+        ):
+            return 0
+        if self._uncertain:
+            await self._settle_uncertain()
         if state is None:
             await self.service.rooms.ensure(self.event_id)
             return 0
@@ -561,7 +572,17 @@ class EventAdmission:
             await waitlist_core.record_offers(
                 redis, self.ek, list(zip((r.jti for r in rows), offers, strict=False))
             )
-        reply = await leader.admit(redis, self.ek, token, candidates, limit=count, cutoff=cutoff)
+        try:
+            reply = await leader.admit(
+                redis, self.ek, token, candidates, limit=count, cutoff=cutoff
+            )
+        except BaseException:
+            # Whether the script ran is unknown: its passes are settled later, by whether
+            # their fans hold them (a row of a pass never issued would count against
+            # max_active until it expires, in the record and in any rebuild).
+            if rows:
+                self._uncertain.append((time.monotonic(), rows))
+            raise
         picked = {candidates[i].jti for i in reply.picked}
         # Passes signed for fans the script did not admit (they left, or the batch stopped):
         # nobody holds them, and a rebuilt room must not admit their fans.
@@ -641,15 +662,53 @@ class EventAdmission:
             self._unissued += jtis
             self._log_error("forgetting passes never issued failed", exc)
 
-    async def _drop_unissued(self, state: RoomState | None) -> None:
-        """Delete the rows of passes that were recorded but never issued (raises on failure).
+    async def _settle_uncertain(self) -> None:
+        """Delete the rows of the passes of failed ``admit.lua`` calls that were not issued.
+
+        A pass was issued iff its fan's ``admitted`` entry is that very pass (a room rebuilt
+        after a Redis restart gets it back from its row, so a rebuilt pass stays too; the
+        rebuild's other passes of the same fan are taken out of ``active`` again).
+        Looked at only :data:`SETTLE_UNCERTAIN_S` after the failure, with Redis answering
+        again (this tick read the room): a script written before its connection broke has
+        run, or never will, by then.
+        """
+        now = time.monotonic()
+        due = [rows for at, rows in self._uncertain if now - at >= SETTLE_UNCERTAIN_S]
+        if not due:
+            return
+        rows = [row for batch in due for row in batch]
+        tokens = await self.service.redis.hmget(self.ek.admitted, [r.fan_id for r in rows])
+        unissued = [
+            row.jti for row, token in zip(rows, tokens, strict=True) if _text(token) != row.token
+        ]
+        if unissued:
+            await self.service.db.execute(
+                "DELETE FROM queue_passes WHERE event_id = $1 AND jti = ANY($2::text[])",
+                self.event_id,
+                unissued,
+            )
+            # A room rebuilt meanwhile took the rows for issued passes and counts them.
+            await self.service.redis.zrem(self.ek.active, *unissued)
+            log.info(
+                "dropped the records of passes a failed admission did not issue",
+                extra={"event_id": self.event_id, "rows": len(unissued)},
+            )
+        self._uncertain = [(at, r) for at, r in self._uncertain if now - at < SETTLE_UNCERTAIN_S]
+
+    async def _drop_unissued(self, state: RoomState | None) -> bool:
+        """Delete the rows of passes that were recorded but never issued (raises on failure);
+        True when the room had to be rebuilt first (the caller's ``state`` is stale).
 
         This tenure's own leftovers by id. A previous leader's, once per tenure: it may have
         died between recording a tick's passes and running ``admit.lua``. Passes are issued
         strictly in number order, each numbered ``admitted_total + 1``, so every recorded
         pass numbered above the room's ``admitted_total`` was never issued. (A room that
         Redis lost has no total to compare with: its rebuild counts such rows as issued,
-        the safe side for ``max_active``.)
+        the safe side for ``max_active``.) Unless Redis restarted under the room since it
+        was last rebuilt: its ``admitted_total`` may have lost the passes issued in its last
+        second, whose rows this would delete (their fans shopping uncounted, their numbers
+        issued again). Such a room is rebuilt first, which carries the total on after
+        PostgreSQL's highest number; the next tick cleans against that.
         """
         if self._unissued:
             await self.service.db.execute(
@@ -659,6 +718,9 @@ class EventAdmission:
             )
             self._unissued = []
         if not self._cleaned and state is not None:
+            if not await leader.reconciled(self.service.redis, self.ek):
+                await self._reconcile()
+                return True
             dropped = await self.service.db.execute(
                 "DELETE FROM queue_passes WHERE event_id = $1 AND seq > $2",
                 self.event_id,
@@ -670,6 +732,7 @@ class EventAdmission:
                     "dropped the records of passes a previous leader never issued",
                     extra={"event_id": self.event_id, "rows": dropped},
                 )
+        return False
 
     async def reconcile(
         self,

@@ -417,3 +417,75 @@ async def test_operators_changes_are_validated_audited_and_404_for_unknown_event
         "last_fan_wait_s",
     ):
         assert key in live
+
+
+async def _redis_call(settings: Settings, *command: Any) -> Any:
+    r = async_redis(settings.redis_url)
+    try:
+        return await r.execute_command(*command)
+    finally:
+        await r.aclose()
+
+
+def test_passes_recorded_for_an_admission_that_failed_are_settled_by_who_holds_them(
+    admin: httpx.Client, client: httpx.Client, settings: Settings
+) -> None:
+    """``admit.lua`` fails after the tick recorded its passes (here: the room's incarnation
+    key is of the wrong type, as a command cut off by a lost connection would fail): whether
+    it ran is unknown, so the rows are kept, then settled by whether their fans hold them.
+    Left alone, every failed tick left a row per fan, each counted against max_active by a
+    rebuilt room and in the record until it expired (the AOF restart fault saw one)."""
+    event_id = create_event(admin, rate=50, max_active=100, paused=True)
+    fans = [join(client, event_id) for _ in range(4)]
+    assert me(client, event_id, fans[0][1])["status"] == "paused"  # the room is loaded
+    ek = Keys(settings.redis_prefix).event(event_id)
+    # A leader leads (the room was marked reconciled when it was made), and its first tick
+    # has cleaned up after the tenure before.
+    wait_for(lambda: asyncio.run(_redis_call(settings, "EXISTS", ek.leader)) == 1)
+    time.sleep(0.5)
+    asyncio.run(_redis_call(settings, "DEL", ek.incarnation))
+    asyncio.run(_redis_call(settings, "HSET", ek.incarnation, "wrong", "type"))
+    assert (
+        admin.patch(f"/v1/admin/events/{event_id}/admission", json={"paused": False}).status_code
+        == 200
+    )
+
+    def recorded() -> int:
+        return int(
+            asyncio.run(
+                _sql(
+                    settings,
+                    "SELECT count(*) AS n FROM queue_passes WHERE event_id = $1",
+                    event_id,
+                )
+            )[0]["n"]
+        )
+
+    # Ticks record passes and fail; the rows are kept while unsettled.
+    wait_for(lambda: recorded() >= 2 * len(fans), timeout=10)
+    time.sleep(1.5)  # some of them settled
+    asyncio.run(_redis_call(settings, "DEL", ek.incarnation))  # admit.lua works again
+    wait_for(
+        lambda: all(me(client, event_id, token)["status"] == "admitted" for _, token in fans),
+        timeout=10,
+    )
+    time.sleep(2.0)  # everything recorded before has been settled
+
+    def settled() -> bool:
+        rows = asyncio.run(
+            _sql(
+                settings,
+                "SELECT fan_id, jti, token FROM queue_passes WHERE event_id = $1",
+                event_id,
+            )
+        )
+        holding = asyncio.run(_redis_call(settings, "HGETALL", ek.admitted))
+        admitted = {k.decode(): v.decode() for k, v in holding.items()}
+        active = asyncio.run(_redis_call(settings, "ZRANGE", ek.active, 0, -1))
+        return (
+            sorted(r["fan_id"] for r in rows) == sorted(f for f, _ in fans)
+            and all(admitted[r["fan_id"]] == r["token"] for r in rows)
+            and sorted(a.decode() for a in active) == sorted(r["jti"] for r in rows)
+        )
+
+    wait_for(settled, timeout=5)

@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from admission.passes import read_claims
 from tests.admission.support import create_event, me, wait_for
@@ -273,11 +274,15 @@ def test_after_redis_restarts_the_workers_put_back_what_its_last_second_lost(
     assert idle.reserve().status_code == 201
 
 
+@pytest.mark.parametrize("new_leader", [False, True], ids=["same_leader", "new_leader"])
 def test_a_fan_whose_admission_redis_lost_is_not_admitted_twice(
-    client: httpx.Client, admin: httpx.Client, settings: Settings
+    client: httpx.Client, admin: httpx.Client, settings: Settings, new_leader: bool
 ) -> None:
     # A Redis back from its append-only file has lost its last second: here, the second in
     # which the first fan left the line for its pass (the pass itself is in PostgreSQL).
+    # With a new leader: the restart also cost the loop its lease, and the new tenure's
+    # first tick, which drops the records of passes numbered above the room's total as never
+    # issued, must not take the lost pass for one (the room is rebuilt first).
     event_id = create_event(admin, rate=50, quantity=10, max_active=2, prefix="rl")
     first = Fan(client, event_id)
     first_pass = first.wait_for_pass()
@@ -293,6 +298,10 @@ def test_a_fan_whose_admission_redis_lost_is_not_admitted_twice(
         sync.zrem(keys.active, jti(first_pass))
         sync.hincrby(keys.meta, "admitted_total", -1)
         sync.delete(keys.incarnation)  # as a restarted Redis's run id would not match it
+        if new_leader:
+            sync.delete(keys.leader)
+    if new_leader:
+        time.sleep(1.5)  # the lease is taken again and the new tenure ticks (paused)
 
     admission(admin, event_id, paused=False)
     waiting_pass = waiting.wait_for_pass()
