@@ -72,9 +72,9 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
     import uvicorn
 
     from waitroom.core.httpserver import PROTOCOL as HTTP_PROTOCOL
-    from waitroom.core.listeners import run_workers
 
-    options: dict[str, Any] = dict(
+    uvicorn.run(
+        app,
         factory=True,
         host=host,
         port=port,
@@ -96,12 +96,6 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
         # httptools, with each response's head and body in one write (one system call).
         http=HTTP_PROTOCOL,
     )
-    if workers > 1:
-        # Each worker listens on its own socket: connections split evenly between them
-        # (waitroom.core.listeners), not by which worker happened to accept first.
-        run_workers(uvicorn.Config(app, **options), host, port)
-    else:
-        uvicorn.run(app, **options)
 
 
 async def _check_schema(settings: Settings) -> None:
