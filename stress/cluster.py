@@ -218,9 +218,9 @@ def _summary(series: dict[float, float]) -> dict[str, float | None]:
     }
 
 
-def server_steps(delta: Buckets) -> dict[str, dict[str, float | None]]:
+def server_steps(delta: Buckets) -> dict[str, dict[str, Any]]:
     """p50/p99 (ms) and count of each step on the server's side."""
-    out: dict[str, dict[str, float | None]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for step, (method, route) in STEP_ROUTES.items():
         out[step] = _summary(_series(delta, HTTP_HISTOGRAM, method=method, route=route))
     out["admitted"] = _summary(_series(delta, TICK_HISTOGRAM))
@@ -234,7 +234,14 @@ def server_steps(delta: Buckets) -> dict[str, dict[str, float | None]]:
     }
     pauses = _series(delta, GC_HISTOGRAM)
     collections = max(pauses.values(), default=0.0)
-    out["gc_pause"] = {**_summary(pauses), "over_100ms": collections - pauses.get(0.1, collections)}
+    out["gc_pause"] = {
+        **_summary(pauses),
+        "over_100ms": collections - pauses.get(0.1, collections),
+        "by_generation": {
+            generation: _summary(_series(delta, GC_HISTOGRAM, generation=generation))
+            for generation in ("0", "1", "2")
+        },
+    }
     return out
 
 
