@@ -8,13 +8,16 @@ over a transport that records what it is asked to write: the number of writes is
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
@@ -51,6 +54,12 @@ class RecordingTransport(asyncio.Transport):
 
     def resume_reading(self) -> None:
         pass
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol
 
 
 async def _json(request: Request) -> Response:
@@ -144,3 +153,32 @@ def test_the_server_is_started_with_this_protocol() -> None:
     config = Config(app=APP, http=PROTOCOL)
     config.load()
     assert config.http_protocol_class is HttpProtocol
+
+
+async def _ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    await websocket.close()
+
+
+async def test_the_http_protocol_a_websocket_upgrade_leaves_behind_is_freed_at_once() -> None:
+    """Not left in a cycle with its parser for the collector: every WebSocket a fan opened
+    left one, and a cluster node's young collections (thousands of them each) stopped its
+    event loop for 0.06-0.35 s."""
+    app = Starlette(routes=[WebSocketRoute("/ws", _ws)])
+    config = Config(app=app, http=HttpProtocol, lifespan="off", log_config=None)
+    protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    gone = weakref.ref(protocol)
+    gc.disable()
+    try:
+        protocol.data_received(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert transport.get_protocol() is not protocol  # the WebSocket's now
+        del protocol
+        assert gone() is None
+    finally:
+        gc.enable()
+    await _until(lambda: any(b"101" in w for w in transport.writes))
