@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
 from admission.operators import complete_pass
@@ -419,12 +421,17 @@ async def test_operators_changes_are_validated_audited_and_404_for_unknown_event
         assert key in live
 
 
-async def _redis_call(settings: Settings, *command: Any) -> Any:
-    r = async_redis(settings.redis_url)
-    try:
-        return await r.execute_command(*command)
-    finally:
-        await r.aclose()
+def _redis_call(settings: Settings, use: Callable[[Redis], Awaitable[Any]]) -> Any:
+    """``use`` applied to a client of its own, run to the end (the server runs elsewhere)."""
+
+    async def run() -> Any:
+        r = async_redis(settings.redis_url)
+        try:
+            return await use(r)
+        finally:
+            await r.aclose()
+
+    return asyncio.run(run())
 
 
 def test_passes_recorded_for_an_admission_that_failed_are_settled_by_who_holds_them(
@@ -441,10 +448,10 @@ def test_passes_recorded_for_an_admission_that_failed_are_settled_by_who_holds_t
     ek = Keys(settings.redis_prefix).event(event_id)
     # A leader leads (the room was marked reconciled when it was made), and its first tick
     # has cleaned up after the tenure before.
-    wait_for(lambda: asyncio.run(_redis_call(settings, "EXISTS", ek.leader)) == 1)
+    wait_for(lambda: _redis_call(settings, lambda r: r.exists(ek.leader)) == 1)
     time.sleep(0.5)
-    asyncio.run(_redis_call(settings, "DEL", ek.incarnation))
-    asyncio.run(_redis_call(settings, "HSET", ek.incarnation, "wrong", "type"))
+    _redis_call(settings, lambda r: r.delete(ek.incarnation))
+    _redis_call(settings, lambda r: r.hset(ek.incarnation, "wrong", "type"))
     assert (
         admin.patch(f"/v1/admin/events/{event_id}/admission", json={"paused": False}).status_code
         == 200
@@ -464,7 +471,7 @@ def test_passes_recorded_for_an_admission_that_failed_are_settled_by_who_holds_t
     # Ticks record passes and fail; the rows are kept while unsettled.
     wait_for(lambda: recorded() >= 2 * len(fans), timeout=10)
     time.sleep(1.5)  # some of them settled
-    asyncio.run(_redis_call(settings, "DEL", ek.incarnation))  # admit.lua works again
+    _redis_call(settings, lambda r: r.delete(ek.incarnation))  # admit.lua works again
     wait_for(
         lambda: all(me(client, event_id, token)["status"] == "admitted" for _, token in fans),
         timeout=10,
@@ -479,9 +486,9 @@ def test_passes_recorded_for_an_admission_that_failed_are_settled_by_who_holds_t
                 event_id,
             )
         )
-        holding = asyncio.run(_redis_call(settings, "HGETALL", ek.admitted))
+        holding = _redis_call(settings, lambda r: r.hgetall(ek.admitted))
         admitted = {k.decode(): v.decode() for k, v in holding.items()}
-        active = asyncio.run(_redis_call(settings, "ZRANGE", ek.active, 0, -1))
+        active = _redis_call(settings, lambda r: r.zrange(ek.active, 0, -1))
         return (
             sorted(r["fan_id"] for r in rows) == sorted(f for f, _ in fans)
             and all(admitted[r["fan_id"]] == r["token"] for r in rows)
