@@ -41,10 +41,12 @@ _PASSES = """
 SELECT q.jti, q.fan_id, q.seq, q.token, extract(epoch FROM q.expires_at)::float8 AS exp,
        q.revoked_at IS NOT NULL AS revoked,
        coalesce(bool_or(h.status = 'paid'), false) AS paid,
+       coalesce(bool_or(o.status = 'paid'), false) AS settled,
        coalesce(bool_or(h.status = 'held'), false) AS holding,
-       count(h.id) AS holds
+       count(DISTINCT h.id) AS holds
 FROM queue_passes q
 LEFT JOIN holds h ON h.event_id = q.event_id AND h.fan_id = q.fan_id AND h.pass_jti = q.jti
+LEFT JOIN orders o ON o.hold_id = h.id
 WHERE q.event_id = $1 AND q.expires_at > now()
 GROUP BY q.jti
 """
@@ -59,16 +61,18 @@ class RestoredPass(msgspec.Struct, frozen=True):
     token: str | None
     expires_at: float
     revoked: bool
-    #: Its order was paid: it may not reserve again.
+    #: Its hold was confirmed (paid, or its payment under way): it may not reserve again.
     spent: bool
-    #: Still counts against ``max_active``: not revoked, not spent, and its hold cycle is not
-    #: over (a hold still held, or none made yet).
+    #: Still counts against ``max_active``: not revoked, its order not paid yet, and its hold
+    #: cycle not over (a hold still held or being paid for, or none made yet). As the live
+    #: path frees the slot (``spend_pass``, once the order is paid), not at the confirm: a
+    #: rebuild between the two would let the next fan in while this one still pays.
     active: bool
 
 
 def classify(row: asyncpg.Record | dict[str, Any]) -> RestoredPass:
     """A :class:`RestoredPass` from a row of the restore query (pure)."""
-    revoked, spent = bool(row["revoked"]), bool(row["paid"])
+    revoked, spent, settled = bool(row["revoked"]), bool(row["paid"]), bool(row["settled"])
     cycle_over = int(row["holds"]) > 0 and not bool(row["holding"]) and not spent
     return RestoredPass(
         jti=row["jti"],
@@ -78,7 +82,7 @@ def classify(row: asyncpg.Record | dict[str, Any]) -> RestoredPass:
         expires_at=float(row["exp"]),
         revoked=revoked,
         spent=spent,
-        active=not revoked and not spent and not cycle_over,
+        active=not revoked and not settled and not cycle_over,
     )
 
 

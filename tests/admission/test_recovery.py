@@ -31,6 +31,7 @@ def row(**over: Any) -> dict[str, Any]:
         "exp": 2e9,
         "revoked": False,
         "paid": False,
+        "settled": False,
         "holding": False,
         "holds": 0,
     }
@@ -41,8 +42,13 @@ def test_which_restored_passes_still_count_against_max_active() -> None:
     assert classify(row()).active  # admitted, nothing reserved yet
     assert classify(row(holding=True, holds=1)).active  # shopping
     assert not classify(row(holds=2)).active  # its holds all released: the cycle is over
-    paid = classify(row(paid=True, holds=1))
+    paid = classify(row(paid=True, settled=True, holds=1))
     assert (paid.spent, paid.active) == (True, False)
+    # Confirmed, its payment under way: it may not reserve again, and it still shops (the
+    # live path frees its slot once the order is paid; the fault test's AOF restart saw a
+    # rebuild free six such slots five seconds early).
+    paying = classify(row(paid=True, holds=1))
+    assert (paying.spent, paying.active) == (True, True)
     revoked = classify(row(revoked=True, holding=True, holds=1))
     assert (revoked.revoked, revoked.active) == (True, False)
 
