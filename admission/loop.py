@@ -58,6 +58,8 @@ OPEN_SOON_S = 60
 OBSERVE_WINDOW_S = 5.0
 #: Extra fans read beyond the number to admit, to step over abandoned ones in one tick.
 CANDIDATE_SLACK = 8
+#: Deletes the records of passes (by id) that were never issued.
+_DELETE_PASSES = "DELETE FROM queue_passes WHERE event_id = $1 AND jti = ANY($2::text[])"
 #: Seconds after a failed ``admit.lua`` before its passes are settled (issued or not).
 SETTLE_UNCERTAIN_S = 1.0
 _ERROR_LOG_EVERY_S = 10.0
@@ -654,7 +656,7 @@ class EventAdmission:
             return
         try:
             await self.service.db.execute(
-                "DELETE FROM queue_passes WHERE event_id = $1 AND jti = ANY($2::text[])",
+                _DELETE_PASSES,
                 self.event_id,
                 jtis,
             )
@@ -683,7 +685,7 @@ class EventAdmission:
         ]
         if unissued:
             await self.service.db.execute(
-                "DELETE FROM queue_passes WHERE event_id = $1 AND jti = ANY($2::text[])",
+                _DELETE_PASSES,
                 self.event_id,
                 unissued,
             )
@@ -712,7 +714,7 @@ class EventAdmission:
         """
         if self._unissued:
             await self.service.db.execute(
-                "DELETE FROM queue_passes WHERE event_id = $1 AND jti = ANY($2::text[])",
+                _DELETE_PASSES,
                 self.event_id,
                 self._unissued,
             )
