@@ -88,6 +88,8 @@ _SALE_TIMES = ("first_sale", "last_sale")
 TICK_HISTOGRAM = "waitroom_admission_tick_seconds"
 #: How late each node's event loop fires a timer (one look a second per node).
 LAG_HISTOGRAM = "waitroom_event_loop_lag_seconds"
+#: How long each HTTP request waited, from its first byte read, for the app to start on it.
+QUEUED_HISTOGRAM = "waitroom_http_request_queued_seconds"
 #: How long each garbage collection stopped a node.
 GC_HISTOGRAM = "waitroom_gc_pause_seconds"
 #: Inventory commands a node forwarded to the owner of the event's actor (by outcome), and
@@ -199,7 +201,9 @@ async def scrape(nodes: Nodes) -> Buckets:
     """The nodes' request and admission-tick histograms, read from each node itself."""
     async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
         texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
-    return parse_buckets(texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM, LAG_HISTOGRAM, GC_HISTOGRAM))
+    return parse_buckets(
+        texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM, LAG_HISTOGRAM, GC_HISTOGRAM, QUEUED_HISTOGRAM)
+    )
 
 
 async def counters(nodes: Nodes) -> dict[str, float]:
@@ -232,6 +236,9 @@ def server_steps(delta: Buckets) -> dict[str, dict[str, Any]]:
         **_summary(lag),
         "share_over_1s": round((looks - lag.get(1.0, looks)) / looks, 3) if looks else None,
     }
+    # Every request's wait between its first byte read and the app (the request histograms
+    # above include it): the node's own backlog, apart from what happens before the read.
+    out["request_queued"] = _summary(_series(delta, QUEUED_HISTOGRAM))
     pauses = _series(delta, GC_HISTOGRAM)
     collections = max(pauses.values(), default=0.0)
     out["gc_pause"] = {
@@ -752,10 +759,11 @@ def summarize(
         "server_counts": {
             step: s["count"]
             for step, s in server.items()
-            if step not in ("event_loop_lag", "gc_pause")
+            if step not in ("event_loop_lag", "gc_pause", "request_queued")
         },
         "node_event_loop_lag": server["event_loop_lag"],
         "node_gc_pause": server["gc_pause"],
+        "node_request_queued": server["request_queued"],
         "joins": joins,
         "failover": failover,
         "params": {

@@ -36,6 +36,7 @@ from waitroom.core.errors import (
     ValidationFailed,
     WaitroomError,
 )
+from waitroom.core.httpserver import RECEIVED
 from waitroom.core.redis import unavailable as redis_unavailable
 
 T = TypeVar("T")
@@ -69,6 +70,12 @@ HTTP_LATENCY = Histogram(
     "HTTP request latency by route template and method.",
     ["route", "method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+HTTP_QUEUED = Histogram(
+    "waitroom_http_request_queued_seconds",
+    "Time from an HTTP request's first byte read by the server to the app starting on it:"
+    " the event loop's backlog as each request sees it.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 REFUSALS = Counter(
     "waitroom_refusals_total",
@@ -337,7 +344,11 @@ class RequestContextMiddleware:
                 request_id_var.reset(token)
             return
 
-        start = time.perf_counter()
+        started = time.perf_counter()
+        # From the request's first byte when the server noted it (waitroom serve's
+        # protocol does), so the latency includes the wait for the event loop.
+        start = scope.get(RECEIVED, started)
+        HTTP_QUEUED.observe(started - start)
         status = 500
         header = (b"x-request-id", request_id.encode())
 

@@ -25,12 +25,18 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 #: What ``uvicorn.run(http=...)`` is given to use :class:`HttpProtocol`.
 PROTOCOL = "waitroom.core.httpserver:HttpProtocol"
+
+#: The scope key holding when the request's first byte was read (``time.perf_counter()``):
+#: the server's own latency is timed from there, so a request left waiting between the
+#: socket and the app (a busy event loop) is not hidden from the server-side figures.
+RECEIVED = "waitroom.received"
 
 
 class _Coalescing:
@@ -72,8 +78,13 @@ class _Coalescing:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol whose responses go out in one write each, and which lets
-    go of its parser once it hands its connection over to a WebSocket."""
+    """uvicorn's httptools protocol whose responses go out in one write each, which notes when
+    each request began to arrive (:data:`RECEIVED`), and which lets go of its parser once it
+    hands its connection over to a WebSocket."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[RECEIVED] = time.perf_counter()  # type: ignore[literal-required]
 
     def handle_websocket_upgrade(self) -> None:
         super().handle_websocket_upgrade()
