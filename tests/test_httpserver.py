@@ -8,11 +8,16 @@ over a transport that records what it is asked to write: the number of writes is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import socket
+import threading
+import time
 import weakref
 from typing import Any
 
 import pytest
+import uvloop
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -21,7 +26,8 @@ from starlette.websockets import WebSocket
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from waitroom.core.httpserver import PROTOCOL, HttpProtocol
+from waitroom.core.http import HTTP_LATENCY, HTTP_QUEUED, RequestContextMiddleware
+from waitroom.core.httpserver import ACCEPTORS, PROTOCOL, RECEIVED, HttpProtocol, listeners
 
 pytestmark = pytest.mark.anyio
 
@@ -182,3 +188,123 @@ async def test_the_http_protocol_a_websocket_upgrade_leaves_behind_is_freed_at_o
     finally:
         gc.enable()
     await _until(lambda: any(b"101" in w for w in transport.writes))
+
+
+async def test_each_request_notes_when_its_first_byte_was_read() -> None:
+    seen: list[float] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope[RECEIVED])
+        await JSONResponse({})(scope, receive, send)
+
+    config = Config(app=app, http=HttpProtocol, lifespan="off", log_config=None)
+    protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    before = time.perf_counter()
+    protocol.data_received(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    await _until(lambda: len(transport.writes) == 1)
+    assert len(seen) == 1 and before <= seen[0] <= time.perf_counter()
+
+
+def _observed(histogram: Any, **labels: str) -> float:
+    """The sum of what ``histogram`` (a child, with ``labels``) has observed."""
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_sum") and all(
+                sample.labels.get(k) == v for k, v in labels.items()
+            ):
+                return float(sample.value)
+    return 0.0
+
+
+async def test_a_request_s_latency_counts_its_wait_before_the_app() -> None:
+    """A request left unread by a busy event loop is slow for the fan: the server's own
+    figures time it from its first byte, not from when the app got to it."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await JSONResponse({})(scope, receive, send)
+
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    latency_before = _observed(HTTP_LATENCY, route="unmatched", method="GET")
+    queued_before = _observed(HTTP_QUEUED)
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/waited",
+        "headers": [],
+        RECEIVED: time.perf_counter() - 0.3,
+    }
+    await RequestContextMiddleware(app)(scope, receive, send)
+    assert sent[0]["status"] == 200
+    assert _observed(HTTP_LATENCY, route="unmatched", method="GET") - latency_before >= 0.3
+    assert _observed(HTTP_QUEUED) - queued_before >= 0.3
+
+
+def test_a_busy_server_takes_in_a_burst_of_connections_at_once() -> None:
+    """uvloop accepts one connection per listening descriptor each turn of its loop: a node
+    whose turns took 20 ms took 6 s to take in 300 connections (HAProxy's requests waited
+    unread in its accept queue). With the listeners' descriptors it takes a fraction of
+    that; and closing the servers still closes the socket (a draining node refuses)."""
+    connections = 300
+
+    async def main() -> tuple[float, bool]:
+        loop = asyncio.get_running_loop()
+        made: list[float] = []
+        all_made = asyncio.Event()
+
+        class Counting(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.append(time.perf_counter())
+                if len(made) == connections:
+                    all_made.set()
+
+        config = Config(app=APP, host="127.0.0.1", port=0, backlog=4096)
+        sockets = listeners(config)
+        assert len(sockets) == ACCEPTORS
+        port = sockets[0].getsockname()[1]
+        servers = [await loop.create_server(Counting, sock=s, backlog=4096) for s in sockets]
+        stop = False
+
+        def busy() -> None:  # a loaded node: every turn of its loop takes 20 ms
+            time.sleep(0.02)
+            if not stop:
+                loop.call_soon(busy)
+
+        loop.call_soon(busy)
+        clients: list[socket.socket] = []
+
+        def connect() -> None:
+            for _ in range(connections):
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+
+        started = time.perf_counter()
+        thread = threading.Thread(target=connect)
+        thread.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_made.wait(), 30)
+        took = time.perf_counter() - started
+        stop = True
+        thread.join()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        for client in clients:
+            client.close()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            refused = False
+        except ConnectionRefusedError:
+            refused = True
+        return took, refused
+
+    took, refused = uvloop.run(main())
+    assert took < 2.0  # one listening descriptor: ~6 s
+    assert refused
