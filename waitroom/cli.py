@@ -70,12 +70,10 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
     an endpoint to compare against, so both sides of a comparison get the same server.
     """
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
     from waitroom.core.httpserver import PROTOCOL as HTTP_PROTOCOL
-    from waitroom.core.httpserver import listeners
 
-    config = uvicorn.Config(
+    uvicorn.run(
         app,
         factory=True,
         host=host,
@@ -98,19 +96,6 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
         # httptools, with each response's head and body in one write (one system call).
         http=HTTP_PROTOCOL,
     )
-    # What uvicorn.run does, with the listening socket as several descriptors (see
-    # waitroom.core.httpserver.listeners: uvloop accepts one connection a loop turn each).
-    sockets = listeners(config)
-    try:
-        if workers > 1:
-            Multiprocess(config, sockets=sockets).run()
-        else:
-            server = uvicorn.Server(config)
-            server.run(sockets=sockets)
-            if not server.started:
-                sys.exit(3)  # uvicorn's STARTUP_FAILURE: the lifespan refused to start
-    except KeyboardInterrupt:
-        pass
 
 
 async def _check_schema(settings: Settings) -> None:
