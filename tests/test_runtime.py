@@ -83,3 +83,17 @@ async def test_stop_loops_cancels_a_loop_that_does_not_return_and_logs_where_it_
     (record,) = [r for r in caplog.records if r.getMessage().startswith("worker loop did not")]
     assert record.loop == "ignores"  # type: ignore[attr-defined]
     assert any(line.endswith(" ignores") for line in record.waiting_in)  # type: ignore[attr-defined]
+
+
+def test_the_processes_we_start_run_on_uvloop() -> None:
+    """``waitroom workers`` runs through :func:`waitroom.core.runtime.run`: on uvloop, as the
+    server does (asyncio's selector loop cost the payment workers a third of their time)."""
+    import uvloop
+
+    from waitroom.core import runtime
+
+    async def main() -> type[asyncio.AbstractEventLoop]:
+        await asyncio.sleep(0)
+        return type(asyncio.get_running_loop())
+
+    assert issubclass(runtime.run(main()), uvloop.Loop)

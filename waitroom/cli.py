@@ -131,19 +131,19 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_workers(args: argparse.Namespace, settings: Settings) -> int:
     """Run the payment pool, the outbox relay and the safety net until SIGTERM or SIGINT."""
+    from waitroom.core import runtime
     from waitroom.core.logs import configure_logging
-    from waitroom.core.runtime import tune_gc
     from waitroom.core.tracing import configure_tracing
     from workers.main import run_workers
 
     configure_logging(settings.log_level)
     configure_tracing("waitroom-workers")  # on only with OTEL_EXPORTER_OTLP_ENDPOINT set
-    tune_gc()
+    runtime.tune_gc()
     if args.concurrency is not None:
         settings = msgspec.structs.replace(settings, payment_concurrency=args.concurrency)
     if args.metrics_port is not None:
         settings = msgspec.structs.replace(settings, workers_metrics_port=args.metrics_port)
-    asyncio.run(
+    runtime.run(
         run_workers(
             settings,
             payments=not args.no_payments,
