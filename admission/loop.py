@@ -292,6 +292,8 @@ class EventAdmission:
         self.bucket: buckets.TokenBucket | None = None
         self.observer = RateObserver()
         self.task: asyncio.Task[None] | None = None
+        #: The last tenure's ending (renewer stopped, lease released), in a task of its own.
+        self._letting_go: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         #: Pass rows recorded for a tick that did not issue them, still to delete (a failed
         #: delete is tried again before anyone else is admitted).
@@ -372,10 +374,23 @@ class EventAdmission:
             LEADING.labels(self.event_id).set(0)
             for gauge in _LEADER_VIEW:
                 forget(gauge, self.event_id)
-            await runtime.cancel_and_wait(renewer)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(leader.release(self.service.redis, self.ek, token), 1.0)
-            log.info("stopped leading admission", extra={"event_id": self.event_id})
+            # In a task of its own, which a second cancellation of this one cannot cut short:
+            # a stopper re-cancels a task still running after a second (runtime.cancel_and_
+            # wait), and that second cancellation, landing here, left the renewer running
+            # and renewing a lease nobody used, so no other process could lead the event.
+            self._letting_go = asyncio.create_task(
+                self._let_go(renewer, token), name=f"let-go:{self.event_id}"
+            )
+            await asyncio.shield(self._letting_go)
+
+    async def _let_go(self, renewer: asyncio.Task[None], token: str) -> None:
+        """End a tenure: stop renewing, and release the lease so that another process
+        leads at its next attempt instead of after the lease lapses."""
+        await runtime.cancel_and_wait(renewer)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await leader.release(self.service.redis, self.ek, token)
+        log.info("stopped leading admission", extra={"event_id": self.event_id})
 
     async def _renew(self, token: str) -> None:
         redis = self.service.redis
@@ -384,17 +399,17 @@ class EventAdmission:
         while True:
             await asyncio.sleep(every)
             try:
-                held = await asyncio.wait_for(
-                    leader.renew(
+                # asyncio.timeout, not wait_for: on 3.11, wait_for can swallow a cancellation
+                # that lands as the renewal answers, and this loop would go on renewing.
+                async with asyncio.timeout(every):
+                    held = await leader.renew(
                         redis,
                         self.ek,
                         token,
                         lease_ms=self.service.lease_ms,
                         observed_rate=self.observer.rate,
                         now=time.time(),
-                    ),
-                    every,
-                )
+                    )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -760,6 +775,10 @@ class EventAdmission:
         """Stop following or leading (a lease held is released)."""
         if self.task is not None:
             await cancel_and_wait(self.task)
+        if self._letting_go is not None:
+            # Not cancelled: it releases the lease. Bounded: the renewer stops at its next
+            # await, and the release has a second.
+            await asyncio.wait({self._letting_go})
         for gauge in (*_LEADER_VIEW, LEADING):
             forget(gauge, self.event_id)
 

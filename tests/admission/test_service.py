@@ -91,6 +91,27 @@ async def test_one_of_many_processes_leads_and_a_clean_stop_hands_over_at_once(
         assert await eventually(lambda: event_id in follower.leading()) < 1.0
 
 
+async def test_a_second_cancellation_while_a_leader_stops_still_releases_its_lease(
+    pool: asyncpg.Pool[Any], r: Redis, settings: Settings
+) -> None:
+    """A stopper cancels again a loop still running after a second; landing while the loop
+    was letting go of its lease, that cancellation left the renewer running (CI, on the
+    cluster: the lease stayed held, renewed by nobody's loop, and no other process led)."""
+    event_id = await new_event(pool)
+    leader_key = Keys(settings.redis_prefix).event(event_id).leader
+    async with service(pool, r, settings) as svc:
+        await eventually(lambda: event_id in svc.leading())
+        runner = svc.events[event_id]
+        assert runner.task is not None
+        runner.task.cancel()
+        await asyncio.sleep(0)  # the loop takes the cancellation and starts letting go
+        runner.task.cancel()  # and a second one lands there
+        await runner.stop()
+        assert not await r.exists(leader_key)
+        await asyncio.sleep(1.0)  # and nothing renews it meanwhile
+        assert not await r.exists(leader_key)
+
+
 async def test_the_loop_of_a_closed_event_stops_and_lets_go_of_the_lease(
     pool: asyncpg.Pool[Any], r: Redis, settings: Settings
 ) -> None:
