@@ -87,7 +87,7 @@ async def test_stop_loops_cancels_a_loop_that_does_not_return_and_logs_where_it_
 
 def test_the_processes_we_start_run_on_uvloop() -> None:
     """``waitroom workers`` runs through :func:`waitroom.core.runtime.run`: on uvloop, as the
-    server does (asyncio's selector loop cost the payment workers a third of their time)."""
+    server does (asyncio's selector loop was a third of the payment workers' samples)."""
     import uvloop
 
     from waitroom.core import runtime
