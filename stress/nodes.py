@@ -5,7 +5,8 @@
 - a fresh, migrated PostgreSQL database next to the configured one and a fresh Redis key
   prefix on the Redis URL given (single or a cluster's ``redis+cluster://``), both removed
   afterwards (:mod:`stress.common`);
-- the mock payment provider, N ``waitroom serve --workers 1`` nodes on free ports and one
+- the mock payment provider, N ``waitroom serve --workers 1`` nodes on free ports (two
+  each: HTTP, and the queue WebSockets' ``WAITROOM_WS_PORT``) and one
   ``waitroom workers``, all with the same settings and secrets: one run directory (so the
   development pass-signing key and the visitor and challenge secrets generated there are
   the same for every node), one operators' token, and ``WAITROOM_TRUSTED_PROXIES`` naming
@@ -30,7 +31,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ from waitroom.core.settings import Settings, settings_env
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CONFIG = ROOT / "deploy" / "haproxy.cfg"
+#: The backend of deploy/haproxy.cfg that takes the queue WebSockets (the nodes' WS ports).
+WS_BACKEND = "waitroom_ws"
 #: HAProxy's ``maxconn`` in the rendered copy: two files per connection, well under the
 #: open-files limit a process of ours may have.
 TEST_MAXCONN = 4000
@@ -71,14 +74,22 @@ def haproxy_binary() -> str:
 
 
 def render_haproxy(
-    template: str, *, bind: str, servers: Sequence[tuple[str, str]], maxconn: int = TEST_MAXCONN
+    template: str,
+    *,
+    bind: str,
+    servers: Sequence[tuple[str, str]],
+    maxconn: int = TEST_MAXCONN,
+    ws_servers: Mapping[str, str] | None = None,
 ) -> str:
     """``template`` (deploy/haproxy.cfg) listening on ``bind`` with ``servers`` (name,
-    host:port) in every backend, in place of the servers written there.
+    host:port) in every backend, in place of the servers written there; in the WebSockets'
+    backend (:data:`WS_BACKEND`) a server's address is its entry of ``ws_servers`` (its
+    WebSocket port, ``serve --ws-port``) when it has one.
 
     Each backend's first ``server`` line is the model of its new ones (its options, and a
     ``track`` naming the new server of the tracked backend); its other ``server`` lines go.
     """
+    ws_servers = ws_servers or {}
     out: list[str] = []
     section = ""
     rendered: set[str] = set()
@@ -106,6 +117,8 @@ def render_haproxy(
                     else o
                     for i, o in enumerate(options)
                 ]
+                if section == f"backend {WS_BACKEND}":
+                    address = ws_servers.get(name, address)
                 out.append(f"{indent}server {name} {address} {' '.join(opts)}".rstrip())
         else:
             out.append(line)
@@ -122,6 +135,8 @@ class Node:
     port: int
     proc: asyncio.subprocess.Process
     starts: int = 1
+    #: The node's second listening port, for the queue WebSockets (``serve --ws-port``).
+    ws_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -189,7 +204,13 @@ class Nodes:
             raise RuntimeError(f"{node.name} (pid {node.pid}) is still running")
         node.starts += 1
         node.proc = await _start_serve(
-            self.settings, self.run_dir, self.processes, node.name, node.port, node.starts
+            self.settings,
+            self.run_dir,
+            self.processes,
+            node.name,
+            node.port,
+            node.starts,
+            ws_port=node.ws_port,
         )
         await _wait_ready(f"{node.url}/readyz", node.proc, self.run_dir)
         return node
@@ -269,9 +290,13 @@ async def _start_serve(
     name: str,
     port: int,
     start: int,
+    *,
+    ws_port: int | None = None,
 ) -> asyncio.subprocess.Process:
     # Named as in HAProxy, so that a fan's checkout is routed to the actor's node.
-    env = settings_env(msgspec.structs.replace(settings, port=port, node_name=name))
+    env = settings_env(
+        msgspec.structs.replace(settings, port=port, node_name=name, ws_port=ws_port)
+    )
     proc = await _spawn(
         env, run_dir, f"{name}-{start}", sys.executable, "-m", "waitroom", "serve",
         "--workers", "1",
@@ -307,10 +332,16 @@ def _prepare(run_dir: Path) -> None:
 
 
 def _write_config(
-    template: Path, config: Path, bind: str, servers: Sequence[tuple[str, str]], maxconn: int
+    template: Path, config: Path, bind: str, members: Sequence[Node], maxconn: int
 ) -> Path:
     config.write_text(
-        render_haproxy(template.read_text(), bind=bind, servers=servers, maxconn=maxconn)
+        render_haproxy(
+            template.read_text(),
+            bind=bind,
+            servers=[(n.name, f"127.0.0.1:{n.port}") for n in members],
+            maxconn=maxconn,
+            ws_servers={n.name: f"127.0.0.1:{n.ws_port}" for n in members if n.ws_port},
+        )
     )
     return config
 
@@ -365,9 +396,11 @@ async def running_nodes(
             await _wait_ready(f"{provider_url}/v1/stats", provider, run_dir)
             members: list[Node] = []
             for i in range(1, count + 1):
-                port = free_port()
-                proc = await _start_serve(shared, run_dir, processes, f"node{i}", port, 1)
-                members.append(Node(f"node{i}", port, proc))
+                port, ws_port = free_port(), free_port()
+                proc = await _start_serve(
+                    shared, run_dir, processes, f"node{i}", port, 1, ws_port=ws_port
+                )
+                members.append(Node(f"node{i}", port, proc, ws_port=ws_port))
             # Started together, they generate the run directory's secrets once between
             # them (waitroom.core.keyfiles links a finished file into place).
             await asyncio.gather(
@@ -382,7 +415,7 @@ async def running_nodes(
                     template,
                     run_dir / f"haproxy-{i}.cfg",
                     f"127.0.0.1:{lb_port}",
-                    [(n.name, f"127.0.0.1:{n.port}") for n in members],
+                    members,
                     maxconn,
                 )
                 haproxy.append(

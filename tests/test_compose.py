@@ -183,6 +183,8 @@ def test_the_scaled_api_runs_three_replicas_on_the_redis_cluster() -> None:
     assert api["depends_on"] == {"migrate-scaled": {"condition": "service_completed_successfully"}}
     env = {k: str(v) for k, v in api["environment"].items()}
     assert env["WAITROOM_HOST"] == "0.0.0.0" and env["WAITROOM_PORT"] == "8000"
+    # The queue WebSockets on their own port, which HAProxy's waitroom_ws backend names.
+    assert env["WAITROOM_WS_PORT"] == "8001"
     url = env["WAITROOM_REDIS_URL"]
     assert is_cluster_url(url)
     seeds, _ = cluster_seeds(url)
@@ -194,7 +196,7 @@ def test_the_scaled_api_runs_three_replicas_on_the_redis_cluster() -> None:
         assert {
             k: v
             for k, v in env.items()
-            if k not in ("WAITROOM_HOST", "WAITROOM_PORT", "WAITROOM_NODE_NAME")
+            if k not in ("WAITROOM_HOST", "WAITROOM_PORT", "WAITROOM_WS_PORT", "WAITROOM_NODE_NAME")
         } == other
     # Every replica has the same run directory (its generated secrets) as the others.
     volumes = {tuple(services[n]["volumes"]) for n in ("api-1", "migrate-scaled", "workers-scaled")}
@@ -224,10 +226,13 @@ def test_haproxy_fronts_the_three_replicas_with_the_repositorys_config(tmp_path:
     env = {k: str(v) for k, v in haproxy["environment"].items()}
     assert env["WAITROOM_LB_BIND"] == "0.0.0.0:8000"
     assert [env[f"WAITROOM_NODE{n}"] for n in (1, 2, 3)] == [f"api-{n}:8000" for n in (1, 2, 3)]
+    # The WebSockets' backend reaches each replica on its WAITROOM_WS_PORT.
+    assert [env[f"WAITROOM_NODE{n}_WS"] for n in (1, 2, 3)] == [f"api-{n}:8001" for n in (1, 2, 3)]
     assert set(haproxy["depends_on"]) == {"api-1", "api-2", "api-3"}
     config = (ROOT / "deploy" / "haproxy.cfg").read_text()
-    for n in (1, 2, 3):  # each node in both backends
-        assert config.count(f"${{WAITROOM_NODE{n}-") == 2
+    for n in (1, 2, 3):  # each node in both backends: HTTP, and its WebSocket port
+        assert config.count(f"${{WAITROOM_NODE{n}-") == 1
+        assert config.count(f"${{WAITROOM_NODE{n}_WS-") == 1
     # The machine's HAProxy takes the file with the compose environment (the replicas'
     # names do not resolve here: those servers start without an address, as allowed).
     checked = subprocess.run(

@@ -30,6 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -268,6 +269,15 @@ def metric(text: str, name: str, labels: str = "") -> float:
     pattern = rf"^{re.escape(name)}{re.escape(labels)} (\S+)$"
     found = re.search(pattern, text, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
+
+
+def established_to(port: int) -> int:
+    """TCP connections established to ``port`` on this machine (``/proc/net/tcp``)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        count += state == "01" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
 
 
 async def node_metric(node: Node, name: str, labels: str = "") -> float:
@@ -594,6 +604,9 @@ async def test_a_stopping_node_closes_its_websockets_with_1012_and_fans_reconnec
             assert [m["position"] for m in first] == list(range(1, 13)), first
             on_victim = await node_metric(victim, "waitroom_websocket_connections")
             assert on_victim >= 3, on_victim  # the page and some of the scripted fans
+            # HAProxy brought them to the node's WebSocket port, not its HTTP one.
+            assert victim.ws_port is not None
+            assert established_to(victim.ws_port) == on_victim
 
             stop = asyncio.create_task(nodes.terminate(victim))
             # Positions keep coming on the other sockets (the estimate moves each tick):

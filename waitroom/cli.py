@@ -63,17 +63,20 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 # --- serve / migrate ----------------------------------------------------------------------
 
 
-def run_server(app: str, *, host: str, port: int, workers: int) -> None:
-    """Serve the ASGI app factory ``app`` ("module:function") with uvicorn, as in production.
+def run_server(app: str, *, host: str, port: int, workers: int, ws_port: int | None = None) -> None:
+    """Serve the ASGI app factory ``app`` ("module:function") with uvicorn, as in production,
+    on ``port`` and, when given, on ``ws_port`` too (the queue WebSockets' own listening
+    socket: see :attr:`~waitroom.core.settings.Settings.ws_port`).
 
     ``waitroom serve`` passes the real app; benchmarks pass a factory of their own that adds
     an endpoint to compare against, so both sides of a comparison get the same server.
     """
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     from waitroom.core.httpserver import PROTOCOL as HTTP_PROTOCOL
 
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         factory=True,
         host=host,
@@ -96,6 +99,21 @@ def run_server(app: str, *, host: str, port: int, workers: int) -> None:
         # httptools, with each response's head and body in one write (one system call).
         http=HTTP_PROTOCOL,
     )
+    # What uvicorn.run does, on one listening socket or two (both serve the whole app; the
+    # load balancer decides what goes where).
+    sockets = [config.bind_socket()]
+    if ws_port is not None:
+        sockets.append(uvicorn.Config(app, host=host, port=ws_port).bind_socket())
+    try:
+        if workers > 1:
+            Multiprocess(config, sockets=sockets).run()
+        else:
+            server = uvicorn.Server(config)
+            server.run(sockets=sockets)
+            if not server.started:
+                sys.exit(3)  # uvicorn's STARTUP_FAILURE: the lifespan refused to start
+    except KeyboardInterrupt:
+        pass
 
 
 async def _check_schema(settings: Settings) -> None:
@@ -109,6 +127,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_logging(settings.log_level)
     host = args.host or settings.host
+    port = settings.port if args.port is None else args.port
+    ws_port = settings.ws_port if args.ws_port is None else args.ws_port
+    if ws_port is not None and not 0 < ws_port < 65536:
+        raise CLIError(f"--ws-port {ws_port}: not a port (1-65535)")
+    if ws_port is not None and ws_port == port:
+        raise CLIError(f"the WebSocket port must differ from the HTTP port ({port})")
     # load_settings checked the tokens against WAITROOM_HOST; --host may listen wider.
     check_admin_tokens(settings, host)
     # Secrets are refused (production) or generated (development) here, as one line,
@@ -123,8 +147,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         run_server(
             "waitroom.app:app_from_env",
             host=host,
-            port=settings.port if args.port is None else args.port,
+            port=port,
             workers=args.workers,
+            ws_port=ws_port,
         )
     return 0
 
@@ -803,6 +828,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP and WebSocket server")
     serve.add_argument("--host", help="listen address (default WAITROOM_HOST)")
     serve.add_argument("--port", type=int, help="listen port (default WAITROOM_PORT)")
+    serve.add_argument(
+        "--ws-port",
+        type=int,
+        help="a second listen port, for the queue WebSockets (default WAITROOM_WS_PORT: none)",
+    )
     serve.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
     serve.set_defaults(handler=cmd_serve, sync=True)
 

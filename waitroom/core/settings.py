@@ -64,6 +64,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     metrics_public: bool | None = None
     host: str = "127.0.0.1"
     port: int = 8000
+    #: A second port ``serve`` also listens on, for the queue WebSockets (the load balancer
+    #: sends upgrades there, deploy/haproxy.cfg): each listening socket has an accept queue of
+    #: its own, so a crowd opening thousands of WebSockets never holds a join or a
+    #: reservation behind them before the node reads it. None: one port for everything.
+    ws_port: int | None = None
     log_level: str = "info"
     #: Largest request body accepted before answering 413.
     max_body_bytes: int = 64 * 1024
@@ -354,6 +359,7 @@ _FIELDS: dict[str, _Field] = {
     "metrics_public": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
     "host": _TEXT,
     "port": _int_range(0, 65535),
+    "ws_port": _int_range(1, 65535),
     "log_level": _Field(_log_level, "one of " + ", ".join(LOG_LEVELS)),
     "max_body_bytes": _int_range(1024, 64 * 1024 * 1024),
     "dependency_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
