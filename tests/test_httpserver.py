@@ -8,12 +8,16 @@ over a transport that records what it is asked to write: the number of writes is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import socket
+import threading
 import time
 import weakref
 from typing import Any
 
 import pytest
+import uvloop
 from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -24,7 +28,7 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from waitroom.core.http import RequestContextMiddleware
-from waitroom.core.httpserver import PROTOCOL, RECEIVED, HttpProtocol
+from waitroom.core.httpserver import ACCEPTORS, PROTOCOL, RECEIVED, HttpProtocol, listeners
 
 pytestmark = pytest.mark.anyio
 
@@ -240,3 +244,65 @@ async def test_a_request_s_latency_counts_its_wait_before_the_app() -> None:
     assert sent[0]["status"] == 200
     assert _observed(LATENCY, route="unmatched", method="GET") - latency_before >= 0.3
     assert _observed(QUEUED) - queued_before >= 0.3
+
+
+def test_a_busy_server_takes_in_a_burst_of_connections_at_once() -> None:
+    """uvloop accepts one connection per listening descriptor each turn of its loop: a node
+    whose turns took 20 ms took 6 s to take in 300 connections (HAProxy's requests waited
+    unread in its accept queue). With the listeners' descriptors it takes a fraction of
+    that; and closing the servers still closes the socket (a draining node refuses)."""
+    connections = 300
+
+    async def main() -> tuple[float, bool]:
+        loop = asyncio.get_running_loop()
+        made: list[float] = []
+        all_made = asyncio.Event()
+
+        class Counting(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.append(time.perf_counter())
+                if len(made) == connections:
+                    all_made.set()
+
+        config = Config(app=APP, host="127.0.0.1", port=0, backlog=4096)
+        sockets = listeners(config)
+        assert len(sockets) == ACCEPTORS
+        port = sockets[0].getsockname()[1]
+        servers = [await loop.create_server(Counting, sock=s, backlog=4096) for s in sockets]
+        stop = False
+
+        def busy() -> None:  # a loaded node: every turn of its loop takes 20 ms
+            time.sleep(0.02)
+            if not stop:
+                loop.call_soon(busy)
+
+        loop.call_soon(busy)
+        clients: list[socket.socket] = []
+
+        def connect() -> None:
+            for _ in range(connections):
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+
+        started = time.perf_counter()
+        thread = threading.Thread(target=connect)
+        thread.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_made.wait(), 30)
+        took = time.perf_counter() - started
+        stop = True
+        thread.join()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+        for client in clients:
+            client.close()
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            refused = False
+        except ConnectionRefusedError:
+            refused = True
+        return took, refused
+
+    took, refused = uvloop.run(main())
+    assert took < 2.0  # one listening descriptor: ~6 s
+    assert refused

@@ -1,7 +1,9 @@
 """What HAProxy itself answers, with the repository's ``deploy/haproxy.cfg``: waitroom's error
 body (and ``Retry-After`` where trying again is the fix), never an HTML page.
 
-No node behind it is up (503), a node accepts and never answers (504). The config is
+No node behind it is up (503), a node accepts and never answers (504); a node is given at
+most its bound of requests at once, the rest waiting in HAProxy, while payments' long polls
+pass (a stand-in node that holds requests counts them). The config is
 rendered as ``stress.nodes`` renders it for the nodes' tests, with a short ``timeout server``
 so that the 504 comes within the test's time.
 """
@@ -9,9 +11,14 @@ so that the 504 comes within the test's time.
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -60,3 +67,84 @@ def test_a_node_that_never_answers_gives_a_504_in_the_error_body(
     assert response.status_code == 504
     assert response.headers["retry-after"] == "2"
     assert error_of(response).error.code == "gateway_timeout"
+
+
+class _HeldNode:
+    """A stand-in for a node behind HAProxy: answers /readyz, and holds every other request
+    until released, counting how many it holds at once (by path)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.held = 0
+        self.most_held = 0
+        self.paths: list[str] = []
+        node = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if self.path != "/readyz":
+                    with node.lock:
+                        node.paths.append(self.path)
+                        node.held += 1
+                        node.most_held = max(node.most_held, node.held)
+                    node.release.wait(30)
+                    with node.lock:
+                        node.held -= 1
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def do_POST(self) -> None:
+                self.do_GET()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_node_gets_at_most_its_maxconn_requests_at_once_and_long_polls_pass(
+    tmp_path: Path,
+) -> None:
+    node = _HeldNode()
+    port = free_port()
+    config = render_haproxy(
+        HAPROXY_CONFIG.read_text(),
+        bind=f"127.0.0.1:{port}",
+        servers=[("node1", f"127.0.0.1:{node.port}")],
+    )
+    assert '"${WAITROOM_NODE_MAXCONN-32}"' in config
+    try:
+        with (
+            haproxy_running(tmp_path, config.replace("${WAITROOM_NODE_MAXCONN-32}", "2"), port),
+            ThreadPoolExecutor(8) as pool,
+        ):
+            base = f"http://127.0.0.1:{port}"
+            writes = [
+                pool.submit(httpx.post, f"{base}/v1/events/e1/reservations", json={}, timeout=20)
+                for _ in range(5)
+            ]
+            deadline = time.monotonic() + 10
+            while len(node.paths) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)  # more would have arrived by now, were they let through
+            assert node.held == 2 and len(node.paths) == 2, node.paths
+            # A payment's long poll is not held behind the bound (the node idles in it).
+            poll = pool.submit(httpx.get, f"{base}/v1/reservations/r1?wait=10", timeout=20)
+            while len(node.paths) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert node.paths[-1] == "/v1/reservations/r1?wait=10", node.paths
+            node.release.set()
+            assert [f.result().status_code for f in [*writes, poll]] == [200] * 6
+            assert node.most_held == 3  # two writes and the long poll, never more
+    finally:
+        node.close()

@@ -75,6 +75,7 @@ def run_server(app: str, *, host: str, port: int, workers: int, ws_port: int | N
     from uvicorn.supervisors import Multiprocess
 
     from waitroom.core.httpserver import PROTOCOL as HTTP_PROTOCOL
+    from waitroom.core.httpserver import listeners
 
     config = uvicorn.Config(
         app,
@@ -101,7 +102,7 @@ def run_server(app: str, *, host: str, port: int, workers: int, ws_port: int | N
     )
     # What uvicorn.run does, on one listening socket or two (both serve the whole app; the
     # load balancer decides what goes where).
-    sockets = [config.bind_socket()]
+    sockets = listeners(config)
     if ws_port is not None:
         sockets.append(uvicorn.Config(app, host=host, port=ws_port).bind_socket())
     try:
