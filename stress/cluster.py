@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the crowd arrives evenly over this many seconds (0: all at once)",
     )
     parser.add_argument("--join-seconds", type=float, default=4.0, help="per join round")
-    parser.add_argument("--join-rounds", type=int, default=2, help="rounds per side (ABBA)")
+    parser.add_argument("--join-rounds", type=int, default=4, help="rounds per side (ABBA)")
     parser.add_argument("--join-connections", type=int, default=64)
     parser.add_argument("--failover-tickets", type=int, default=150)
     parser.add_argument(
