@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import resource
 import sys
 import time
@@ -18,14 +19,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
-import websockets
-from websockets.asyncio.client import connect
 
 from stress.common import percentile
 from stress.fanclient import Answer, FanClient, TransportError
 from stress.pow import Solver
+from stress.wsclient import Fan as WsFan
 from waitroom.core.affinity import NODE_COOKIE
 
 
@@ -113,6 +114,7 @@ class Progress:
 
 
 _decode = msgspec.json.Decoder()
+_POSITION = b'{"type":"position"'
 
 
 def _ip(i: int) -> str:
@@ -245,35 +247,78 @@ def node_cookie(answer: Answer) -> str | None:
     return None
 
 
+class _SocketEnded(Exception):
+    """A fan's WebSocket closed (or never opened) before the fan's wait was over."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"closed {code}: {reason}" if code is not None else reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Wait:
+    """What one fan's socket is waiting for: the pass (admitted) or None (sold out).
+
+    The socket is a :class:`stress.wsclient.Fan`: the ``websockets`` library's sans-I/O
+    protocol driven from socket callbacks, without a task, a keep-alive timer and a queue per
+    connection (the library's asyncio client: a generator process holds thousands of them,
+    and its CPU is taken from the server's on this machine). Position updates are skipped
+    unread.
+    """
+
+    def __init__(self) -> None:
+        self.outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+    def on_open(self, fan: WsFan) -> None:
+        pass
+
+    def on_message(self, fan: WsFan, data: bytes, now: float) -> None:
+        if self.outcome.done() or data.startswith(_POSITION):
+            return
+        message = _decode.decode(data)
+        if message["type"] == "admitted":
+            self.outcome.set_result(message["pass"])
+        elif message["type"] == "sold_out":
+            self.outcome.set_result(None)
+
+    def on_closed(self, fan: WsFan) -> None:
+        if not self.outcome.done():
+            # The close frame the server sent, if it sent one (the connection may just drop).
+            rcvd = fan.ws.close_rcvd
+            ended = _SocketEnded(rcvd.code, rcvd.reason) if rcvd else _SocketEnded(None, "dropped")
+            self.outcome.set_exception(ended)
+
+
 async def _wait_for_pass(ws_base: str, event_id: str, auth: dict[str, str]) -> str | None:
     # The identity in Authorization (a non-browser client; never in the URL), and the fan's
     # own X-Forwarded-For: the server caps sockets per client address.
     url = f"{ws_base}/v1/events/{event_id}/queue/ws"
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    loop = asyncio.get_running_loop()
     last: BaseException | None = None
     for attempt in range(30):
+        wait = _Wait()
+        fan: WsFan | None = None
         try:
-            async with connect(
-                url,
-                additional_headers=auth,
-                open_timeout=30,
-                ping_interval=None,
-                compression=None,
-            ) as ws:
-                async for raw in ws:
-                    message = _decode.decode(raw)
-                    if message["type"] == "admitted":
-                        passed: str = message["pass"]
-                        return passed
-                    if message["type"] == "sold_out":
-                        return None
-        except websockets.exceptions.ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code == 4404:  # not in line: final
-                raise RuntimeError(f"the WebSocket said: {exc.rcvd.reason}") from None
+            _, opened = await asyncio.wait_for(
+                loop.create_connection(functools.partial(WsFan, wait, url, auth), host, port),
+                30,
+            )
+            fan = opened
+            if not await asyncio.wait_for(opened.handshake, 30):
+                raise _SocketEnded(None, f"handshake refused: {opened.ws.handshake_exc!r}")
+            return await wait.outcome
+        except _SocketEnded as exc:
+            if exc.code == 4404:  # not in line: final
+                raise RuntimeError(f"the WebSocket said: {exc.reason}") from None
             last = exc
-            await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
-        except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+        except (OSError, TimeoutError) as exc:
             last = exc
-            await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+        finally:
+            if fan is not None and not fan.closed:
+                fan.close()
+        await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
     raise RuntimeError(f"the WebSocket kept failing: {last!r}")
 
 

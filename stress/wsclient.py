@@ -155,6 +155,15 @@ class Fan(asyncio.Protocol):
                 self.client.on_message(self, bytes(event.data), now)
         self._flush()
 
+    def close(self, code: int = 1000) -> None:
+        """Say goodbye (a close frame, when open) and drop the connection."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(code)
+            self._flush()
+        self.transport.close()
+
     def eof_received(self) -> bool | None:
         self.ws.receive_eof()
         self._flush()

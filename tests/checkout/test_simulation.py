@@ -7,14 +7,16 @@ log or a pipe rather than a terminal it still says, every few seconds, how the s
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
 import time
 
 import httpx
+import pytest
 
-from stress.simulation import Progress
+from stress.simulation import Progress, _wait_for_pass
 from tests.admission.support import create_event
 from tests.checkout.test_seat_checkout import seated_event
 from tests.harness import ROOT, ServerThread, WorkersThread
@@ -118,3 +120,29 @@ def test_a_simulated_seated_sale_sells_the_best_seats_available_and_checks_out(
     ) != bought:
         assert time.monotonic() < deadline, states
         time.sleep(0.1)
+
+
+@pytest.mark.anyio
+async def test_a_simulated_fans_socket_brings_its_pass_or_gives_up_when_not_in_line(
+    server: ServerThread, admin: httpx.Client
+) -> None:
+    """The fans' WebSocket (:func:`stress.simulation._wait_for_pass`, the wsclient protocol
+    without a task per socket): the pass of an admitted fan; a fan who left the line is told
+    so (4404) and stops, instead of reconnecting for minutes."""
+    event_id = create_event(admin, rate=50, max_active=10, prefix="simws")
+    async with httpx.AsyncClient(base_url=server.url) as http:
+
+        async def joined() -> dict[str, str]:
+            http.cookies.clear()
+            body = (await http.post(f"/v1/events/{event_id}/queue")).json()
+            http.cookies.clear()
+            return {"Authorization": f"Bearer {body['visitor_token']}"}
+
+        fan = await joined()
+        queue_pass = await asyncio.wait_for(_wait_for_pass(server.ws_url, event_id, fan), 20)
+        assert queue_pass is not None and queue_pass.count(".") == 2  # a JWS
+        gone = await joined()
+        left = await http.delete(f"/v1/events/{event_id}/queue/me", headers=gone)
+        assert left.status_code in (200, 204), left.text
+        with pytest.raises(RuntimeError, match="the WebSocket said: not in line"):
+            await asyncio.wait_for(_wait_for_pass(server.ws_url, event_id, gone), 20)
