@@ -213,6 +213,83 @@ async def counters(nodes: Nodes) -> dict[str, float]:
     return {name: sum(metric_sum(text, name) or 0.0 for text in texts) for name in COUNTERS}
 
 
+#: The nodes' event-loop stalls (waitroom.core.stalls): the histogram by cause, the CPU the
+#: loop thread used during them, and the log line each carries the loop's stack on.
+STALL_HISTOGRAM = "waitroom_event_loop_stall_seconds"
+STALL_CPU = "waitroom_event_loop_stall_cpu_seconds"
+STALL_LOG = "event loop stalled"
+STALL_CAUSES = ("running", "starved")
+
+
+async def stall_totals(nodes: Nodes) -> dict[str, dict[str, float]]:
+    """Per cause, the nodes' stalls so far: how many, their seconds, the loop's CPU in them."""
+    async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
+        texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
+    out = {cause: {"count": 0.0, "seconds": 0.0, "cpu_s": 0.0} for cause in STALL_CAUSES}
+    wanted = {
+        f"{STALL_HISTOGRAM}_count": "count",
+        f"{STALL_HISTOGRAM}_sum": "seconds",
+        f"{STALL_CPU}_total": "cpu_s",
+    }
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                field = wanted.get(sample.name)
+                cause = sample.labels.get("cause")
+                if field is not None and cause in out:
+                    out[cause][field] += sample.value
+    return out
+
+
+def stall_report(
+    before: dict[str, dict[str, float]],
+    after: dict[str, dict[str, float]],
+    logs: Iterable[str],
+    seconds: float,
+) -> dict[str, Any]:
+    """The nodes' stalls during the sale, by cause, and where the logged ones were.
+
+    *running* stalls are the nodes' own code holding the loop; *starved* ones are the nodes
+    waiting for a core. ``where`` ranks the innermost frame of each logged stall's most
+    sampled stack (a node logs at most one stall a second, so these are samples).
+    """
+    causes: dict[str, Any] = {}
+    for cause in STALL_CAUSES:
+        delta = {k: after[cause][k] - before[cause][k] for k in after[cause]}
+        causes[cause] = {
+            "count": int(delta["count"]),
+            "seconds": round(delta["seconds"], 2),
+            "share_of_sale": round(delta["seconds"] / seconds, 3) if seconds else None,
+            "loop_cpu_share": round(delta["cpu_s"] / delta["seconds"], 2)
+            if delta["seconds"]
+            else None,
+        }
+    where: dict[str, dict[str, float]] = {}
+    logged = 0
+    for text in logs:
+        for line in text.splitlines():
+            if STALL_LOG not in line:
+                continue
+            try:
+                record = msgspec.json.decode(line)
+            except msgspec.DecodeError:
+                continue
+            if (
+                not isinstance(record, dict)
+                or record.get("msg", record.get("message")) != STALL_LOG
+            ):
+                continue
+            logged += 1
+            stacks = record.get("stacks") or [{"frames": ["(no sample)"]}]
+            frames = stacks[0].get("frames") or ["(no sample)"]
+            key = f"{record.get('cause')}: {frames[0]}"
+            entry = where.setdefault(key, {"stalls": 0, "ms": 0.0})
+            entry["stalls"] += 1
+            entry["ms"] = round(entry["ms"] + float(record.get("stall_ms", 0.0)), 1)
+    ranked = sorted(where.items(), key=lambda kv: -kv[1]["ms"])[:8]
+    return {**causes, "logged": logged, "where": dict(ranked)}
+
+
 def _summary(series: dict[float, float]) -> dict[str, float | None]:
     """p50/p99 (ms) and count of one histogram's cumulative buckets."""
     return {
@@ -500,6 +577,16 @@ async def _generators(
     return outcomes, reports
 
 
+def _read_from(offsets: dict[Path, int]) -> list[str]:
+    """What each log got since its offset (the sale's lines)."""
+    texts = []
+    for path, offset in offsets.items():
+        with path.open("rb") as log:
+            log.seek(offset)
+            texts.append(log.read().decode(errors="replace"))
+    return texts
+
+
 async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict[str, Any]:
     """The sale on ``nodes``: fans' and server's latencies per step, and the checks."""
     pool: asyncpg.Pool[Any] = await asyncpg.create_pool(
@@ -510,6 +597,8 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         event_id = await create_sale(pool, args.tickets, args.rate, args.max_active)
         before = await scrape(nodes)
         counted_before = await counters(nodes)
+        stalls_before = await stall_totals(nodes)
+        log_offsets = {path: path.stat().st_size for path in nodes.run_dir.glob("node*.log")}
         started, cpu_before = time.monotonic(), cpu_by_kind()
         outcomes, reports = await _generators(args, work, nodes, event_id)
         duration = time.monotonic() - started
@@ -518,6 +607,9 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         cpu["generators"] = round(sum(r.cpu_s for r in reports) / duration * 100, 1)
         after = await scrape(nodes)
         counted = {k: v - counted_before[k] for k, v in (await counters(nodes)).items()}
+        stalls = stall_report(
+            stalls_before, await stall_totals(nodes), _read_from(log_offsets), duration
+        )
         forwarded = counted["waitroom_inventory_forwarded_total"]
         deadline = time.monotonic() + 30  # the last payments may still be settling
         while time.monotonic() < deadline:
@@ -553,6 +645,9 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         # a stalled node moves it, and the fans' cookies then name the old owner).
         "owner_changes": counted["waitroom_inventory_owner_changes_total"],
         "balancer": balancer,
+        # The nodes' event-loop stalls over 100 ms: their own code (running) or no core free
+        # (starved), and where the logged ones were.
+        "node_stalls": stalls,
         "checks": checks,
         "errors": sum(r.errors for r in reports),
         "error_samples": [o.error for o in outcomes if o.error][:5],

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from stress.cluster import balancer_steps, histogram_quantile, parse_buckets
+from stress.cluster import balancer_steps, histogram_quantile, parse_buckets, stall_report
 from tests.harness import ROOT
 from waitroom.core.settings import Settings, settings_env
 
@@ -83,6 +83,43 @@ def test_the_balancer_times_come_from_haproxy_log_lines_of_the_sale_only() -> No
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 @pytest.mark.not_on_cluster  # it starts a Redis Cluster of its own
+def test_stalls_are_the_sales_own_by_cause_and_ranked_by_where_they_held_the_loop() -> None:
+    zero = {"count": 0.0, "seconds": 0.0, "cpu_s": 0.0}
+    before = {"running": {"count": 2.0, "seconds": 0.5, "cpu_s": 0.4}, "starved": dict(zero)}
+    after = {
+        "running": {"count": 5.0, "seconds": 1.7, "cpu_s": 1.4},
+        "starved": {"count": 4.0, "seconds": 2.0, "cpu_s": 0.2},
+    }
+
+    def line(cause: str, ms: float, frame: str) -> str:
+        stacks = [{"samples": 3, "frames": [frame, "line/room.py:10 outer"]}]
+        return json.dumps(
+            {"msg": "event loop stalled", "cause": cause, "stall_ms": ms, "stacks": stacks}
+        )
+
+    node1 = "\n".join(
+        [
+            line("running", 300.0, "line/broadcast.py:200 tick"),
+            '{"msg": "request done", "note": "event loop stalled"}',  # not a stall line
+            "not json: event loop stalled",
+            line("running", 150.0, "line/broadcast.py:200 tick"),
+        ]
+    )
+    node2 = line("starved", 900.0, "inventory/actor.py:336 _apply")
+    report = stall_report(before, after, [node1, node2], seconds=10.0)
+    assert report["running"] == {
+        "count": 3, "seconds": 1.2, "share_of_sale": 0.12, "loop_cpu_share": 0.83,
+    }  # fmt: skip
+    assert report["starved"] == {
+        "count": 4, "seconds": 2.0, "share_of_sale": 0.2, "loop_cpu_share": 0.1,
+    }  # fmt: skip
+    assert report["logged"] == 3
+    assert list(report["where"].items()) == [
+        ("starved: inventory/actor.py:336 _apply", {"stalls": 1, "ms": 900.0}),
+        ("running: line/broadcast.py:200 tick", {"stalls": 2, "ms": 450.0}),
+    ]
+
+
 def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
     settings: Settings,
 ) -> None:
@@ -126,6 +163,9 @@ def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
     assert lag["count"] >= 3 and lag["p99_ms"] is not None and lag["p99_ms"] > 0, shown
     assert 0 <= lag["share_over_1s"] <= 1, shown
     assert report["node_gc_pause"]["count"] >= 0, shown
+    stalls = report["sale"]["node_stalls"]
+    assert {"running", "starved", "logged", "where"} <= set(stalls), shown
+    assert all(stalls[cause]["count"] >= 0 for cause in ("running", "starved")), shown
     generators = report["sale"]["generators"]
     assert len(generators) == 2 and all(g["cpu_pct"] >= 0 for g in generators), shown
     assert report["failover"]["reserved"] == report["failover"]["fans"], shown

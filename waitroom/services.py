@@ -88,7 +88,9 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
     """Build every service of a server process; ``stack`` stops them in reverse order."""
     clients = await open_clients(settings, stack)
     keys, redis, db = clients.keys, clients.redis, clients.db
-    await stack.enter_async_context(monitoring(redis, db, timeout_s=settings.dependency_timeout_s))
+    await stack.enter_async_context(
+        monitoring(redis, db, timeout_s=settings.dependency_timeout_s, stall_ms=settings.stall_ms)
+    )
     try:
         await asyncio.wait_for(scripts.load_all(redis), settings.dependency_timeout_s)
     except Exception as exc:  # Redis may come up later; scripts then load on first use

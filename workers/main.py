@@ -142,7 +142,10 @@ async def run_workers(
             svc = await open_worker_services(settings, stack)
             await stack.enter_async_context(
                 monitoring(
-                    svc.clients.redis, svc.clients.db, timeout_s=settings.dependency_timeout_s
+                    svc.clients.redis,
+                    svc.clients.db,
+                    timeout_s=settings.dependency_timeout_s,
+                    stall_ms=settings.stall_ms,
                 )
             )
             if settings.workers_metrics_port is not None:

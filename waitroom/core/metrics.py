@@ -71,6 +71,7 @@ from starlette.routing import Route
 from waitroom.core.errors import SettingsError, Unauthorized
 from waitroom.core.runtime import cancel_and_wait
 from waitroom.core.settings import Settings, operators
+from waitroom.core.stalls import StallWatch
 
 log = logging.getLogger("waitroom.metrics")
 
@@ -206,11 +207,12 @@ def _alive(pid: int) -> bool:
 
 @contextlib.asynccontextmanager
 async def monitoring(
-    redis: Redis, db: asyncpg.Pool[Any], *, timeout_s: float
+    redis: Redis, db: asyncpg.Pool[Any], *, timeout_s: float, stall_ms: int = 0
 ) -> AsyncIterator[None]:
     """Watch the event loop, the PostgreSQL pool and a round trip to each dependency for
     the duration of the block (two tasks, one timer a second and two pings every
-    :data:`PING_EVERY_S`)."""
+    :data:`PING_EVERY_S`), and with ``stall_ms`` the loop's stalls longer than that
+    (:mod:`waitroom.core.stalls`)."""
     probes: dict[str, Callable[[], Awaitable[Any]]] = {
         "redis": redis.ping,
         "postgresql": lambda: db.fetchval("SELECT 1"),
@@ -221,9 +223,14 @@ async def monitoring(
         asyncio.create_task(_watch_loop(db), name="metrics:loop"),
         asyncio.create_task(_ping(probes, timeout_s), name="metrics:ping"),
     ]
+    watch = StallWatch(stall_ms / 1000) if stall_ms > 0 else None
+    if watch is not None:
+        watch.start()
     try:
         yield
     finally:
+        if watch is not None:
+            watch.stop()
         # Cancelled again until they end: asyncio.wait_for in Python 3.11 can swallow a
         # cancellation that lands as the probe answers, and the ping would then go on forever.
         await asyncio.gather(*(cancel_and_wait(task) for task in tasks))

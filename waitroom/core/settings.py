@@ -74,6 +74,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 64 * 1024
     #: Bound on every call to Redis or PostgreSQL made to answer a request or a probe.
     dependency_timeout_s: float = 2.0
+    #: Event-loop stalls longer than this many milliseconds are timed, told apart (the loop
+    #: running one long callback, or the process waiting for a core) and logged with the
+    #: loop's stack (waitroom.core.stalls). 0: not watched.
+    stall_ms: int = 100
     db_pool_min: int = 1
     db_pool_max: int = 10
     #: The inventory actors' own PostgreSQL pool in a server process (their group commits):
@@ -363,6 +367,7 @@ _FIELDS: dict[str, _Field] = {
     "log_level": _Field(_log_level, "one of " + ", ".join(LOG_LEVELS)),
     "max_body_bytes": _int_range(1024, 64 * 1024 * 1024),
     "dependency_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
+    "stall_ms": _int_range(0, 60_000),
     "db_pool_min": _int_range(0, 1000),
     "db_pool_max": _int_range(1, 1000),
     "db_actor_pool_max": _int_range(1, 1000),
