@@ -115,6 +115,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--join-connections", type=int, default=64)
     parser.add_argument("--failover-tickets", type=int, default=150)
     parser.add_argument(
+        "--generator-nice",
+        type=int,
+        default=0,
+        choices=range(20),
+        metavar="0-19",
+        help="run the fan generators at this niceness: a diagnostic of how much of the nodes'"
+        " tail is the simulated crowd taking their cores on this machine (the fans' own"
+        " figures then include the generators' wait for a core)",
+    )
+    parser.add_argument(
         "--ignore-node-cookie",
         action="store_true",
         help="fans ignore the owner-affinity cookie (ADR 0017): reservations spread and forwarded",
@@ -540,6 +550,7 @@ async def _generators(
             outs.append(out)
             procs.append(
                 await asyncio.create_subprocess_exec(
+                    *(["nice", "-n", str(args.generator_nice)] if args.generator_nice else []),
                     sys.executable,
                     "-m",
                     "stress.fan_generator",
@@ -868,6 +879,7 @@ def summarize(
             "generators": args.generators,
             "rate_per_second": args.rate,
             "max_active": args.max_active,
+            "generator_nice": args.generator_nice,
             "arrival_s": args.arrival_s,
             "fans_keep_node_cookie": not args.ignore_node_cookie,
             "per_fan_limit": PER_FAN_LIMIT,
