@@ -26,6 +26,7 @@ from waitroom.core.settings import Settings
 from waitroom.line import scripts as line_scripts
 from waitroom.line.broadcast import (
     FAR_EVERY_S,
+    FRONT_MIN_PLACES,
     NEAR_FRONT_PLACES,
     Broadcaster,
     Hub,
@@ -441,6 +442,72 @@ async def test_fans_far_back_get_a_new_position_every_few_seconds_not_every_tick
     await broadcaster.tick(now + 1 + FAR_EVERY_S)
     assert all(sub.pending is not None for sub in subs.values())
     assert json.loads(subs[fans[-1]].pending or "{}")["position"] == count - 1
+
+
+async def _admit(r: Redis, rooms: Rooms, event_id: str, fan_id: str) -> str:
+    """What the admission loop writes for one fan (see test_paused_sold_out_and_admitted...)."""
+    ek = Keys(rooms.keys.prefix).event(event_id)
+    claims = PassClaims("waitroom", fan_id, event_id, f"j-{fan_id}", 1, 1, 1800000000, 1)
+    the_pass = PassKeys(Ed25519PrivateKey.generate()).sign(claims)
+    await r.zrem(ek.queue, fan_id)
+    await r.hset(ek.admitted, fan_id, the_pass)
+    await r.hincrby(ek.meta, "admitted_total", 1)
+    return the_pass
+
+
+async def test_the_front_hears_of_its_admission_between_ticks_and_only_of_that(
+    rooms: Rooms, r: Redis, http: httpx.AsyncClient
+) -> None:
+    event_id = await new_event(http)
+    count = FRONT_MIN_PLACES + 20
+    fans = [f"v_{i:032x}" for i in range(count)]
+    now = time.time()
+    for i, fan in enumerate(fans):
+        await rooms.join(event_id, fan, now=now, ip=f"10.7.0.{i}", known_fan=False)
+    broadcaster = Broadcaster(Hub(rooms), event_id)  # ticked by hand
+    subs = {fan: Subscriber(event_id, fan) for fan in fans}
+    for sub in subs.values():
+        broadcaster.add(sub)
+    await broadcaster.tick(now)
+    # The rate is unknown yet: the front is the first FRONT_MIN_PLACES places.
+    assert broadcaster.front == set(fans[:FRONT_MIN_PLACES])
+    for sub in subs.values():
+        sub.pending = None
+    first_pass = await _admit(r, rooms, event_id, fans[0])
+    last_pass = await _admit(r, rooms, event_id, fans[-1])  # admitted from far back
+    await broadcaster.front_tick(now + 0.2)
+    handed = {fan: json.loads(sub.pending) for fan, sub in subs.items() if sub.pending}
+    # Only the admitted fan of the front; nobody's position moves between ticks.
+    assert handed == {fans[0]: {"type": "admitted", "pass": first_pass, "expires_at": 1800000000}}
+    assert fans[0] not in broadcaster.front
+    # The tick tells the rest, the admitted fan far back among them, and nothing twice.
+    subs[fans[0]].pending = None
+    await broadcaster.tick(now + 1)
+    assert subs[fans[0]].pending is None
+    assert json.loads(subs[fans[-1]].pending or "{}").get("pass") == last_pass
+    assert json.loads(subs[fans[1]].pending or "{}").get("position") == 1
+
+
+async def test_a_running_broadcaster_hands_the_pass_over_before_its_next_tick(
+    rooms: Rooms, r: Redis, http: httpx.AsyncClient
+) -> None:
+    event_id = await new_event(http)
+    fan = "v_" + "6" * 32
+    await rooms.join(event_id, fan, now=time.time(), ip="10.0.0.6", known_fan=False)
+    hub = Hub(rooms, tick_s=2.0, front_tick_s=0.05)
+    sub = hub.subscribe(event_id, fan)
+    try:
+        await asyncio.wait_for(sub.wait(), 10)  # the first tick: the fan's position
+        assert json.loads(sub.pending or "{}")["position"] == 1
+        sub.pending = None
+        broadcaster = hub._broadcasters[event_id]
+        ticks = broadcaster._ticks
+        the_pass = await _admit(r, rooms, event_id, fan)
+        await asyncio.wait_for(sub.wait(), 10)
+        assert json.loads(sub.pending or "{}")["pass"] == the_pass
+        assert broadcaster._ticks == ticks  # a look at the front did it, not the next tick
+    finally:
+        await hub.close()
 
 
 async def test_broadcasters_stop_when_their_last_subscriber_leaves(

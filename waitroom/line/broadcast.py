@@ -15,6 +15,13 @@ can: it never delays the broadcaster or any other fan. The hand-over yields to t
 loop every :data:`HANDOVER_CHUNK` wake-ups, so the sends of a tick are spread over many
 short loop turns instead of one long one.
 
+Between two ticks, the fans at the front of the line (those the admissions at the current
+rate reach before the next tick, see :data:`FRONT_TICK_S`) are looked at again every
+:data:`FRONT_TICK_S`, for their admission only: a fan learns of their pass within a fifth of
+a second of it rather than at the next tick, and the fans of a node do not all hear at once
+and start their checkout in the same instant (a second's admissions at a time used to reach
+the actor's node as one burst of reservations, which waited in the balancer's queue).
+
 Broadcasters also sweep their rooms for abandoned fans every :data:`SWEEP_EVERY_TICKS`
 ticks, and stop themselves at the first tick that finds no subscriber left.
 """
@@ -34,7 +41,7 @@ from waitroom.core.metrics import forget
 from waitroom.core.runtime import cancel_and_wait
 from waitroom.line import messages
 from waitroom.line.room import Rooms
-from waitroom.line.scripts import ADMITTED, GONE
+from waitroom.line.scripts import ADMITTED, ADMITTING, GONE
 
 log = logging.getLogger("waitroom.line.broadcast")
 
@@ -51,6 +58,13 @@ KEEPALIVE_S = 15.0
 NEAR_FRONT_S = 30.0
 NEAR_FRONT_PLACES = 500
 FAR_EVERY_S = 5.0
+#: Seconds between two looks at the front of the line for admissions (0: only at ticks).
+FRONT_TICK_S = 0.2
+#: The front: fans whose place is under this many ticks' worth of admissions at the current
+#: rate, plus :data:`FRONT_MIN_PLACES` (a margin for a rate that rises; and all that is
+#: watched while the rate is unknown). A few hundred fans a node at most in a fast sale.
+FRONT_TICKS = 1.5
+FRONT_MIN_PLACES = 32
 #: Sweep abandoned fans every this many ticks.
 SWEEP_EVERY_TICKS = 5
 #: Connections woken per event-loop turn during a tick's hand-over (see Broadcaster.tick).
@@ -193,6 +207,8 @@ class Broadcaster:
         self._ticks = 0
         self._error_logged_at = 0.0
         self._expiry: dict[str, int | None] = {}
+        #: Fans at the front of the line as of the last tick (see :meth:`front_tick`).
+        self.front: set[str] = set()
 
     def add(self, sub: Subscriber) -> None:
         subs = self.subscribers.setdefault(sub.fan_id, [])
@@ -221,7 +237,7 @@ class Broadcaster:
             if delay < 0:
                 # A tick overran: start afresh rather than fire the missed ticks back to back.
                 next_at, delay = loop.time(), 0.0
-            await asyncio.sleep(delay)
+            await self._until(next_at)
             if not self.subscribers:
                 # Decided and done without awaiting, so a subscriber arriving now finds
                 # either this broadcaster still registered, or none and starts a new one.
@@ -245,6 +261,50 @@ class Broadcaster:
                         extra={"event_id": self.event_id, "error": repr(exc)},
                     )
 
+    async def _until(self, deadline: float) -> None:
+        """Wait for the loop clock to reach ``deadline``, looking at the front meanwhile."""
+        loop = asyncio.get_running_loop()
+        every = self.hub.front_tick_s
+        while True:
+            remaining = deadline - loop.time()
+            if not every or not self.front or remaining <= every:
+                await asyncio.sleep(max(0.0, remaining))
+                return
+            await asyncio.sleep(every)
+            try:
+                await self.front_tick(time.time())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next tick tells everyone anyway
+                if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:
+                    self._error_logged_at = time.monotonic()
+                    log.warning(
+                        "broadcaster front tick failed",
+                        extra={"event_id": self.event_id, "error": repr(exc)},
+                    )
+
+    async def front_tick(self, now: float) -> None:
+        """Hand their pass to the fans of the front admitted since the last look.
+
+        Only admissions: positions, pauses and the sale's end wait for the next tick, which
+        also finds a new front.
+        """
+        fans = [fan_id for fan_id in self.front if fan_id in self.subscribers]
+        if not fans:
+            self.front.clear()
+            return
+        result = await self.hub.rooms.positions(self.event_id, fans, now=now)
+        passes = iter(result.passes)
+        for fan_id, code in zip(fans, result.codes, strict=True):
+            if code != ADMITTED:
+                continue
+            queue_pass = next(passes)
+            self.front.discard(fan_id)
+            text = self._admitted(queue_pass)
+            for sub in self.subscribers.get(fan_id, ()):
+                if text != sub.latest:
+                    sub.offer(text, now)
+
     async def tick(self, now: float) -> None:
         """One round: one Redis call for every local fan, then the hand-over."""
         started = time.perf_counter()
@@ -261,6 +321,8 @@ class Broadcaster:
         keepalive_before = now - KEEPALIVE_S
         far_before = now - FAR_EVERY_S
         near_front = max(NEAR_FRONT_PLACES, int((rate or 0.0) * NEAR_FRONT_S))
+        front_places = FRONT_MIN_PLACES + int((rate or 0.0) * self.hub.tick_s * FRONT_TICKS)
+        front: set[str] = set()
         woken = 0
         for fan_id, code in zip(fans, result.codes, strict=True):
             if woken >= HANDOVER_CHUNK:
@@ -288,6 +350,8 @@ class Broadcaster:
                 for sub in subs:
                     sub.close(GONE_CLOSE)
                 continue
+            if code == ADMITTING or 0 <= code < front_places:
+                front.add(fan_id)
             far = False
             if queue_pass is not None:
                 text: str | None = self._admitted(queue_pass)
@@ -310,6 +374,8 @@ class Broadcaster:
                 ):
                     sub.offer(text, now)
                     woken += 1
+        # Not while paused or sold out: nobody is admitted then.
+        self.front = front if individual else set()
         self._ticks += 1
         if self._ticks % SWEEP_EVERY_TICKS == 0:
             await rooms.sweep(self.event_id, now=now)
@@ -328,10 +394,16 @@ class Hub:
     """This process's broadcasters, by event; created and closed by the app's lifespan."""
 
     def __init__(
-        self, rooms: Rooms, *, tick_s: float = TICK_S, max_per_fan: int = MAX_PER_FAN
+        self,
+        rooms: Rooms,
+        *,
+        tick_s: float = TICK_S,
+        front_tick_s: float = FRONT_TICK_S,
+        max_per_fan: int = MAX_PER_FAN,
     ) -> None:
         self.rooms = rooms
         self.tick_s = tick_s
+        self.front_tick_s = front_tick_s
         self.max_per_fan = max_per_fan
         self._broadcasters: dict[str, Broadcaster] = {}
         self._closed = False
