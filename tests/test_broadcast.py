@@ -27,6 +27,7 @@ from waitroom.line import scripts as line_scripts
 from waitroom.line.broadcast import (
     FAR_EVERY_S,
     FRONT_MIN_PLACES,
+    HANDOVER_CHUNK,
     NEAR_FRONT_PLACES,
     Broadcaster,
     Hub,
@@ -508,6 +509,33 @@ async def test_a_running_broadcaster_hands_the_pass_over_before_its_next_tick(
         assert broadcaster._ticks == ticks  # a look at the front did it, not the next tick
     finally:
         await hub.close()
+
+
+async def test_the_sold_out_tick_closes_the_sockets_a_chunk_at_a_time(
+    rooms: Rooms, r: Redis, http: httpx.AsyncClient
+) -> None:
+    """Each close wakes a connection that then sends and closes: all of a node's sockets
+    woken in one loop turn held its loop for 130 ms in the cluster benchmark."""
+    event_id = await new_event(http)
+    count = 2 * HANDOVER_CHUNK + 10
+    fans = [f"v_{i:032x}" for i in range(count)]
+    now = time.time()
+    for i, fan in enumerate(fans):
+        await rooms.join(event_id, fan, now=now, ip=f"10.6.{i >> 8}.{i & 255}", known_fan=False)
+    broadcaster = Broadcaster(Hub(rooms), event_id)  # ticked by hand
+    subs = [Subscriber(event_id, fan) for fan in fans]
+    for sub in subs:
+        broadcaster.add(sub)
+    await r.hset(Keys(rooms.keys.prefix).event(event_id).meta, "sold_out", "1")
+    tick = asyncio.create_task(broadcaster.tick(now))
+    closed_at_each_turn = set()
+    while not tick.done():
+        closed_at_each_turn.add(sum(sub.closed for sub in subs))
+        await asyncio.sleep(0)
+    await tick
+    assert all(sub.close_with == (1000, "sold out") for sub in subs)
+    # Some turns of the loop saw part of them closed: the closes came a chunk at a time.
+    assert any(0 < closed < count for closed in closed_at_each_turn), closed_at_each_turn
 
 
 async def test_broadcasters_stop_when_their_last_subscriber_leaves(
