@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import functools
 import resource
 import sys
@@ -39,6 +40,9 @@ class Outcome:
     joined_at: float = 0.0
     join_ms: float = 0.0
     admitted_after_s: float | None = None
+    #: For a pass that came over the socket: seconds from its ``iat`` (whole seconds, so
+    #: 0.5 s late on average) to its arrival: how long the fan took to hear of it.
+    pass_age_s: float | None = None
     reserve_ms: float | None = None
     confirm_ms: float | None = None
     paid_after_s: float | None = None
@@ -219,6 +223,8 @@ async def run_fan(
             return out
         finally:
             progress.waiting -= 1
+        if queue_pass is not None:
+            out.pass_age_s = time.time() - pass_issued_at(queue_pass)
         if queue_pass is not None and keep_route:
             # As the waiting page does once admitted over its socket: one status request,
             # whose answer names the node hosting the event's actor (ADR 0017).
@@ -287,6 +293,13 @@ class _Wait:
             rcvd = fan.ws.close_rcvd
             ended = _SocketEnded(rcvd.code, rcvd.reason) if rcvd else _SocketEnded(None, "dropped")
             self.outcome.set_exception(ended)
+
+
+def pass_issued_at(queue_pass: str) -> float:
+    """The ``iat`` claim of a queue pass (read, not verified: the server verifies)."""
+    payload = queue_pass.split(".")[1]
+    claims = msgspec.json.decode(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return float(claims["iat"])
 
 
 async def _wait_for_pass(ws_base: str, event_id: str, auth: dict[str, str]) -> str | None:

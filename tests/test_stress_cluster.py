@@ -158,6 +158,9 @@ def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
     # The waits for admission and payment are the fans', in seconds.
     assert {"fan_p99_s", "lb_p99_ms", "server_p99_ms"} <= set(report["steps"]["paid"]), shown
     assert {"fan_p99_s", "server_p99_ms"} <= set(report["steps"]["admitted"]), shown
+    # Passes that came over the socket: from their signing to the fan, under a second or so.
+    delivery = report["steps"]["admitted"]["fan_pass_delivery_mean_s"]
+    assert delivery is None or -0.6 <= delivery <= 30, shown
     # The nodes' loops were looked at once a second each, during a sale of a few seconds.
     lag = report["node_event_loop_lag"]
     assert lag["count"] >= 3 and lag["p99_ms"] is not None and lag["p99_ms"] > 0, shown

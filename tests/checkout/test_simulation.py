@@ -15,8 +15,10 @@ import time
 
 import httpx
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from stress.simulation import Progress, _wait_for_pass
+from admission.passes import PassClaims, PassKeys
+from stress.simulation import Progress, _wait_for_pass, pass_issued_at
 from tests.admission.support import create_event
 from tests.checkout.test_seat_checkout import seated_event
 from tests.harness import ROOT, ServerThread, WorkersThread
@@ -146,3 +148,11 @@ async def test_a_simulated_fans_socket_brings_its_pass_or_gives_up_when_not_in_l
         assert left.status_code in (200, 204), left.text
         with pytest.raises(RuntimeError, match="the WebSocket said: not in line"):
             await asyncio.wait_for(_wait_for_pass(server.ws_url, event_id, gone), 20)
+
+
+def test_a_passes_issue_time_is_read_from_its_claims() -> None:
+    for iat in (1_800_000_000, 1_800_000_001, 1_700_000_123):  # every base64 padding length
+        claims = PassClaims(
+            "waitroom", "v_" + "1" * 32, "evt-1", "j" * (iat % 3 + 1), iat, iat, iat + 900, 7
+        )
+        assert pass_issued_at(PassKeys(Ed25519PrivateKey.generate()).sign(claims)) == iat
