@@ -33,8 +33,9 @@ from prometheus_client import Counter, Histogram
 
 log = logging.getLogger("waitroom.stalls")
 
-#: Seconds between two heartbeats (and two looks of the watchdog).
-BEAT_S = 0.02
+#: Seconds between two heartbeats (and two looks of the watchdog): half the default
+#: threshold. Each look of the watchdog thread takes the GIL from the loop for a moment.
+BEAT_S = 0.05
 #: A share of the stall's wall time spent on the loop thread's CPU at or above this is
 #: *running* (the loop's own work), below it *starved* (waiting for a core).
 RUNNING_SHARE = 0.5
