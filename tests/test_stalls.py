@@ -83,3 +83,19 @@ async def test_hiccups_under_the_threshold_are_not_stalls() -> None:
     finally:
         watch.stop()
     assert _count("running") + _count("starved") == before
+
+
+async def test_a_running_stall_is_logged_even_right_after_a_starved_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    watch = StallWatch(threshold_s=0.1)
+    watch.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="waitroom.stalls"):
+            await _stall(watch, _off_cpu_for, 0.3)
+            await _stall(watch, _busy_for, 0.3)
+            await _stall(watch, _off_cpu_for, 0.3)  # within the second: not logged again
+    finally:
+        watch.stop()
+    causes = [r.__dict__["cause"] for r in caplog.records if r.getMessage() == "event loop stalled"]
+    assert causes == ["starved", "running"]

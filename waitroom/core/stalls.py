@@ -41,7 +41,7 @@ BEAT_S = 0.05
 RUNNING_SHARE = 0.5
 #: Frames kept of each stack sample, innermost first.
 FRAMES = 6
-#: Stalls logged at most this often (each is counted in the metrics regardless).
+#: Stalls of one cause logged at most this often (each is counted in the metrics regardless).
 LOG_EVERY_S = 1.0
 
 STALLS = Histogram(
@@ -97,7 +97,7 @@ class StallWatch:
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._handle: asyncio.TimerHandle | None = None
-        self._logged_at = 0.0
+        self._logged_at: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -141,10 +141,12 @@ class StallWatch:
         cause = "running" if share >= RUNNING_SHARE else "starved"
         STALLS.labels(cause).observe(wall)
         STALL_CPU.labels(cause).inc(max(0.0, cpu))
+        # Limited per cause: the rare running stall, the one with a stack worth reading, is
+        # never dropped because a starved one was logged a moment before.
         now = time.monotonic()
-        if now - self._logged_at < LOG_EVERY_S:
+        if now - self._logged_at.get(cause, -LOG_EVERY_S) < LOG_EVERY_S:
             return
-        self._logged_at = now
+        self._logged_at[cause] = now
         log.warning(
             "event loop stalled",
             extra={
