@@ -418,19 +418,29 @@ async def test_a_tick_asks_redis_once_for_every_local_fan(
     assert all(sub.pending is not None for sub in subs)
 
 
+async def _line_by_hand(
+    rooms: Rooms, event_id: str, count: int, now: float, *, subnet: int, skip: int = 0
+) -> tuple[list[str], Broadcaster, dict[str, Subscriber]]:
+    """``count`` fans in line, and a broadcaster (not started: ticked by hand) with a
+    subscriber for each but the first ``skip``."""
+    fans = [f"v_{i:032x}" for i in range(count)]
+    for i, fan in enumerate(fans):
+        ip = f"10.{subnet}.{i >> 8}.{i & 255}"
+        await rooms.join(event_id, fan, now=now, ip=ip, known_fan=False)
+    broadcaster = Broadcaster(Hub(rooms), event_id)
+    subs = {fan: Subscriber(event_id, fan) for fan in fans[skip:]}
+    for sub in subs.values():
+        broadcaster.add(sub)
+    return fans, broadcaster, subs
+
+
 async def test_fans_far_back_get_a_new_position_every_few_seconds_not_every_tick(
     rooms: Rooms, http: httpx.AsyncClient
 ) -> None:
     event_id = await new_event(http)
     count = NEAR_FRONT_PLACES + 100
-    fans = [f"v_{i:032x}" for i in range(count)]
     now = time.time()
-    for i, fan in enumerate(fans):
-        await rooms.join(event_id, fan, now=now, ip=f"10.8.{i >> 8}.{i & 255}", known_fan=False)
-    broadcaster = Broadcaster(Hub(rooms), event_id)  # ticked by hand
-    subs = {fan: Subscriber(event_id, fan) for fan in fans[1:]}
-    for sub in subs.values():
-        broadcaster.add(sub)
+    fans, broadcaster, subs = await _line_by_hand(rooms, event_id, count, now, subnet=8, skip=1)
     await broadcaster.tick(now)
     assert all(sub.pending is not None for sub in subs.values())  # the first figure: at once
     for sub in subs.values():
@@ -461,14 +471,8 @@ async def test_the_front_hears_of_its_admission_between_ticks_and_only_of_that(
 ) -> None:
     event_id = await new_event(http)
     count = FRONT_MIN_PLACES + 20
-    fans = [f"v_{i:032x}" for i in range(count)]
     now = time.time()
-    for i, fan in enumerate(fans):
-        await rooms.join(event_id, fan, now=now, ip=f"10.7.0.{i}", known_fan=False)
-    broadcaster = Broadcaster(Hub(rooms), event_id)  # ticked by hand
-    subs = {fan: Subscriber(event_id, fan) for fan in fans}
-    for sub in subs.values():
-        broadcaster.add(sub)
+    fans, broadcaster, subs = await _line_by_hand(rooms, event_id, count, now, subnet=7)
     await broadcaster.tick(now)
     # The rate is unknown yet: the front is the first FRONT_MIN_PLACES places.
     assert broadcaster.front == set(fans[:FRONT_MIN_PLACES])

@@ -254,12 +254,7 @@ class Broadcaster:
                     for sub in subs:
                         sub.close(UNKNOWN_CLOSE)
             except Exception as exc:  # Redis down, a bad reply: skip this tick, keep going
-                if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:
-                    self._error_logged_at = time.monotonic()
-                    log.warning(
-                        "broadcaster tick failed",
-                        extra={"event_id": self.event_id, "error": repr(exc)},
-                    )
+                self._failed("broadcaster tick failed", exc)
 
     async def _until(self, deadline: float) -> None:
         """Wait for the loop clock to reach ``deadline``, looking at the front meanwhile."""
@@ -276,12 +271,13 @@ class Broadcaster:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the next tick tells everyone anyway
-                if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:
-                    self._error_logged_at = time.monotonic()
-                    log.warning(
-                        "broadcaster front tick failed",
-                        extra={"event_id": self.event_id, "error": repr(exc)},
-                    )
+                self._failed("broadcaster front tick failed", exc)
+
+    def _failed(self, message: str, exc: Exception) -> None:
+        """Log a failed tick, at most every :data:`_ERROR_LOG_EVERY_S`."""
+        if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:
+            self._error_logged_at = time.monotonic()
+            log.warning(message, extra={"event_id": self.event_id, "error": repr(exc)})
 
     async def front_tick(self, now: float) -> None:
         """Hand their pass to the fans of the front admitted since the last look.
