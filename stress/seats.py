@@ -140,8 +140,9 @@ def arena(seats: int) -> venue.SeatMap:
     facing the stage has priority 0, those further round the bowl 1, 2, ...; off-centre
     sections look at the stage end of their front row (``focal``), the others keep the
     default front-centre. The seat in the middle of every seventh row is killed (a camera
-    platform: it splits the row), and the four seats at the end of the second row of the
-    first section are held back. At least :data:`MIN_SEATS` seats (``ValueError``).
+    platform: it splits the row; a row too short to split keeps it), and the four seats at
+    the end of the second row of the first section are held back. At least
+    :data:`MIN_SEATS` seats (``ValueError``).
     """
     if seats < MIN_SEATS:
         raise ValueError(f"an arena has at least {MIN_SEATS} seats, not {seats}")
@@ -159,7 +160,9 @@ def arena(seats: int) -> venue.SeatMap:
             row: list[venue.Seat] = []
             for p in range(length):
                 status: venue.SeatStatus = "open"
-                if r % 7 == 6 and p == length // 2:
+                # Only a seat with seats on both sides: a short last row (one seat, at 302
+                # seats) would otherwise lose its only seat, and with it a price level.
+                if r % 7 == 6 and 0 < p == length // 2 < length - 1:
                     status = "killed"
                 elif s == 0 and r == 1 and p >= length - 4:
                     status = "held_back"
