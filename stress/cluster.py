@@ -208,10 +208,15 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
+async def metric_pages(nodes: Nodes) -> list[str]:
+    """Each live node's ``/metrics`` page."""
+    async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
+        return [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
+
+
 async def scrape(nodes: Nodes) -> Buckets:
     """The nodes' request and admission-tick histograms, read from each node itself."""
-    async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
-        texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
+    texts = await metric_pages(nodes)
     return parse_buckets(
         texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM, LAG_HISTOGRAM, GC_HISTOGRAM, QUEUED_HISTOGRAM)
     )
@@ -219,8 +224,7 @@ async def scrape(nodes: Nodes) -> Buckets:
 
 async def counters(nodes: Nodes) -> dict[str, float]:
     """:data:`COUNTERS` summed over the live nodes (every label)."""
-    async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
-        texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
+    texts = await metric_pages(nodes)
     return {name: sum(metric_sum(text, name) or 0.0 for text in texts) for name in COUNTERS}
 
 
@@ -234,8 +238,7 @@ STALL_CAUSES = ("running", "starved")
 
 async def stall_totals(nodes: Nodes) -> dict[str, dict[str, float]]:
     """Per cause, the nodes' stalls so far: how many, their seconds, the loop's CPU in them."""
-    async with httpx.AsyncClient(timeout=10, headers=nodes.admin_headers) as http:
-        texts = [(await http.get(f"{node.url}/metrics")).text for node in nodes.nodes if node.alive]
+    texts = await metric_pages(nodes)
     out = {cause: {"count": 0.0, "seconds": 0.0, "cpu_s": 0.0} for cause in STALL_CAUSES}
     wanted = {
         f"{STALL_HISTOGRAM}_count": "count",

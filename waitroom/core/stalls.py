@@ -93,7 +93,6 @@ class StallWatch:
         self._beat_wall = 0.0
         self._beat_cpu = 0.0
         self._samples: collections.Counter[tuple[str, ...]] = collections.Counter()
-        self._sampled_beat = 0.0
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._handle: asyncio.TimerHandle | None = None

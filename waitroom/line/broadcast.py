@@ -18,9 +18,10 @@ short loop turns instead of one long one.
 Between two ticks, the fans at the front of the line (those the admissions at the current
 rate reach before the next tick, see :data:`FRONT_TICK_S`) are looked at again every
 :data:`FRONT_TICK_S`, for their admission only: a fan learns of their pass within a fifth of
-a second of it rather than at the next tick, and the fans of a node do not all hear at once
-and start their checkout in the same instant (a second's admissions at a time used to reach
-the actor's node as one burst of reservations, which waited in the balancer's queue).
+a second of it rather than at the next tick, and a second's admissions no longer start their
+checkout in the same instant. (On the 2-core benchmark machine neither the fans' reserve
+tail nor the pass's delivery moved out of the noise: there the way to the fan is the
+machine's CPU, not the tick; BENCHMARKS.md, session 17.)
 
 Broadcasters also sweep their rooms for abandoned fans every :data:`SWEEP_EVERY_TICKS`
 ticks, and stop themselves at the first tick that finds no subscriber left.
