@@ -58,6 +58,8 @@ FORWARD_BATCHES = Counter(
 STREAM_MAXLEN = 10_000
 #: How long a reply list outlives its last reply (an asker that went away leaves it behind).
 REPLY_TTL_MS = 60_000
+#: The most replies the listener takes from its list in one read.
+REPLIES_PER_READ = 1000
 
 _command_encoder = msgspec.msgpack.Encoder()
 _command_decoder: msgspec.msgpack.Decoder[Command] = msgspec.msgpack.Decoder(Command)
@@ -302,13 +304,15 @@ class Forwarder:
         """Resolve forwarded asks from this process's reply list."""
         while True:
             try:
-                item: Any = await self._redis.blpop([self._reply_key], timeout=1)
+                # BLMPOP: whatever is waiting, up to a thousand replies, in the one round
+                # trip that waited for the first (BLPOP and then LPOP took two, and every
+                # forwarded ask waited for both).
+                item: Any = await self._redis.blmpop(
+                    1, 1, self._reply_key, direction="LEFT", count=REPLIES_PER_READ
+                )
                 if item is None:
                     continue
-                batch = [item[1]]
-                more: Any = await self._redis.lpop(self._reply_key, 1000)
-                if more:
-                    batch.extend(more)
+                batch = item[1]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis hiccup: askers time out; keep listening
@@ -344,51 +348,61 @@ class Forwarder:
         stream = self._keys.event(event_id).inbox
         last_id = start_id
         replying: set[asyncio.Task[None]] = set()
-        while True:
-            try:
-                entries: Any = await self._redis.xread({stream: last_id}, count=1000, block=1000)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("inbox read failed", extra={"event": event_id, "error": repr(exc)})
-                await asyncio.sleep(0.5)
-                continue
-            if not entries:
-                continue
-            local = actor()
-            pending: list[tuple[str, str, _Outcome]] = []
-            now_ms = time.time() * 1000
-            for entry_id, fields in entries[0][1]:
-                last_id = _text(entry_id)
-                reply_to = _text(fields[b"r"])
-                for forwarded in _entry_commands(fields, event_id):
-                    if forwarded.deadline_ms < now_ms:
-                        continue  # its asker has given up
-                    request_id = forwarded.request_id
-                    try:
-                        if local is None:
-                            raise ActorStopped()
-                        command = _command_decoder.decode(forwarded.command)
-                        link = tracing.link_from(forwarded.traceparent)
-                        pending.append((reply_to, request_id, local.submit(command, link)))
-                    except WaitroomError as exc:
-                        pending.append((reply_to, request_id, exc))
-                    except msgspec.DecodeError:
-                        log.warning("undecodable forwarded command", extra={"event": event_id})
-            try:
-                # Everything up to here has been read and is answered by this loop (or was
-                # past its deadline): nobody needs it again, since a later owner serves only
-                # what comes after its own claim.
-                await self._redis.xtrim(stream, minid=last_id, approximate=False)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the next batch trims it
-                log.warning("inbox trim failed", extra={"event": event_id, "error": repr(exc)})
-            if pending:
-                # Answered off the read loop, so the next batch is read while this one commits.
-                task = asyncio.create_task(self._answer(pending))
-                replying.add(task)
-                task.add_done_callback(replying.discard)
+        trimmer = _Trimmer(self._redis, event_id, stream)
+        try:
+            while True:
+                try:
+                    entries: Any = await self._redis.xread(
+                        {stream: last_id}, count=1000, block=1000
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("inbox read failed", extra={"event": event_id, "error": repr(exc)})
+                    await asyncio.sleep(0.5)
+                    continue
+                if not entries:
+                    continue
+                last_id, pending = self._submit(event_id, entries[0][1], actor(), last_id)
+                # Everything up to last_id has been read and is answered by this loop (or
+                # was past its deadline): nobody needs it again, since a later owner serves
+                # only what comes after its own claim.
+                trimmer.up_to(last_id)
+                if pending:
+                    # Answered off the read loop: the next batch is read while this commits.
+                    task = asyncio.create_task(self._answer(pending))
+                    replying.add(task)
+                    task.add_done_callback(replying.discard)
+        finally:
+            await trimmer.close()
+
+    @staticmethod
+    def _submit(
+        event_id: str, entries: list[Any], local: InventoryActor | None, last_id: str
+    ) -> tuple[str, list[tuple[str, str, _Outcome]]]:
+        """Submit the live commands of inbox ``entries`` (read after ``last_id``) to
+        ``local``: the last entry's id, and per command its reply list, its request id and
+        the actor's pending answer."""
+        pending: list[tuple[str, str, _Outcome]] = []
+        now_ms = time.time() * 1000
+        for entry_id, fields in entries:
+            last_id = _text(entry_id)
+            reply_to = _text(fields[b"r"])
+            for forwarded in _entry_commands(fields, event_id):
+                if forwarded.deadline_ms < now_ms:
+                    continue  # its asker has given up
+                request_id = forwarded.request_id
+                try:
+                    if local is None:
+                        raise ActorStopped()
+                    command = _command_decoder.decode(forwarded.command)
+                    link = tracing.link_from(forwarded.traceparent)
+                    pending.append((reply_to, request_id, local.submit(command, link)))
+                except WaitroomError as exc:
+                    pending.append((reply_to, request_id, exc))
+                except msgspec.DecodeError:
+                    log.warning("undecodable forwarded command", extra={"event": event_id})
+        return last_id, pending
 
     async def _answer(self, pending: list[tuple[str, str, _Outcome]]) -> None:
         replies: list[tuple[str, bytes]] = []
@@ -425,6 +439,45 @@ class Forwarder:
                 "answering forwarded commands failed",
                 extra={"replies": len(replies), "error": repr(exc)},
             )
+
+
+class _Trimmer:
+    """Trims an event's inbox up to what its owner has read, beside the reads.
+
+    Not before the next read: the read loop waited a round trip per batch for it. One
+    ``XTRIM`` at a time; ids read meanwhile are trimmed by the next one, up to the last.
+    """
+
+    def __init__(self, redis: Redis, event_id: str, stream: str) -> None:
+        self._redis = redis
+        self._event_id = event_id
+        self._stream = stream
+        self._wanted = ""
+        self._done = ""
+        self._task: asyncio.Task[None] | None = None
+
+    def up_to(self, last_id: str) -> None:
+        """Trim every entry up to ``last_id`` (soon, without waiting)."""
+        self._wanted = last_id
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name=f"trim:{self._event_id}")
+
+    async def _run(self) -> None:
+        while self._done != self._wanted:
+            target = self._wanted
+            try:
+                await self._redis.xtrim(self._stream, minid=target, approximate=False)
+            except Exception as exc:  # the next batch's trim takes this one's entries too
+                log.warning(
+                    "inbox trim failed", extra={"event": self._event_id, "error": repr(exc)}
+                )
+                return
+            self._done = target
+
+    async def close(self) -> None:
+        """Stop trimming (the next owner trims what it reads)."""
+        if self._task is not None:
+            await cancel_and_wait(self._task)
 
 
 def _ask_timed_out() -> Unavailable:
