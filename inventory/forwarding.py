@@ -22,15 +22,26 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
 from prometheus_client import Counter
 from redis.asyncio import Redis
 
-from inventory.actor import ActorStopped, InventoryActor
+from inventory.actor import InventoryActor
 from inventory.ledger import Command, Result, decode_result, encode_result
+from inventory.mail import (
+    Forwarded,
+    Outcome,
+    Reply,
+    command_encoder,
+    error_reply,
+    reply_decoder,
+    reply_encoder,
+    submit,
+)
+from inventory.siblings import Siblings
 from waitroom.core import tracing
 from waitroom.core.errors import Unavailable, WaitroomError
 from waitroom.core.keys import Keys
@@ -61,36 +72,8 @@ REPLY_TTL_MS = 60_000
 #: The most replies the listener takes from its list in one read.
 REPLIES_PER_READ = 1000
 
-_command_encoder = msgspec.msgpack.Encoder()
-_command_decoder: msgspec.msgpack.Decoder[Command] = msgspec.msgpack.Decoder(Command)
-
-
-class _Reply(msgspec.Struct, frozen=True):
-    """What an owner sends back to an asking process."""
-
-    id: str
-    result: bytes | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-
-
-_reply_encoder = msgspec.msgpack.Encoder()
-_reply_decoder = msgspec.msgpack.Decoder(_Reply)
-
-
-class _Forwarded(msgspec.Struct, array_like=True, frozen=True):
-    """One command in a batch entry of the inbox (``b``): the asker's reply goes to the
-    entry's reply list (``r``) under ``request_id``; past ``deadline_ms`` nobody waits.
-    With tracing on, ``traceparent`` names the asker's span, which the owner's commit links."""
-
-    command: bytes
-    request_id: str
-    deadline_ms: int
-    traceparent: str = ""
-
-
 _batch_encoder = msgspec.msgpack.Encoder()
-_batch_decoder = msgspec.msgpack.Decoder(list[_Forwarded])
+_batch_decoder = msgspec.msgpack.Decoder(list[Forwarded])
 
 
 #: How often the asks in flight are looked at for their deadline and their owner's lease.
@@ -127,10 +110,6 @@ class OwnerGone(Exception):
     """The owner a command was forwarded to no longer holds the event: it will not answer."""
 
 
-#: What an owner has for one forwarded command: the actor's pending answer, or an error.
-_Outcome = Awaitable[Result] | WaitroomError
-
-
 class Forwarder:
     """One process's end of the transport: asking owners elsewhere, and serving as owner."""
 
@@ -148,8 +127,11 @@ class Forwarder:
         self._listener: asyncio.Task[None] | None = None
         #: Commands asked during this turn of the event loop, by event, with the future of
         #: their XADD: all of them go out in ONE inbox entry (see _send).
-        self._outgoing: dict[str, list[tuple[_Forwarded, asyncio.Future[None]]]] = {}
+        self._outgoing: dict[str, list[tuple[Forwarded, asyncio.Future[None]]]] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        #: The local socket to owners on this machine, once listen_locally() opened it.
+        self._siblings: Siblings | None = None
+        self._node_id = node_id
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -157,8 +139,18 @@ class Forwarder:
         """Start listening for replies to forwarded commands."""
         self._listener = asyncio.create_task(self._listen(), name="inventory-replies")
 
+    async def listen_locally(self, actor_of: Callable[[str], InventoryActor | None]) -> None:
+        """Serve the commands of processes on this machine to ``actor_of(event)`` over a
+        local socket, and forward over theirs to owners on this machine (see
+        :mod:`inventory.siblings`); without it, everything goes through Redis."""
+        siblings = Siblings(self._node_id, actor_of, self._resolve, self._lost)
+        if await siblings.listen():
+            self._siblings = siblings
+
     async def stop(self, reason: WaitroomError) -> None:
         """Stop listening; every ask still waiting fails with ``reason``."""
+        if self._siblings is not None:
+            await self._siblings.close()
         if self._listener is not None:
             # Again each second if its XREAD swallowed the first cancellation (it holds no
             # PostgreSQL connection whose return a second cancellation could cut short).
@@ -182,6 +174,7 @@ class Forwarder:
         *,
         owner_gone: Callable[[], Awaitable[bool]] | None = None,
         check_every: float = 0.5,
+        owner: str = "",
     ) -> Result:
         """Send ``command`` to ``event_id``'s owner and wait at most ``timeout`` for it.
 
@@ -189,7 +182,14 @@ class Forwarder:
         owner this was sent to still holds the event; when not (it died and its lease lapsed,
         or another took over), :class:`OwnerGone` is raised at once: the new owner serves
         only mail sent after its claim, so this command will never be answered.
+
+        ``owner``, the owner's node id when known: an owner on this machine is sent the
+        command over its local socket (:mod:`inventory.siblings`), not through Redis; if
+        that connection is lost before the answer, :class:`OwnerGone` at once too.
         """
+        channel = None
+        if owner and self._siblings is not None:
+            channel = await self._siblings.channel(owner)
         loop = asyncio.get_running_loop()
         request_id = f"{self._prefix}{next(self._numbers):x}"
         ask = _Ask(loop.create_future(), time.monotonic() + timeout, owner_gone, check_every)
@@ -199,16 +199,12 @@ class Forwarder:
         try:
             # No timer of its own: the watch fails the ask at its deadline, or when its
             # owner is gone (a timer and a wait per ask cost more than the rest of it).
-            ask.sent = self._send(
-                event_id,
-                _Forwarded(
-                    _command_encoder.encode(command),
-                    request_id,
-                    deadline_ms,
-                    tracing.traceparent(),
-                ),
+            forwarded = Forwarded(
+                command_encoder.encode(command), request_id, deadline_ms, tracing.traceparent()
             )
-            await ask.sent
+            if channel is None or not channel.send(event_id, forwarded):
+                ask.sent = self._send(event_id, forwarded)
+                await ask.sent
             result = await ask.reply
         finally:
             self._waiting.pop(request_id, None)
@@ -258,7 +254,7 @@ class Forwarder:
             FORWARDED.labels("owner_gone").inc()
             ask.fail(OwnerGone())
 
-    def _send(self, event_id: str, forwarded: _Forwarded) -> asyncio.Future[None]:
+    def _send(self, event_id: str, forwarded: Forwarded) -> asyncio.Future[None]:
         """Queue ``forwarded`` for the event's inbox; done once it is in Redis.
 
         Every command asked in the same turn of the event loop goes out in one ``XADD``:
@@ -281,7 +277,7 @@ class Forwarder:
             task.add_done_callback(self._sending.discard)
 
     async def _write(
-        self, event_id: str, batch: list[tuple[_Forwarded, asyncio.Future[None]]]
+        self, event_id: str, batch: list[tuple[Forwarded, asyncio.Future[None]]]
     ) -> None:
         try:
             await self._redis.xadd(
@@ -320,9 +316,16 @@ class Forwarder:
                 await asyncio.sleep(0.5)
                 continue
             for raw in batch:
-                self._resolve(_reply_decoder.decode(raw))
+                self._resolve(reply_decoder.decode(raw))
 
-    def _resolve(self, reply: _Reply) -> None:
+    def _lost(self, request_ids: Iterable[str]) -> None:
+        """The local connection these asks went out on is gone: their owner with it."""
+        for request_id in request_ids:
+            ask = self._waiting.get(request_id)
+            if ask is not None:
+                ask.fail(OwnerGone())
+
+    def _resolve(self, reply: Reply) -> None:
         ask = self._waiting.get(reply.id)
         if ask is None or ask.reply.done():
             return  # its asker gave up already
@@ -379,11 +382,11 @@ class Forwarder:
     @staticmethod
     def _submit(
         event_id: str, entries: list[Any], local: InventoryActor | None, last_id: str
-    ) -> tuple[str, list[tuple[str, str, _Outcome]]]:
+    ) -> tuple[str, list[tuple[str, str, Outcome]]]:
         """Submit the live commands of inbox ``entries`` (read after ``last_id``) to
         ``local``: the last entry's id, and per command its reply list, its request id and
         the actor's pending answer."""
-        pending: list[tuple[str, str, _Outcome]] = []
+        pending: list[tuple[str, str, Outcome]] = []
         now_ms = time.time() * 1000
         for entry_id, fields in entries:
             last_id = _text(entry_id)
@@ -391,20 +394,13 @@ class Forwarder:
             for forwarded in _entry_commands(fields, event_id):
                 if forwarded.deadline_ms < now_ms:
                     continue  # its asker has given up
-                request_id = forwarded.request_id
                 try:
-                    if local is None:
-                        raise ActorStopped()
-                    command = _command_decoder.decode(forwarded.command)
-                    link = tracing.link_from(forwarded.traceparent)
-                    pending.append((reply_to, request_id, local.submit(command, link)))
-                except WaitroomError as exc:
-                    pending.append((reply_to, request_id, exc))
+                    pending.append((reply_to, forwarded.request_id, submit(forwarded, local)))
                 except msgspec.DecodeError:
                     log.warning("undecodable forwarded command", extra={"event": event_id})
         return last_id, pending
 
-    async def _answer(self, pending: list[tuple[str, str, _Outcome]]) -> None:
+    async def _answer(self, pending: list[tuple[str, str, Outcome]]) -> None:
         replies: list[tuple[str, bytes]] = []
         for reply_to, request_id, outcome in pending:
             error: WaitroomError | None = None
@@ -418,10 +414,10 @@ class Forwarder:
                     error = exc
             if error is None:
                 assert result is not None
-                reply = _Reply(request_id, result=encode_result(result))
+                reply = Reply(request_id, result=encode_result(result))
             else:
-                reply = _Reply(request_id, error_code=error.code, error_message=error.message)
-            replies.append((reply_to, _reply_encoder.encode(reply)))
+                reply = error_reply(request_id, error)
+            replies.append((reply_to, reply_encoder.encode(reply)))
         by_list: dict[str, list[bytes]] = {}
         for reply_to, data in replies:
             by_list.setdefault(reply_to, []).append(data)
@@ -488,13 +484,13 @@ def _ask_timed_out() -> Unavailable:
     )
 
 
-def _entry_commands(fields: dict[bytes, bytes], event_id: str) -> list[_Forwarded]:
+def _entry_commands(fields: dict[bytes, bytes], event_id: str) -> list[Forwarded]:
     """The commands of one inbox entry: a batch (``b``), or one command of an older release
     (``c``, ``i``, ``d``: a rolling upgrade's mail is served too)."""
     try:
         if b"b" in fields:
             return _batch_decoder.decode(fields[b"b"])
-        return [_Forwarded(fields[b"c"], _text(fields[b"i"]), int(fields[b"d"]))]
+        return [Forwarded(fields[b"c"], _text(fields[b"i"]), int(fields[b"d"]))]
     except (KeyError, ValueError, msgspec.DecodeError, msgspec.ValidationError):
         log.warning("undecodable inbox entry", extra={"event": event_id})
         return []

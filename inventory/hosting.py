@@ -101,6 +101,7 @@ class InventoryHost:
         lease_ttl_s: float = LEASE_TTL_S,
         ask_timeout_s: float = 5.0,
         publish_availability: bool = True,
+        local_forwarding: bool = True,
     ) -> None:
         #: The load balancer's name for this node ("" when unnamed): the owner lease names
         #: it in front of the process (``node1/host:pid:id``), so every process can tell
@@ -114,6 +115,7 @@ class InventoryHost:
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._ask_timeout = ask_timeout_s
         self._publish = publish_availability
+        self._local_forwarding = local_forwarding
         #: The live tenure of each event this process owns (see _Tenure).
         self._hosted: dict[str, _Tenure] = {}
         #: The owner another process is, as last seen, and when (see _host).
@@ -129,8 +131,11 @@ class InventoryHost:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start listening for replies to forwarded commands."""
+        """Start listening for replies to forwarded commands, and for commands forwarded by
+        processes of this machine over the local socket (:mod:`inventory.siblings`)."""
         self._transport.start()
+        if self._local_forwarding:
+            await self._transport.listen_locally(self.actor)
 
     async def stop(self) -> None:
         """Stop every local actor and listener; pending asks fail with 503, leases are freed."""
@@ -214,6 +219,7 @@ class InventoryHost:
                     deadline - time.monotonic(),
                     owner_gone=functools.partial(self._owner_gone, event_id, owner),
                     check_every=self._lease_ttl_ms / 3000,
+                    owner=owner,
                 )
             except OwnerGone:
                 self._owners.pop(event_id, None)

@@ -133,6 +133,7 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
         keys,
         node_name=settings.node_name,
         ask_timeout_s=max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S),
+        local_forwarding=settings.local_forwarding,
     )
     await inventory.start()
     stack.push_async_callback(inventory.stop)

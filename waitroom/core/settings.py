@@ -78,6 +78,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: running one long callback, or the process waiting for a core) and logged with the
     #: loop's stack (waitroom.core.stalls). 0: not watched.
     stall_ms: int = 100
+    #: Commands for an event whose actor runs in another process of this machine go to it
+    #: over a local socket (inventory.siblings); off: through the event's Redis inbox.
+    local_forwarding: bool = True
     db_pool_min: int = 1
     db_pool_max: int = 10
     #: The inventory actors' own PostgreSQL pool in a server process (their group commits):
@@ -368,6 +371,7 @@ _FIELDS: dict[str, _Field] = {
     "max_body_bytes": _int_range(1024, 64 * 1024 * 1024),
     "dependency_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
     "stall_ms": _int_range(0, 60_000),
+    "local_forwarding": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
     "db_pool_min": _int_range(0, 1000),
     "db_pool_max": _int_range(1, 1000),
     "db_actor_pool_max": _int_range(1, 1000),
