@@ -41,6 +41,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
+from typing import cast
 
 import msgspec
 from prometheus_client import Counter
@@ -148,8 +149,8 @@ class _Connection(asyncio.Protocol, abc.ABC):
         self._frames = _Frames()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport instances; they write all the same.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -305,7 +306,17 @@ class Siblings:
         every forwarded command goes through Redis, as before)."""
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_unix_server(self._serve, address(self._node_id))
+            # The socket made here, not by the loop: uvloop takes an address as a C string,
+            # which an abstract one (a leading NUL) is not.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(address(self._node_id))
+                sock.listen(128)
+                sock.setblocking(False)
+                self._server = await loop.create_unix_server(self._serve, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
         except (OSError, NotImplementedError) as exc:
             log.warning(
                 "no local inventory socket: forwarding goes through Redis",
@@ -338,18 +349,20 @@ class Siblings:
 
     async def _connect(self, owner: str, pid: int) -> _AskerSide | None:
         loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            transport, side = await asyncio.wait_for(
-                loop.create_unix_connection(
-                    lambda: _AskerSide(self._on_reply, self._on_lost), address(owner)
-                ),
-                CONNECT_TIMEOUT_S,
+            sock.setblocking(False)
+            # Connected here, not by the loop (see listen()): at once, or refused.
+            await asyncio.wait_for(loop.sock_connect(sock, address(owner)), CONNECT_TIMEOUT_S)
+            transport, side = await loop.create_unix_connection(
+                lambda: _AskerSide(self._on_reply, self._on_lost), sock=sock
             )
             peer = _peer(transport)
             if peer != (pid, os.getuid()):
                 transport.close()
                 raise OSError(f"the socket of {owner!r} belongs to {peer}")
         except (OSError, TimeoutError) as exc:
+            sock.close()
             log.info(
                 "owner on this machine not reachable locally: forwarding through Redis",
                 extra={"owner": owner, "error": repr(exc)},
