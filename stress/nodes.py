@@ -376,6 +376,9 @@ async def running_nodes(
         admin_tokens=(),
         # HAProxy connects to the nodes from 127.0.0.1 and adds X-Forwarded-For.
         trusted_proxies=("127.0.0.1/32",),
+        # The nodes stand for machines of their own: what one forwards to another goes
+        # through Redis, as between machines, not over the local socket of one machine.
+        local_forwarding=False,
     )
     async with fresh_database(base) as dsn, fresh_prefix(base) as prefix:
         provider_port = free_port()
