@@ -367,13 +367,18 @@ class Siblings:
                 "owner on this machine not reachable locally: forwarding through Redis",
                 extra={"owner": owner, "error": repr(exc)},
             )
-            self._unreachable[owner] = time.monotonic() + RETRY_CONNECT_S
+            now = time.monotonic()
+            # Forgotten once past: owners come and go over a long run.
+            self._unreachable = {o: t for o, t in self._unreachable.items() if t > now}
+            self._unreachable[owner] = now + RETRY_CONNECT_S
             return None
         finally:
             self._connecting.pop(owner, None)
         if self._closed:
             side.close()
             return None
+        # Connections to former owners closed when those processes went: forgotten here.
+        self._channels = {o: c for o, c in self._channels.items() if not c.closed}
         self._channels[owner] = side
         return side
 

@@ -1,39 +1,47 @@
-"""``python -m stress affinity``: reservations that reach the actor's process by forwarding,
-batched, against reservations routed to it by the load balancer: both ways, same run.
+"""``python -m stress affinity``: the ways a reservation reaches its event's inventory actor,
+in one run: forwarded over a local socket, forwarded through Redis, or routed to it.
 
 Issue 14 asks that a reservation reach its event's inventory actor "without paying twice":
 forwarding batched, or avoided, measured both ways. On this machine, in one run, with the
-same database and Redis, three sides at ``--concurrency`` keep-alive clients, every
+same database and Redis, four sides at ``--concurrency`` keep-alive clients, every
 reservation by another admitted fan with its own pass and ``Idempotency-Key`` (the generator
 of ``python -m stress checkout``):
 
 - ``workers2``: ``waitroom serve --workers 2``, the checkout benchmark's server: both workers
   accept on one socket, the kernel splits the connections, and the worker that does not host
-  the event forwards its reservations to the one that does, batched (:mod:`inventory.forwarding`);
+  the event forwards its reservations to the one that does, over that worker's local socket
+  (:mod:`inventory.siblings`);
+- ``workers2_inbox``: the same server with ``WAITROOM_LOCAL_FORWARDING=false``: the
+  forwarded reservations go through the event's Redis inbox instead, batched
+  (:mod:`inventory.forwarding`), as they did before the local socket;
 - ``lb_roundrobin``: two nodes (``waitroom serve``, one process each, named ``node1`` and
-  ``node2``) behind HAProxy (deploy/haproxy.cfg, :mod:`stress.nodes`), the fans sending no
-  cookie: each request goes to either node, and half are forwarded as above;
+  ``node2``, standing for two machines: they forward through Redis) behind HAProxy
+  (deploy/haproxy.cfg, :mod:`stress.nodes`), the fans sending no cookie: each request goes
+  to either node, and half are forwarded;
 - ``lb_affinity``: the same nodes and HAProxy, every fan sending the ``waitroom_node`` cookie
   its admitted status gave it (:mod:`waitroom.core.affinity`, ADR 0017): HAProxy sends every
   reservation to the node hosting the actor, and nothing is forwarded.
 
-The fans of each side are joined and admitted beforehand through that side's front door
-(the workers' port, or HAProxy), as many as each round may use. The node that hosts the
-nodes' event is the one that took its first reservation (sent to ``node1`` directly); that
-an admitted fan's status names it in its cookie, through HAProxy, is checked. Rounds are
-interleaved (ABC, CBA, ...). Reported per side: ``rps``, ``p50_ms``, ``p99_ms``,
-``forwarded_share`` (from ``waitroom_inventory_forwarded_total`` of every process), and
-``cpu_ms_per_reservation`` by process (the server's processes, HAProxy, Redis, PostgreSQL's
-backends); and the ratios ``affinity_vs_roundrobin`` and ``affinity_vs_workers2`` of the
-reservation rates. ``ok`` is false on any answer other than 201, a dropped connection, an
-acknowledged hold missing from PostgreSQL, a ticket oversold, a forwarded reservation on the
-affinity side, or a status that does not name the owner.
+Each server has an event of its own. The fans of each side are joined and admitted
+beforehand through that side's front door (the workers' port, or HAProxy), as many as each
+round may use. The worker that hosts a server's event is the one that took its first
+reservation; the node that hosts the nodes' event is the one that took its first reservation
+(sent to ``node1`` directly); that an admitted fan's status names it in its cookie, through
+HAProxy, is checked. Rounds are interleaved (ABCD, DCBA, ...). Reported per side: ``rps``,
+``p50_ms``, ``p99_ms``, ``forwarded_share`` (from ``waitroom_inventory_forwarded_total`` of
+every process), and ``cpu_ms_per_reservation`` by process (the server's processes, HAProxy,
+Redis, PostgreSQL's backends); and the ratios of the reservation rates
+(``local_vs_inbox``, ``affinity_vs_roundrobin``, ``affinity_vs_workers2``). ``ok`` is false
+on any answer other than 201, a dropped connection, an acknowledged hold missing from
+PostgreSQL, a ticket oversold, a forwarded reservation on the affinity side, an inbox entry
+on the ``workers2`` side, or a status that does not name the owner.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -71,7 +79,9 @@ from waitroom.core.keys import Keys
 from waitroom.core.redis import redis_from_url
 from waitroom.core.settings import Settings, load_settings
 
-SIDES = ("workers2", "lb_roundrobin", "lb_affinity")
+SIDES = ("workers2", "workers2_inbox", "lb_roundrobin", "lb_affinity")
+#: The sides served by ``waitroom serve --workers 2``: whether its workers forward locally.
+_WORKER_SIDES = {"workers2": True, "workers2_inbox": False}
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -135,7 +145,8 @@ class _NodesBench(_Bench):
         return total
 
 
-async def _events(pool: asyncpg.Pool[Any], args: argparse.Namespace) -> tuple[str, str]:
+async def _events(pool: asyncpg.Pool[Any], args: argparse.Namespace) -> dict[str, str]:
+    """An event per server: the two ``serve --workers 2`` sides' and the nodes'."""
     room = catalogue.RoomSpec(
         rate_per_second=args.admit_rate,
         max_active=10_000_000,
@@ -153,7 +164,7 @@ async def _events(pool: asyncpg.Pool[Any], args: argparse.Namespace) -> tuple[st
         now = datetime.now(UTC)
         return (await catalogue.create_event(pool, spec, actor="stress", now=now)).id
 
-    return await create("workers"), await create("nodes")
+    return {name: await create(name) for name in (*_WORKER_SIDES, "nodes")}
 
 
 async def _probe(port: int, event_id: str, fan: _Fan) -> int:
@@ -216,53 +227,66 @@ async def _run(
     keys: Keys,
     work_dir: Path,
 ) -> dict[str, Any]:
-    ev_workers, ev_nodes = await _events(pool, args)
+    events = await _events(pool, args)
+    event_of = {**{side: events[side] for side in _WORKER_SIDES}, "lb_roundrobin": events["nodes"]}
+    event_of["lb_affinity"] = events["nodes"]
     redis_pid = int((await redis.info("server"))["process_id"])
     lb_port = urlsplit(nodes.url).port
     assert lb_port is not None
-    direct_settings = msgspec.structs.replace(shared, port=free_port(), node_name="")
-    direct = _Bench(args, direct_settings, pool, redis, keys, work_dir)
+    benches: dict[str, _Bench] = {}
+    for side, local in _WORKER_SIDES.items():
+        settings = msgspec.structs.replace(
+            shared, port=free_port(), node_name="", local_forwarding=local
+        )
+        benches[side] = _Bench(args, settings, pool, redis, keys, work_dir)
     routed = _NodesBench(
         args, msgspec.structs.replace(shared, port=lb_port), pool, redis, keys, work_dir, nodes
     )
-    direct.redis_pid = routed.redis_pid = redis_pid
+    benches["lb_roundrobin"] = benches["lb_affinity"] = routed
+    for bench in benches.values():
+        bench.redis_pid = redis_pid
     argv = [sys.executable, "-m", "waitroom", "serve", "--workers", "2"]
     per_round = args.seconds / args.rounds
     rounds: dict[str, list[_Round]] = {side: [] for side in SIDES}
     checks: dict[str, Any] = {}
-    accepted = {ev_workers: 0, ev_nodes: 0}
-    async with server_process(argv, direct_settings, work_dir / "workers2.log") as proc:
-        direct.server_pid = proc.pid
-        workers = await _workers_up(proc.pid, 2, direct_settings.port)
-        pools = {
-            ev_workers: await direct.make_fans(
-                ev_workers, _need(args, args.concurrency, per_round, None)
-            ),
-            ev_nodes: await routed.make_fans(
-                ev_nodes, 2 * _need(args, args.concurrency, per_round, None)
-            ),
-        }
-        # The owners: whichever worker takes the first reservation; node1 for the nodes.
-        probe = pools[ev_workers].pop()
-        checks["probe_workers"] = await _probe(direct_settings.port, ev_workers, probe)
-        direct.owner_pid = await direct.owner_pid_of(ev_workers)
-        direct.other_pid = next((w for w in workers if w != direct.owner_pid), 0)
-        probe = pools[ev_nodes].pop()
-        checks["probe_nodes"] = await _probe(nodes.nodes[0].port, ev_nodes, probe)
-        accepted[ev_workers] += checks["probe_workers"] == 201
-        accepted[ev_nodes] += checks["probe_nodes"] == 201
-        lease = await nodes.owner_lease(ev_nodes) or ""
+    accepted = dict.fromkeys(events.values(), 0)
+    need = _need(args, args.concurrency, per_round, None)
+    async with contextlib.AsyncExitStack() as servers:
+        procs = {}
+        pools: dict[str, list[_Fan]] = {}
+        for side in _WORKER_SIDES:
+            bench = benches[side]
+            proc = await servers.enter_async_context(
+                server_process(argv, bench.settings, work_dir / f"{side}.log")
+            )
+            procs[side] = proc
+            bench.server_pid = proc.pid
+            workers = await _workers_up(proc.pid, 2, bench.settings.port)
+            pools[events[side]] = await bench.make_fans(events[side], need)
+            # The owner: whichever worker takes the first reservation.
+            probe = pools[events[side]].pop()
+            checks[f"probe_{side}"] = await _probe(bench.settings.port, events[side], probe)
+            accepted[events[side]] += checks[f"probe_{side}"] == 201
+            bench.owner_pid = await bench.owner_pid_of(events[side])
+            bench.other_pid = next((w for w in workers if w != bench.owner_pid), 0)
+        pools[events["nodes"]] = await routed.make_fans(events["nodes"], 2 * need)
+        # node1 takes the nodes' first reservation, and hosts their event.
+        probe = pools[events["nodes"]].pop()
+        checks["probe_nodes"] = await _probe(nodes.nodes[0].port, events["nodes"], probe)
+        accepted[events["nodes"]] += checks["probe_nodes"] == 201
+        lease = await nodes.owner_lease(events["nodes"]) or ""
         owner_name = node_name_of(lease)
         checks["owner_node"] = owner_name
         routed.owner = nodes.node(owner_name) if owner_name else nodes.nodes[0]
         # What a fan's browser is told once admitted, through the balancer.
-        checks["status_cookie"] = await _status_cookie(nodes.url, ev_nodes, pools[ev_nodes][-1])
-        _say(args, f"owners: worker {direct.owner_pid}, {owner_name}")
+        checks["status_cookie"] = await _status_cookie(
+            nodes.url, events["nodes"], pools[events["nodes"]][-1]
+        )
+        _say(args, f"owners: workers {[benches[s].owner_pid for s in _WORKER_SIDES]}, {owner_name}")
         for round_ in range(args.rounds):
             order = SIDES if round_ % 2 == 0 else SIDES[::-1]
             for side in order:
-                bench = direct if side == "workers2" else routed
-                event_id = ev_workers if side == "workers2" else ev_nodes
+                bench, event_id = benches[side], event_of[side]
                 take = _need(args, args.concurrency, per_round, {"seen": rounds[side]})
                 if len(pools[event_id]) < take and bench.fans_admitted < args.max_fans:
                     more = max(take - len(pools[event_id]), 5000)
@@ -287,8 +311,9 @@ async def _run(
                     f" forwarded {result.forwarded.get('metric')},"
                     f" statuses {dict(sorted(result.statuses.items()))}",
                 )
-    checks["server_exit_code"] = proc.returncode
-    for event_id in (ev_workers, ev_nodes):
+    for side, proc in procs.items():
+        checks[f"server_exit_code_{side}"] = proc.returncode
+    for name, event_id in events.items():
         row = await pool.fetchrow(
             "SELECT quantity, held, sold FROM ticket_types WHERE event_id = $1", event_id
         )
@@ -296,7 +321,6 @@ async def _run(
             await pool.fetchval("SELECT count(*) FROM holds WHERE event_id = $1", event_id) or 0
         )
         assert row is not None
-        name = "workers" if event_id == ev_workers else "nodes"
         checks[f"acked_missing_{name}"] = max(0, accepted[event_id] - holds)
         checks[f"oversold_{name}"] = max(
             0, int(row["held"]) + int(row["sold"]) - int(row["quantity"])
@@ -317,8 +341,9 @@ def _report(
     ok = (
         bad == 0
         and lost == 0
-        and checks["probe_workers"] == 201
+        and all(checks[f"probe_{side}"] == 201 for side in _WORKER_SIDES)
         and checks["probe_nodes"] == 201
+        and sides["workers2"]["forwarded"]["inbox_entries"] == 0
         and checks["owner_node"] is not None
         and checks["status_cookie"] == checks["owner_node"]
         and affinity_forwarded == 0
@@ -332,6 +357,7 @@ def _report(
         "http_reserve_p50_ms": {side: s["p50_ms"] for side, s in sides.items()},
         "forwarded_share": {side: s["forwarded_share"] for side, s in sides.items()},
         "cpu_ms_per_reservation": {side: s["cpu_ms_per_reservation"] for side, s in sides.items()},
+        "local_vs_inbox": round(rps["workers2"] / max(rps["workers2_inbox"], 1e-9), 3),
         "affinity_vs_roundrobin": round(rps["lb_affinity"] / max(rps["lb_roundrobin"], 1e-9), 3),
         "affinity_vs_workers2": round(rps["lb_affinity"] / max(rps["workers2"], 1e-9), 3),
         "roundrobin_vs_workers2": round(rps["lb_roundrobin"] / max(rps["workers2"], 1e-9), 3),

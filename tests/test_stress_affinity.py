@@ -1,5 +1,6 @@
-"""``python -m stress affinity`` at a tiny size: the three sides run, every figure is there,
-and the affinity side forwards nothing while the round-robin one forwards about half.
+"""``python -m stress affinity`` at a tiny size: the four sides run, every figure is there,
+the affinity side forwards nothing while the round-robin one forwards about half, and the
+workers forward over their local socket on one side and through the Redis inbox on the other.
 
 As an operator runs it: its own two nodes behind a real HAProxy and its own
 ``serve --workers 2``, a fresh database and Redis prefix, load generators as child
@@ -20,7 +21,7 @@ from waitroom.core.settings import Settings, settings_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(200), pytest.mark.not_on_cluster]
 
-SIDES = ("workers2", "lb_roundrobin", "lb_affinity")
+SIDES = ("workers2", "workers2_inbox", "lb_roundrobin", "lb_affinity")
 
 
 def test_the_affinity_benchmark_measures_forwarding_both_ways(settings: Settings) -> None:
@@ -58,11 +59,13 @@ def test_the_affinity_benchmark_measures_forwarding_both_ways(settings: Settings
     assert report["forwarded_share"]["lb_affinity"] == 0, shown
     assert 0.3 <= report["forwarded_share"]["lb_roundrobin"] <= 0.7, shown
     assert report["sides"]["lb_affinity"]["cpu_ms_per_reservation_by_process"]["haproxy"] > 0
-    for key in (
-        "acked_missing_workers",
-        "acked_missing_nodes",
-        "oversold_workers",
-        "oversold_nodes",
-    ):
-        assert checks[key] == 0, shown
+    for name in ("workers2", "workers2_inbox", "nodes"):
+        assert checks[f"acked_missing_{name}"] == 0 and checks[f"oversold_{name}"] == 0, shown
+    # The local side forwarded (the kernel split the connections) without the inbox; the
+    # other one through it.
+    local, inbox = report["sides"]["workers2"], report["sides"]["workers2_inbox"]
+    assert local["forwarded"]["inbox_entries"] == 0, shown
+    if inbox["forwarded"]["commands"] > 0:
+        assert inbox["forwarded"]["inbox_entries"] > 0, shown
+    assert report["local_vs_inbox"] > 0, shown
     assert report["bad_answers"] == 0 and report["connections_lost"] == 0, shown
