@@ -139,11 +139,16 @@ class Forwarder:
         """Start listening for replies to forwarded commands."""
         self._listener = asyncio.create_task(self._listen(), name="inventory-replies")
 
-    async def listen_locally(self, actor_of: Callable[[str], InventoryActor | None]) -> None:
+    async def listen_locally(
+        self,
+        actor_of: Callable[[str], InventoryActor | None],
+        starting: Callable[[str], Awaitable[object] | None] = lambda _event: None,
+    ) -> None:
         """Serve the commands of processes on this machine to ``actor_of(event)`` over a
-        local socket, and forward over theirs to owners on this machine (see
+        local socket (waiting for ``starting(event)`` when it is not None: the actor is
+        being started), and forward over theirs to owners on this machine (see
         :mod:`inventory.siblings`); without it, everything goes through Redis."""
-        siblings = Siblings(self._node_id, actor_of, self._resolve, self._lost)
+        siblings = Siblings(self._node_id, actor_of, self._resolve, self._lost, starting)
         if await siblings.listen():
             self._siblings = siblings
 

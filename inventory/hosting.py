@@ -33,7 +33,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +135,7 @@ class InventoryHost:
         processes of this machine over the local socket (:mod:`inventory.siblings`)."""
         self._transport.start()
         if self._local_forwarding:
-            await self._transport.listen_locally(self.actor)
+            await self._transport.listen_locally(self.actor, self._actor_starting)
 
     async def stop(self) -> None:
         """Stop every local actor and listener; pending asks fail with 503, leases are freed."""
@@ -164,6 +164,13 @@ class InventoryHost:
             return None
         actor = tenure.actor
         return actor if actor is not None and actor.running else None
+
+    def _actor_starting(self, event_id: str) -> Awaitable[object] | None:
+        """While this process is becoming ``event_id``'s owner (its lease taken, its actor
+        not up yet): what ends when it is done (shielded: a waiter going away must not
+        cancel it for the others). None otherwise."""
+        starting = self._starting.get(event_id)
+        return None if starting is None else asyncio.shield(starting)
 
     async def owner_node(self, event_id: str) -> str | None:
         """The load balancer's name for the node hosting ``event_id``'s actor (see

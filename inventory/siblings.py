@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
@@ -40,7 +41,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import cast
 
 import msgspec
@@ -183,10 +184,16 @@ class _OwnerSide(_Connection):
     """An asker's connection as the owner serves it: commands to the local actors, replies
     back as each batch commits."""
 
-    def __init__(self, actor_of: Callable[[str], InventoryActor | None]) -> None:
+    def __init__(
+        self,
+        actor_of: Callable[[str], InventoryActor | None],
+        starting: Callable[[str], Awaitable[object] | None],
+    ) -> None:
         super().__init__()
         self._actor_of = actor_of
+        self._starting = starting
         self._replies: list[Reply] = []
+        self._waiting: set[asyncio.Task[None]] = set()
         self._loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -201,6 +208,24 @@ class _OwnerSide(_Connection):
     def frame_received(self, frame: bytes) -> None:
         asks = _asks_decoder.decode(frame)
         local = self._actor_of(asks.event_id)
+        if local is None:
+            starting = self._starting(asks.event_id)
+            if starting is not None:
+                # The lease is ours but the actor is still starting (an epoch, the ledger):
+                # an asker that read the lease may be here first. Through the inbox its
+                # command would have waited in the stream; here it waits for the actor.
+                task = asyncio.create_task(self._after(starting, asks))
+                self._waiting.add(task)
+                task.add_done_callback(self._waiting.discard)
+                return
+        self._take(asks, local)
+
+    async def _after(self, starting: Awaitable[object], asks: _Asks) -> None:
+        with contextlib.suppress(Exception):
+            await starting
+        self._take(asks, self._actor_of(asks.event_id))
+
+    def _take(self, asks: _Asks, local: InventoryActor | None) -> None:
         now_ms = time.time() * 1000
         for forwarded in asks.asks:
             if forwarded.deadline_ms < now_ms:
@@ -216,6 +241,11 @@ class _OwnerSide(_Connection):
             # A future already, or (a full mailbox) the wait for room: a task then.
             pending: asyncio.Future[Result] = asyncio.ensure_future(outcome)
             pending.add_done_callback(functools.partial(self._answered, forwarded.request_id))
+
+    def close(self) -> None:
+        super().close()
+        for task in self._waiting:
+            task.cancel()
 
     def _answered(self, request_id: str, outcome: asyncio.Future[Result]) -> None:
         self._reply(reply_of(request_id, outcome))
@@ -288,9 +318,11 @@ class Siblings:
         actor_of: Callable[[str], InventoryActor | None],
         on_reply: Callable[[Reply], None],
         on_lost: Callable[[Iterable[str]], None],
+        starting: Callable[[str], Awaitable[object] | None] = lambda _event: None,
     ) -> None:
         self._node_id = node_id
         self._actor_of = actor_of
+        self._starting = starting
         self._on_reply = on_reply
         self._on_lost = on_lost
         self._host = socket.gethostname()
@@ -326,7 +358,7 @@ class Siblings:
         return True
 
     def _serve(self) -> _OwnerSide:
-        side = _OwnerSide(self._actor_of)
+        side = _OwnerSide(self._actor_of, self._starting)
         self._served.add(side)
         return side
 

@@ -274,3 +274,26 @@ async def test_a_process_of_another_user_is_refused(pool: asyncpg.Pool[Any]) -> 
     if os.getuid() == 0:
         assert out.stdout.strip() == "b''"  # closed at once
         assert served == []
+
+
+async def test_asks_that_reach_an_owner_still_starting_wait_for_its_actor(
+    pool: asyncpg.Pool[Any], pair: tuple[InventoryHost, InventoryHost]
+) -> None:
+    """Both processes ask for a fresh event at once: one claims the lease and starts its
+    actor (an epoch in PostgreSQL, the ledger loaded), and the other's asks reach it over
+    the socket before the actor is up. They wait for it (through the inbox they waited in
+    the stream), not 503."""
+    a, b = pair
+    for _ in range(3):
+        event_id = await make_event(pool, quantity=500, per_fan=1)
+        results = await asyncio.gather(
+            *(
+                (a if i % 2 else b).ask(event_id, Reserve(f"fan{i}", "ga", 1, f"k{i}", None))
+                for i in range(80)
+            ),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, Reserved) for r in results), [
+            r for r in results if not isinstance(r, Reserved)
+        ][:3]
+        assert a.owns(event_id) != b.owns(event_id)
