@@ -1375,6 +1375,9 @@ async def _report(
         and checks["owner_is_worker"]
         and checks["acked_missing"] == 0
         and sell["oversold"] == 0
+        # Every fan of the sell-out round is answered: a hold, or a refusal (409 sold out);
+        # a 503 there is a reservation lost to the server, not to the stock.
+        and set(sell.get("statuses", {})) <= {"201", "409"}
         and checks["server_stopped_cleanly"]
     )
     result: dict[str, Any] = {
