@@ -59,6 +59,12 @@ OBSERVE_WINDOW_S = 5.0
 #: Extra fans read beyond the number to admit, to step over abandoned ones in one tick.
 CANDIDATE_SLACK = 8
 #: Deletes the records of passes (by id) that were never issued.
+#: Passes signed in one turn of the event loop. A tick catching up at a high rate signs
+#: thousands (tens of microseconds each), and in one go that held the process's event loop,
+#: the inventory actor's and the lease renewals' with it, for 100-270 ms at 20,000
+#: admissions/s (the stall watch's "running" stalls, in the checkout benchmark's setup).
+SIGN_CHUNK = 256
+
 _DELETE_PASSES = "DELETE FROM queue_passes WHERE event_id = $1 AND jti = ANY($2::text[])"
 #: Seconds after a failed ``admit.lua`` before its passes are settled (issued or not).
 SETTLE_UNCERTAIN_S = 1.0
@@ -550,16 +556,17 @@ class EventAdmission:
         issued = int(now)
         expires = issued + state.pass_ttl_s
         seq = state.admitted_total
-        candidates: list[leader.Candidate] = []
-        signed = 0
+        # In line order: a fan to admit with the claims of its pass, or one predicted
+        # abandoned (None: dropped by the script, no pass).
+        heads: list[tuple[str, PassClaims | None]] = []
+        to_sign: list[PassClaims] = []
         for fan, last in zip(fans, seen, strict=True):
             if last is not None and last < cutoff:
-                candidates.append(leader.Candidate(fan))  # dropped by the script, no pass
+                heads.append((fan, None))
                 continue
-            if signed == count:
+            if len(to_sign) == count:
                 break
             seq += 1
-            signed += 1
             claims = PassClaims(
                 iss=issuer,
                 sub=fan,
@@ -570,9 +577,15 @@ class EventAdmission:
                 exp=expires,
                 seq=seq,
             )
-            candidates.append(
-                leader.Candidate(fan, keys.sign(claims), claims.jti, claims.exp, claims.seq)
-            )
+            heads.append((fan, claims))
+            to_sign.append(claims)
+        passes = iter(await sign_passes(keys, to_sign))
+        candidates = [
+            leader.Candidate(fan)
+            if claims is None
+            else leader.Candidate(fan, next(passes), claims.jti, claims.exp, claims.seq)
+            for fan, claims in heads
+        ]
         rows = [
             PassRow(c.jti, c.fan_id, c.seq, float(issued), float(c.exp), c.queue_pass)
             for c in candidates
@@ -786,6 +799,17 @@ class EventAdmission:
         if time.monotonic() - self._error_logged_at > _ERROR_LOG_EVERY_S:
             self._error_logged_at = time.monotonic()
             log.warning(message, extra={"event_id": self.event_id, "error": repr(exc)})
+
+
+async def sign_passes(keys: PassKeys, claims: list[PassClaims]) -> list[str]:
+    """The passes of ``claims``, in order, signed :data:`SIGN_CHUNK` at a time with a turn of
+    the event loop between chunks."""
+    signed: list[str] = []
+    for start in range(0, len(claims), SIGN_CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        signed += [keys.sign(c) for c in claims[start : start + SIGN_CHUNK]]
+    return signed
 
 
 class AdmissionService:
