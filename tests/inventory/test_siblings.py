@@ -262,7 +262,8 @@ async def test_a_process_of_another_user_is_refused(pool: asyncpg.Pool[Any]) -> 
             "try:",
             "    s.sendall(b'\\x00\\x00\\x00\\x01\\x90')",
             "    print(repr(s.recv(100)))",
-            "except ConnectionResetError:",  # closed with the frame unread
+            # Closed with the frame unread, or before it could even be sent.
+            "except (ConnectionResetError, BrokenPipeError):",
             "    print(repr(b''))",
         ]
     )
