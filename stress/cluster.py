@@ -572,6 +572,9 @@ async def _generators(
                     *(["--ignore-node-cookie"] if args.ignore_node_cookie else []),
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
+                    # A session of its own, as each service (stress.nodes._spawn): the
+                    # crowd is its own machines, not a share of the nodes' CPU.
+                    start_new_session=True,
                 )
             )
             first += share
@@ -888,6 +891,9 @@ def summarize(
             "rate_per_second": args.rate,
             "max_active": args.max_active,
             "generator_nice": args.generator_nice,
+            # Every node, balancer, worker and generator runs in a session (a CPU share
+            # under Linux's autogroup) of its own, as services do (stress.nodes._spawn).
+            "sessions": "one per process",
             "arrival_s": args.arrival_s,
             "fans_keep_node_cookie": not args.ignore_node_cookie,
             "per_fan_limit": PER_FAN_LIMIT,

@@ -277,9 +277,14 @@ async def _wait_ready(
 async def _spawn(
     env: dict[str, str], run_dir: Path, log_name: str, *argv: str
 ) -> asyncio.subprocess.Process:
+    # Each in a session of its own, as a service manager starts each service: Linux shares
+    # the CPU between sessions first (autogroup, on by default) and only then between the
+    # processes of one. Left in the benchmark's session, the three nodes, HAProxy, the
+    # workers and the fan generators all shared ONE session's share against each Redis node's
+    # and PostgreSQL's, and the nodes' turns went to their own load generators.
     with (run_dir / f"{log_name}.log").open("ab") as log:
         return await asyncio.create_subprocess_exec(
-            *argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            *argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 

@@ -230,8 +230,9 @@ def test_haproxy_fronts_the_three_replicas_with_the_repositorys_config(tmp_path:
     assert [env[f"WAITROOM_NODE{n}_WS"] for n in (1, 2, 3)] == [f"api-{n}:8001" for n in (1, 2, 3)]
     assert set(haproxy["depends_on"]) == {"api-1", "api-2", "api-3"}
     config = (ROOT / "deploy" / "haproxy.cfg").read_text()
-    for n in (1, 2, 3):  # each node in every backend: HTTP, long polls, its WebSocket port
-        assert config.count(f"${{WAITROOM_NODE{n}-") == 2
+    # Each node in every backend: HTTP, long polls, reservations, payments, its WebSocket port.
+    for n in (1, 2, 3):
+        assert config.count(f"${{WAITROOM_NODE{n}-") == 4
         assert config.count(f"${{WAITROOM_NODE{n}_WS-") == 1
     # The machine's HAProxy takes the file with the compose environment (the replicas'
     # names do not resolve here: those servers start without an address, as allowed).

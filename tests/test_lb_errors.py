@@ -112,9 +112,20 @@ class _HeldNode:
         self.server.server_close()
 
 
-def test_a_node_gets_at_most_its_maxconn_requests_at_once_and_long_polls_pass(
+#: Each bulkhead's bound in deploy/haproxy.cfg, and the requests that fall under it.
+_BULKHEADS = {
+    "${WAITROOM_NODE_MAXCONN-32}": ("POST", "/v1/events/e1/queue"),
+    "${WAITROOM_NODE_CHECKOUT_MAXCONN-32}": ("POST", "/v1/events/e1/reservations"),
+    "${WAITROOM_NODE_PAY_MAXCONN-16}": ("POST", "/v1/reservations/r1/confirm"),
+}
+
+
+def test_a_node_gets_at_most_its_bound_of_each_kind_at_once_and_long_polls_pass(
     tmp_path: Path,
 ) -> None:
+    """Per node, at most 2 (here) of the line's requests, 2 reservations and 2 payments
+    started are in flight at once, each bound apart from the others (ADR 0021): a full
+    bulkhead holds only its own kind, and a payment's long poll passes all of them."""
     node = _HeldNode()
     port = free_port()
     config = render_haproxy(
@@ -122,29 +133,32 @@ def test_a_node_gets_at_most_its_maxconn_requests_at_once_and_long_polls_pass(
         bind=f"127.0.0.1:{port}",
         servers=[("node1", f"127.0.0.1:{node.port}")],
     )
-    assert '"${WAITROOM_NODE_MAXCONN-32}"' in config
+    for bound in _BULKHEADS:
+        assert f'"{bound}"' in config
+        config = config.replace(bound, "2")
     try:
-        with (
-            haproxy_running(tmp_path, config.replace("${WAITROOM_NODE_MAXCONN-32}", "2"), port),
-            ThreadPoolExecutor(8) as pool,
-        ):
+        with haproxy_running(tmp_path, config, port), ThreadPoolExecutor(16) as pool:
             base = f"http://127.0.0.1:{port}"
             writes = [
-                pool.submit(httpx.post, f"{base}/v1/events/e1/reservations", json={}, timeout=20)
-                for _ in range(5)
+                pool.submit(httpx.request, method, f"{base}{path}", json={}, timeout=20)
+                for method, path in _BULKHEADS.values()
+                for _ in range(4)
             ]
             deadline = time.monotonic() + 10
-            while len(node.paths) < 2 and time.monotonic() < deadline:
+            while len(node.paths) < 6 and time.monotonic() < deadline:
                 time.sleep(0.05)
             time.sleep(0.5)  # more would have arrived by now, were they let through
-            assert node.held == 2 and len(node.paths) == 2, node.paths
-            # A payment's long poll is not held behind the bound (the node idles in it).
+            assert node.held == 6, node.paths
+            for _, path in _BULKHEADS.values():
+                assert node.paths.count(path) == 2, node.paths
+            # A payment's long poll is not held behind any bound (the node idles in it).
             poll = pool.submit(httpx.get, f"{base}/v1/reservations/r1?wait=10", timeout=20)
-            while len(node.paths) < 3 and time.monotonic() < deadline:
+            while len(node.paths) < 7 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert node.paths[-1] == "/v1/reservations/r1?wait=10", node.paths
             node.release.set()
-            assert [f.result().status_code for f in [*writes, poll]] == [200] * 6
-            assert node.most_held == 3  # two writes and the long poll, never more
+            assert [f.result().status_code for f in [*writes, poll]] == [200] * 13
+            assert node.most_held == 7  # two of each kind and the long poll, never more
+            assert len(node.paths) == 13
     finally:
         node.close()
