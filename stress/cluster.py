@@ -93,6 +93,10 @@ LAG_HISTOGRAM = "waitroom_event_loop_lag_seconds"
 QUEUED_HISTOGRAM = "waitroom_http_request_queued_seconds"
 #: How long each garbage collection stopped a node.
 GC_HISTOGRAM = "waitroom_gc_pause_seconds"
+#: The inventory actors' group commits: how long each took, and how many commands it carried
+#: (a reservation waits for the commit that carries it, and for the one before it).
+COMMIT_HISTOGRAM = "waitroom_inventory_commit_seconds"
+BATCH_HISTOGRAM = "waitroom_inventory_batch_size"
 #: Inventory commands a node forwarded to the owner of the event's actor (by outcome), and
 #: the times a node became an event's owner.
 COUNTERS = ("waitroom_inventory_forwarded_total", "waitroom_inventory_owner_changes_total")
@@ -218,7 +222,16 @@ async def scrape(nodes: Nodes) -> Buckets:
     """The nodes' request and admission-tick histograms, read from each node itself."""
     texts = await metric_pages(nodes)
     return parse_buckets(
-        texts, (HTTP_HISTOGRAM, TICK_HISTOGRAM, LAG_HISTOGRAM, GC_HISTOGRAM, QUEUED_HISTOGRAM)
+        texts,
+        (
+            HTTP_HISTOGRAM,
+            TICK_HISTOGRAM,
+            LAG_HISTOGRAM,
+            GC_HISTOGRAM,
+            QUEUED_HISTOGRAM,
+            COMMIT_HISTOGRAM,
+            BATCH_HISTOGRAM,
+        ),
     )
 
 
@@ -330,6 +343,13 @@ def server_steps(delta: Buckets) -> dict[str, dict[str, Any]]:
     # Every request's wait between its first byte read and the app (the request histograms
     # above include it): the node's own backlog, apart from what happens before the read.
     out["request_queued"] = _summary(_series(delta, QUEUED_HISTOGRAM))
+    out["commit"] = _summary(_series(delta, COMMIT_HISTOGRAM))
+    batch = _summary(_series(delta, BATCH_HISTOGRAM))  # commands, not seconds
+    out["commit_batch"] = {
+        "p50": batch["p50_ms"] and batch["p50_ms"] / 1000,
+        "p99": batch["p99_ms"] and batch["p99_ms"] / 1000,
+        "count": batch["count"],
+    }
     pauses = _series(delta, GC_HISTOGRAM)
     collections = max(pauses.values(), default=0.0)
     out["gc_pause"] = {
@@ -880,6 +900,8 @@ def summarize(
         },
         "node_event_loop_lag": server["event_loop_lag"],
         "node_gc_pause": server["gc_pause"],
+        "node_inventory_commit": server["commit"],
+        "node_inventory_commit_batch": server["commit_batch"],
         "node_request_queued": server["request_queued"],
         "joins": joins,
         "failover": failover,
