@@ -102,6 +102,7 @@ class InventoryHost:
         ask_timeout_s: float = 5.0,
         publish_availability: bool = True,
         local_forwarding: bool = True,
+        standby_s: float = 0.0,
     ) -> None:
         #: The load balancer's name for this node ("" when unnamed): the owner lease names
         #: it in front of the process (``node1/host:pid:id``), so every process can tell
@@ -116,6 +117,11 @@ class InventoryHost:
         self._ask_timeout = ask_timeout_s
         self._publish = publish_availability
         self._local_forwarding = local_forwarding
+        #: How long this process leaves an event nobody owns to the others before taking it
+        #: itself (see _standby): the payment workers' host waits, so that an actor whose
+        #: node lost its lease moves to another node, where the fans' reservations arrive
+        #: (and the owner-affinity cookie can name it), not into the workers.
+        self._standby_s = standby_s
         #: The live tenure of each event this process owns (see _Tenure).
         self._hosted: dict[str, _Tenure] = {}
         #: The owner another process is, as last seen, and when (see _host).
@@ -265,6 +271,8 @@ class InventoryHost:
             if known is not None and time.monotonic() - known[1] < self._lease_ttl_ms / 3000:
                 return known[0]
             owner = await self._look_up_owner(event_id)
+            if owner is None and self._standby_s > 0:
+                owner = await self._standby(event_id, min(self._standby_s, timeout))
             if owner is not None and owner != self.node_id:
                 return owner
         try:
@@ -276,6 +284,17 @@ class InventoryHost:
                 retry_after=1,
                 code="inventory_timeout",
             ) from None
+
+    async def _standby(self, event_id: str, seconds: float) -> str | None:
+        """The owner another process became within ``seconds`` (looked up every tenth of
+        the lease), or None: nobody took the event, and this process may."""
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, self._lease_ttl_ms / 10_000))
+            owner = await self._look_up_owner(event_id)
+            if owner is not None:
+                return owner
+        return None
 
     async def _try_host(self, event_id: str) -> bool:
         """Become the owner of ``event_id`` if nobody is; True when this process hosts it.

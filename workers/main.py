@@ -47,7 +47,7 @@ from typing import Any
 import httpx
 
 from admission.passes import PassKeys
-from inventory.hosting import InventoryHost
+from inventory.hosting import LEASE_TTL_S, InventoryHost
 from waitroom.core.clients import Clients, open_clients
 from waitroom.core.metrics import MetricsListener, monitoring
 from waitroom.core.runtime import cancel_and_wait, suspended_in
@@ -109,7 +109,12 @@ async def open_worker_services(settings: Settings, stack: AsyncExitStack) -> Wor
         limits=httpx.Limits(max_connections=settings.payment_concurrency),
     )
     stack.push_async_callback(http.aclose)
-    inventory = InventoryHost(clients.db, clients.redis, clients.keys)
+    # The workers confirm payments through an event's actor, but no fan's reservation
+    # arrives here: an actor hosted here would have every reservation forwarded to it. So an
+    # event nobody owns is left to the nodes for a lease's time first (a node whose lease
+    # lapsed mid-sale is replaced by another node, not by this process); with no node to
+    # take it, the workers host it themselves and payments still settle.
+    inventory = InventoryHost(clients.db, clients.redis, clients.keys, standby_s=2 * LEASE_TTL_S)
     await inventory.start()
     # Stopped before the clients close: pending asks get their answers or a clear 503.
     stack.push_async_callback(inventory.stop)

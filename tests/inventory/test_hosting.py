@@ -90,6 +90,53 @@ async def test_when_the_owner_stops_the_other_process_takes_over(
     assert await held_sold(pool, event_id) == (2, 0, 10)
 
 
+@pytest.fixture
+async def standby(
+    pool: asyncpg.Pool[Any], redis: Redis, settings: Settings
+) -> AsyncIterator[InventoryHost]:
+    """A host that leaves an unowned event to the others for 1 s first (the workers' kind)."""
+    host = InventoryHost(
+        pool, redis, Keys(settings.redis_prefix), node_id="workers", lease_ttl_s=1.5, standby_s=1.0
+    )
+    await host.start()
+    try:
+        yield host
+    finally:
+        await host.stop()
+
+
+async def test_a_standby_host_leaves_an_unowned_event_to_a_node_that_asks_meanwhile(
+    pool: asyncpg.Pool[Any], hosts: tuple[InventoryHost, InventoryHost], standby: InventoryHost
+) -> None:
+    a, _ = hosts
+    event_id = await make_event(pool, quantity=10)
+    # The workers ask first (a payment to confirm while the event's node was lost) ...
+    waiting = asyncio.create_task(standby.ask(event_id, Reserve("w", "ga", 1, "kw", None)))
+    await asyncio.sleep(0.3)
+    assert not standby.owns(event_id) and not waiting.done()
+    # ... and a node asks before the standby is over: the node hosts, the workers forward.
+    assert isinstance(await a.ask(event_id, Reserve("n", "ga", 1, None, None)), Reserved)
+    assert isinstance(await waiting, Reserved)
+    assert a.owns(event_id) and not standby.owns(event_id)
+    owner = await pool.fetchval("SELECT owner FROM inventory_owners WHERE event_id = $1", event_id)
+    assert owner == "node-a"
+    assert await held_sold(pool, event_id) == (2, 0, 10)
+
+
+async def test_a_standby_host_hosts_an_event_nobody_else_takes_once_its_standby_is_over(
+    pool: asyncpg.Pool[Any], standby: InventoryHost
+) -> None:
+    event_id = await make_event(pool, quantity=10)
+    started = time.monotonic()
+    assert isinstance(await standby.ask(event_id, Reserve("w", "ga", 1, None, None)), Reserved)
+    assert standby.owns(event_id)
+    assert time.monotonic() - started >= 1.0
+    # Once it owns the event, it answers at once.
+    started = time.monotonic()
+    assert isinstance(await standby.ask(event_id, Reserve("v", "ga", 1, None, None)), Reserved)
+    assert time.monotonic() - started < 0.5
+
+
 def _node(
     settings: Settings, event_id: str, count: int, prefix: str, pace: float
 ) -> subprocess.Popen[str]:
