@@ -662,6 +662,16 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
                 break
             await asyncio.sleep(0.5)
         checks = await check(pool, redis, Keys(nodes.settings.redis_prefix), event_id)
+        # Which process held the sale's actor at the end: a node's name (its lease names
+        # it, ``node2/host:pid:id``), or "unnamed" for a process that is no node (the
+        # payment workers; their reservations would all have been forwarded).
+        owner: Any = await redis.get(Keys(nodes.settings.redis_prefix).event(event_id).owner)
+        owner_text = owner.decode() if isinstance(owner, bytes) else owner
+        owner_at_end = (
+            owner_text.split("/", 1)[0]
+            if owner_text and "/" in owner_text
+            else ("unnamed" if owner_text else None)
+        )
         balancer = balancer_steps(
             (path.read_text(errors="replace") for path in nodes.run_dir.glob("haproxy-*.log")),
             event_id,
@@ -686,6 +696,7 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         # Owners taken during the sale: 1 when the sale's actor never moved (a lease lost to
         # a stalled node moves it, and the fans' cookies then name the old owner).
         "owner_changes": counted["waitroom_inventory_owner_changes_total"],
+        "owner_at_end": owner_at_end,
         "balancer": balancer,
         # The nodes' event-loop stalls over 100 ms: their own code (running) or no core free
         # (starved), and where the logged ones were.
