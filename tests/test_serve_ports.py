@@ -98,10 +98,12 @@ def test_the_balancer_sends_the_websockets_to_each_nodes_websocket_port() -> Non
             sections.setdefault(current, []).append(" ".join(line.split()[1:3]))
     assert sections["backend waitroom"] == ["node1 127.0.0.1:8101", "node2 127.0.0.1:8102"]
     assert sections[f"backend {WS_BACKEND}"] == ["node1 127.0.0.1:9101", "node2 127.0.0.1:9102"]
-    # The payments' long polls go to the nodes' HTTP port, as every other request.
-    assert sections["backend waitroom_wait"] == sections["backend waitroom"]
+    # The payments' long polls, reservations and payments started (each a backend of its
+    # own, ADR 0021) go to the nodes' HTTP port, as every other request.
+    for backend in ("waitroom_wait", "waitroom_checkout", "waitroom_pay"):
+        assert sections[f"backend {backend}"] == sections["backend waitroom"]
     # Without WebSocket ports, every backend names the one port (a node without --ws-port).
     plain = render_haproxy(
         HAPROXY_CONFIG.read_text(), bind="127.0.0.1:8000", servers=[("node1", "127.0.0.1:8101")]
     )
-    assert plain.count("server node1 127.0.0.1:8101 ") == 3
+    assert plain.count("server node1 127.0.0.1:8101 ") == 5

@@ -26,7 +26,6 @@ import logging
 import sys
 import threading
 import time
-import traceback
 from types import FrameType
 
 from prometheus_client import Counter, Histogram
@@ -68,14 +67,22 @@ def _cpu_clock(thread_id: int) -> int | None:
 
 
 def _frames(frame: FrameType | None) -> list[str]:
-    """The innermost frames of a stack, ``file:line function``, project code preferred."""
-    summary = traceback.extract_stack(frame, limit=40) if frame is not None else []
-    ours = [
-        f for f in summary if "site-packages" not in f.filename and "/lib/python" not in f.filename
-    ]
-    chosen = (ours or list(summary))[-FRAMES:]
+    """The innermost frames of a stack, ``file:line function``, project code preferred.
+
+    Read straight off the frames, innermost first, without their source lines: the watchdog
+    samples while the loop thread holds the GIL, and each switch to it waits a switch
+    interval, so ``traceback.extract_stack`` (which reads every frame's line through
+    linecache) took a sample so long that it landed after the stall had been reported, and
+    the report had no stack (seen as a flaky test)."""
+    summary: list[tuple[str, int, str]] = []
+    while frame is not None and len(summary) < 40:
+        code = frame.f_code
+        summary.append((code.co_filename, frame.f_lineno, code.co_name))
+        frame = frame.f_back
+    ours = [f for f in summary if "site-packages" not in f[0] and "/lib/python" not in f[0]]
     return [
-        f"{'/'.join(f.filename.rsplit('/', 2)[-2:])}:{f.lineno} {f.name}" for f in reversed(chosen)
+        f"{'/'.join(filename.rsplit('/', 2)[-2:])}:{lineno} {name}"
+        for filename, lineno, name in (ours or summary)[:FRAMES]
     ]
 
 
