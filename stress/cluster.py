@@ -52,6 +52,7 @@ import httpx
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
+from inventory.hosting import node_name_of
 from stress.common import metric_sum, percentile
 from stress.fan_generator import Report
 from stress.flash_sale import PER_FAN_LIMIT, check, create_sale
@@ -344,11 +345,11 @@ def server_steps(delta: Buckets) -> dict[str, dict[str, Any]]:
     # above include it): the node's own backlog, apart from what happens before the read.
     out["request_queued"] = _summary(_series(delta, QUEUED_HISTOGRAM))
     out["commit"] = _summary(_series(delta, COMMIT_HISTOGRAM))
-    batch = _summary(_series(delta, BATCH_HISTOGRAM))  # commands, not seconds
+    batch = _series(delta, BATCH_HISTOGRAM)  # commands, not seconds
     out["commit_batch"] = {
-        "p50": batch["p50_ms"] and batch["p50_ms"] / 1000,
-        "p99": batch["p99_ms"] and batch["p99_ms"] / 1000,
-        "count": batch["count"],
+        "p50": histogram_quantile(0.5, batch),
+        "p99": histogram_quantile(0.99, batch),
+        "count": max(batch.values(), default=0.0),
     }
     pauses = _series(delta, GC_HISTOGRAM)
     collections = max(pauses.values(), default=0.0)
@@ -667,11 +668,7 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         # payment workers; their reservations would all have been forwarded).
         owner: Any = await redis.get(Keys(nodes.settings.redis_prefix).event(event_id).owner)
         owner_text = owner.decode() if isinstance(owner, bytes) else owner
-        owner_at_end = (
-            owner_text.split("/", 1)[0]
-            if owner_text and "/" in owner_text
-            else ("unnamed" if owner_text else None)
-        )
+        owner_at_end = (node_name_of(owner_text) or "unnamed") if owner_text else None
         balancer = balancer_steps(
             (path.read_text(errors="replace") for path in nodes.run_dir.glob("haproxy-*.log")),
             event_id,
@@ -907,7 +904,8 @@ def summarize(
         "server_counts": {
             step: s["count"]
             for step, s in server.items()
-            if step not in ("event_loop_lag", "gc_pause", "request_queued")
+            if step
+            not in ("event_loop_lag", "gc_pause", "request_queued", "commit", "commit_batch")
         },
         "node_event_loop_lag": server["event_loop_lag"],
         "node_gc_pause": server["gc_pause"],
