@@ -37,7 +37,16 @@ from opentelemetry.trace import Link
 from prometheus_client import Counter, Gauge, Histogram
 
 from inventory import store
-from inventory.ledger import Changes, Command, Expire, Expired, Ledger, Refused, Result
+from inventory.ledger import (
+    Changes,
+    Command,
+    Expire,
+    Expired,
+    Ledger,
+    Refused,
+    Reserve,
+    Result,
+)
 from waitroom.core import tracing
 from waitroom.core.errors import Unavailable
 from waitroom.core.metrics import forget
@@ -168,6 +177,10 @@ class InventoryActor:
         self._published: tuple[dict[str, int], bool] | None = None
         self._publish_task: asyncio.Task[None] | None = None
         self._publish_wanted = asyncio.Event()
+        #: When the last reservation was asked of this actor (event-loop time; None: never):
+        #: how a node tells the load balancer it is busy with a sale's checkout
+        #: (:mod:`waitroom.balancer_agent`).
+        self.reserved_at: float | None = None
 
     @classmethod
     async def load(
@@ -187,6 +200,8 @@ class InventoryActor:
         if self._closed:
             raise ActorStopped()
         future: asyncio.Future[Result] = self._loop.create_future()
+        if type(command) is Reserve:
+            self.reserved_at = self._loop.time()
         link = link or tracing.current_link()
         if link is not None and len(self._links) < 128:
             self._links.append(link)

@@ -171,6 +171,19 @@ class InventoryHost:
         actor = tenure.actor
         return actor if actor is not None and actor.running else None
 
+    def selling(self, within_s: float) -> bool:
+        """Whether an actor hosted here was asked for a reservation in the last ``within_s``
+        seconds: this process is a sale's checkout, and tells the load balancer so
+        (:mod:`waitroom.balancer_agent`)."""
+        now = asyncio.get_running_loop().time()
+        return any(
+            tenure.actor is not None
+            and tenure.actor.running
+            and tenure.actor.reserved_at is not None
+            and now - tenure.actor.reserved_at < within_s
+            for tenure in self._hosted.values()
+        )
+
     def _actor_starting(self, event_id: str) -> Awaitable[object] | None:
         """While this process is becoming ``event_id``'s owner (its lease taken, its actor
         not up yet): what ends when it is done (shielded: a waiter going away must not

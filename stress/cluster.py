@@ -131,6 +131,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " figures then include the generators' wait for a core)",
     )
     parser.add_argument(
+        "--owner-line-weight",
+        type=int,
+        default=None,
+        choices=range(1, 101),
+        metavar="1-100",
+        help="the weight in the line's backends of a node that is the sale's checkout"
+        " (WAITROOM_OWNER_LINE_WEIGHT, ADR 0022; default: the setting's; 100 compares"
+        " against every node taking an equal share)",
+    )
+    parser.add_argument(
         "--ignore-node-cookie",
         action="store_true",
         help="fans ignore the owner-affinity cookie (ADR 0017): reservations spread and forwarded",
@@ -366,7 +376,7 @@ def server_steps(delta: Buckets) -> dict[str, dict[str, Any]]:
 
 #: One HAProxy ``option httplog`` line: its timers (``Tq/Tw/Tc/Tr/Ta``), status and request.
 _LB_LINE = re.compile(
-    r" (?P<timers>-?\d+/-?\d+/-?\d+/-?\d+/\+?\d+) (?P<status>\d{3}) .*"
+    r" \S+/(?P<server>\S+) (?P<timers>-?\d+/-?\d+/-?\d+/-?\d+/\+?\d+) (?P<status>\d{3}) .*"
     r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/'
 )
 _LB_STEPS = (
@@ -377,13 +387,18 @@ _LB_STEPS = (
 )
 
 
-def balancer_steps(logs: Iterable[str], event_id: str) -> dict[str, dict[str, float]]:
+def balancer_steps(
+    logs: Iterable[str], event_id: str, owner: str | None = None
+) -> dict[str, dict[str, float]]:
     """p50/p99 (ms) of each HTTP step as the load balancer timed it (``Ta``: from the
     request's first byte to the answer's last), from HAProxy's logs: between the fan's time
     and the server's, it tells the generator's share of a slow step from the network's and
     the queue's. Lines of other events are left out (reservation ids carry no event, so this
-    is read before any other event's reservations)."""
+    is read before any other event's reservations). With ``owner`` (the node hosting the
+    sale's actor), each step's ``owner_share``: the part of its requests that node answered
+    (ADR 0022: the checkout's node takes little of the line)."""
     found: dict[str, list[float]] = {step: [] for step, _, _ in _LB_STEPS}
+    at_owner = dict.fromkeys(found, 0)
     # HAProxy's parts of Ta: Tw (waiting in its queue for a server slot), Tc (connecting to
     # the server: a full accept queue shows here as TCP's SYN retries of 1 s and 3 s) and Tr
     # (the server's answer to the request's last byte: the node's event loop and handler).
@@ -402,6 +417,7 @@ def balancer_steps(logs: Iterable[str], event_id: str) -> dict[str, dict[str, fl
                 if match["method"] == method and pattern.match(path):
                     timers = match["timers"].split("/")
                     found[step].append(float(timers[4].lstrip("+")))
+                    at_owner[step] += match["server"] == owner
                     for name, value in zip(
                         ("queue", "connect", "server"), timers[1:4], strict=True
                     ):
@@ -416,6 +432,8 @@ def balancer_steps(logs: Iterable[str], event_id: str) -> dict[str, dict[str, fl
         }
         for name, part in parts[step].items():
             out[step][f"{name}_p99_ms"] = round(percentile(part, 99), 2)
+        if owner is not None:
+            out[step]["owner_share"] = round(at_owner[step] / max(len(values), 1), 3)
     return out
 
 
@@ -672,6 +690,7 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         balancer = balancer_steps(
             (path.read_text(errors="replace") for path in nodes.run_dir.glob("haproxy-*.log")),
             event_id,
+            owner_at_end,
         )
     finally:
         await redis.aclose()
@@ -824,6 +843,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = msgspec.structs.replace(
         load_settings(), admission_loop=True, challenge=False, log_level="warning"
     )
+    if args.owner_line_weight is not None:
+        base = msgspec.structs.replace(base, owner_line_weight=args.owner_line_weight)
+    args.owner_line_weight = base.owner_line_weight
     work = Path(tempfile.mkdtemp(prefix="waitroom-stress-cluster-"))
     _say(args, f"starting a Redis Cluster and {args.nodes} nodes on it (logs in {work})")
     with private_cluster(work / "redis-cluster") as cluster_url:
@@ -927,6 +949,8 @@ def summarize(
             "sessions": "one per process",
             "arrival_s": args.arrival_s,
             "fans_keep_node_cookie": not args.ignore_node_cookie,
+            # The sale's checkout node's weight in the line's backends (ADR 0022), percent.
+            "owner_line_weight": args.owner_line_weight,
             "per_fan_limit": PER_FAN_LIMIT,
             "join_seconds": args.join_seconds,
             "join_rounds": args.join_rounds,

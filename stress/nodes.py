@@ -80,16 +80,20 @@ def render_haproxy(
     servers: Sequence[tuple[str, str]],
     maxconn: int = TEST_MAXCONN,
     ws_servers: Mapping[str, str] | None = None,
+    agent_ports: Mapping[str, int] | None = None,
 ) -> str:
     """``template`` (deploy/haproxy.cfg) listening on ``bind`` with ``servers`` (name,
     host:port) in every backend, in place of the servers written there; in the WebSockets'
     backend (:data:`WS_BACKEND`) a server's address is its entry of ``ws_servers`` (its
-    WebSocket port, ``serve --ws-port``) when it has one.
+    WebSocket port, ``serve --ws-port``) when it has one. A server's ``agent-port`` is its
+    entry of ``agent_ports`` (``serve --agent-port``); a server without one has no agent
+    check.
 
     Each backend's first ``server`` line is the model of its new ones (its options, and a
     ``track`` naming the new server of the tracked backend); its other ``server`` lines go.
     """
     ws_servers = ws_servers or {}
+    agent_ports = agent_ports or {}
     out: list[str] = []
     section = ""
     rendered: set[str] = set()
@@ -117,6 +121,12 @@ def render_haproxy(
                     else o
                     for i, o in enumerate(options)
                 ]
+                if "agent-port" in opts:
+                    at = opts.index("agent-port")
+                    if name in agent_ports:
+                        opts[at + 1] = str(agent_ports[name])
+                    else:
+                        opts = _without_agent(opts)
                 if section == f"backend {WS_BACKEND}":
                     address = ws_servers.get(name, address)
                 out.append(f"{indent}server {name} {address} {' '.join(opts)}".rstrip())
@@ -125,6 +135,22 @@ def render_haproxy(
     if not rendered:
         raise ValueError("the HAProxy template has no backend with server lines")
     return "\n".join(out) + "\n"
+
+
+def _without_agent(options: list[str]) -> list[str]:
+    """A server line's options without its agent check (``agent-*`` and their values)."""
+    kept: list[str] = []
+    skip = False
+    for option in options:
+        if skip:
+            skip = False
+        elif option == "agent-check":
+            pass
+        elif option.startswith("agent-"):
+            skip = True  # every other agent-* option takes a value
+        else:
+            kept.append(option)
+    return kept
 
 
 @dataclass
@@ -137,6 +163,8 @@ class Node:
     starts: int = 1
     #: The node's second listening port, for the queue WebSockets (``serve --ws-port``).
     ws_port: int | None = None
+    #: Where the node answers HAProxy's agent check (``serve --agent-port``).
+    agent_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -211,6 +239,7 @@ class Nodes:
             node.port,
             node.starts,
             ws_port=node.ws_port,
+            agent_port=node.agent_port,
         )
         await _wait_ready(f"{node.url}/readyz", node.proc, self.run_dir)
         return node
@@ -297,10 +326,13 @@ async def _start_serve(
     start: int,
     *,
     ws_port: int | None = None,
+    agent_port: int | None = None,
 ) -> asyncio.subprocess.Process:
     # Named as in HAProxy, so that a fan's checkout is routed to the actor's node.
     env = settings_env(
-        msgspec.structs.replace(settings, port=port, node_name=name, ws_port=ws_port)
+        msgspec.structs.replace(
+            settings, port=port, node_name=name, ws_port=ws_port, agent_port=agent_port
+        )
     )
     proc = await _spawn(
         env, run_dir, f"{name}-{start}", sys.executable, "-m", "waitroom", "serve",
@@ -346,6 +378,7 @@ def _write_config(
             servers=[(n.name, f"127.0.0.1:{n.port}") for n in members],
             maxconn=maxconn,
             ws_servers={n.name: f"127.0.0.1:{n.ws_port}" for n in members if n.ws_port},
+            agent_ports={n.name: n.agent_port for n in members if n.agent_port},
         )
     )
     return config
@@ -404,11 +437,18 @@ async def running_nodes(
             await _wait_ready(f"{provider_url}/v1/stats", provider, run_dir)
             members: list[Node] = []
             for i in range(1, count + 1):
-                port, ws_port = free_port(), free_port()
+                port, ws_port, agent_port = free_port(), free_port(), free_port()
                 proc = await _start_serve(
-                    shared, run_dir, processes, f"node{i}", port, 1, ws_port=ws_port
+                    shared,
+                    run_dir,
+                    processes,
+                    f"node{i}",
+                    port,
+                    1,
+                    ws_port=ws_port,
+                    agent_port=agent_port,
                 )
-                members.append(Node(f"node{i}", port, proc, ws_port=ws_port))
+                members.append(Node(f"node{i}", port, proc, ws_port=ws_port, agent_port=agent_port))
             # Started together, they generate the run directory's secrets once between
             # them (waitroom.core.keyfiles links a finished file into place).
             await asyncio.gather(

@@ -176,7 +176,7 @@ def test_the_scaled_api_runs_three_replicas_on_the_redis_cluster() -> None:
     assert all(unnamed(r) == unnamed(replicas[0]) for r in replicas)
     haproxy = (ROOT / "deploy" / "haproxy.cfg").read_text()
     for name in names:
-        assert re.search(rf"^\s*server {name} .* check cookie {name}$", haproxy, re.M), name
+        assert re.search(rf"^\s*server {name} .* check cookie {name} agent-check ", haproxy, re.M)
     assert re.search(r"^\s*cookie waitroom_node$", haproxy, re.M)
     api = replicas[0]
     assert api["command"] == ["waitroom", "serve"]
@@ -185,6 +185,8 @@ def test_the_scaled_api_runs_three_replicas_on_the_redis_cluster() -> None:
     assert env["WAITROOM_HOST"] == "0.0.0.0" and env["WAITROOM_PORT"] == "8000"
     # The queue WebSockets on their own port, which HAProxy's waitroom_ws backend names.
     assert env["WAITROOM_WS_PORT"] == "8001"
+    # HAProxy's agent check (ADR 0022), on the port the balancer's servers name.
+    assert env["WAITROOM_AGENT_PORT"] == "8002"
     url = env["WAITROOM_REDIS_URL"]
     assert is_cluster_url(url)
     seeds, _ = cluster_seeds(url)
@@ -196,7 +198,14 @@ def test_the_scaled_api_runs_three_replicas_on_the_redis_cluster() -> None:
         assert {
             k: v
             for k, v in env.items()
-            if k not in ("WAITROOM_HOST", "WAITROOM_PORT", "WAITROOM_WS_PORT", "WAITROOM_NODE_NAME")
+            if k
+            not in (
+                "WAITROOM_HOST",
+                "WAITROOM_PORT",
+                "WAITROOM_WS_PORT",
+                "WAITROOM_AGENT_PORT",
+                "WAITROOM_NODE_NAME",
+            )
         } == other
     # Every replica has the same run directory (its generated secrets) as the others.
     volumes = {tuple(services[n]["volumes"]) for n in ("api-1", "migrate-scaled", "workers-scaled")}
@@ -234,6 +243,10 @@ def test_haproxy_fronts_the_three_replicas_with_the_repositorys_config(tmp_path:
     for n in (1, 2, 3):
         assert config.count(f"${{WAITROOM_NODE{n}-") == 4
         assert config.count(f"${{WAITROOM_NODE{n}_WS-") == 1
+        # The agent check in each backend of the line (not the reservations'), on the port
+        # the replicas answer it on.
+        assert config.count(f"${{WAITROOM_NODE{n}_AGENT_PORT-") == 4
+        assert env[f"WAITROOM_NODE{n}_AGENT_PORT"] == "8002"
     # The machine's HAProxy takes the file with the compose environment (the replicas'
     # names do not resolve here: those servers start without an address, as allowed).
     checked = subprocess.run(

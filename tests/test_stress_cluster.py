@@ -51,16 +51,16 @@ def test_bucket_counts_are_summed_over_the_nodes() -> None:
 
 
 def test_the_balancer_times_come_from_haproxy_log_lines_of_the_sale_only() -> None:
-    def line(timers: str, status: int, request: str) -> str:
+    def line(timers: str, status: int, request: str, server: str = "node1") -> str:
         return (
-            "127.0.0.1:40000 [03/Dec/2026:05:31:16.817] fans waitroom/node1"
+            f"127.0.0.1:40000 [03/Dec/2026:05:31:16.817] fans waitroom/{server}"
             f' {timers} {status} 989 - - ---- 1/1/1/1/0 0/0 "{request} HTTP/1.1"'
         )
 
     log = "\n".join(
         [
             line("0/0/1/9/10", 201, "POST /v1/events/evt-a/queue"),
-            line("0/0/1/29/30", 201, "POST /v1/events/evt-a/queue"),
+            line("0/0/1/29/30", 201, "POST /v1/events/evt-a/queue", server="node2"),
             line("0/0/1/9/999", 201, "POST /v1/events/evt-other/queue"),  # another event
             line("0/0/0/40/+40", 201, "POST /v1/events/evt-a/reservations"),
             line("0/0/0/7/8", 202, "POST /v1/reservations/0f1e/confirm"),
@@ -78,6 +78,10 @@ def test_the_balancer_times_come_from_haproxy_log_lines_of_the_sale_only() -> No
     }
     assert steps["reserve"]["p99_ms"] == 40.0 and steps["confirm"]["p50_ms"] == 8.0
     assert 10.0 <= steps["join"]["p50_ms"] <= 30.0
+    # The part of each step the sale's checkout node answered (ADR 0022).
+    shares = balancer_steps([log], "evt-a", owner="node2")
+    assert shares["join"]["owner_share"] == 0.5 and shares["reserve"]["owner_share"] == 0.0
+    assert "owner_share" not in steps["join"]
 
 
 @pytest.mark.slow
@@ -155,6 +159,9 @@ def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
     assert 0 <= report["forwarded_share"] <= 1, shown
     for step in ("join", "reserve", "confirm"):
         assert {"fan_p99_ms", "lb_p99_ms", "server_p99_ms"} <= set(report["steps"][step]), shown
+        # The part of the step the sale's checkout node answered (ADR 0022).
+        assert 0 <= report["steps"][step]["lb_owner_share"] <= 1, shown
+    assert report["params"]["owner_line_weight"] == 10, shown
     # The waits for admission and payment are the fans', in seconds.
     assert {"fan_p99_s", "lb_p99_ms", "server_p99_ms"} <= set(report["steps"]["paid"]), shown
     assert {"fan_p99_s", "server_p99_ms"} <= set(report["steps"]["admitted"]), shown

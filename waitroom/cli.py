@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import sys
 import time
 import tomllib
@@ -134,6 +135,16 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         raise CLIError(f"--ws-port {ws_port}: not a port (1-65535)")
     if ws_port is not None and ws_port == port:
         raise CLIError(f"the WebSocket port must differ from the HTTP port ({port})")
+    agent_port = settings.agent_port if args.agent_port is None else args.agent_port
+    if agent_port is not None:
+        if not 0 < agent_port < 65536:
+            raise CLIError(f"--agent-port {agent_port}: not a port (1-65535)")
+        if agent_port in (port, ws_port):
+            raise CLIError(f"the agent port must differ from the server's ports ({agent_port})")
+        # Every worker builds its services from the environment (app_from_env) and listens
+        # for the agent there, where the server listens.
+        os.environ["WAITROOM_AGENT_PORT"] = str(agent_port)
+        os.environ["WAITROOM_HOST"] = host
     # load_settings checked the tokens against WAITROOM_HOST; --host may listen wider.
     check_admin_tokens(settings, host)
     # Secrets are refused (production) or generated (development) here, as one line,
@@ -833,6 +844,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ws-port",
         type=int,
         help="a second listen port, for the queue WebSockets (default WAITROOM_WS_PORT: none)",
+    )
+    serve.add_argument(
+        "--agent-port",
+        type=int,
+        help="a port to answer HAProxy's agent check on (default WAITROOM_AGENT_PORT: none)",
     )
     serve.add_argument("--workers", type=_positive_int, default=1, help="worker processes")
     serve.set_defaults(handler=cmd_serve, sync=True)

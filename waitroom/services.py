@@ -27,6 +27,7 @@ from admission.passes import PassGate, PassKeys
 from inventory.catalogue import EventDirectory, EventInfo, PriceBook
 from inventory.hosting import InventoryHost
 from waitroom import admin_auth
+from waitroom.balancer_agent import SELLING_WITHIN_S, BalancerAgent, line_weight
 from waitroom.core.audit import Actor
 from waitroom.core.cache import ViewCache
 from waitroom.core.clients import open_clients
@@ -137,6 +138,14 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
     )
     await inventory.start()
     stack.push_async_callback(inventory.stop)
+    if settings.agent_port is not None:
+        agent = BalancerAgent(
+            settings.host,
+            settings.agent_port,
+            lambda: line_weight(inventory.selling(SELLING_WITHIN_S), settings.owner_line_weight),
+        )
+        await agent.start()
+        stack.push_async_callback(agent.stop)
     admission: AdmissionService | None = None
     if settings.admission_loop:
         admission = AdmissionService(

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from inventory.forwarding import FORWARD_BATCHES
 from inventory.hosting import InventoryHost
-from inventory.ledger import Refused, Reserve, Reserved
+from inventory.ledger import Expire, Expired, Refused, Reserve, Reserved
 from tests.checkout.test_tracing import Receiver, wait_for_spans
 from tests.harness import ROOT
 from tests.inventory.conftest import held_sold, make_event
@@ -135,6 +135,25 @@ async def test_a_standby_host_hosts_an_event_nobody_else_takes_once_its_standby_
     started = time.monotonic()
     assert isinstance(await standby.ask(event_id, Reserve("v", "ga", 1, None, None)), Reserved)
     assert time.monotonic() - started < 0.5
+
+
+async def test_a_host_is_selling_while_its_actor_takes_reservations_and_not_after(
+    pool: asyncpg.Pool[Any], hosts: tuple[InventoryHost, InventoryHost]
+) -> None:
+    # What the node's balancer agent reports (waitroom.balancer_agent): the owner of an
+    # actor that reservations reach, including those the other node forwards to it.
+    a, b = hosts
+    event_id = await make_event(pool, quantity=10)
+    assert not a.selling(60.0) and not b.selling(60.0)
+    assert isinstance(await a.ask(event_id, Expire()), Expired)  # hosted, nothing sold yet
+    assert a.owns(event_id) and not a.selling(60.0)
+    await asyncio.sleep(0.2)
+    assert isinstance(await b.ask(event_id, Reserve("f", "ga", 1, "k", None)), Reserved)
+    assert a.selling(60.0) and not b.selling(60.0)  # b forwarded, it hosts nothing
+    await asyncio.sleep(0.2)
+    assert a.selling(1.0) and not a.selling(0.1)
+    await a.let_go(event_id)
+    assert not a.selling(60.0)
 
 
 def _node(

@@ -69,6 +69,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: its own, so a crowd opening thousands of WebSockets never holds a join or a
     #: reservation behind them before the node reads it. None: one port for everything.
     ws_port: int | None = None
+    #: A port ``serve`` answers HAProxy's agent check on (``agent-check`` in
+    #: deploy/haproxy.cfg): the share of the line's traffic this node asks for, lower while
+    #: it is a sale's checkout (:mod:`waitroom.balancer_agent`). None: no agent.
+    agent_port: int | None = None
+    #: The weight, in percent, a node asks for in the line's backends while it hosts an
+    #: actor taking a sale's reservations (100: the same as every other node).
+    owner_line_weight: int = 10
     log_level: str = "info"
     #: Largest request body accepted before answering 413.
     max_body_bytes: int = 64 * 1024
@@ -367,6 +374,8 @@ _FIELDS: dict[str, _Field] = {
     "host": _TEXT,
     "port": _int_range(0, 65535),
     "ws_port": _int_range(1, 65535),
+    "agent_port": _int_range(1, 65535),
+    "owner_line_weight": _int_range(1, 100),
     "log_level": _Field(_log_level, "one of " + ", ".join(LOG_LEVELS)),
     "max_body_bytes": _int_range(1024, 64 * 1024 * 1024),
     "dependency_timeout_s": _Field(_positive_float, "a number of seconds above 0"),
