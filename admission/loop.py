@@ -29,6 +29,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -345,6 +346,8 @@ class EventAdmission:
         LEADER_CHANGES.labels(self.event_id).inc()
         LEADING.labels(self.event_id).set(1)
         log.info("leading admission", extra={"event_id": self.event_id})
+        if self.service.on_lead is not None:
+            self.service.on_lead(self.event_id)
         self.token = token
         self._lost = asyncio.Event()
         self._cleaned = False
@@ -828,6 +831,7 @@ class AdmissionService:
         poll_s: float = POLL_S,
         lease_ms: int = leader.LEASE_MS,
         acquire_every_s: float = leader.ACQUIRE_EVERY_S,
+        on_lead: Callable[[str], None] | None = None,
     ) -> None:
         self.redis = redis
         self.db = db
@@ -839,6 +843,9 @@ class AdmissionService:
         self.poll_s = poll_s
         self.lease_ms = lease_ms
         self.acquire_every_s = acquire_every_s
+        #: Called with an event's id as this process starts leading its admission (the
+        #: server warms the event's inventory actor: InventoryHost.warm).
+        self.on_lead = on_lead
         self.events: dict[str, EventAdmission] = {}
         self._task: asyncio.Task[None] | None = None
         self._error_logged_at = 0.0

@@ -171,6 +171,24 @@ class InventoryHost:
         actor = tenure.actor
         return actor if actor is not None and actor.running else None
 
+    def warm(self, event_id: str) -> None:
+        """Host ``event_id``'s actor here unless a process already does, in the background:
+        what the admission loop's leader asks as it starts leading an event (its sale opens
+        or is about to), so that the first reservations find an actor loaded and an owner
+        to name, instead of all racing to become it at the sale's busiest second."""
+        if self._closed or event_id in self._hosted or event_id in self._starting:
+            return
+
+        async def host() -> None:
+            try:
+                await self._host(event_id, self._ask_timeout)
+            except Exception as exc:  # the first reservation hosts it then
+                log.warning(
+                    "could not warm the inventory", extra={"event": event_id, "error": repr(exc)}
+                )
+
+        self._later(host(), f"warm:{event_id}")
+
     def selling(self, within_s: float) -> bool:
         """Whether an actor hosted here was asked for a reservation in the last ``within_s``
         seconds: this process is a sale's checkout, and tells the load balancer so

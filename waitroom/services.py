@@ -155,6 +155,9 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
             pass_keys=pass_keys,
             issuer=settings.pass_issuer,
             rooms=rooms,
+            # The leader of an event's admissions hosts its actor before the first pass is
+            # out: the sale's first reservations find an owner (and name it to the balancer).
+            on_lead=inventory.warm,
         )
         await admission.start()
         stack.push_async_callback(admission.stop)

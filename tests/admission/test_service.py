@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from admission.loop import AdmissionService
 from admission.passes import PassKeys
 from inventory import catalogue
+from inventory.hosting import InventoryHost
 from waitroom.core.errors import SettingsError
 from waitroom.core.keys import Keys
 from waitroom.core.settings import Settings, load_settings
@@ -47,7 +48,10 @@ async def new_event(pool: asyncpg.Pool[Any]) -> str:
 
 @asynccontextmanager
 async def service(
-    pool: asyncpg.Pool[Any], r: Redis, settings: Settings
+    pool: asyncpg.Pool[Any],
+    r: Redis,
+    settings: Settings,
+    on_lead: Callable[[str], None] | None = None,
 ) -> AsyncIterator[AdmissionService]:
     keys = Keys(settings.redis_prefix)
     rooms = Rooms(r, pool, keys)
@@ -59,6 +63,7 @@ async def service(
         issuer="waitroom",
         rooms=rooms,
         poll_s=0.2,
+        on_lead=on_lead,
     )
     await svc.start()
     try:
@@ -89,6 +94,37 @@ async def test_one_of_many_processes_leads_and_a_clean_stop_hands_over_at_once(
         await leader.stop()
         # Released, not left to lapse: the follower leads at its next attempt.
         assert await eventually(lambda: event_id in follower.leading()) < 1.0
+
+
+async def test_the_leader_of_an_events_admission_hosts_its_inventory_before_any_checkout(
+    pool: asyncpg.Pool[Any], r: Redis, settings: Settings
+) -> None:
+    # As `waitroom serve` wires it: the sale's first reservations find an actor loaded, on
+    # the leader's node, rather than all racing to become its owner at once.
+    event_id = await new_event(pool)
+    keys = Keys(settings.redis_prefix)
+    hosts = [InventoryHost(pool, r, keys, node_id=f"node-{n}") for n in (1, 2)]
+    for host in hosts:
+        await host.start()
+    try:
+        async with (
+            service(pool, r, settings, on_lead=hosts[0].warm) as one,
+            service(pool, r, settings, on_lead=hosts[1].warm) as two,
+        ):
+            await eventually(lambda: event_id in one.leading() + two.leading())
+            leading = 0 if event_id in one.leading() else 1
+            await eventually(lambda: hosts[leading].owns(event_id))
+            assert not hosts[1 - leading].owns(event_id)
+            # Warming it again, or elsewhere, changes nothing: the event has its owner.
+            hosts[1 - leading].warm(event_id)
+            hosts[leading].warm(event_id)
+            await asyncio.sleep(0.3)
+            assert hosts[leading].owns(event_id) and not hosts[1 - leading].owns(event_id)
+            owner = await r.get(keys.event(event_id).owner)
+            assert owner in (b"node-1", b"node-2", "node-1", "node-2")
+    finally:
+        for host in hosts:
+            await host.stop()
 
 
 async def test_a_second_cancellation_while_a_leader_stops_still_releases_its_lease(
