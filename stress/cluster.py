@@ -126,9 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         choices=range(20),
         metavar="0-19",
-        help="run the fan generators at this niceness: a diagnostic of how much of the nodes'"
-        " tail is the simulated crowd taking their cores on this machine (the fans' own"
-        " figures then include the generators' wait for a core)",
+        help="run the fan generators' sessions at this niceness (their autogroup's: see"
+        " renice_session): a diagnostic of how much of the nodes' tail is the simulated crowd"
+        " taking their cores on this machine (the fans' own figures then include the"
+        " generators' wait for a core)",
     )
     parser.add_argument(
         "--owner-line-weight",
@@ -582,6 +583,18 @@ async def compare_joins(
 # --- 2. the flash sale --------------------------------------------------------------------------
 
 
+def renice_session(pid: int, nice: int) -> None:
+    """Lower the CPU share of ``pid``'s session (it leads one of its own): under Linux's
+    autogroup the CPU is shared between sessions first, and a process's own niceness only
+    counts against the processes of its session, so the session's is the one that matters
+    (``/proc/PID/autogroup``); where there is no autogroup, the process's."""
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    try:
+        autogroup.write_text(f"{nice}\n")
+    except OSError:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+
+
 async def _generators(
     args: argparse.Namespace, work: Path, nodes: Nodes, event_id: str
 ) -> tuple[list[Outcome], list[Report]]:
@@ -597,7 +610,6 @@ async def _generators(
             outs.append(out)
             procs.append(
                 await asyncio.create_subprocess_exec(
-                    *(["nice", "-n", str(args.generator_nice)] if args.generator_nice else []),
                     sys.executable,
                     "-m",
                     "stress.fan_generator",
@@ -616,6 +628,8 @@ async def _generators(
                     start_new_session=True,
                 )
             )
+            if args.generator_nice:
+                renice_session(procs[-1].pid, args.generator_nice)
             first += share
         await wait_ready(procs, "a fan generator", 60)
         await go(procs)

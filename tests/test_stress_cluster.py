@@ -11,13 +11,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from stress.cluster import balancer_steps, histogram_quantile, parse_buckets, stall_report
+from stress.cluster import (
+    balancer_steps,
+    histogram_quantile,
+    parse_buckets,
+    renice_session,
+    stall_report,
+)
 from tests.harness import ROOT
 from waitroom.core.settings import Settings, settings_env
 
@@ -33,6 +41,22 @@ def test_the_quantile_interpolates_inside_the_bucket_as_promql_does() -> None:
     assert histogram_quantile(0.99, {0.01: 0.0, math.inf: 0.0}) is None
     # Past the last finite bound: that bound, as PromQL answers.
     assert histogram_quantile(0.99, {0.01: 10.0, math.inf: 20.0}) == pytest.approx(0.01)
+
+
+def test_a_generator_is_reniced_by_its_session_which_is_what_shares_the_cpu() -> None:
+    # Each generator leads a session of its own (stress.nodes._spawn's reason); a plain
+    # `nice` of the process would only weigh against the rest of that session: nothing.
+    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        renice_session(proc.pid, 7)
+        autogroup = Path(f"/proc/{proc.pid}/autogroup")
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == "7"
+        else:  # no autogroup: the process's own niceness
+            assert os.getpriority(os.PRIO_PROCESS, proc.pid) == 7
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_bucket_counts_are_summed_over_the_nodes() -> None:
