@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import time
@@ -128,6 +129,8 @@ class InventoryHost:
         self._owners: dict[str, tuple[str, float]] = {}
         #: The one acquisition in flight per event (single flight, see _try_host).
         self._starting: dict[str, asyncio.Task[bool]] = {}
+        #: When each event was last warmed here (event-loop time): its sale is starting.
+        self._warmed: dict[str, float] = {}
         self._transport = Forwarder(redis, keys, self.node_id)
         self._closed = False
         #: Short fire-and-forget work (freeing admission slots, stepping down), kept so it is
@@ -176,6 +179,9 @@ class InventoryHost:
         what the admission loop's leader asks as it starts leading an event (its sale opens
         or is about to), so that the first reservations find an actor loaded and an owner
         to name, instead of all racing to become it at the sale's busiest second."""
+        # The checkout starts here, or is about to: the balancer may take the line elsewhere
+        # before the first reservation (see selling).
+        self._warmed[event_id] = asyncio.get_running_loop().time()
         if self._closed or event_id in self._hosted or event_id in self._starting:
             return
 
@@ -190,16 +196,17 @@ class InventoryHost:
         self._later(host(), f"warm:{event_id}")
 
     def selling(self, within_s: float) -> bool:
-        """Whether an actor hosted here was asked for a reservation in the last ``within_s``
-        seconds: this process is a sale's checkout, and tells the load balancer so
-        (:mod:`waitroom.balancer_agent`)."""
+        """Whether an actor hosted here was asked for a reservation, or warmed (its sale
+        is starting), in the last ``within_s`` seconds: this process is a sale's checkout,
+        and tells the load balancer so (:mod:`waitroom.balancer_agent`)."""
         now = asyncio.get_running_loop().time()
         return any(
             tenure.actor is not None
             and tenure.actor.running
-            and tenure.actor.reserved_at is not None
-            and now - tenure.actor.reserved_at < within_s
-            for tenure in self._hosted.values()
+            and now
+            - max(tenure.actor.reserved_at or -math.inf, self._warmed.get(event_id, -math.inf))
+            < within_s
+            for event_id, tenure in self._hosted.items()
         )
 
     def _actor_starting(self, event_id: str) -> Awaitable[object] | None:
@@ -574,6 +581,7 @@ class InventoryHost:
             await tenure.ended.wait()
             return
         tenure.ending = True
+        self._warmed.pop(event_id, None)
         try:
             if tenure.actor is not None:
                 tenure.actor.close()

@@ -75,6 +75,34 @@ def test_serve_refuses_one_port_for_both_in_one_line(settings: Settings) -> None
     ]
 
 
+def test_serve_answers_the_balancers_agent_check_on_its_agent_port(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # ADR 0022: HAProxy reads one line, the weight this node asks for in the line's
+    # backends; a node hosting no sale's actor asks for all of its share.
+    port, agent_port = free_port(), free_port()
+    served = msgspec.structs.replace(settings, port=port, admission_loop=False)
+    log = tmp_path / "server.log"
+    argv = [*waitroom_argv("serve"), "--agent-port", str(agent_port)]
+    with process(argv, log, env=settings_env(served)) as proc:
+        wait_http(f"http://127.0.0.1:{port}/readyz", proc, log)
+        for _ in range(2):  # one answer per connection, then closed
+            with socket.create_connection(("127.0.0.1", agent_port), timeout=5) as agent:
+                assert agent.makefile("rb").read() == b"100%\n"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    assert _refused(agent_port)
+
+
+def test_serve_refuses_an_agent_port_that_is_one_of_its_own(settings: Settings) -> None:
+    port = free_port()
+    done = run_cli(settings, "serve", "--port", str(port), "--agent-port", str(port))
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        f"waitroom: the agent port must differ from the server's ports ({port})"
+    ]
+
+
 def test_the_websocket_port_is_a_setting_like_the_others() -> None:
     assert load_settings({"WAITROOM_WS_PORT": "9001"}).ws_port == 9001
     assert load_settings({}).ws_port is None

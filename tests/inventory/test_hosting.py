@@ -154,6 +154,16 @@ async def test_a_host_is_selling_while_its_actor_takes_reservations_and_not_afte
     assert a.selling(1.0) and not a.selling(0.1)
     await a.let_go(event_id)
     assert not a.selling(60.0)
+    # Warmed by the admission leader as its sale starts: a checkout before any reservation.
+    other = await make_event(pool, quantity=10)
+    b.warm(other)
+    for _ in range(100):
+        if b.owns(other):
+            break
+        await asyncio.sleep(0.02)
+    assert b.owns(other) and b.selling(1.0) and not a.selling(60.0)
+    await asyncio.sleep(0.2)
+    assert not b.selling(0.1)
 
 
 def _node(
