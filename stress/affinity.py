@@ -195,8 +195,14 @@ async def _status_cookie(url: str, event_id: str, fan: _Fan) -> str | None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    # The first reservation decides each event's owner here (the nodes' admission leaders
+    # lead the single servers' events too, and would host their actors: ADR 0022).
     base = msgspec.structs.replace(
-        load_settings(), admission_loop=True, challenge=False, log_level="warning"
+        load_settings(),
+        admission_loop=True,
+        challenge=False,
+        log_level="warning",
+        warm_inventory=False,
     )
     work_dir = Path(tempfile.mkdtemp(prefix="waitroom-stress-affinity-"))
     async with running_nodes(base, work_dir / "nodes", count=2) as nodes:

@@ -73,8 +73,15 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 async def nodes(cluster_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Nodes]:
+    # The actor is hosted by the first reservation's node, not warmed by the admission
+    # leader's (ADR 0022): these tests count where reservations land and are forwarded, and
+    # where sockets go while every node has an equal share of the line.
     settings = msgspec.structs.replace(
-        base_settings(), admission_loop=True, challenge=False, log_level="warning"
+        base_settings(),
+        admission_loop=True,
+        challenge=False,
+        log_level="warning",
+        warm_inventory=False,
     )
     async with running_nodes(
         settings, tmp_path_factory.mktemp("nodes-run"), count=3, redis_url=cluster_url

@@ -64,6 +64,7 @@ def test_settings_are_frozen() -> None:
         ("WAITROOM_AGENT_PORT", "0"),
         ("WAITROOM_OWNER_LINE_WEIGHT", "0"),  # 0 on every node would refuse every fan
         ("WAITROOM_OWNER_LINE_WEIGHT", "101"),
+        ("WAITROOM_WARM_INVENTORY", "sometimes"),
     ],
 )
 def test_a_bad_value_names_its_variable_in_one_line(name: str, value: str) -> None:

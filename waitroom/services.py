@@ -157,7 +157,7 @@ async def open_services(settings: Settings, stack: AsyncExitStack) -> Services:
             rooms=rooms,
             # The leader of an event's admissions hosts its actor before the first pass is
             # out: the sale's first reservations find an owner (and name it to the balancer).
-            on_lead=inventory.warm,
+            on_lead=inventory.warm if settings.warm_inventory else None,
         )
         await admission.start()
         stack.push_async_callback(admission.stop)

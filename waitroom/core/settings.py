@@ -104,6 +104,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     #: Run admission loops in this process (they elect one leader per event across all
     #: processes); off for web-only nodes, and in tests that do not exercise admission.
     admission_loop: bool = True
+    #: The admission leader of an event hosts the event's inventory actor as it starts
+    #: leading (ADR 0022): the sale's first reservations find an owner, and its node asks
+    #: the balancer for less of the line before they arrive. Off: the first reservation's
+    #: node hosts it.
+    warm_inventory: bool = True
     #: Secret that signs anonymous visitor tokens (generated under run_dir when unset).
     visitor_secret_file: str | None = None
     #: PEM public key of the host site's user JWTs; when set, fans must present one.
@@ -390,6 +395,7 @@ _FIELDS: dict[str, _Field] = {
     "pass_verify_keys": _Field(_paths, "comma-separated file paths"),
     "pass_issuer": _TEXT,
     "admission_loop": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
+    "warm_inventory": _Field(_bool, "one of true, false, 1, 0, yes, no, on, off"),
     "visitor_secret_file": _TEXT,
     "user_jwt_public_key": _TEXT,
     "user_jwt_issuer": _TEXT,
