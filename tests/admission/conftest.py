@@ -19,9 +19,13 @@ from waitroom.core.settings import Settings
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """This module's settings: a fresh database and Redis prefix, admission loops on."""
+    """This module's settings: a fresh database and Redis prefix, admission loops on.
+
+    The leaders do not warm the events' inventory actors (ADR 0022): these tests play the
+    actor's part, writing what it publishes (``sold_out``) to Redis, and a live actor would
+    publish its own figures over theirs (test_service.py warms hosts of its own)."""
     run_dir: Path = tmp_path_factory.mktemp("admission-run")
-    value = fresh_settings(run_dir, admission_loop=True)
+    value = fresh_settings(run_dir, admission_loop=True, warm_inventory=False)
     try:
         yield value
     finally:
