@@ -181,14 +181,20 @@ class InventoryHost:
         to name, instead of all racing to become it at the sale's busiest second."""
         # The checkout starts here, or is about to: the balancer may take the line elsewhere
         # before the first reservation (see selling).
+        if self._closed:
+            return
         self._warmed[event_id] = asyncio.get_running_loop().time()
-        if self._closed or event_id in self._hosted or event_id in self._starting:
+        if event_id in self._hosted or event_id in self._starting:
             return
 
         async def host() -> None:
             try:
-                await self._host(event_id, self._ask_timeout)
+                if await self._host(event_id, self._ask_timeout) is not None:
+                    # Another process hosts it: nothing to tell the balancer, and nothing
+                    # to keep (an event warmed elsewhere must not stay in the map).
+                    self._warmed.pop(event_id, None)
             except Exception as exc:  # the first reservation hosts it then
+                self._warmed.pop(event_id, None)
                 log.warning(
                     "could not warm the inventory", extra={"event": event_id, "error": repr(exc)}
                 )

@@ -162,6 +162,14 @@ async def test_a_host_is_selling_while_its_actor_takes_reservations_and_not_afte
             break
         await asyncio.sleep(0.02)
     assert b.owns(other) and b.selling(1.0) and not a.selling(60.0)
+    # Warmed where another process hosts it (a leader whose node lost the race): that node
+    # keeps nothing of it, not even the note that its sale started.
+    a.warm(other)
+    for _ in range(100):
+        if other not in a._warmed:
+            break
+        await asyncio.sleep(0.02)
+    assert other not in a._warmed and not a.owns(other) and not a.selling(60.0)
     await asyncio.sleep(0.2)
     assert not b.selling(0.1)
 
