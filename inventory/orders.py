@@ -33,6 +33,7 @@ import msgspec
 
 from inventory.store import Conn
 from waitroom.core import tracing
+from waitroom.core.db import hint
 from waitroom.core.errors import Conflict, Gone, NotFound
 
 OrderStatus = Literal["awaiting_payment", "paid", "failed", "cancelled"]
@@ -44,6 +45,9 @@ class PaymentRefused(Conflict):
 
 #: PostgreSQL channel a new pending payment is announced on, so idle workers wake at once.
 PAYMENTS_CHANNEL = "waitroom_payments"
+#: PostgreSQL channel an order's settled payment (paid, failed) is announced on, with the
+#: hold's id: the long polls of the fans waiting for it answer at once.
+RESERVATIONS_CHANNEL = "waitroom_reservations"
 
 #: Kinds of ``order_events`` rows.
 PAYMENT_STARTED = "payment.started"
@@ -112,7 +116,8 @@ async def start_payment(
     attempt, whatever became of it (paid, failed, under way), and starts nothing.
     One statement, ``payment_start()`` (schema 24), in its own implicit transaction (or the
     caller's), locking the order row, so two concurrent confirms of one hold queue one
-    attempt and the other is refused. A refusal writes nothing.
+    attempt and the other is refused. A refusal writes nothing. A payment started is
+    announced to the workers once committed (:func:`~waitroom.core.db.hint`).
 
     Refusals (errors of waitroom.core.errors the checkout may render as they are):
 
@@ -147,6 +152,10 @@ async def start_payment(
     assert row is not None
     outcome, order_id, payment_id = row["outcome"], row["order_id"], row["payment_id"]
     details = {"hold_id": hold_id, "order_id": order_id}
+    if outcome == "started":
+        # Idle workers claim it at once instead of at their next poll. Sent after the
+        # commit, not by payment_start() in it (schema 25: see waitroom.core.db.hint).
+        await hint(conn, PAYMENTS_CHANNEL, payment_id)
     if outcome in ("started", "again"):
         return order_id, payment_id
     if outcome == "hold_not_found":

@@ -9,7 +9,9 @@ soon as the order is paid or the payment failed: usually one request a buyer.
 
 How the server learns it: PostgreSQL triggers (migration 0020) ``NOTIFY
 waitroom_reservations`` with the hold's id when an order's status changes or a payment fails,
-at the commit, whoever wrote it. Each server process keeps one connection listening
+at the commit, whoever wrote it; the payment workers, who settle nearly all of them in a sale,
+send it themselves just after their commit instead (migration 0025: a NOTIFY inside the
+transaction made every such commit wait for the others' WAL flushes). Each server process keeps one connection listening
 (:class:`ReservationChanges`) and wakes the requests waiting for that hold. Waiting is
 registered *before* the reservation is read, so a change committed between the read and the
 wait is not missed.
@@ -30,12 +32,13 @@ from typing import Any
 
 import asyncpg
 
+from inventory.orders import RESERVATIONS_CHANNEL
 from waitroom.core.runtime import cancel_and_wait
 
 log = logging.getLogger("waitroom.reservation_changes")
 
-#: The channel migration 0020's triggers notify (payload: the hold id).
-CHANNEL = "waitroom_reservations"
+#: The channel migration 0020's triggers and the payment workers notify (payload: the hold id).
+CHANNEL = RESERVATIONS_CHANNEL
 #: Longest a request may wait (below the usual 30-60 s idle timeouts of proxies).
 MAX_WAIT_S = 25.0
 #: Seconds between two attempts to listen again after the connection was lost.

@@ -79,10 +79,12 @@ from inventory.orders import (
     PAYMENT_FAILED,
     PAYMENT_SUCCEEDED,
     PAYMENTS_CHANNEL,
+    RESERVATIONS_CHANNEL,
     record_event,
 )
 from inventory.store import Conn
 from waitroom.core import randomness, tracing
+from waitroom.core.db import HINT_AFTER_COMMIT, hint
 from waitroom.core.errors import Unavailable, WaitroomError
 from workers.mailer import create_notification
 from workers.notifications import ORDER_CONFIRMED
@@ -879,64 +881,84 @@ class PaymentPool:
 
     async def _succeed(self, p: Claimed, charge_id: str) -> Outcome:
         """Order paid, payment succeeded, tickets issued: all or nothing, at most once per order."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            status = await conn.fetchval(
-                "SELECT status FROM orders WHERE id = $1 FOR UPDATE", p.order_id
-            )
-            if status == "paid":
-                # Someone finished this order already; issuing again would double the tickets.
-                done = await conn.fetchval(
-                    f"UPDATE payments SET {_SUCCEED}, provider_ref = $3,"
-                    f" last_error = NULL, updated_at = now() WHERE {_FENCE}"
-                    " AND NOT EXISTS (SELECT 1 FROM payments q"
-                    "                  WHERE q.order_id = payments.order_id AND q.state = 'succeeded')"
-                    " RETURNING id",
-                    p.id,
-                    p.attempts,
-                    charge_id,
-                )
-                if done is not None:
-                    await record_event(
-                        conn, p.order_id, PAYMENT_SUCCEEDED, payment_id=p.id, charge_id=charge_id
-                    )
-                    return "succeeded"
-                # The order was paid by another payment while this charge went through too:
-                # the reconciler checks the charge and gives it back.
-                failed = await conn.fetchval(
-                    f"UPDATE payments SET {_FAIL}, provider_ref = $3,"
-                    " last_error = 'order already paid', updated_at = now(),"
-                    " reconcile = 'due', reconcile_after = now()"
-                    f" WHERE {_FENCE} RETURNING id",
-                    p.id,
-                    p.attempts,
-                    charge_id,
-                )
-                if failed is None:
-                    return "lost"
-                await record_event(
-                    conn,
-                    p.order_id,
-                    PAYMENT_FAILED,
-                    payment_id=p.id,
-                    reason="order already paid",
-                    charge_id=charge_id,
-                    reconcile=True,
-                )
-                return "failed"
-            claimed = await conn.fetchval(
-                f"UPDATE payments SET {_SUCCEED}, provider_ref = $3, last_error = NULL,"
-                f" updated_at = now() WHERE {_FENCE} RETURNING id",
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute(HINT_AFTER_COMMIT)
+                outcome, tickets = await self._succeed_in(conn, p, charge_id)
+            if outcome != "lost":
+                await self._settled(conn, p)
+        if tickets:
+            log.info("order paid", extra={"order": p.order_id, "payment": p.id, "tickets": tickets})
+        return outcome
+
+    async def _succeed_in(self, conn: Conn, p: Claimed, charge_id: str) -> tuple[Outcome, int]:
+        """:meth:`_succeed`'s transaction: its outcome and the tickets it issued."""
+        status = await conn.fetchval(
+            "SELECT status FROM orders WHERE id = $1 FOR UPDATE", p.order_id
+        )
+        if status == "paid":
+            # Someone finished this order already; issuing again would double the tickets.
+            done = await conn.fetchval(
+                f"UPDATE payments SET {_SUCCEED}, provider_ref = $3,"
+                f" last_error = NULL, updated_at = now() WHERE {_FENCE}"
+                " AND NOT EXISTS (SELECT 1 FROM payments q"
+                "                  WHERE q.order_id = payments.order_id AND q.state = 'succeeded')"
+                " RETURNING id",
                 p.id,
                 p.attempts,
                 charge_id,
             )
-            if claimed is None:
-                # This claim was taken over; the new one reaches the same outcome through
-                # the same keys.
-                return "lost"
-            tickets = await pay_order(conn, p.to_pay(charge_id), attempt=p.attempts)
-        log.info("order paid", extra={"order": p.order_id, "payment": p.id, "tickets": tickets})
-        return "succeeded"
+            if done is not None:
+                await record_event(
+                    conn, p.order_id, PAYMENT_SUCCEEDED, payment_id=p.id, charge_id=charge_id
+                )
+                return "succeeded", 0
+            # The order was paid by another payment while this charge went through too:
+            # the reconciler checks the charge and gives it back.
+            failed = await conn.fetchval(
+                f"UPDATE payments SET {_FAIL}, provider_ref = $3,"
+                " last_error = 'order already paid', updated_at = now(),"
+                " reconcile = 'due', reconcile_after = now()"
+                f" WHERE {_FENCE} RETURNING id",
+                p.id,
+                p.attempts,
+                charge_id,
+            )
+            if failed is None:
+                return "lost", 0
+            await record_event(
+                conn,
+                p.order_id,
+                PAYMENT_FAILED,
+                payment_id=p.id,
+                reason="order already paid",
+                charge_id=charge_id,
+                reconcile=True,
+            )
+            return "failed", 0
+        claimed = await conn.fetchval(
+            f"UPDATE payments SET {_SUCCEED}, provider_ref = $3, last_error = NULL,"
+            f" updated_at = now() WHERE {_FENCE} RETURNING id",
+            p.id,
+            p.attempts,
+            charge_id,
+        )
+        if claimed is None:
+            # This claim was taken over; the new one reaches the same outcome through
+            # the same keys.
+            return "lost", 0
+        tickets = await pay_order(conn, p.to_pay(charge_id), attempt=p.attempts)
+        return "succeeded", tickets
+
+    async def _settled(self, conn: Conn, p: Claimed) -> None:
+        """Wake the long polls waiting for ``p``'s hold, once its settlement is committed
+        (:func:`~waitroom.core.db.hint`). Best effort: they also end at their deadline."""
+        try:
+            await hint(conn, RESERVATIONS_CHANNEL, p.hold_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning(
+                "could not announce a settled payment", extra={"payment": p.id, "error": repr(exc)}
+            )
 
     async def _fail(
         self,

@@ -287,6 +287,28 @@ async def drop_database(dsn: str, *, timeout: float = 10.0) -> None:
         await admin.close()
 
 
+#: The transaction-local setting by which a writer says it sends its wake-ups itself, after
+#: its commit, with :func:`hint` (schema 25): the notifying triggers then stay silent.
+HINT_AFTER_COMMIT = "SET LOCAL waitroom.hint_after_commit = on"
+
+
+async def hint(conn: Any, channel: str, payload: str) -> None:
+    """NOTIFY ``channel`` with ``payload`` now, as a wake-up sent after a commit.
+
+    A notifying transaction holds PostgreSQL's one notification lock from its commit's start
+    to its end, WAL flush included, so notifying transactions commit one at a time: sent
+    from the durable transaction itself, every confirm and settled payment of a sale queued
+    behind the others' flushes (schema 25). This one runs in a transaction of its own whose
+    commit is asynchronous (``waitroom_hint()``): it holds the lock for microseconds. Inside
+    a transaction of the caller's, it is that transaction's ordinary NOTIFY (sent at its
+    commit). A hint may be lost in a crash: its listeners also poll, or wait with a deadline.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+    else:
+        await conn.execute("SELECT waitroom_hint($1, $2)", channel, payload)
+
+
 class PoolTimeout(TimeoutError):
     """No pooled PostgreSQL connection came free within the acquire bound (503 upstream).
 
