@@ -61,6 +61,8 @@ from inventory.orders import (
     TicketInfo,
     get_reservation,
     list_orders,
+    payment_under_way,
+    reservation_event,
     start_payment,
 )
 from inventory.tickets import claims_of, sign_ticket
@@ -359,16 +361,18 @@ async def show_reservation(request: Request) -> Response:
         async with svc.db.acquire() as conn:
             reservation = await get_reservation(conn, hold_id, fan_id)
         return JSONResponse(_with_tokens(request, reservation))
-    # Watching before the read: a payment settling in between is not missed.
+    # Watching before the read: a payment settling in between is not missed. The first read
+    # asks only whether to wait (a long poll is sent while paying: it nearly always waits);
+    # the reservation itself is read once, when there is something to answer.
     with changes.watch(str(hold_id)) as settled:
         async with svc.db.acquire() as conn:
-            reservation = await get_reservation(conn, hold_id, fan_id)
-        if _paying(reservation):
+            under_way = await payment_under_way(conn, hold_id, fan_id)
+        if under_way:
             deadline.extend(request.scope, wait_s)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settled.wait(), wait_s)
-            async with svc.db.acquire() as conn:
-                reservation = await get_reservation(conn, hold_id, fan_id)
+        async with svc.db.acquire() as conn:
+            reservation = await get_reservation(conn, hold_id, fan_id)
     return JSONResponse(_with_tokens(request, reservation))
 
 
@@ -388,16 +392,6 @@ def _wait_param(request: Request) -> float:
     return value
 
 
-def _paying(reservation: Reservation) -> bool:
-    """A payment under way: the order is not paid and its latest payment not settled."""
-    payment = reservation.payment
-    return (
-        reservation.order_status != "paid"
-        and payment is not None
-        and payment.state in ("pending", "processing")
-    )
-
-
 async def confirm(request: Request) -> Response:
     """Pay for a hold: starts a payment (202); poll the reservation for the outcome."""
     fan_id = _fan(request)
@@ -408,8 +402,8 @@ async def confirm(request: Request) -> Response:
     key = _idempotency_key(request)
     pool = services(request).db
     async with pool.acquire() as conn:
-        current = await get_reservation(conn, hold_id, fan_id)
-    await require_pass(request, current.event_id, fan_id, write=True)
+        event_id = await reservation_event(conn, hold_id, fan_id)
+    await require_pass(request, event_id, fan_id, write=True)
     body = await read_json(request, ConfirmRequest)
     async with pool.acquire() as conn:
         try:

@@ -18,6 +18,8 @@ from inventory.orders import (
     get_reservation,
     list_orders,
     order_history,
+    payment_under_way,
+    reservation_event,
     start_payment,
 )
 from tests.inventory.conftest import make_event
@@ -120,6 +122,41 @@ async def test_someone_elses_or_an_unknown_hold_is_not_found(
         with pytest.raises(NotFound):
             await get_reservation(conn, hold.id, "intruder")
         assert await list_orders(conn, "intruder") == []
+
+
+async def test_the_light_reads_of_a_reservation_agree_with_the_whole_one(
+    pool: asyncpg.Pool[Any], host: InventoryHost
+) -> None:
+    # What a confirm and a long poll read first, instead of the whole reservation.
+    event_id = await make_event(pool)
+    hold = await reserve(host, event_id, "fan-8", 1)
+    async with pool.acquire() as conn:
+        for hold_id, fan in (
+            (hold.id, "intruder"),
+            ("not-a-uuid", "fan-8"),
+            (hold.id[:-4] + "0000", "fan-8"),
+        ):
+            for read in (reservation_event, payment_under_way, get_reservation):
+                with pytest.raises(NotFound) as missing:
+                    await read(conn, hold_id, fan)
+                assert missing.value.code == "hold_not_found"
+        assert await reservation_event(conn, hold.id, "fan-8") == event_id
+        assert not await payment_under_way(conn, hold.id, "fan-8")  # no order yet
+        order_id, payment_id = await start_payment(conn, hold.id, "fan-8", "card_ok")
+        for state, order_status, under_way in (
+            ("pending", "awaiting_payment", True),
+            ("processing", "awaiting_payment", True),
+            ("failed", "failed", False),
+            ("succeeded", "paid", False),
+        ):
+            await conn.execute("UPDATE payments SET state = $2 WHERE id = $1", payment_id, state)
+            await conn.execute(
+                "UPDATE orders SET status = $2 WHERE id = $1", order_id, order_status
+            )
+            assert await payment_under_way(conn, hold.id, "fan-8") is under_way
+            whole = await get_reservation(conn, hold.id, "fan-8")
+            assert whole.payment is not None and whole.payment.state == state
+            assert whole.event_id == event_id
 
 
 async def test_a_cancelled_or_lapsed_hold_cannot_be_paid(
