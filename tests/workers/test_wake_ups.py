@@ -28,12 +28,12 @@ QUIET_S = 0.4
 class Heard:
     """The payloads a dedicated connection hears on one channel, and what it read then."""
 
-    def __init__(self, conn: asyncpg.Connection[Any], channel: str) -> None:
+    def __init__(self, conn: Any, channel: str) -> None:
         self.conn, self.channel = conn, channel
         self.payloads: asyncio.Queue[str] = asyncio.Queue()
 
-    def __call__(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        self.payloads.put_nowait(payload)
+    def __call__(self, _conn: Any, _pid: int, _channel: str, payload: object, /) -> None:
+        self.payloads.put_nowait(str(payload))
 
     async def next(self) -> str:
         return await asyncio.wait_for(self.payloads.get(), 5)
