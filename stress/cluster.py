@@ -142,10 +142,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " against every node taking an equal share)",
     )
     parser.add_argument(
+        "--db-pool-max",
+        type=int,
+        default=DB_POOL_MAX,
+        metavar="N",
+        help="each node's PostgreSQL pool (WAITROOM_DB_POOL_MAX; default %(default)s, see"
+        " DB_POOL_MAX)",
+    )
+    parser.add_argument(
         "--ignore-node-cookie",
         action="store_true",
         help="fans ignore the owner-affinity cookie (ADR 0017): reservations spread and forwarded",
     )
+
+
+#: The nodes' PostgreSQL pools in the sale: twice the setting's default. A node whose event
+#: loop is busy keeps a pooled connection until the loop reads the reply, so in the sale's
+#: confirm burst a pool of 10 ran dry on the nodes taking the payments and 36-195 requests a
+#: sale waited 2 s for a connection and got a 503 (retried by the fans); with 20, none
+#: (BENCHMARKS.md, session 21). 3 nodes' pools, actor pools and listeners stay under
+#: PostgreSQL's default of 100 connections, with the workers'.
+DB_POOL_MAX = 20
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -397,9 +414,14 @@ def balancer_steps(
     the queue's. Lines of other events are left out (reservation ids carry no event, so this
     is read before any other event's reservations). With ``owner`` (the node hosting the
     sale's actor), each step's ``owner_share``: the part of its requests that node answered
-    (ADR 0022: the checkout's node takes little of the line)."""
+    (ADR 0022: the checkout's node takes little of the line). ``unavailable``: the step's
+    answers that were 503s (retried by the fans)."""
     found: dict[str, list[float]] = {step: [] for step, _, _ in _LB_STEPS}
     at_owner = dict.fromkeys(found, 0)
+    # 503s the fans were answered (a node's pool or inventory busy, a node gone): the
+    # generators retry them after Retry-After, so they are no errors of the sale, but each
+    # is a fan's wait the step's latencies do not show as such.
+    unavailable = dict.fromkeys(found, 0)
     # HAProxy's parts of Ta: Tw (waiting in its queue for a server slot), Tc (connecting to
     # the server: a full accept queue shows here as TCP's SYN retries of 1 s and 3 s) and Tr
     # (the server's answer to the request's last byte: the node's event loop and handler).
@@ -419,6 +441,7 @@ def balancer_steps(
                     timers = match["timers"].split("/")
                     found[step].append(float(timers[4].lstrip("+")))
                     at_owner[step] += match["server"] == owner
+                    unavailable[step] += match["status"] == "503"
                     for name, value in zip(
                         ("queue", "connect", "server"), timers[1:4], strict=True
                     ):
@@ -430,6 +453,7 @@ def balancer_steps(
             "p50_ms": round(percentile(values, 50), 2),
             "p99_ms": round(percentile(values, 99), 2),
             "count": float(len(values)),
+            "unavailable": float(unavailable[step]),
         }
         for name, part in parts[step].items():
             out[step][f"{name}_p99_ms"] = round(percentile(part, 99), 2)
@@ -857,6 +881,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     base = msgspec.structs.replace(
         load_settings(), admission_loop=True, challenge=False, log_level="warning"
     )
+    base = msgspec.structs.replace(base, db_pool_max=args.db_pool_max)
     if args.owner_line_weight is not None:
         base = msgspec.structs.replace(base, owner_line_weight=args.owner_line_weight)
     args.owner_line_weight = base.owner_line_weight
@@ -965,6 +990,7 @@ def summarize(
             "fans_keep_node_cookie": not args.ignore_node_cookie,
             # The sale's checkout node's weight in the line's backends (ADR 0022), percent.
             "owner_line_weight": args.owner_line_weight,
+            "db_pool_max": args.db_pool_max,
             "per_fan_limit": PER_FAN_LIMIT,
             "join_seconds": args.join_seconds,
             "join_rounds": args.join_rounds,

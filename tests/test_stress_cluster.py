@@ -89,6 +89,7 @@ def test_the_balancer_times_come_from_haproxy_log_lines_of_the_sale_only() -> No
             line("0/0/0/40/+40", 201, "POST /v1/events/evt-a/reservations"),
             line("0/0/0/7/8", 202, "POST /v1/reservations/0f1e/confirm"),
             line("0/0/0/2/3", 200, "GET /v1/reservations/0f1e"),
+            line("0/0/0/2000/2001", 503, "GET /v1/reservations/0f1e?wait=10"),
             "[WARNING] (11469) : Server waitroom/node3 is DOWN",
         ]
     )
@@ -98,8 +99,9 @@ def test_the_balancer_times_come_from_haproxy_log_lines_of_the_sale_only() -> No
         "join": 2.0,
         "reserve": 1.0,
         "confirm": 1.0,
-        "paid": 1.0,
+        "paid": 2.0,
     }
+    assert steps["paid"]["unavailable"] == 1.0 and steps["join"]["unavailable"] == 0.0
     assert steps["reserve"]["p99_ms"] == 40.0 and steps["confirm"]["p50_ms"] == 8.0
     assert 10.0 <= steps["join"]["p50_ms"] <= 30.0
     # The part of each step the sale's checkout node answered (ADR 0022).
@@ -186,6 +188,10 @@ def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
         # The part of the step the sale's checkout node answered (ADR 0022).
         assert 0 <= report["steps"][step]["lb_owner_share"] <= 1, shown
     assert report["params"]["owner_line_weight"] == 10, shown
+    assert report["params"]["db_pool_max"] == 20, shown
+    for step in ("join", "reserve", "confirm", "paid"):
+        # 503s are retried by the fans, and counted (a node's pool or inventory was busy).
+        assert report["steps"][step]["lb_unavailable"] >= 0, shown
     # The waits for admission and payment are the fans', in seconds.
     assert {"fan_p99_s", "lb_p99_ms", "server_p99_ms"} <= set(report["steps"]["paid"]), shown
     assert {"fan_p99_s", "server_p99_ms"} <= set(report["steps"]["admitted"]), shown
