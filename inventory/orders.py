@@ -238,6 +238,16 @@ class Order(msgspec.Struct, frozen=True):
     seats: list[str] = []
 
 
+#: The rest of a read of ``fan_id``'s (``$2``) hold ``h`` (``$1``): its order ``o`` and that
+#: order's latest payment ``p``, as :func:`get_reservation` and :func:`payment_under_way` see them.
+_ORDER_AND_LATEST_PAYMENT = (
+    " LEFT JOIN orders o ON o.hold_id = h.id"
+    " LEFT JOIN LATERAL (SELECT id, state, method, attempts, last_error FROM payments"
+    "  WHERE order_id = o.id ORDER BY created_at DESC, id LIMIT 1) p ON true"
+    " WHERE h.id = $1::uuid AND h.fan_id = $2"
+)
+
+
 async def reservation_event(conn: Conn, hold_id: str, fan_id: str) -> str:
     """The event of ``fan_id``'s hold ``hold_id``: what a confirm needs before checking the
     fan's pass, in one small row instead of :func:`get_reservation`'s whole document.
@@ -255,11 +265,8 @@ async def payment_under_way(conn: Conn, hold_id: str, fan_id: str) -> bool:
     latest payment is pending or processing (what a long poll waits for the end of).
     404 ``hold_not_found`` for anyone else's hold, as :func:`get_reservation`."""
     row = await conn.fetchrow(
-        "SELECT o.status AS order_status, p.state AS pay_state"
-        " FROM holds h LEFT JOIN orders o ON o.hold_id = h.id"
-        " LEFT JOIN LATERAL (SELECT state FROM payments WHERE order_id = o.id"
-        "  ORDER BY created_at DESC, id LIMIT 1) p ON true"
-        " WHERE h.id = $1::uuid AND h.fan_id = $2",
+        "SELECT o.status AS order_status, p.state AS pay_state FROM holds h"
+        + _ORDER_AND_LATEST_PAYMENT,
         _uuid(hold_id),
         fan_id,
     )
@@ -300,10 +307,7 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
         " ARRAY(SELECT s.seat_id FROM seat_holds s WHERE s.hold_id = h.id ORDER BY s.position)"
         "  AS seats"
         " FROM holds h JOIN ticket_types t ON t.event_id = h.event_id AND t.name = h.ticket_type"
-        " LEFT JOIN orders o ON o.hold_id = h.id"
-        " LEFT JOIN LATERAL (SELECT id, state, method, attempts, last_error FROM payments"
-        "  WHERE order_id = o.id ORDER BY created_at DESC, id LIMIT 1) p ON true"
-        " WHERE h.id = $1::uuid AND h.fan_id = $2",
+        + _ORDER_AND_LATEST_PAYMENT,
         _uuid(hold_id),
         fan_id,
     )

@@ -156,13 +156,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-#: The nodes' PostgreSQL pools in the sale, above the setting's default of 10. A node whose
+#: The nodes' PostgreSQL pools in the sale, twice the setting's default of 10. A node whose
 #: event loop is busy keeps a pooled connection until the loop reads the reply, so in the
 #: sale's confirm burst a pool of 10 ran dry on the nodes taking the payments: 36-195
 #: requests a sale waited 2 s for a connection and got a 503 (retried by the fans). With 16,
-#: 0-2; with 20, 0-1 (BENCHMARKS.md, session 21). The sale's connections peaked at 69 with
-#: 16 and 86 with 20: 16 leaves room under PostgreSQL's default max_connections of 100.
-DB_POOL_MAX = 16
+#: 2-35 503s a sale; with 20, 0-1 (BENCHMARKS.md, session 21). The sale's connections peaked
+#: at 86 with 20 (69 with 16), under PostgreSQL's default max_connections of 100.
+DB_POOL_MAX = 20
 
 
 def _say(args: argparse.Namespace, message: str) -> None:

@@ -188,7 +188,7 @@ def test_the_cluster_benchmark_reports_every_figure_and_oversells_nothing(
         # The part of the step the sale's checkout node answered (ADR 0022).
         assert 0 <= report["steps"][step]["lb_owner_share"] <= 1, shown
     assert report["params"]["owner_line_weight"] == 10, shown
-    assert report["params"]["db_pool_max"] == 16, shown
+    assert report["params"]["db_pool_max"] == 20, shown
     for step in ("join", "reserve", "confirm", "paid"):
         # 503s are retried by the fans, and counted (a node's pool or inventory was busy).
         assert report["steps"][step]["lb_unavailable"] >= 0, shown
