@@ -56,17 +56,27 @@ PAYMENT_FAILED = "payment.failed"
 PAYMENT_RECONCILED = "payment.reconciled"
 
 
+def event_insert(first: int = 1) -> str:
+    """The statement adding a step to an order's history, its parameters numbered from
+    ``first``: the order's id, the payment's (or NULL), the kind and the detail (JSON, see
+    :func:`event_detail`). Numbered so that a larger statement can carry it."""
+    order, payment, kind, detail = (f"${first + i}" for i in range(4))
+    return (
+        "INSERT INTO order_events (order_id, payment_id, kind, detail)"
+        f" VALUES ({order}::uuid, {payment}::uuid, {kind}, {detail}::jsonb)"
+    )
+
+
+def event_detail(**detail: Any) -> str:
+    """A history step's detail, as :func:`event_insert` takes it."""
+    return msgspec.json.encode(detail).decode()
+
+
 async def record_event(
     conn: Conn, order_id: str, kind: str, *, payment_id: str | None = None, **detail: Any
 ) -> None:
     """Add a step to the order's history, on ``conn`` (inside the step's own transaction)."""
-    await conn.execute(
-        "INSERT INTO order_events (order_id, payment_id, kind, detail) VALUES ($1, $2, $3, $4)",
-        order_id,
-        payment_id,
-        kind,
-        msgspec.json.encode(detail).decode(),
-    )
+    await conn.execute(event_insert(), order_id, payment_id, kind, event_detail(**detail))
 
 
 class OrderEvent(msgspec.Struct, frozen=True):

@@ -121,14 +121,24 @@ for _kind in KINDS:
 
 # --- creating notifications ------------------------------------------------------------------
 
-_CREATE = """
+
+def notification_insert(first: int = 1) -> str:
+    """The statement creating one notification (see :func:`create_notification`), its
+    parameters numbered from ``first``: the dedup key, the kind, the order's id and the
+    detail (JSON); it returns the new row's id, none when the key existed. Numbered so that
+    a larger statement can carry it (the paid order's, :func:`workers.payments.pay_order`)."""
+    key, kind, order, detail = (f"${first + i}" for i in range(4))
+    return f"""
 INSERT INTO notifications (dedup_key, kind, order_id, event_id, recipient, state, detail)
-SELECT $1, $2, o.id, o.event_id, o.email,
-       CASE WHEN o.email IS NULL THEN 'skipped' ELSE 'pending' END, $4::jsonb
-  FROM orders o WHERE o.id = $3::uuid
+SELECT {key}, {kind}, o.id, o.event_id, o.email,
+       CASE WHEN o.email IS NULL THEN 'skipped' ELSE 'pending' END, {detail}::jsonb
+  FROM orders o WHERE o.id = {order}::uuid
 ON CONFLICT (dedup_key) DO NOTHING
 RETURNING id
 """
+
+
+_CREATE = notification_insert()
 
 
 async def create_notification(
