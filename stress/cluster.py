@@ -160,8 +160,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 #: event loop is busy keeps a pooled connection until the loop reads the reply, so in the
 #: sale's confirm burst a pool of 10 ran dry on the nodes taking the payments: 36-195
 #: requests a sale waited 2 s for a connection and got a 503 (retried by the fans). With 16,
-#: 2-35 503s a sale; with 20, 0-1 (BENCHMARKS.md, session 21). The sale's connections peaked
-#: at 86 with 20 (69 with 16), under PostgreSQL's default max_connections of 100.
+#: 2-35 503s a sale; with 20, 0-1 (BENCHMARKS.md, session 21), and the fans' confirm took
+#: p50 0.3 s and p99 1.1-1.6 s instead of 0.9 s and 4.2 s. The price: PostgreSQL runs more
+#: of the burst at once and takes more of the cores (23% against 19%), and the joins' server
+#: p99 rose from 126-139 to 160-210 ms in alternated pairs. The sale's connections peaked at
+#: 86 with 20 (69 with 16), under PostgreSQL's default max_connections of 100.
 DB_POOL_MAX = 20
 
 
