@@ -258,6 +258,16 @@ _ORDER_AND_LATEST_PAYMENT = (
 )
 
 
+async def _fans_hold(conn: Conn, select: str, hold_id: str, fan_id: str) -> Any:
+    """The row of ``select`` (``... FROM holds h [joins]``) over ``fan_id``'s hold ``hold_id``
+    with its order and latest payment (:data:`_ORDER_AND_LATEST_PAYMENT`); 404
+    ``hold_not_found`` for anyone else's hold or an unknown one."""
+    row = await conn.fetchrow(select + _ORDER_AND_LATEST_PAYMENT, _uuid(hold_id), fan_id)
+    if row is None:
+        raise NotFound("no such reservation", code="hold_not_found")
+    return row
+
+
 async def reservation_event(conn: Conn, hold_id: str, fan_id: str) -> str:
     """The event of ``fan_id``'s hold ``hold_id``: what a confirm needs before checking the
     fan's pass, in one small row instead of :func:`get_reservation`'s whole document.
@@ -274,14 +284,9 @@ async def payment_under_way(conn: Conn, hold_id: str, fan_id: str) -> bool:
     """Whether ``fan_id``'s hold has a payment under way: its order is not paid and its
     latest payment is pending or processing (what a long poll waits for the end of).
     404 ``hold_not_found`` for anyone else's hold, as :func:`get_reservation`."""
-    row = await conn.fetchrow(
-        "SELECT o.status AS order_status, p.state AS pay_state FROM holds h"
-        + _ORDER_AND_LATEST_PAYMENT,
-        _uuid(hold_id),
-        fan_id,
+    row = await _fans_hold(
+        conn, "SELECT o.status AS order_status, p.state AS pay_state FROM holds h", hold_id, fan_id
     )
-    if row is None:
-        raise NotFound("no such reservation", code="hold_not_found")
     return paying(row["order_status"], row["pay_state"])
 
 
@@ -300,7 +305,8 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
     # One statement, one round trip: checkout pages poll this every half second while a
     # payment runs, and a pooled connection held across three statements is held three
     # turns of a busy event loop.
-    row = await conn.fetchrow(
+    row = await _fans_hold(
+        conn,
         "SELECT h.id::text, h.event_id, h.ticket_type, h.quantity, h.status, h.expires_at,"
         " h.expires_at <= now() AS lapsed, t.price_minor, t.currency,"
         " o.id::text AS order_id, o.status AS order_status,"
@@ -316,13 +322,10 @@ async def get_reservation(conn: Conn, hold_id: str, fan_id: str) -> Reservation:
         "  AS code_seats,"
         " ARRAY(SELECT s.seat_id FROM seat_holds s WHERE s.hold_id = h.id ORDER BY s.position)"
         "  AS seats"
-        " FROM holds h JOIN ticket_types t ON t.event_id = h.event_id AND t.name = h.ticket_type"
-        + _ORDER_AND_LATEST_PAYMENT,
-        _uuid(hold_id),
+        " FROM holds h JOIN ticket_types t ON t.event_id = h.event_id AND t.name = h.ticket_type",
+        hold_id,
         fan_id,
     )
-    if row is None:
-        raise NotFound("no such reservation", code="hold_not_found")
     payment = None
     if row["pay_id"] is not None:
         payment = PaymentInfo(
