@@ -897,7 +897,8 @@ class PaymentPool:
                 await conn.execute(HINT_AFTER_COMMIT)
                 outcome, tickets = await self._succeed_in(conn, p, charge_id)
             if outcome != "lost":
-                await self._settled(conn, p)
+                # Once committed: the long polls waiting for the hold answer at once.
+                await hint(conn, RESERVATIONS_CHANNEL, p.hold_id)
         if tickets:
             log.info("order paid", extra={"order": p.order_id, "payment": p.id, "tickets": tickets})
         return outcome
@@ -960,16 +961,6 @@ class PaymentPool:
             return "lost", 0
         tickets = await pay_order(conn, p.to_pay(charge_id), attempt=p.attempts)
         return "succeeded", tickets
-
-    async def _settled(self, conn: Conn, p: Claimed) -> None:
-        """Wake the long polls waiting for ``p``'s hold, once its settlement is committed
-        (:func:`~waitroom.core.db.hint`). Best effort: they also end at their deadline."""
-        try:
-            await hint(conn, RESERVATIONS_CHANNEL, p.hold_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning(
-                "could not announce a settled payment", extra={"payment": p.id, "error": repr(exc)}
-            )
 
     async def _fail(
         self,

@@ -302,11 +302,16 @@ async def hint(conn: Any, channel: str, payload: str) -> None:
     commit is asynchronous (``waitroom_hint()``): it holds the lock for microseconds. Inside
     a transaction of the caller's, it is that transaction's ordinary NOTIFY (sent at its
     commit). A hint may be lost in a crash: its listeners also poll, or wait with a deadline.
+    So one that fails after the commit is logged, never raised: the change it announces is
+    done, and the request that made it must not fail for its wake-up.
     """
     if conn.is_in_transaction():
         await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
-    else:
+        return
+    try:
         await conn.execute("SELECT waitroom_hint($1, $2)", channel, payload)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("could not send a wake-up", extra={"channel": channel, "error": repr(exc)})
 
 
 class PoolTimeout(TimeoutError):
