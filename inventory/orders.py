@@ -214,7 +214,12 @@ class TicketInfo(msgspec.Struct, frozen=True):
 
 
 class Reservation(msgspec.Struct, frozen=True):
-    """A hold and, once the fan pays, its order, payment and tickets."""
+    """A hold and, once the fan pays, its order, payment and tickets.
+
+    ``status`` is the hold's: it turns ``paid`` when the event's actor confirms the hold, a
+    moment before the payment worker commits the paid order and its tickets. The purchase is
+    complete when ``order_status`` is ``paid``.
+    """
 
     id: str
     event_id: str

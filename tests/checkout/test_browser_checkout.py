@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.browser_support import browser_context, chromium
 from tests.harness import (
@@ -144,6 +144,34 @@ def test_a_fan_goes_from_the_waiting_page_to_tickets(
     expect(page.locator("#tickets .ticket-code")).to_have_count(2)
     assert sorted(page.locator("#tickets .ticket-code").all_inner_texts()) == sorted(codes)
     expect(page.locator("#reserve-section")).to_be_hidden()  # the pass is spent
+
+
+def test_a_hold_confirmed_before_its_order_is_paid_is_followed_to_the_tickets(
+    page: Page, admin: httpx.Client
+) -> None:
+    # The event's actor marks the hold paid a moment before the payment worker writes the
+    # paid order with its tickets. A page that reads the reservation in between (the
+    # confirm's answer, when the workers are quick) must keep following the payment, not
+    # announce "Payment complete" with no tickets. The confirm's answer is made to land in
+    # that moment, every time.
+    event_id = create_show(admin)
+    through_the_line(page, event_id)
+    reserve(page, "Standing", 2)
+    answered: list[dict[str, Any]] = []
+
+    def in_between(route: Route) -> None:
+        body = route.fetch().json()
+        body.update(status="paid", order_status="awaiting_payment", tickets=[])
+        body["payment"]["state"] = "processing"
+        answered.append(body)
+        route.fulfill(status=202, json=body)
+
+    page.route("**/v1/reservations/*/confirm", in_between)
+    page.get_by_role("button", name="Pay €90.00").click()
+    expect(page.locator("#tickets .ticket-code")).to_have_count(2, timeout=15_000)
+    expect(page.locator("#message-title")).to_have_text("Payment complete")
+    assert len(answered) == 1
+    assert stats(admin, event_id)["sold"] == 2
 
 
 def test_a_declined_payment_can_be_retried_from_the_page(page: Page, admin: httpx.Client) -> None:

@@ -427,9 +427,25 @@ async function followPayment(holdId) {
   }
 }
 
+/** Whether the reservation's payment is still pending or processing. */
+function paymentUnderWay(reservation) {
+  const payment = reservation.payment;
+  return Boolean(payment && ["pending", "processing"].includes(payment.state));
+}
+
+/**
+ * Whether the reservation is paid for, tickets and all. The hold turns "paid" when the
+ * event's actor confirms it, a moment before the payment worker writes the paid order with
+ * its tickets: in between, the payment is still processing and the page keeps following it.
+ */
+function isPaid(reservation) {
+  if (reservation.order_status === "paid") return true;
+  return reservation.status === "paid" && !paymentUnderWay(reservation);
+}
+
 /** Show a reservation's state; true once it needs no more polling. */
 function applyReservation(reservation) {
-  if (reservation.order_status === "paid" || reservation.status === "paid") {
+  if (isPaid(reservation)) {
     paid(reservation);
     return true;
   }
@@ -510,12 +526,14 @@ async function cancelHold() {
 async function refreshHold(holdId) {
   try {
     const { data } = await api(`/v1/reservations/${encodeURIComponent(holdId)}`);
-    if (data.order_status === "paid" || data.status === "paid") {
+    // Confirmed by the actor while the payment worker has yet to write the paid order.
+    const confirming = data.status === "paid" && paymentUnderWay(data);
+    if (isPaid(data)) {
       paid(data);
-    } else if (data.status === "held" && secondsLeft(data) > 0) {
+    } else if (confirming || (data.status === "held" && secondsLeft(data) > 0)) {
       showHold(data);
       const payment = data.payment;
-      if (payment && ["pending", "processing"].includes(payment.state)) {
+      if (paymentUnderWay(data)) {
         state.paying = true;
         state.paymentId = payment.id;
         setBusy(true);
