@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from tests.harness import base_settings, with_database
+from waitroom.core import db as db_module
 from waitroom.core.db import create_pool, drop_database, ensure_database, migrate, migrations
 from waitroom.core.settings import Settings
 
@@ -238,5 +239,107 @@ async def test_a_pooled_connection_goes_back_without_a_reset_but_never_mid_trans
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT count(*) FROM probe") == 0
             assert await conn.fetchval("SHOW application_name") == "lean-release"
+    finally:
+        await pool.close()
+
+
+async def _backends(dsn: str, name: str) -> int:
+    """PostgreSQL's sessions with ``application_name`` ``name`` (this one's is not)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name
+        )
+        return count
+    finally:
+        await conn.close()
+
+
+async def _until(check: Any, seconds: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_pools_floor_is_opened_in_the_background_and_again_when_lost(
+    empty_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``WAITROOM_DB_POOL_MIN`` connections open without a request (a sale's rush finds
+    them ready), and open again after PostgreSQL lost them."""
+    monkeypatch.setattr(db_module, "FLOOR_CHECK_S", 0.1)
+    name = f"floor-{uuid.uuid4().hex[:8]}"
+    dsn = f"{empty_dsn}?application_name={name}"
+    settings = msgspec.structs.replace(
+        base_settings(), database_url=dsn, db_pool_min=2, db_pool_max=5
+    )
+    pool = await create_pool(settings)
+    try:
+        await _until(lambda: _count_is(empty_dsn, name, 2))
+        # Lost (an administrator, a restart): opened again.
+        killer = await asyncpg.connect(empty_dsn)
+        try:
+            await killer.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = $1",
+                name,
+            )
+        finally:
+            await killer.close()
+        await _until(lambda: _count_is(empty_dsn, name, 2))
+    finally:
+        await pool.close()
+    await _until(lambda: _count_is(empty_dsn, name, 0))
+
+
+async def test_idle_connections_close_down_to_the_floor_never_below(empty_dsn: str) -> None:
+    name = f"floor-{uuid.uuid4().hex[:8]}"
+    pool = await db_module.BoundedPool(
+        f"{empty_dsn}?application_name={name}",
+        acquire_timeout=5.0,
+        floor=2,
+        min_size=0,
+        max_size=5,
+        max_inactive_connection_lifetime=0.2,
+        max_queries=50_000,
+        connect=None,
+        setup=None,
+        init=None,
+        reset=None,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+    )
+    try:
+        held = await asyncio.gather(*(pool.acquire() for _ in range(5)))
+        for conn in held:
+            await pool.release(conn)
+        assert await _backends(empty_dsn, name) == 5
+        await _until(lambda: _count_is(empty_dsn, name, 2))
+        await asyncio.sleep(0.6)
+        assert await _backends(empty_dsn, name) == 2
+    finally:
+        await pool.close()
+
+
+async def _count_is(dsn: str, name: str, n: int) -> bool:
+    return await _backends(dsn, name) == n
+
+
+async def test_a_pool_with_a_floor_starts_while_postgresql_is_down() -> None:
+    """Starting never waits for the floor: the pool is there at once, and its floor is
+    tried again in the background (no request needed PostgreSQL yet)."""
+    settings = msgspec.structs.replace(
+        base_settings(),
+        database_url="postgresql://nobody@127.0.0.1:1/none",
+        db_pool_min=2,
+        dependency_timeout_s=0.5,
+    )
+    started = asyncio.get_running_loop().time()
+    pool = await create_pool(settings)
+    try:
+        assert asyncio.get_running_loop().time() - started < 0.5
+        await asyncio.sleep(0.3)
+        assert pool.get_size() == 0
     finally:
         await pool.close()

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from waitroom.core.errors import SchemaError
+from waitroom.core.runtime import cancel_and_wait
 from waitroom.core.settings import Settings
 
 log = logging.getLogger("waitroom.db")
@@ -330,6 +331,9 @@ class DatabaseUnreachable(ConnectionError):
     """
 
 
+#: Seconds between two checks that a pool's floor of connections is open.
+FLOOR_CHECK_S = 5.0
+
 #: The shortest bound on one statement: a very short ``WAITROOM_DEPENDENCY_TIMEOUT_S`` (tests
 #: use half a second to wait less for a dead server) must not turn a statement that waits a
 #: moment behind a lock into a failure.
@@ -355,10 +359,54 @@ class BoundedPool(asyncpg.Pool):
     upstream) goes out at once.
     """
 
-    def __init__(self, *args: Any, acquire_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, acquire_timeout: float, floor: int = 0, **kwargs: Any) -> None:
         self.acquire_timeout = acquire_timeout
+        #: Connections kept open while idle (``WAITROOM_DB_POOL_MIN``): see :meth:`keep_floor`.
+        self.floor = floor
+        self._floor_task: asyncio.Task[None] | None = None
         self._releasing: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)
+
+    def get_min_size(self) -> int:
+        # asyncpg closes a connection idle for max_inactive_connection_lifetime only while
+        # the pool holds more than this: the floor's connections stay open.
+        return max(super().get_min_size(), self.floor)
+
+    def keep_floor(self) -> None:
+        """Open :attr:`floor` connections in the background, and again whenever fewer are
+        open (PostgreSQL restarted), every :data:`FLOOR_CHECK_S`.
+
+        asyncpg keeps a minimum only of connections it opened before the pool was ready,
+        which would make starting wait for PostgreSQL; this never does, and a database
+        that is down is tried again at the next check.
+        """
+        if self.floor > 0 and self._floor_task is None:
+            self._floor_task = asyncio.create_task(self._keep_floor(), name="db-pool-floor")
+
+    async def _keep_floor(self) -> None:
+        while not self.is_closing():
+            if self.get_size() < self.floor:
+                # Held at once, the floor's connections must all be open; given back,
+                # they stay (get_min_size).
+                held = await asyncio.gather(
+                    *(self.acquire() for _ in range(self.floor)), return_exceptions=True
+                )
+                for conn in held:
+                    if isinstance(conn, BaseException):
+                        log.debug("could not open the pool's floor", extra={"error": repr(conn)})
+                    else:
+                        await self.release(conn)
+            await asyncio.sleep(FLOOR_CHECK_S)
+
+    async def close(self) -> None:
+        if self._floor_task is not None:
+            await cancel_and_wait(self._floor_task)
+        await super().close()
+
+    def terminate(self) -> None:
+        if self._floor_task is not None:
+            self._floor_task.cancel()
+        super().terminate()
 
     # asyncpg's acquire(), its ``async with`` form and fetch()/execute()... all come here.
     async def _acquire(self, timeout: float | None) -> Any:
@@ -410,7 +458,8 @@ class PooledConnection(asyncpg.Connection):
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool[Any]:
-    """A pool that does not need PostgreSQL to be up yet: connections open on demand.
+    """A pool that does not need PostgreSQL to be up yet: connections open on demand, and
+    ``db_pool_min`` of them (the floor) are opened in the background and kept open.
 
     Every connection attempt, every wait for a pooled connection (:class:`BoundedPool`) and
     every statement is bounded, so a database that is down, hanging or fully busy turns into
@@ -421,7 +470,8 @@ async def create_pool(settings: Settings) -> asyncpg.Pool[Any]:
     pool: asyncpg.Pool[Any] = await BoundedPool(
         settings.database_url,
         acquire_timeout=settings.dependency_timeout_s,
-        min_size=0,
+        min_size=0,  # the floor is kept by keep_floor(), without waiting for PostgreSQL
+        floor=settings.db_pool_min,
         max_size=settings.db_pool_max,
         max_queries=50_000,
         max_inactive_connection_lifetime=60.0,
@@ -435,4 +485,6 @@ async def create_pool(settings: Settings) -> asyncpg.Pool[Any]:
         timeout=settings.dependency_timeout_s,
         command_timeout=max(settings.dependency_timeout_s, MIN_STATEMENT_TIMEOUT_S),
     )
+    assert isinstance(pool, BoundedPool)
+    pool.keep_floor()
     return pool
