@@ -45,7 +45,7 @@ from inventory.siblings import Siblings
 from waitroom.core import tracing
 from waitroom.core.errors import Unavailable, WaitroomError
 from waitroom.core.keys import Keys
-from waitroom.core.runtime import cancel_and_wait
+from waitroom.core.runtime import cancel_and_wait, stop_if_cancelled
 
 log = logging.getLogger("waitroom.inventory")
 
@@ -157,8 +157,9 @@ class Forwarder:
         if self._siblings is not None:
             await self._siblings.close()
         if self._listener is not None:
-            # Again each second if its XREAD swallowed the first cancellation (it holds no
-            # PostgreSQL connection whose return a second cancellation could cut short).
+            # Again each second if its read swallowed the first cancellation and the check
+            # after it did not see it (it holds no PostgreSQL connection whose return a
+            # second cancellation could cut short).
             await cancel_and_wait(self._listener)
         if self._watching is not None:
             self._watching.cancel()
@@ -311,12 +312,14 @@ class Forwarder:
                 item: Any = await self._redis.blmpop(
                     1, 1, self._reply_key, direction="LEFT", count=REPLIES_PER_READ
                 )
+                stop_if_cancelled()
                 if item is None:
                     continue
                 batch = item[1]
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis hiccup: askers time out; keep listening
+                stop_if_cancelled()
                 log.warning("reply listener failed", extra={"error": repr(exc)})
                 await asyncio.sleep(0.5)
                 continue
@@ -363,9 +366,11 @@ class Forwarder:
                     entries: Any = await self._redis.xread(
                         {stream: last_id}, count=1000, block=1000
                     )
+                    stop_if_cancelled()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
+                    stop_if_cancelled()
                     log.warning("inbox read failed", extra={"event": event_id, "error": repr(exc)})
                     await asyncio.sleep(0.5)
                     continue

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from waitroom.core.runtime import cancel_and_wait, suspended_in
+from waitroom.core.runtime import cancel_and_wait, stop_if_cancelled, suspended_in
 from workers.main import stop_loops
 
 pytestmark = pytest.mark.anyio
@@ -30,6 +30,49 @@ async def test_cancel_and_wait_cancels_again_until_the_task_ends() -> None:
     await started.wait()
     await asyncio.wait_for(cancel_and_wait(task, every_s=0.05), 2)
     assert task.cancelled()
+
+
+async def _reads_until_cancelled(reads: list[int], *, check: bool) -> None:
+    """A loop around a blocking read whose library swallows the cancellation (redis-py's
+    cluster client: the read returns empty instead)."""
+    while True:
+        if not reads:
+            with contextlib.suppress(asyncio.CancelledError):  # the first read swallows it
+                await asyncio.sleep(3600)
+        else:
+            await asyncio.sleep(3600)  # later ones do not
+        reads.append(1)
+        if check:
+            stop_if_cancelled()
+        await asyncio.sleep(0.05)  # the next read, slow to end (a blocking read's timeout)
+
+
+async def test_a_loop_that_checks_after_each_read_ends_on_one_cancellation() -> None:
+    reads: list[int] = []
+    task = asyncio.create_task(_reads_until_cancelled(reads, check=True))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)
+    assert task.done() and task.cancelled()
+    assert reads == [1]
+
+
+async def test_without_the_check_the_same_loop_outlives_its_cancellation() -> None:
+    # What the check is for: the cancellation was swallowed, and the loop read on.
+    reads: list[int] = []
+    task = asyncio.create_task(_reads_until_cancelled(reads, check=False))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.sleep(0.2)
+    assert not task.done() and reads == [1]
+    assert await cancel_and_wait(task, every_s=0.1) is None
+    assert task.cancelled()
+
+
+async def test_stop_if_cancelled_does_nothing_in_a_task_nobody_cancelled() -> None:
+    stop_if_cancelled()
+    await asyncio.sleep(0)
+    stop_if_cancelled()
 
 
 async def test_cancel_and_wait_returns_the_error_the_task_ended_with() -> None:

@@ -68,6 +68,20 @@ async def cancel_and_wait(
     return None if task.cancelled() else task.exception()
 
 
+def stop_if_cancelled() -> None:
+    """Raise :class:`asyncio.CancelledError` if the running task was asked to stop.
+
+    For loops around a blocking Redis read: redis-py's cluster client can swallow a
+    cancellation that lands while the read's own timeout is being handled, and return an
+    empty answer instead, so the loop would block again and its owner wait for the next
+    cancellation (a shutdown, or an event let go, held up by seconds). The request is still
+    counted on the task (``Task.cancelling``), which this checks after each read.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling() > 0:
+        raise asyncio.CancelledError
+
+
 def suspended_in(task: asyncio.Task[Any]) -> list[str]:
     """The coroutines ``task`` is suspended in, outermost first (for the log).
 
