@@ -73,9 +73,10 @@ def stop_if_cancelled() -> None:
 
     For loops around a blocking Redis read: redis-py's cluster client can swallow a
     cancellation that lands while the read's own timeout is being handled, and return an
-    empty answer instead, so the loop would block again and its owner wait for the next
-    cancellation (a shutdown, or an event let go, held up by seconds). The request is still
-    counted on the task (``Task.cancelling``), which this checks after each read.
+    empty answer instead (as in redis/redis-py#2028 for blocking pops), so the loop would
+    block again and its owner wait for the next cancellation (a shutdown, or an event let
+    go, held up by seconds). The request is still counted on the task
+    (``Task.cancelling``), which this checks after each read.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling() > 0:
