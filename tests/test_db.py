@@ -343,3 +343,15 @@ async def test_a_pool_with_a_floor_starts_while_postgresql_is_down() -> None:
         assert pool.get_size() == 0
     finally:
         await pool.close()
+
+
+async def test_closing_a_pool_while_its_floor_opens_never_hangs(empty_dsn: str) -> None:
+    """close() cancels the floor's opening at any moment, and no connection is left
+    checked out for it to wait on for ever (asyncpg's close waits for every one)."""
+    settings = msgspec.structs.replace(
+        base_settings(), database_url=empty_dsn, db_pool_min=3, db_pool_max=5
+    )
+    for i in range(40):
+        pool = await create_pool(settings)
+        await asyncio.sleep((i % 10) * 0.002)
+        await asyncio.wait_for(pool.close(), 10)

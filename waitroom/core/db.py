@@ -19,6 +19,7 @@ at once: the second waits, then finds nothing left to do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -364,6 +365,7 @@ class BoundedPool(asyncpg.Pool):
         #: Connections kept open while idle (``WAITROOM_DB_POOL_MIN``): see :meth:`keep_floor`.
         self.floor = floor
         self._floor_task: asyncio.Task[None] | None = None
+        self._floor_stop = asyncio.Event()
         self._releasing: set[asyncio.Task[None]] = set()
         super().__init__(*args, **kwargs)
 
@@ -384,23 +386,37 @@ class BoundedPool(asyncpg.Pool):
             self._floor_task = asyncio.create_task(self._keep_floor(), name="db-pool-floor")
 
     async def _keep_floor(self) -> None:
-        while not self.is_closing():
+        while not self._floor_stop.is_set():
             if self.get_size() < self.floor:
-                # Held at once, the floor's connections must all be open; given back,
-                # they stay (get_min_size).
-                held = await asyncio.gather(
-                    *(self.acquire() for _ in range(self.floor)), return_exceptions=True
-                )
-                for conn in held:
-                    if isinstance(conn, BaseException):
-                        log.debug("could not open the pool's floor", extra={"error": repr(conn)})
-                    else:
-                        await self.release(conn)
-            await asyncio.sleep(FLOOR_CHECK_S)
+                try:
+                    await self._open_floor()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # PostgreSQL down or busy: the next check tries again
+                    log.debug("could not open the pool's floor", extra={"error": repr(exc)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._floor_stop.wait(), FLOOR_CHECK_S)
+
+    async def _open_floor(self) -> None:
+        # Held at once, the floor's connections must all be open; given back, they stay
+        # (get_min_size). One after the other in this task, each handed to the stack as it
+        # is acquired, so that a cancellation can never strand one checked out, which would
+        # hold close() up for ever (asyncio.gather's results are lost when the gather itself
+        # is cancelled).
+        async with contextlib.AsyncExitStack() as held:
+            for _ in range(self.floor):
+                if self._floor_stop.is_set():
+                    return
+                await held.enter_async_context(self.acquire())
 
     async def close(self) -> None:
-        if self._floor_task is not None:
-            await cancel_and_wait(self._floor_task)
+        task = self._floor_task
+        if task is not None:
+            # Asked to stop, it ends after the connection it is opening (cancelled mid-way,
+            # asyncpg reports the connection lost as an error); cancelled if that is slow.
+            self._floor_stop.set()
+            await asyncio.wait({task}, timeout=self.acquire_timeout + 1.0)
+            await cancel_and_wait(task)
         await super().close()
 
     def terminate(self) -> None:
