@@ -390,8 +390,6 @@ class BoundedPool(asyncpg.Pool):
             if self.get_size() < self.floor:
                 try:
                     await self._open_floor()
-                except asyncio.CancelledError:
-                    raise
                 except Exception as exc:  # PostgreSQL down or busy: the next check tries again
                     log.debug("could not open the pool's floor", extra={"error": repr(exc)})
             with contextlib.suppress(TimeoutError):
