@@ -9,6 +9,7 @@ as an operator would, on the test run's database and Redis prefix.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 from pathlib import Path
@@ -22,6 +23,7 @@ from stress.nodes import HAPROXY_CONFIG, WS_BACKEND, render_haproxy
 from tests.admission.support import create_event
 from tests.harness import ADMIN_TOKEN, free_port, run_cli
 from tests.metrics_support import process, wait_http, waitroom_argv
+from waitroom.core.httpserver import ACCEPTORS
 from waitroom.core.settings import Settings, load_settings, settings_env
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -32,6 +34,18 @@ def _refused(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _listening_descriptors(pid: int, port: int) -> int:
+    """How many of process ``pid``'s descriptors are its listening socket on ``port``
+    (duplicates share the socket's inode)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+            inodes.add(f"socket:[{fields[9]}]")
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd) in inodes)
+
+
 def test_serve_answers_http_and_the_queue_websocket_on_its_websocket_port(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -40,6 +54,10 @@ def test_serve_answers_http_and_the_queue_websocket_on_its_websocket_port(
     log = tmp_path / "server.log"
     with process(waitroom_argv("serve"), log, env=settings_env(served)) as proc:
         wait_http(f"http://127.0.0.1:{port}/readyz", proc, log)
+        # Both sockets are polled through several descriptors, so a busy node takes in a
+        # crowd's WebSockets as fast as its requests (see waitroom.core.httpserver.listeners).
+        assert _listening_descriptors(proc.pid, port) == ACCEPTORS
+        assert _listening_descriptors(proc.pid, ws_port) == ACCEPTORS
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
             http.headers.update(ADMIN)
             event_id = create_event(http, max_active=1)

@@ -105,7 +105,13 @@ def run_server(app: str, *, host: str, port: int, workers: int, ws_port: int | N
     # load balancer decides what goes where).
     sockets = listeners(config)
     if ws_port is not None:
-        sockets.append(uvicorn.Config(app, host=host, port=ws_port).bind_socket())
+        # As many descriptors as the HTTP socket: with one, a loaded node took in one fan's
+        # WebSocket per turn of its loop (some 50 a second) while a crowd opened 100 a second
+        # at it; the rest waited in its accept queue until HAProxy gave up on them (thousands
+        # of 504s after 30 s a sale, the fans reconnecting into the same queue, and the node
+        # later accepting connections whose fans had long gone).
+        ws_config = uvicorn.Config(app, host=host, port=ws_port, backlog=config.backlog)
+        sockets.extend(listeners(ws_config))
     try:
         if workers > 1:
             Multiprocess(config, sockets=sockets).run()
