@@ -465,6 +465,40 @@ def balancer_steps(
     return out
 
 
+_WS_PATH = re.compile(r"^/v1/events/[^/]+/queue/ws$")
+
+
+def balancer_websockets(logs: Iterable[str], event_id: str) -> dict[str, float]:
+    """The sale's queue WebSocket upgrades as HAProxy logged them: how many were asked for,
+    opened (101), refused (503: no node up or free) and never answered (504: the node did
+    not answer the handshake within HAProxy's ``timeout server``, as when upgrades wait
+    unread in its accept queue), and the handshake's p50/p99 at the balancer (``Tr``, to the
+    101). A fan whose socket failed reconnects, so failures are no errors of the sale, but
+    each is a fan left without a position meanwhile."""
+    statuses: dict[str, int] = {}
+    handshake: list[float] = []
+    for text in logs:
+        for line in text.splitlines():
+            match = _LB_LINE.search(line)
+            if match is None or match["method"] != "GET":
+                continue
+            path = match["path"].split("?", 1)[0]
+            if not _WS_PATH.match(path) or f"/{event_id}/" not in path:
+                continue
+            statuses[match["status"]] = statuses.get(match["status"], 0) + 1
+            answered = match["timers"].split("/")[3]
+            if match["status"] == "101" and not answered.startswith("-"):
+                handshake.append(float(answered))
+    return {
+        "upgrades": float(sum(statuses.values())),
+        "opened": float(statuses.get("101", 0)),
+        "refused": float(statuses.get("503", 0)),
+        "timed_out": float(statuses.get("504", 0)),
+        "handshake_p50_ms": round(percentile(handshake, 50), 2),
+        "handshake_p99_ms": round(percentile(handshake, 99), 2),
+    }
+
+
 def fan_steps(outcomes: Sequence[Outcome]) -> dict[str, dict[str, float | None]]:
     """p50/p99 of each step as the fans saw it (ms; ``admitted`` and ``paid`` are waits
     from joining, in seconds)."""
@@ -728,11 +762,9 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         owner: Any = await redis.get(Keys(nodes.settings.redis_prefix).event(event_id).owner)
         owner_text = owner.decode() if isinstance(owner, bytes) else owner
         owner_at_end = (node_name_of(owner_text) or "unnamed") if owner_text else None
-        balancer = balancer_steps(
-            (path.read_text(errors="replace") for path in nodes.run_dir.glob("haproxy-*.log")),
-            event_id,
-            owner_at_end,
-        )
+        lb_logs = [path.read_text(errors="replace") for path in nodes.run_dir.glob("haproxy-*.log")]
+        balancer = balancer_steps(lb_logs, event_id, owner_at_end)
+        websockets = balancer_websockets(lb_logs, event_id)
     finally:
         await redis.aclose()
         await pool.close()
@@ -755,6 +787,7 @@ async def flash_sale(args: argparse.Namespace, work: Path, nodes: Nodes) -> dict
         "owner_changes": counted["waitroom_inventory_owner_changes_total"],
         "owner_at_end": owner_at_end,
         "balancer": balancer,
+        "websockets": websockets,
         # The nodes' event-loop stalls over 100 ms: their own code (running) or no core free
         # (starved), and where the logged ones were.
         "node_stalls": stalls,
@@ -954,6 +987,10 @@ def summarize(
         "join_rps_single": joins["single"]["rps"],
         "generator_cpu_pct_peak": peak,
         "forwarded_share": sale["forwarded_share"],
+        # Queue WebSocket upgrades that failed at the balancer (refused or never answered):
+        # fans left without a position until they reconnected.
+        "websocket_upgrades_failed": sale["websockets"]["refused"]
+        + sale["websockets"]["timed_out"],
         "steps": {
             step: {
                 **{f"fan_{k}": v for k, v in fan[step].items() if k != "count"},

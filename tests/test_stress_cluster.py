@@ -21,6 +21,7 @@ import pytest
 
 from stress.cluster import (
     balancer_steps,
+    balancer_websockets,
     histogram_quantile,
     parse_buckets,
     renice_session,
@@ -108,6 +109,30 @@ def test_the_balancer_times_come_from_haproxy_log_lines_of_the_sale_only() -> No
     shares = balancer_steps([log], "evt-a", owner="node2")
     assert shares["join"]["owner_share"] == 0.5 and shares["reserve"]["owner_share"] == 0.0
     assert "owner_share" not in steps["join"]
+
+
+def test_the_balancer_log_counts_the_sales_websocket_upgrades_and_their_failures() -> None:
+    def line(timers: str, status: int, event_id: str = "evt-a", flags: str = "----") -> str:
+        return (
+            f"127.0.0.1:40000 [03/Dec/2026:05:31:16.817] fans waitroom_ws/node1 {timers}"
+            f" {status} 736 - - {flags} 1/1/1/1/0 0/0"
+            f' "GET /v1/events/{event_id}/queue/ws HTTP/1.1"'
+        )
+
+    log = "\n".join(
+        [
+            line("0/0/0/18/1025", 101),
+            line("0/0/0/40/30000", 101),
+            line("0/0/1/-1/30002", 504, flags="sH--"),  # the node never answered
+            line("0/-1/-1/-1/0", 503, flags="SC--"),  # no node up
+            line("0/0/0/9/99", 101, event_id="evt-other"),
+            line("0/0/0/2/3", 201).replace("GET", "POST").replace("/ws", ""),  # a join
+        ]
+    )
+    ws = balancer_websockets([log], "evt-a")
+    assert ws["upgrades"] == 4.0 and ws["opened"] == 2.0
+    assert ws["timed_out"] == 1.0 and ws["refused"] == 1.0
+    assert 18.0 <= ws["handshake_p50_ms"] <= 40.0 and ws["handshake_p99_ms"] <= 40.0
 
 
 @pytest.mark.slow
