@@ -81,6 +81,10 @@ def test_serve_answers_http_and_the_queue_websocket_on_its_websocket_port(
         # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly.
         assert proc.wait(20) in (0, -signal.SIGTERM), log.read_text()
         assert "Application shutdown complete" in log.read_text()
+        # A crowd's sockets leave no line each: websockets' "connection open" (INFO, through
+        # uvicorn's logger) and uvicorn's handshake line (its URL) are dropped.
+        assert "connection open" not in log.read_text()
+        assert "WebSocket /v1" not in log.read_text()
     assert _refused(port) and _refused(ws_port)
 
 

@@ -60,7 +60,15 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.error").addFilter(_drop_websocket_access)
 
 
+#: What the websockets library logs at INFO for every connection, through uvicorn's logger:
+#: a line that names no fan and no path, two per fan's socket (tens of thousands in a sale,
+#: each formatted and written by the event loop that serves the fans).
+_PER_CONNECTION = frozenset({"connection open", "connection closed"})
+
+
 def _drop_websocket_access(record: logging.LogRecord) -> bool:
     # uvicorn logs every WebSocket handshake at INFO with its full URL, and browsers pass
     # the fan's identity token in that URL's query: such lines must never reach the logs.
-    return not (record.levelno <= logging.INFO and "WebSocket" in str(record.msg))
+    if record.levelno > logging.INFO:
+        return True
+    return not ("WebSocket" in str(record.msg) or record.msg in _PER_CONNECTION)

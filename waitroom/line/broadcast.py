@@ -50,15 +50,10 @@ log = logging.getLogger("waitroom.line.broadcast")
 TICK_S = 1.0
 #: Seconds after which an unchanged message is sent again, so idle clients see life.
 KEEPALIVE_S = 15.0
-#: A fan this close to the front (by their ETA, or by place while the rate is unknown)
-#: sees every step of the line; the rest of a long line, whose wait is minutes, see a new
-#: figure every FAR_EVERY_S. Position messages are most of what a crowd's sockets carry:
-#: 10,000 fans at one a second are 10,000 sends a second (and as many reads in the
-#: browsers) for figures nobody watches to the second when the wait is ten minutes.
-#: Changes of state (admitted, paused, sold out) always go out at the next tick.
-NEAR_FRONT_S = 30.0
-NEAR_FRONT_PLACES = 500
-FAR_EVERY_S = 5.0
+#: Every fan whose figure changed gets it at the next tick, however far back: the promise is
+#: a fresh position at least every 2 s to every waiting fan (DESIGN.md; the ``websocket``
+#: benchmark's ``max_update_gap_s``). Sending the far end of a long line a figure only every
+#: 5 s (a781062) broke it: 20,000 fans saw gaps of 6 s (BENCHMARKS.md, session 23).
 #: Seconds between two looks at the front of the line for admissions (0: only at ticks).
 FRONT_TICK_S = 0.2
 #: The front: fans whose place is under this many ticks' worth of admissions at the current
@@ -316,8 +311,6 @@ class Broadcaster:
         individual = not (room.sold_out or room.paused)
         passes = iter(result.passes)
         keepalive_before = now - KEEPALIVE_S
-        far_before = now - FAR_EVERY_S
-        near_front = max(NEAR_FRONT_PLACES, int((rate or 0.0) * NEAR_FRONT_S))
         front_places = FRONT_MIN_PLACES + int((rate or 0.0) * self.hub.tick_s * FRONT_TICKS)
         front: set[str] = set()
         woken = 0
@@ -354,13 +347,11 @@ class Broadcaster:
                 continue
             if code == ADMITTING or 0 <= code < front_places:
                 front.add(fan_id)
-            far = False
             if queue_pass is not None:
                 text: str | None = self._admitted(queue_pass)
             elif code >= 0 and individual:
                 message = messages.message_for(code, room, rate)
                 text = messages.encode(message) if message is not None else None
-                far = code >= near_front and isinstance(message, messages.Position)
             else:
                 kind = min(code, 0)  # every placed fan gets the same paused/sold-out message
                 if kind not in shared:
@@ -370,10 +361,7 @@ class Broadcaster:
             if text is None:
                 continue
             for sub in subs:
-                if sub.offered_at < keepalive_before or (
-                    text != sub.latest
-                    and (not far or sub.offered_at < far_before or not _is_position(sub.latest))
-                ):
+                if text != sub.latest or sub.offered_at < keepalive_before:
                     sub.offer(text, now)
                     woken += 1
         # Not while paused or sold out: nobody is admitted then.
@@ -459,8 +447,3 @@ class Hub:
                 tasks.append(broadcaster.task)
         await asyncio.gather(*(cancel_and_wait(task) for task in tasks))
 
-
-def _is_position(text: str | None) -> bool:
-    """Whether ``text`` (a subscriber's latest message) is a position update: a fan far back
-    whose last message said something else (paused, a first message) hears at once."""
-    return text is not None and text.startswith('{"type":"position"')
