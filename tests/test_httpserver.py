@@ -28,7 +28,15 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from waitroom.core.http import RequestContextMiddleware
-from waitroom.core.httpserver import ACCEPTORS, PROTOCOL, RECEIVED, HttpProtocol, listeners
+from waitroom.core.httpserver import (
+    ACCEPTORS,
+    PROTOCOL,
+    RECEIVED,
+    WS_PROTOCOL,
+    HttpProtocol,
+    WebSocketProtocol,
+    listeners,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -160,9 +168,43 @@ async def test_100_continue_is_written_while_the_client_holds_its_body() -> None
 
 
 def test_the_server_is_started_with_this_protocol() -> None:
-    config = Config(app=APP, http=PROTOCOL)
+    config = Config(app=APP, http=PROTOCOL, ws=WS_PROTOCOL)
     config.load()
     assert config.http_protocol_class is HttpProtocol
+    assert config.ws_protocol_class is WebSocketProtocol
+
+
+async def test_a_websocket_lets_go_of_its_handshake_once_answered_and_still_sends() -> None:
+    """The handshake's request and response (their headers: kilobytes of every idle fan's
+    socket) are not kept for the connection's lifetime."""
+    sent = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await release.wait()
+        await websocket.send_text('{"type":"position","position":7}')
+        sent.set()
+        await websocket.receive()  # until the client goes
+
+    app = Starlette(routes=[WebSocketRoute("/ws", hold)])
+    config = Config(app=app, http=HttpProtocol, ws=WebSocketProtocol, lifespan="off")
+    config.load()
+    protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    ws = transport.get_protocol()
+    assert isinstance(ws, WebSocketProtocol)
+    await _until(lambda: any(b"101" in w for w in transport.writes))
+    assert ws.request is None and ws.response is None
+    release.set()
+    await asyncio.wait_for(sent.wait(), 2)
+    assert b'{"type":"position","position":7}' in transport.writes[-1]
+    ws.connection_lost(None)
 
 
 async def _ws(websocket: WebSocket) -> None:

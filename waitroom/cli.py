@@ -76,7 +76,7 @@ def run_server(app: str, *, host: str, port: int, workers: int, ws_port: int | N
     from uvicorn.supervisors import Multiprocess
 
     from waitroom.core.httpserver import PROTOCOL as HTTP_PROTOCOL
-    from waitroom.core.httpserver import listeners
+    from waitroom.core.httpserver import WS_PROTOCOL, listeners
 
     config = uvicorn.Config(
         app,
@@ -100,6 +100,8 @@ def run_server(app: str, *, host: str, port: int, workers: int, ws_port: int | N
         proxy_headers=False,
         # httptools, with each response's head and body in one write (one system call).
         http=HTTP_PROTOCOL,
+        # websockets' sans-I/O protocol, without the handshake's headers once it is answered.
+        ws=WS_PROTOCOL,
     )
     # What uvicorn.run does, on one listening socket or two (both serve the whole app; the
     # load balancer decides what goes where).

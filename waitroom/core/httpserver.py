@@ -31,9 +31,12 @@ from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 #: What ``uvicorn.run(http=...)`` is given to use :class:`HttpProtocol`.
 PROTOCOL = "waitroom.core.httpserver:HttpProtocol"
+#: What ``uvicorn.run(ws=...)`` is given to use :class:`WebSocketProtocol`.
+WS_PROTOCOL = "waitroom.core.httpserver:WebSocketProtocol"
 
 #: Descriptors of the HTTP listening socket each server process polls (see :func:`listeners`):
 #: at most this many connections are accepted from it per turn of the event loop.
@@ -106,6 +109,24 @@ class HttpProtocol(HttpToolsProtocol):
         # keeps the previous cycle, which already has its writer.
         if cycle is not None and cycle.transport is self.transport:
             cycle.transport = cast(asyncio.Transport, _Coalescing(self.transport, self.loop))
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (websockets' sans-I/O), which lets go of the handshake's
+    request and response once the handshake is answered.
+
+    uvicorn keeps both for the connection's lifetime, though it reads them only until it
+    sends the answer: each a websockets ``Headers`` (a dict and a list of every header), some
+    kilobytes of a fan's idle socket that a sale holds tens of thousands of (DESIGN.md's
+    budget is 30 KB a connection, all of it counted).
+    """
+
+    def start_keepalive(self) -> None:
+        # Called once, right after the handshake's answer is written (uvicorn's send of
+        # ``websocket.accept``); a refused handshake never gets here.
+        self.request = None  # type: ignore[assignment]
+        self.response = None  # type: ignore[assignment]
+        super().start_keepalive()
 
 
 def listeners(config: uvicorn.Config, count: int = ACCEPTORS) -> list[socket.socket]:

@@ -446,4 +446,3 @@ class Hub:
             if broadcaster.task is not None:
                 tasks.append(broadcaster.task)
         await asyncio.gather(*(cancel_and_wait(task) for task in tasks))
-
