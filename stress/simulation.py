@@ -262,6 +262,11 @@ class _SocketEnded(Exception):
         self.reason = reason
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class _Wait:
     """What one fan's socket is waiting for: the pass (admitted) or None (sold out).
 
@@ -274,6 +279,10 @@ class _Wait:
 
     def __init__(self) -> None:
         self.outcome: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        # A socket that closes after its fan stopped waiting on it (a refused handshake, a
+        # timeout) ends the outcome with nobody to await it: marked retrieved, so asyncio
+        # does not report each such fan as "Future exception was never retrieved".
+        self.outcome.add_done_callback(_retrieved)
 
     def on_open(self, fan: WsFan) -> None:
         pass
