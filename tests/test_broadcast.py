@@ -376,6 +376,30 @@ async def test_a_connection_whose_client_left_sends_nothing_more() -> None:
     assert sent == []
 
 
+async def test_the_pump_writes_at_once_where_it_can_and_sends_through_asgi_otherwise() -> None:
+    sub = Subscriber("e", "f")
+    written: list[str] = []
+    sent: list[str] = []
+    takes = iter([True, False, True])  # a full buffer for the second message
+
+    def send_now(text: str) -> bool:
+        if next(takes):
+            written.append(text)
+            return True
+        return False
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    pumping = asyncio.create_task(pump(sub, send, send_now))
+    for text in ("one", "two", "three"):
+        sub.offer(text, 0)
+        await asyncio.sleep(0.01)
+    sub.close((1000, "sold out"))
+    assert await asyncio.wait_for(pumping, 1) == (1000, "sold out")
+    assert written == ["one", "three"] and sent == ["two"]
+
+
 @pytest.mark.not_on_cluster  # MONITOR: one server's view of every command
 async def test_a_tick_asks_redis_once_for_every_local_fan(
     rooms: Rooms, r: Redis, http: httpx.AsyncClient

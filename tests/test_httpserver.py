@@ -25,13 +25,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from uvicorn.config import Config
-from uvicorn.server import ServerState
+from uvicorn.server import Server, ServerState
+from websockets.asyncio.client import connect as ws_connect
 
 from waitroom.core.http import RequestContextMiddleware
 from waitroom.core.httpserver import (
     ACCEPTORS,
     PROTOCOL,
     RECEIVED,
+    SEND_TEXT_NOW,
     WS_PROTOCOL,
     HttpProtocol,
     WebSocketProtocol,
@@ -234,6 +236,57 @@ async def test_the_http_protocol_a_websocket_upgrade_leaves_behind_is_freed_at_o
     finally:
         gc.enable()
     await _until(lambda: any(b"101" in w for w in transport.writes))
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+async def test_whole_frames_written_at_once_reach_a_client_as_sent_messages(deflate: bool) -> None:
+    """send_text_now's frames, of each length encoding (7 bits, 16, 64), read by a real
+    client as the messages sent. Refused (False, the caller then sends through ASGI)
+    before the handshake is answered, once the connection closes, and on a connection
+    that negotiated compression (waitroom serve turns it off)."""
+    texts = ["x" * 10, "é" * 150, "y" * 70_000]  # 10, 300 and 70,000 bytes
+    written: list[bool] = []
+    before: list[bool] = []
+    after: list[bool] = []
+    finished = asyncio.Event()
+
+    async def fast(websocket: WebSocket) -> None:
+        send_now = websocket.scope["extensions"][SEND_TEXT_NOW]
+        before.append(send_now("too early"))
+        await websocket.accept()
+        for text in texts:
+            written.append(send_now(text))
+            if not written[-1]:
+                await websocket.send_text(text)
+        await websocket.send_text("through asgi")  # the slow path still works after
+        await websocket.receive()  # the client's close
+        after.append(send_now("too late"))
+        finished.set()
+
+    app = Starlette(routes=[WebSocketRoute("/ws", fast)])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = Config(
+        app=app,
+        ws=WebSocketProtocol,
+        ws_per_message_deflate=deflate,
+        lifespan="off",
+        log_config=None,
+    )
+    server = Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await _until(lambda: server.started, 10)
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as client:
+            got = [await asyncio.wait_for(client.recv(), 5) for _ in range(4)]
+        await asyncio.wait_for(finished.wait(), 5)
+    finally:
+        server.should_exit = True
+        await serving
+    assert got == [*texts, "through asgi"]
+    assert written == [not deflate] * 3
+    assert before == [False] and after == [False]
 
 
 async def test_each_request_notes_when_its_first_byte_was_read() -> None:

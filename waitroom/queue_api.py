@@ -48,6 +48,7 @@ from waitroom.core import clientaddr, tracing
 from waitroom.core.affinity import add_owner_cookie
 from waitroom.core.errors import Conflict, Forbidden, Gone, NotFound, RateLimited, WaitroomError
 from waitroom.core.http import JSONResponse, dependency_error, read_json
+from waitroom.core.httpserver import SEND_TEXT_NOW
 from waitroom.core.openapi import Operation
 from waitroom.core.runtime import cancel_and_wait
 from waitroom.line import challenge, messages, receipts
@@ -703,7 +704,9 @@ async def queue_ws(websocket: WebSocket) -> None:
         # needed (the room's state, the pass, the first message), some 0.5 KB a fan.
         del room, queue_pass, first
         reader = asyncio.create_task(_watch_client(websocket, sub), name="ws-reader")
-        close_with = await pump(sub, websocket.send_text)
+        # The server's own writer of whole frames where it has one (waitroom serve's).
+        send_now = (websocket.scope.get("extensions") or {}).get(SEND_TEXT_NOW)
+        close_with = await pump(sub, websocket.send_text, send_now)
         if close_with is not None:
             WS_CLOSES.labels(str(close_with[0])).inc()
             await websocket.close(*close_with)
