@@ -400,6 +400,36 @@ async def test_the_pump_writes_at_once_where_it_can_and_sends_through_asgi_other
     assert written == ["one", "three"] and sent == ["two"]
 
 
+async def test_an_offer_to_an_idle_pump_is_written_at_once_without_waking_it() -> None:
+    sub = Subscriber("e", "f")
+    written: list[str] = []
+    sent: list[str] = []
+
+    def send_now(text: str) -> bool:
+        written.append(text)
+        return True
+
+    async def send(text: str) -> None:
+        sent.append(text)
+
+    sub.send_now = send_now
+    sub.offer("first", 0)  # before the pump waits: pending, sent by the pump
+    assert sub.pending == "first" and written == []
+    pumping = asyncio.create_task(pump(sub, send, send_now))
+    await asyncio.sleep(0.01)
+    assert written == ["first"] and sub.waiter is not None
+    waiter = sub.waiter
+    for text in ("second", "third"):
+        sub.offer(text, 0)
+    # Written by the offers themselves: the pump still waits on the same future.
+    assert written == ["first", "second", "third"] and sub.pending is None
+    assert sub.waiter is waiter and not waiter.done()
+    assert sub.latest == "third"
+    sub.close((1000, "sold out"))
+    assert await asyncio.wait_for(pumping, 1) == (1000, "sold out")
+    assert sent == []
+
+
 @pytest.mark.not_on_cluster  # MONITOR: one server's view of every command
 async def test_a_tick_asks_redis_once_for_every_local_fan(
     rooms: Rooms, r: Redis, http: httpx.AsyncClient

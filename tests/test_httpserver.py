@@ -250,7 +250,10 @@ async def test_whole_frames_written_at_once_reach_a_client_as_sent_messages(defl
     after: list[bool] = []
     finished = asyncio.Event()
 
+    scopes: list[Any] = []
+
     async def fast(websocket: WebSocket) -> None:
+        scopes.append(websocket.scope)
         send_now = websocket.scope["extensions"][SEND_TEXT_NOW]
         before.append(send_now("too early"))
         await websocket.accept()
@@ -287,6 +290,9 @@ async def test_whole_frames_written_at_once_reach_a_client_as_sent_messages(defl
     assert got == [*texts, "through asgi"]
     assert written == [not deflate] * 3
     assert before == [False] and after == [False]
+    # Once the connection is gone its scope no longer refers back to the protocol (a cycle
+    # left to the collector for every fan's socket).
+    assert scopes and all(SEND_TEXT_NOW not in scope["extensions"] for scope in scopes)
 
 
 async def test_each_request_notes_when_its_first_byte_was_read() -> None:

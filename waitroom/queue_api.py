@@ -697,6 +697,9 @@ async def queue_ws(websocket: WebSocket) -> None:
             await websocket.close(1012, "server restarting, reconnect")
             return
         WS_CONNECTIONS.inc()
+        # The server's own writer of whole frames where it has one (waitroom serve's).
+        send_now = (websocket.scope.get("extensions") or {}).get(SEND_TEXT_NOW)
+        sub.send_now = send_now
         first = messages.message_for(code, room, svc.rooms.estimator(event_id).rate, queue_pass)
         if first is not None:
             sub.offer(messages.encode(first), now)
@@ -704,8 +707,6 @@ async def queue_ws(websocket: WebSocket) -> None:
         # needed (the room's state, the pass, the first message), some 0.5 KB a fan.
         del room, queue_pass, first
         reader = asyncio.create_task(_watch_client(websocket, sub), name="ws-reader")
-        # The server's own writer of whole frames where it has one (waitroom serve's).
-        send_now = (websocket.scope.get("extensions") or {}).get(SEND_TEXT_NOW)
         close_with = await pump(sub, websocket.send_text, send_now)
         if close_with is not None:
             WS_CLOSES.labels(str(close_with[0])).inc()

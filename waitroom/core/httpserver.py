@@ -131,6 +131,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if scope is not None:
             scope["extensions"][SEND_TEXT_NOW] = self.send_text_now
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        # The scope would keep this protocol in a cycle (the scope's bound method of it),
+        # freed only by the cyclic collector, whose pauses grow with every socket left so.
+        scope = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"].pop(SEND_TEXT_NOW, None)
+
     def start_keepalive(self) -> None:
         # Called once, right after the handshake's answer is written (uvicorn's send of
         # ``websocket.accept``); a refused handshake never gets here.
