@@ -380,18 +380,17 @@ async def test_the_pump_writes_at_once_where_it_can_and_sends_through_asgi_other
     sub = Subscriber("e", "f")
     written: list[str] = []
     sent: list[str] = []
-    takes = iter([True, False, True])  # a full buffer for the second message
-
     def send_now(text: str) -> bool:
-        if next(takes):
-            written.append(text)
-            return True
-        return False
+        if text == "two":  # a full buffer while the second message is due
+            return False
+        written.append(text)
+        return True
 
     async def send(text: str) -> None:
         sent.append(text)
 
-    pumping = asyncio.create_task(pump(sub, send, send_now))
+    sub.send_now = send_now
+    pumping = asyncio.create_task(pump(sub, send))
     for text in ("one", "two", "three"):
         sub.offer(text, 0)
         await asyncio.sleep(0.01)
@@ -415,7 +414,7 @@ async def test_an_offer_to_an_idle_pump_is_written_at_once_without_waking_it() -
     sub.send_now = send_now
     sub.offer("first", 0)  # before the pump waits: pending, sent by the pump
     assert sub.pending == "first" and written == []
-    pumping = asyncio.create_task(pump(sub, send, send_now))
+    pumping = asyncio.create_task(pump(sub, send))
     await asyncio.sleep(0.01)
     assert written == ["first"] and sub.waiter is not None
     waiter = sub.waiter

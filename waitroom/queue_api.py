@@ -698,8 +698,7 @@ async def queue_ws(websocket: WebSocket) -> None:
             return
         WS_CONNECTIONS.inc()
         # The server's own writer of whole frames where it has one (waitroom serve's).
-        send_now = (websocket.scope.get("extensions") or {}).get(SEND_TEXT_NOW)
-        sub.send_now = send_now
+        sub.send_now = (websocket.scope.get("extensions") or {}).get(SEND_TEXT_NOW)
         first = messages.message_for(code, room, svc.rooms.estimator(event_id).rate, queue_pass)
         if first is not None:
             sub.offer(messages.encode(first), now)
@@ -707,7 +706,7 @@ async def queue_ws(websocket: WebSocket) -> None:
         # needed (the room's state, the pass, the first message), some 0.5 KB a fan.
         del room, queue_pass, first
         reader = asyncio.create_task(_watch_client(websocket, sub), name="ws-reader")
-        close_with = await pump(sub, websocket.send_text, send_now)
+        close_with = await pump(sub, websocket.send_text)
         if close_with is not None:
             WS_CLOSES.labels(str(close_with[0])).inc()
             await websocket.close(*close_with)

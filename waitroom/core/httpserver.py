@@ -122,7 +122,8 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     uvicorn keeps both for the connection's lifetime, though it reads them only until it
     sends the answer: each a websockets ``Headers`` (a dict and a list of every header), some
     kilobytes of a fan's idle socket that a sale holds tens of thousands of (DESIGN.md's
-    budget is 30 KB a connection, all of it counted).
+    budget is 30 KB a connection, all of it counted). It also offers the app a writer of
+    whole text frames at once, :meth:`send_text_now`, in the scope's extensions (ADR 0024).
     """
 
     def handle_connect(self, event: Any) -> None:

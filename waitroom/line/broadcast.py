@@ -201,25 +201,23 @@ def _count_send(offered_at: float) -> None:
         SEND_LAG.observe(max(0.0, time.time() - offered_at))
 
 
-async def pump(
-    sub: Subscriber,
-    send: Callable[[str], Awaitable[None]],
-    send_now: Callable[[str], bool] | None = None,
-) -> tuple[int, str] | None:
+async def pump(sub: Subscriber, send: Callable[[str], Awaitable[None]]) -> tuple[int, str] | None:
     """Send ``sub``'s latest message each time there is one, until it is closed.
 
     Returns the close code and reason to end the connection with, or ``None`` when the
     client left. While ``send`` is blocked on a slow client, newer messages replace the
-    pending one: the client gets the latest state, never a backlog. ``send_now``, where the
-    server offers one (:meth:`waitroom.core.httpserver.WebSocketProtocol.send_text_now`),
-    writes a message at once when the connection takes it without a wait, and says whether
-    it did; otherwise ``send`` does.
+    pending one: the client gets the latest state, never a backlog. The subscriber's
+    ``send_now``, where the server offers one
+    (:meth:`waitroom.core.httpserver.WebSocketProtocol.send_text_now`), writes a message at
+    once when the connection takes it without a wait, and says whether it did; otherwise
+    ``send`` does.
     """
     while True:
         await sub.wait()
         text, sub.pending = sub.pending, None
         if text is not None:
             offered_at = sub.offered_at
+            send_now = sub.send_now
             if send_now is None or not send_now(text):
                 await send(text)
             _count_send(offered_at)
