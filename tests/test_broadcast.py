@@ -380,6 +380,7 @@ async def test_the_pump_writes_at_once_where_it_can_and_sends_through_asgi_other
     sub = Subscriber("e", "f")
     written: list[str] = []
     sent: list[str] = []
+
     def send_now(text: str) -> bool:
         if text == "two":  # a full buffer while the second message is due
             return False
